@@ -28,7 +28,7 @@ class SpecError(GaliError, ValueError):
 
 
 class ShapeError(GaliError, ValueError):
-    """A tensor has the wrong shape, dtype or values (e.g. logits not ``[K, B, K]``, NaN features)."""
+    """A tensor has the wrong shape, dtype or values (logits not ``[K, B, K]``, NaN features)."""
 
 
 class ProviderError(GaliError, ValueError):

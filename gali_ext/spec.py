@@ -176,9 +176,7 @@ class TupleSpec:
     classes: tuple[TupleClass, ...]
     name: str
 
-    def __init__(
-        self, classes: Iterable[TupleClass | Sequence[str]], name: str = "custom"
-    ) -> None:
+    def __init__(self, classes: Iterable[TupleClass | Sequence[str]], name: str = "custom") -> None:
         built = tuple(c if isinstance(c, TupleClass) else TupleClass(c) for c in classes)
         if len(built) < 2:
             raise SpecError(f"a tuple spec needs K >= 2 classes, got K={len(built)}")

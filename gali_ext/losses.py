@@ -1,0 +1,181 @@
+"""GALI's objectives on the discriminator's logits (DESIGN.md section 3, paper eqs. 2-4).
+
+Every loss takes ``logits: [K, B, K]``, where ``logits[i]`` are the discriminator's logits on the
+B tuples of class i, computes ``log_p = log_softmax(logits, -1)`` in float32 (also under
+autocast), sums its per-sample values over the classes and averages over the batch. An objective
+with T log terms is weighted by ``2 / T`` so that every preset trains on ALI's scale (the paper,
+"Architecture and Setup"); ``weighted=False`` turns that off.
+
+| loss                           | minimised by | per-sample value, class i        | T      |
+|--------------------------------|--------------|----------------------------------|--------|
+| :class:`DiscriminatorLoss`     | D            | ``-log_p[i, b, i]``              | K      |
+| :class:`ProductOfTermsLoss`    | G and E      | ``-sum_{j != i} log_p[i, b, j]`` | K(K-1) |
+| :class:`MinimaxLoss`           | G and E      | ``+log_p[i, b, i]``              | K      |
+| :class:`MisclassificationLoss` | G and E      | ``-log(1 - p[i, b, i])``         | K      |
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ShapeError
+
+__all__ = [
+    "log_probabilities",
+    "discriminator_loss",
+    "product_of_terms_loss",
+    "minimax_loss",
+    "misclassification_loss",
+    "tuple_class_accuracy",
+    "DiscriminatorLoss",
+    "ProductOfTermsLoss",
+    "MinimaxLoss",
+    "MisclassificationLoss",
+    "AliceReconstructionLoss",
+]
+
+
+def _check_logits(logits: Tensor) -> int:
+    if not isinstance(logits, Tensor):
+        raise ShapeError(f"expected logits to be a tensor, got {type(logits).__name__}")
+    if logits.dim() != 3 or logits.shape[0] != logits.shape[2]:
+        raise ShapeError(f"expected logits of shape [K, B, K], got {list(logits.shape)}")
+    k = logits.shape[0]
+    if k < 2:
+        raise ShapeError(f"expected K >= 2 tuple classes, got logits of shape {list(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ShapeError(f"expected floating-point logits, got dtype {logits.dtype}")
+    return k
+
+
+def _own_class_mask(k: int, device: torch.device) -> Tensor:
+    """``[K, 1, K]`` boolean, true at ``[i, :, i]``: the true class of each block of tuples."""
+    return torch.eye(k, dtype=torch.bool, device=device).unsqueeze(1)
+
+
+def log_probabilities(logits: Tensor) -> Tensor:
+    """``log_softmax(logits, -1)`` in float32, also inside an autocast region. ``[K, B, K]``."""
+    _check_logits(logits)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def discriminator_loss(logits: Tensor, weighted: bool = True) -> Tensor:
+    """Eq. 3 negated: ``-(1/B) sum_b sum_i log D_i(t_ib)``, times ``2/K`` when weighted."""
+    k = _check_logits(logits)
+    log_p = log_probabilities(logits)
+    loss = -log_p.diagonal(dim1=0, dim2=2).sum(-1).mean()
+    return loss * (2.0 / k) if weighted else loss
+
+
+def product_of_terms_loss(logits: Tensor, weighted: bool = True) -> Tensor:
+    """Eq. 4, the non-saturating product of terms for G and E.
+
+    ``-(1/B) sum_b sum_i sum_{j != i} log D_j(t_ib)``, times ``2/(K(K-1))`` when weighted. For
+    K = 2 it is ALI/BiGAN's non-saturating generator loss
+    ``-log(1 - D(x, E(x))) - log D(G(z), z)``.
+    """
+    k = _check_logits(logits)
+    log_p = log_probabilities(logits)
+    off_class = log_p.masked_fill(_own_class_mask(k, logits.device), 0.0)
+    loss = -off_class.sum(dim=(0, 2)).mean()
+    return loss * (2.0 / (k * (k - 1))) if weighted else loss
+
+
+def minimax_loss(logits: Tensor, weighted: bool = True) -> Tensor:
+    """Eq. 2 for G and E (they minimise D's log-likelihood): ``(1/B) sum_b sum_i log D_i(t_ib)``.
+
+    Saturates: its gradient vanishes when D is confident (the paper's motivation for eq. 4).
+    """
+    k = _check_logits(logits)
+    log_p = log_probabilities(logits)
+    loss = log_p.diagonal(dim1=0, dim2=2).sum(-1).mean()
+    return loss * (2.0 / k) if weighted else loss
+
+
+def misclassification_loss(logits: Tensor, weighted: bool = True) -> Tensor:
+    """``-(1/B) sum_b sum_i log(1 - D_i(t_ib))``, times ``2/K`` when weighted.
+
+    Computed stably as ``log(1 - p_i) = logsumexp_{j != i} l_j - logsumexp_j l_j``, which stays
+    finite when ``p_i`` rounds to 1.
+    """
+    k = _check_logits(logits)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits32 = logits.float()
+        others = logits32.masked_fill(_own_class_mask(k, logits.device), float("-inf"))
+        log_not_own = torch.logsumexp(others, -1) - torch.logsumexp(logits32, -1)
+    loss = -log_not_own.sum(0).mean()
+    return loss * (2.0 / k) if weighted else loss
+
+
+def tuple_class_accuracy(logits: Tensor) -> Tensor:
+    """``[K]``: the fraction of each class's tuples that D assigns to their own class."""
+    k = _check_logits(logits)
+    truth = torch.arange(k, device=logits.device).unsqueeze(1)
+    return (logits.argmax(-1) == truth).float().mean(1)
+
+
+class _LogitsLoss(nn.Module):
+    _fn = staticmethod(discriminator_loss)
+
+    def __init__(self, weighted: bool = True) -> None:
+        super().__init__()
+        self.weighted = weighted
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return type(self)._fn(logits, self.weighted)
+
+    def extra_repr(self) -> str:
+        return f"weighted={self.weighted}"
+
+
+class DiscriminatorLoss(_LogitsLoss):
+    """D's loss, eq. 3 negated (see :func:`discriminator_loss`). ``logits: [K, B, K]``."""
+
+    _fn = staticmethod(discriminator_loss)
+
+
+class ProductOfTermsLoss(_LogitsLoss):
+    """The generator-encoder's non-saturating product of terms, eq. 4
+    (see :func:`product_of_terms_loss`). ``logits: [K, B, K]``."""
+
+    _fn = staticmethod(product_of_terms_loss)
+
+
+class MinimaxLoss(_LogitsLoss):
+    """The generator-encoder's saturating minimax loss, eq. 2 (see :func:`minimax_loss`)."""
+
+    _fn = staticmethod(minimax_loss)
+
+
+class MisclassificationLoss(_LogitsLoss):
+    """The generator-encoder's misclassification likelihood (see :func:`misclassification_loss`)."""
+
+    _fn = staticmethod(misclassification_loss)
+
+
+class AliceReconstructionLoss(nn.Module):
+    """ALICE's explicit reconstruction penalty ``lambda * ||a - b||^2`` (DESIGN.md section 2).
+
+    With ``a = x0, b = x1`` it is ALICE's pixel term; with pretrained features
+    ``a = M(x0), b = M(x1)`` it is ALICE-PT's. The squared norm is averaged over all elements
+    (a mean squared error), so lambda does not depend on the image size.
+    """
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        if weight < 0:
+            raise ShapeError(f"expected a non-negative ALICE weight lambda, got {weight}")
+        self.weight = weight
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.shape != b.shape:
+            raise ShapeError(
+                f"ALICE compares tensors of one shape, got {list(a.shape)} and {list(b.shape)}"
+            )
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            return self.weight * (a.float() - b.float()).pow(2).mean()
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
