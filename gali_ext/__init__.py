@@ -16,6 +16,7 @@ from .errors import (
     ShapeError,
     SpecError,
 )
+from .gali import GALI, Objective
 from .head import MultiClassJointDiscriminatorHead, SpectralMLP, add_instance_noise
 from .losses import (
     AliceReconstructionLoss,
@@ -37,10 +38,12 @@ __all__ = [
     "DataError",
     "DiscriminatorLoss",
     "DivergenceError",
+    "GALI",
     "GaliError",
     "MinimaxLoss",
     "MisclassificationLoss",
     "MultiClassJointDiscriminatorHead",
+    "Objective",
     "ProductOfTermsLoss",
     "ProviderError",
     "ShapeError",

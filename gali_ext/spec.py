@@ -58,6 +58,16 @@ class Node:
     arg: Node | None = None
 
     @property
+    def atom(self) -> Node:
+        """The chain atom this node is computed from (``x0`` for ``E(Mask1(x0))``)."""
+        return self if self.arg is None else self.arg.atom
+
+    @property
+    def depth(self) -> int:
+        """The chain index of the atom (1 for ``x1``, ``zp1`` and ``M(x1)``)."""
+        return int(self.atom.name.lstrip("xzp"))
+
+    @property
     def functions(self) -> frozenset[str]:
         """Every function name applied anywhere inside this node."""
         if self.fn is None:

@@ -1,0 +1,208 @@
+"""The GALI objective: an encoder, a generator, a multi-class joint head and feedback providers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .chains import Chains, NodeFunction
+from .errors import ProviderError, SpecError
+from .head import MultiClassJointDiscriminatorHead
+from .losses import DiscriminatorLoss, ProductOfTermsLoss
+from .providers.base import FeedbackProvider
+from .spec import parse_node
+
+__all__ = ["GALI", "Objective"]
+
+_CORE_FUNCTIONS = frozenset({"E", "G"})
+
+
+@dataclass
+class Objective:
+    """One loss with what it was computed from: ``loss`` (the scalar to back-propagate),
+    ``logits [K, B, K]``, the named parts of the loss and the step's chains."""
+
+    loss: Tensor
+    logits: Tensor
+    parts: dict[str, Tensor] = field(default_factory=dict)
+    chains: Chains | None = None
+
+
+@contextmanager
+def _frozen(module: nn.Module):
+    """Parameters of ``module`` take no gradient inside the block (restored after)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class GALI(nn.Module):
+    """GALI's game (paper eqs. 3 and 4) over a user's encoder E and generator G.
+
+    The discriminator ``head`` classifies the K tuple classes of ``head.spec``; the
+    ``providers`` make the variables those classes name beyond ``x0, z0, xp0, zp0``
+    (reconstructions, masks and mixes, pretrained features) and may add loss terms. The spec is
+    checked against the providers when the objective is built: a class naming a variable no
+    provider makes raises :class:`~gali_ext.errors.ProviderError`.
+
+    Use it from any training loop::
+
+        d_loss = gali.discriminator_loss(x)   # E and G run without gradients
+        g_loss = gali.generator_loss(x)       # D's parameters take no gradient
+
+    Args:
+        encoder: ``x -> z`` (a tensor, ``(mu, log_sigma)`` or a distribution; see
+            :func:`~gali_ext.chains.sample_latent` and the ``adapters`` package).
+        generator: ``z -> x``.
+        head: the :class:`MultiClassJointDiscriminatorHead`.
+        providers: feedback providers (e.g. ``[ReconstructionChain(), MaskMix()]``).
+        generator_loss: the generator-encoder loss on the logits (default
+            :class:`ProductOfTermsLoss`; :class:`MinimaxLoss` and :class:`MisclassificationLoss`
+            reproduce the paper's ablations).
+        discriminator_loss: D's loss on the logits (default :class:`DiscriminatorLoss`).
+        latent_shape: the shape of one latent, for prior samples; read off ``E(x)`` if omitted.
+    """
+
+    def __init__(
+        self,
+        encoder: Callable[[Tensor], Any],
+        generator: Callable[[Tensor], Tensor],
+        head: MultiClassJointDiscriminatorHead,
+        providers: Iterable[FeedbackProvider] = (),
+        *,
+        generator_loss: nn.Module | None = None,
+        discriminator_loss: nn.Module | None = None,
+        latent_shape: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(head, MultiClassJointDiscriminatorHead):
+            raise SpecError(
+                f"expected a MultiClassJointDiscriminatorHead, got {type(head).__name__}"
+            )
+        self.encoder = encoder
+        self.generator = generator
+        self.head = head
+        self.providers = nn.ModuleList(list(providers))
+        for p in self.providers:
+            if not isinstance(p, FeedbackProvider):
+                raise ProviderError(f"expected a FeedbackProvider, got {type(p).__name__}")
+        self.generator_criterion = generator_loss or ProductOfTermsLoss()
+        self.discriminator_criterion = discriminator_loss or DiscriminatorLoss()
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
+        self.functions = self._resolve_functions()
+        self._check_chain_depth()
+        for p in self.providers:
+            p.check(self.spec)
+
+    @property
+    def spec(self):
+        """The head's :class:`~gali_ext.spec.TupleSpec`."""
+        return self.head.spec
+
+    def _resolve_functions(self) -> dict[str, NodeFunction]:
+        wanted = set(self.spec.functions - _CORE_FUNCTIONS)
+        for p in self.providers:
+            wanted |= p.requires
+        functions: dict[str, NodeFunction] = {}
+        for name in sorted(wanted):
+            makers = [p for p in self.providers if p.function_for(name) is not None]
+            if not makers:
+                users = [n for n in self.spec.nodes if name in parse_node(n).functions]
+                where = f"the spec's node {users[0]!r}" if users else "a provider's loss term"
+                have = ", ".join(type(p).__name__ for p in self.providers) or "none"
+                raise ProviderError(
+                    f"{where} needs the function {name!r}, which no feedback provider makes "
+                    f"(providers: {have}); e.g. MaskMix makes Mask<k>/Mix<k>, "
+                    "PretrainedFeatures makes M"
+                )
+            if len(makers) > 1:
+                raise ProviderError(
+                    f"the function {name!r} is made by several providers: "
+                    f"{', '.join(type(p).__name__ for p in makers)}"
+                )
+            functions[name] = makers[0].function_for(name)
+        return functions
+
+    def _check_chain_depth(self) -> None:
+        allowed = max((p.chain_depth for p in self.providers), default=0)
+        for name in self.spec.nodes:
+            node = parse_node(name)
+            if node.depth > allowed:
+                raise ProviderError(
+                    f"the spec's node {name!r} is on the reconstruction chain (depth "
+                    f"{node.depth}); add providers.ReconstructionChain() to the providers"
+                    + ("" if allowed == 0 else f" with depth >= {node.depth}")
+                )
+
+    def chains(
+        self, x: Tensor, z: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Chains:
+        """The step's :class:`Chains` over data ``x`` (and prior sample ``z``), with the
+        providers' node functions."""
+        return Chains(
+            x,
+            self.encoder,
+            self.generator,
+            z=z,
+            latent_shape=self.latent_shape,
+            functions=self.functions,
+            generator=generator,
+        )
+
+    def discriminator_objective(
+        self,
+        x: Tensor,
+        z: Tensor | None = None,
+        instance_noise_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Objective:
+        """D's loss (eq. 3) on one batch; the chains run without gradients for E and G."""
+        with torch.no_grad():
+            chains = self.chains(x, z, generator)
+            variables = chains.compute(self.spec.nodes)
+        logits = self.head(variables, instance_noise_std, generator)
+        loss = self.discriminator_criterion(logits)
+        return Objective(loss, logits, {"discriminator": loss.detach()}, chains)
+
+    def generator_objective(
+        self,
+        x: Tensor,
+        z: Tensor | None = None,
+        instance_noise_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Objective:
+        """The generator-encoder loss (eq. 4 by default) plus the providers' extra terms.
+
+        D's parameters take no gradient from it.
+        """
+        chains = self.chains(x, z, generator)
+        variables = chains.compute(self.spec.nodes)
+        with _frozen(self.head):
+            logits = self.head(variables, instance_noise_std, generator)
+        adversarial = self.generator_criterion(logits)
+        parts = {"adversarial": adversarial.detach()}
+        loss = adversarial
+        for i, p in enumerate(self.providers):
+            extra = p.extra_loss(chains)
+            if extra is not None:
+                parts[f"{type(p).__name__.lower()}{i}"] = extra.detach()
+                loss = loss + extra
+        return Objective(loss, logits, parts, chains)
+
+    def discriminator_loss(self, x: Tensor, z: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """The scalar of :meth:`discriminator_objective`."""
+        return self.discriminator_objective(x, z, **kwargs).loss
+
+    def generator_loss(self, x: Tensor, z: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """The scalar of :meth:`generator_objective`."""
+        return self.generator_objective(x, z, **kwargs).loss
