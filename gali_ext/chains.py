@@ -22,7 +22,7 @@ from torch import Tensor
 from .errors import ProviderError, ShapeError
 from .spec import Node, parse_node
 
-__all__ = ["Chains", "NodeFunction", "sample_latent"]
+__all__ = ["Chains", "NodeFunction", "latent_mean", "sample_latent"]
 
 
 class NodeFunction(Protocol):
@@ -69,6 +69,20 @@ def sample_latent(output: Any, generator: torch.Generator | None = None) -> Tens
         "expected the encoder to return a latent tensor, a pair (mu, log_sigma) or a "
         f"torch.distributions.Distribution, got {type(output).__name__}"
     )
+
+
+def latent_mean(output: Any) -> Tensor:
+    """The mean of ``p_E(z | x)`` from an encoder's output (the latent itself when deterministic).
+
+    Accepts what :func:`sample_latent` accepts; used for deterministic evaluation.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, torch.distributions.Distribution):
+        return output.mean
+    if isinstance(output, (tuple, list)) and len(output) == 2 and isinstance(output[0], Tensor):
+        return output[0]
+    return sample_latent(output)  # raises the error that names what was expected
 
 
 class Chains:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .chains import Chains, NodeFunction
-from .errors import ProviderError, SpecError
+from .errors import ConfigError, ProviderError, SpecError
 from .head import MultiClassJointDiscriminatorHead
 from .losses import DiscriminatorLoss, ProductOfTermsLoss
 from .providers.base import FeedbackProvider
@@ -198,6 +198,26 @@ class GALI(nn.Module):
                 parts[f"{type(p).__name__.lower()}{i}"] = extra.detach()
                 loss = loss + extra
         return Objective(loss, logits, parts, chains)
+
+    def forward(
+        self,
+        x: Tensor,
+        z: Tensor | None = None,
+        *,
+        role: str = "generator",
+        instance_noise_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Objective:
+        """The objective of ``role`` (``"discriminator"`` or ``"generator"``) on a batch.
+
+        One forward per backward, so that ``accelerator.prepare(gali)`` (DDP, autocast) wraps
+        the whole step.
+        """
+        if role == "discriminator":
+            return self.discriminator_objective(x, z, instance_noise_std, generator)
+        if role == "generator":
+            return self.generator_objective(x, z, instance_noise_std, generator)
+        raise ConfigError(f"role must be 'discriminator' or 'generator', got {role!r}")
 
     def discriminator_loss(self, x: Tensor, z: Tensor | None = None, **kwargs: Any) -> Tensor:
         """The scalar of :meth:`discriminator_objective`."""

@@ -1,0 +1,157 @@
+"""One GALI training step and its schedule (DESIGN.md section 4).
+
+:func:`train_step` runs ``n_dis`` discriminator steps (the chains without gradients for E and G)
+then one generator-encoder step (no gradient for D), on HF Accelerate objects or plain ones, so
+a user's own loop can call it. The reference loop that calls it is ``recipes.train``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, DivergenceError
+from .losses import tuple_class_accuracy
+
+__all__ = [
+    "StepResult",
+    "build_optimizer",
+    "init_output_bias",
+    "instance_noise_std",
+    "train_step",
+]
+
+
+def instance_noise_std(step: int, total_steps: int, initial: float = 0.1) -> float:
+    """Instance-noise std at ``step``: ``initial * (T - t) / T``, linear from ``initial`` to 0."""
+    if total_steps <= 0:
+        return 0.0
+    return initial * max(total_steps - step, 0) / total_steps
+
+
+def init_output_bias(bias: Tensor, data_mean: float) -> None:
+    """Set a tanh generator's output bias to ``0.5 * logit(data_mean)`` (authors' code).
+
+    ``data_mean`` is the mean pixel in [0, 1]; ``tanh(0.5 * logit(m)) = 2m - 1`` is that mean on
+    the [-1, 1] scale, so an untrained generator starts at the data's mean brightness.
+    """
+    m = min(max(float(data_mean), 1e-3), 1 - 1e-3)
+    with torch.no_grad():
+        bias.fill_(0.5 * math.log(m / (1 - m)))
+
+
+def build_optimizer(
+    name: str, params: Iterable[nn.Parameter], lr: float, betas: Sequence[float] = (0.5, 0.999)
+) -> torch.optim.Optimizer:
+    """An optimizer by name: any of ``torch.optim`` (``"Adam"``, ``"adam"``, ``"RMSprop"``)
+    or of ``torch_optimizer`` (``"RAdam"``, ``"Lookahead"`` is not one: it wraps another).
+
+    Adam-like optimizers get ``betas`` (the paper's (0.5, 0.999)).
+    """
+    import inspect
+
+    import torch_optimizer
+
+    lookup = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)}
+    for n in dir(torch_optimizer):
+        lookup.setdefault(n.lower(), getattr(torch_optimizer, n))
+    cls = lookup.get(name.lower())
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        known = sorted(
+            k
+            for k, v in lookup.items()
+            if isinstance(v, type) and issubclass(v, torch.optim.Optimizer)
+        )
+        raise ConfigError(f"unknown optimizer {name!r}; known: {', '.join(known)}")
+    kwargs: dict[str, Any] = {"lr": lr}
+    if "betas" in inspect.signature(cls.__init__).parameters:
+        kwargs["betas"] = tuple(betas)
+    return cls(list(params), **kwargs)
+
+
+@dataclass
+class StepResult:
+    """What one training step measured: losses, their parts and D's per-class accuracy."""
+
+    discriminator_loss: float
+    generator_loss: float
+    parts: dict[str, float] = field(default_factory=dict)
+    class_accuracy: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "d_loss": self.discriminator_loss,
+            "g_loss": self.generator_loss,
+            **self.parts,
+            "d_accuracy": self.class_accuracy,
+            "step_time": self.seconds,
+        }
+
+
+def _check_finite(value: Tensor, name: str, step: int | None) -> None:
+    if not torch.isfinite(value):
+        where = f" at step {step}" if step is not None else ""
+        raise DivergenceError(f"the {name} became {value.item()}{where}")
+
+
+def train_step(
+    gali: nn.Module,
+    batches: Iterator[Tensor] | Sequence[Tensor],
+    d_optimizer: torch.optim.Optimizer,
+    g_optimizer: torch.optim.Optimizer,
+    *,
+    n_dis: int = 1,
+    instance_noise: float = 0.0,
+    accelerator: Any = None,
+    step: int | None = None,
+) -> StepResult:
+    """One GALI step: ``n_dis`` D steps on fresh batches, then one G/E step on the last batch.
+
+    Args:
+        gali: a :class:`~gali_ext.GALI` (or it wrapped by ``accelerator.prepare``); called as
+            ``gali(x, role="discriminator" | "generator", instance_noise_std=...)``.
+        batches: at least ``n_dis`` image batches (an iterator is advanced ``n_dis`` times).
+        d_optimizer: over the head's parameters; g_optimizer: over E's and G's.
+        accelerator: an ``accelerate.Accelerator``; its ``backward`` is used when given.
+        step: the global step, named in the error if a loss becomes NaN or infinite.
+
+    Raises :class:`~gali_ext.errors.DivergenceError` on a NaN or infinite loss, before any
+    optimizer applies it.
+    """
+    if n_dis < 1:
+        raise ConfigError(f"n_dis must be >= 1, got {n_dis}")
+    start = time.perf_counter()
+    backward = accelerator.backward if accelerator is not None else Tensor.backward
+    iterator = iter(batches)
+    d_values = []
+    for _ in range(n_dis):
+        x = next(iterator)
+        d_optimizer.zero_grad(set_to_none=True)
+        d = gali(x, role="discriminator", instance_noise_std=instance_noise)
+        _check_finite(d.loss.detach(), "discriminator loss", step)
+        backward(d.loss)
+        d_optimizer.step()
+        d_values.append(d.loss.detach())
+    g_optimizer.zero_grad(set_to_none=True)
+    g = gali(x, role="generator", instance_noise_std=instance_noise)
+    _check_finite(g.loss.detach(), "generator-encoder loss", step)
+    backward(g.loss)
+    g_optimizer.step()
+    # One host sync for everything logged.
+    logged = torch.stack([torch.stack(d_values).mean(), g.loss.detach(), *g.parts.values()])
+    values = logged.float().cpu().tolist()
+    accuracy = tuple_class_accuracy(d.logits.detach()).cpu().tolist()
+    return StepResult(
+        discriminator_loss=values[0],
+        generator_loss=values[1],
+        parts=dict(zip(g.parts, values[2:])),
+        class_accuracy=accuracy,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,240 @@
+"""Reference recipes: the paper's models on digits, SVHN and CelebA, trained with HF Accelerate.
+
+``recipes.get("svhn-gali8")`` returns a :class:`RecipeConfig`; ``recipes.train.train(config,
+out_dir)`` runs it (the ``gali-ext recipe NAME`` command). Hyper-parameters follow DESIGN.md
+section 4: Adam with betas (0.5, 0.999), batch 100, latent 256 on SVHN, learning rates from the
+paper's grid, instance noise decaying linearly from 0.1 to 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gali_ext.errors import ConfigError
+from gali_ext.spec import available_specs
+
+__all__ = ["RecipeConfig", "available", "describe", "get", "register"]
+
+GENERATOR_LOSSES = ("product_of_terms", "minimax", "misclassification")
+
+
+@dataclass
+class RecipeConfig:
+    """Everything a run needs; every field can be overridden with ``--set key=value``."""
+
+    name: str
+    dataset: str  # digits | svhn | celeba
+    arch: str  # gali_ext.models architecture: digits | svhn | celeba
+    spec: str  # a gali_ext.spec preset
+    description: str = ""
+    latent_dim: int = 256
+    batch_size: int = 100
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    optimizer: str = "adam"
+    n_dis: int = 1
+    steps: int = 10_000
+    instance_noise: float = 0.1
+    generator_loss: str = "product_of_terms"
+    alice_weight: float = 1.0
+    features_model: str = ""  # pretrained feature model M: a timm model name
+    features_weights: str = ""  # local .safetensors file for it (no download happens)
+    features_input_size: int = 0  # resize images to this for M (0: the model's own size)
+    data_dir: str = ""
+    seed: int = 0
+    mixed_precision: str = "no"
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether the spec or the loss needs the pretrained feature model M."""
+        return self.spec in ("gali_pt", "alice_pt")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field with a bad value."""
+        from gali_ext.models import available_archs
+
+        checks = [
+            (self.dataset in ("digits", "svhn", "celeba"), "dataset", "digits, svhn or celeba"),
+            (self.arch in available_archs(), "arch", ", ".join(available_archs())),
+            (self.spec in available_specs(), "spec", ", ".join(available_specs())),
+            (self.latent_dim > 0, "latent_dim", "a positive int"),
+            (self.batch_size > 0, "batch_size", "a positive int"),
+            (self.lr > 0, "lr", "a positive float"),
+            (self.n_dis >= 1, "n_dis", "an int >= 1"),
+            (self.steps >= 1, "steps", "an int >= 1"),
+            (self.instance_noise >= 0, "instance_noise", "a float >= 0"),
+            (
+                self.generator_loss in GENERATOR_LOSSES,
+                "generator_loss",
+                ", ".join(GENERATOR_LOSSES),
+            ),
+            (self.alice_weight >= 0, "alice_weight", "a float >= 0"),
+            (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16"),
+            (self.log_every >= 1, "log_every", "an int >= 1"),
+            (self.sample_every >= 1, "sample_every", "an int >= 1"),
+            (self.checkpoint_every >= 1, "checkpoint_every", "an int >= 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", "an int >= 1"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is invalid: expected {expected}")
+        if self.uses_features and not (self.features_model and self.features_weights):
+            raise ConfigError(
+                f"recipe {self.name!r} (spec {self.spec}) needs a pretrained feature model M: "
+                "pass --set features_model=<timm model name> --set "
+                "features_weights=<local .safetensors file>; nothing is downloaded"
+            )
+
+    def with_overrides(self, overrides: dict[str, str]) -> RecipeConfig:
+        """A copy with ``key=value`` strings parsed to each field's type."""
+        hints = typing.get_type_hints(RecipeConfig)
+        fields = {f.name for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for key, text in overrides.items():
+            if key not in fields:
+                close = difflib.get_close_matches(key, sorted(fields), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"unknown setting {key!r}{hint} (settings: {', '.join(sorted(fields))})"
+                )
+            changes[key] = _parse(key, text, hints[key])
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        """The config as JSON (``config.json`` of a run)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> RecipeConfig:
+        """Read a run's ``config.json``."""
+        try:
+            data = json.loads(Path(path).read_text())
+            data["betas"] = tuple(data["betas"])
+            return cls(**data)
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise ConfigError(f"cannot read the run config {str(path)!r}: {error}") from error
+
+
+def _parse(key: str, text: str, hint: Any) -> Any:
+    try:
+        if hint is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if hint is str:
+            return text
+        if typing.get_origin(hint) is tuple:
+            parts = [float(p) for p in text.strip("()[] ").split(",")]
+            if len(parts) != 2:
+                raise ValueError(text)
+            return tuple(parts)
+    except ValueError:
+        name = getattr(hint, "__name__", None) or str(hint)
+        raise ConfigError(f"--set {key}={text!r}: expected a value of type {name}") from None
+    raise ConfigError(f"{key} cannot be set from the command line")
+
+
+_REGISTRY: dict[str, RecipeConfig] = {}
+
+
+def register(config: RecipeConfig) -> None:
+    """Add a recipe to the registry."""
+    if config.name in _REGISTRY:
+        raise ConfigError(f"a recipe named {config.name!r} is already registered")
+    _REGISTRY[config.name] = config
+
+
+def available() -> list[str]:
+    """Names of the registered recipes."""
+    return sorted(_REGISTRY)
+
+
+def describe(name: str) -> str:
+    """One line about a recipe."""
+    return get(name).description
+
+
+def get(name: str) -> RecipeConfig:
+    """A fresh copy of the named recipe's config; unknown names suggest the closest."""
+    config = _REGISTRY.get(name)
+    if config is None:
+        close = difflib.get_close_matches(name, available(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown recipe {name!r}{hint} (recipes: {', '.join(available())})")
+    return dataclasses.replace(config)
+
+
+_SPEC_TITLES = {
+    "ali": "ALI baseline",
+    "alice": "ALICE baseline (ALI + lambda ||x - G(E(x))||^2)",
+    "gali4": "GALI-4 (K=4, m=2, reconstruction chain)",
+    "gali8": "GALI-8 (K=8, m=4, the authors' SVHN model)",
+    "gali_pt": "GALI-PT (K=4, m=3, pretrained features M)",
+    "gali_mix": "GALI-mix (K=8, inpainting self-supervision)",
+}
+
+# digits: a small net that trains in minutes on a CPU (embedded data, no download).
+for _spec in ("ali", "alice", "gali4", "gali8"):
+    register(
+        RecipeConfig(
+            name=f"digits-{_spec.replace('_', '-')}",
+            dataset="digits",
+            arch="digits",
+            spec=_spec,
+            description=f"{_SPEC_TITLES[_spec]} on scikit-learn's digits, 16x16, CPU minutes",
+            latent_dim=32,
+            batch_size=64,
+            lr=2e-4,
+            steps=1500,
+            alice_weight=1.0,
+            log_every=10,
+            sample_every=250,
+            checkpoint_every=500,
+        )
+    )
+
+# SVHN and CelebA: ALI's architectures and the paper's hyper-parameters (DESIGN.md section 4).
+for _spec in ("ali", "alice", "gali4", "gali8", "gali_pt"):
+    register(
+        RecipeConfig(
+            name=f"svhn-{_spec.replace('_', '-')}",
+            dataset="svhn",
+            arch="svhn",
+            spec=_spec,
+            description=f"{_SPEC_TITLES[_spec]} on SVHN 32x32 (--data-dir with the .mat files)",
+            latent_dim=256,
+            batch_size=100,
+            lr=1e-4,
+            steps=100_000,
+            features_model="resnet18" if _spec == "gali_pt" else "",
+        )
+    )
+for _spec in ("ali", "gali4", "gali_pt", "gali_mix"):
+    register(
+        RecipeConfig(
+            name=f"celeba-{_spec.replace('_', '-')}",
+            dataset="celeba",
+            arch="celeba",
+            spec=_spec,
+            description=f"{_SPEC_TITLES[_spec]} on CelebA 64x64 (--data-dir with img_align_celeba)",
+            latent_dim=256,
+            batch_size=100,
+            lr=1e-4,
+            steps=100_000,
+            features_model="inception_v3" if _spec == "gali_pt" else "",
+        )
+    )

@@ -1,0 +1,173 @@
+"""Recipes, the training loop, run directories, resume and the command line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import recipes
+from gali_ext.cli import app
+from gali_ext.errors import ConfigError, DataError
+from recipes.train import train
+
+REQUIRED = [
+    "digits-ali", "digits-alice", "digits-gali4", "digits-gali8",
+    "svhn-ali", "svhn-alice", "svhn-gali4", "svhn-gali8", "svhn-gali-pt",
+    "celeba-ali", "celeba-gali4", "celeba-gali-pt", "celeba-gali-mix",
+]  # fmt: skip
+
+
+def tiny(name="digits-gali4", **changes):
+    settings = {"steps": "4", "batch_size": "16", "log_every": "1", "sample_every": "2",
+                "checkpoint_every": "2"}  # fmt: skip
+    settings.update({k: str(v) for k, v in changes.items()})
+    return recipes.get(name).with_overrides(settings)
+
+
+def test_registry_has_the_paper_rows():
+    assert set(REQUIRED) <= set(recipes.available())
+    config = recipes.get("svhn-gali8")
+    assert (config.spec, config.batch_size, config.latent_dim, config.betas) == (
+        "gali8",
+        100,
+        256,
+        (0.5, 0.999),
+    )
+    assert config.lr in (2e-5, 4e-5, 1e-4, 2e-4)
+
+
+def test_unknown_recipe_and_bad_settings():
+    with pytest.raises(ConfigError, match="did you mean 'digits-gali4'"):
+        recipes.get("digits-gali5")
+    with pytest.raises(ConfigError, match="unknown setting 'lrr'; did you mean 'lr'"):
+        recipes.get("digits-gali4").with_overrides({"lrr": "1"})
+    with pytest.raises(ConfigError, match="steps='ten'.*int"):
+        recipes.get("digits-gali4").with_overrides({"steps": "ten"})
+    config = recipes.get("digits-gali4").with_overrides({"lr": "2e-5", "betas": "0.5,0.9"})
+    assert config.lr == 2e-5 and config.betas == (0.5, 0.9)
+    with pytest.raises(ConfigError, match="n_dis=0"):
+        recipes.get("digits-gali4").with_overrides({"n_dis": "0"}).validate()
+    with pytest.raises(ConfigError, match="features_weights"):
+        recipes.get("svhn-gali-pt").validate()
+
+
+def test_train_writes_the_run_directory(tmp_path):
+    out = train(tiny(), tmp_path / "run", progress=False)
+    for name in ("config.json", "metrics.jsonl", "encoder.safetensors", "generator.safetensors",
+                 "discriminator.safetensors", "samples.png", "reconstructions.png",
+                 "summary.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(len(r["d_accuracy"]) == 4 and np.isfinite(r["g_loss"]) for r in records)
+    assert records[0]["noise_std"] == pytest.approx(0.1) and records[-1]["noise_std"] < 0.1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-0000002",
+        "step-0000004",
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["test_pixel_mse"] < 1
+    weights = load_file(str(out / "encoder.safetensors"))
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+    from PIL import Image
+
+    assert Image.open(out / "reconstructions.png").size[0] > 16 * 8
+
+
+def test_existing_run_directory_is_refused(tmp_path):
+    train(tiny(steps=1), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="--resume.*--overwrite"):
+        train(tiny(steps=1), tmp_path / "run", progress=False)
+    train(tiny(steps=1), tmp_path / "run", progress=False, overwrite=True)
+    with pytest.raises(ConfigError, match="holds a run of 'digits-gali4', not 'digits-ali'"):
+        train(tiny("digits-ali", steps=1), tmp_path / "run", progress=False, resume=True)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    config = tiny("digits-gali8", steps=6, checkpoint_every=3)
+    train(config, tmp_path / "whole", progress=False)
+
+    import recipes.train as loop
+
+    real_step, calls = loop.train_step, {"n": 0}
+
+    def crash_after_four(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(loop, "train_step", real_step)
+    train(config, tmp_path / "resumed", progress=False, resume=True)
+    for name in ("encoder", "generator", "discriminator"):
+        a = load_file(str(tmp_path / "whole" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed/metrics.jsonl").open()]
+    assert steps[-1] == 6
+
+
+def test_bf16_on_cpu(tmp_path):
+    out = train(tiny("digits-ali", steps=2, mixed_precision="bf16"), tmp_path / "r",
+                progress=False)  # fmt: skip
+    records = [json.loads(x) for x in (out / "metrics.jsonl").open()]
+    assert all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"]) for r in records)
+
+
+def write_svhn(folder, n=40, seed=0):
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        savemat(folder / f"{split}_32x32.mat", {
+            "X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+            "y": rng.integers(1, 11, (n, 1)).astype(np.uint8),
+        })  # fmt: skip
+
+
+def test_cli_svhn_gali8_on_tiny_mat_files(tmp_path):
+    from typer.testing import CliRunner
+
+    write_svhn(tmp_path / "svhn")
+    result = CliRunner().invoke(app, [
+        "recipe", "svhn-gali8", "--data-dir", str(tmp_path / "svhn"), "--steps", "2",
+        "--out", str(tmp_path / "run"), "--set", "batch_size=8", "--no-progress",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "generator.safetensors").is_file()
+    result = CliRunner().invoke(app, ["sample", str(tmp_path / "run"), "--out",
+                                      str(tmp_path / "s")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s" / "samples.png").is_file()
+
+
+def test_cli_lists_recipes_and_reports_errors_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    listing = CliRunner().invoke(app, ["recipes"])
+    assert listing.exit_code == 0
+    assert all(name in listing.output for name in REQUIRED)
+    run = subprocess.run(
+        [sys.executable, "-m", "gali_ext.cli", "recipe", "svhn-gali8", "--out",
+         str(tmp_path / "x")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.startswith("error:") and "--data-dir" in run.stderr
+    assert not (tmp_path / "x").exists()  # nothing written before validation passed
+
+
+def test_missing_data_dir_is_a_data_error(tmp_path):
+    with pytest.raises(DataError):
+        train(tiny("svhn-ali", data_dir=tmp_path), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
