@@ -111,7 +111,6 @@ def _apply(fn: str, arg: Node, original: str) -> Node:
     return Node(f"{fn}({arg.name})", kind, fn, arg)
 
 
-@lru_cache(maxsize=4096)
 def parse_node(name: str) -> Node:
     """Parse and canonicalise a chain-node name such as ``"x0"``, ``"E(Mask1(x0))"``, ``"M(x1)"``.
 
@@ -120,6 +119,11 @@ def parse_node(name: str) -> Node:
     """
     if not isinstance(name, str):
         raise SpecError(f"a node name must be a string, got {type(name).__name__}: {name!r}")
+    return _parse_node(name)
+
+
+@lru_cache(maxsize=4096)
+def _parse_node(name: str) -> Node:
     text = name.replace(" ", "")
     calls: list[str] = []
     # Peel "F(" prefixes and matching ")" suffixes; what is left must be a chain atom.
@@ -154,8 +158,8 @@ class TupleClass:
     nodes: tuple[str, ...]
 
     def __init__(self, nodes: Iterable[str]) -> None:
-        if isinstance(nodes, str):
-            raise SpecError(f"a tuple class is a sequence of node names, got the string {nodes!r}")
+        if isinstance(nodes, str) or not isinstance(nodes, Iterable):
+            raise SpecError(f"a tuple class is a sequence of node names, got {nodes!r}")
         names = tuple(parse_node(n).name for n in nodes)
         if not names:
             raise SpecError("a tuple class needs at least one node")
@@ -187,6 +191,8 @@ class TupleSpec:
     name: str
 
     def __init__(self, classes: Iterable[TupleClass | Sequence[str]], name: str = "custom") -> None:
+        if isinstance(classes, str) or not isinstance(classes, Iterable):
+            raise SpecError(f"a tuple spec is a sequence of tuple classes, got {classes!r}")
         built = tuple(c if isinstance(c, TupleClass) else TupleClass(c) for c in classes)
         if len(built) < 2:
             raise SpecError(f"a tuple spec needs K >= 2 classes, got K={len(built)}")

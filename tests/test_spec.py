@@ -111,7 +111,7 @@ def test_custom_spec_any_k_and_m():
         ([("x0", "z0"), ("G(x1", "zp0")], "unbalanced"),
         ([("x0", "z0"), ("M(zp0)", "zp0")], "M takes an image"),
         ([(), ()], "at least one node"),
-        (["x0z0", ("xp0", "zp0")], "the string 'x0z0'"),
+        (["x0z0", ("xp0", "zp0")], "sequence of node names, got 'x0z0'"),
     ],
 )
 def test_invalid_specs_name_the_problem(classes, message):
