@@ -199,6 +199,10 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         features: dict[str, Tensor] = {}
         for kind in self.spec.kinds:
             names = self.spec.nodes_of_kind(kind)
+            shapes = {n: tuple(variables[n].shape[1:]) for n in names}
+            if len(set(shapes.values())) > 1:
+                detail = ", ".join(f"{n}: {list(v)}" for n, v in shapes.items())
+                raise ShapeError(f"the {kind!r} variables must share one shape, got {detail}")
             stacked = torch.cat([variables[n] for n in names])
             for name, part in zip(
                 names, self._features(kind, stacked, len(names) * batch).split(batch)
