@@ -98,6 +98,23 @@ def sample(
         typer.echo(str(path))
 
 
+@app.command()
+def bench(
+    preset: str = typer.Option("digits", help="digits (CPU-sized) or svhn (ALI SVHN, batch 100)."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    repeats: int = typer.Option(10, help="Timed repetitions per measurement (median reported)."),
+    warmup: int = typer.Option(3, help="Untimed warm-up repetitions."),
+    batch: int = typer.Option(None, help="Batch size (default: the preset's)."),
+    out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON results."),
+) -> None:
+    """Step cost of K classes, fused vs per-class head, and mixed precision, as ratios."""
+    from .bench import PRESETS, run_benchmark
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown benchmark preset {preset!r}; presets: {', '.join(PRESETS)}")
+    run_benchmark(preset, device, repeats, warmup, batch, out, print_fn=typer.echo)
+
+
 def main() -> None:
     """Entry point of the ``gali-ext`` script: bad input ends in one line on stderr, exit 2."""
     try:

@@ -7,7 +7,6 @@ a user's own loop can call it. The reference loop that calls it is ``recipes.tra
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from .losses import tuple_class_accuracy
 __all__ = [
     "StepResult",
     "build_optimizer",
-    "init_output_bias",
     "instance_noise_std",
     "train_step",
 ]
@@ -33,17 +31,6 @@ def instance_noise_std(step: int, total_steps: int, initial: float = 0.1) -> flo
     if total_steps <= 0:
         return 0.0
     return initial * max(total_steps - step, 0) / total_steps
-
-
-def init_output_bias(bias: Tensor, data_mean: float) -> None:
-    """Set a tanh generator's output bias to ``0.5 * logit(data_mean)`` (authors' code).
-
-    ``data_mean`` is the mean pixel in [0, 1]; ``tanh(0.5 * logit(m)) = 2m - 1`` is that mean on
-    the [-1, 1] scale, so an untrained generator starts at the data's mean brightness.
-    """
-    m = min(max(float(data_mean), 1e-3), 1 - 1e-3)
-    with torch.no_grad():
-        bias.fill_(0.5 * math.log(m / (1 - m)))
 
 
 def build_optimizer(

@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gali_ext.data import BatchStream, ImageData, data_mean, load_dataset
-from gali_ext.models import ALIModels, build_ali_models
 from torch import nn
 
 from gali_ext import GALI, MultiClassJointDiscriminatorHead, SpectralMLP, build_spec
+from gali_ext.data import BatchStream, ImageData, data_mean, load_dataset
 from gali_ext.errors import ConfigError, DataError, DivergenceError
 from gali_ext.eval import reconstruction_mse
 from gali_ext.losses import MinimaxLoss, MisclassificationLoss, ProductOfTermsLoss
+from gali_ext.models import ALIModels, build_ali_models
 from gali_ext.providers import (
     AliceReconstruction,
     FeedbackProvider,
@@ -227,7 +227,7 @@ def write_grids(built: BuiltModel, images: torch.Tensor, z: torch.Tensor, out: P
     return paths
 
 
-def train(
+def _train(
     config: RecipeConfig,
     out_dir: str | Path,
     *,
@@ -236,16 +236,10 @@ def train(
     progress: bool = True,
     epochs: float | None = None,
 ) -> Path:
-    """Train a recipe into ``out_dir``; returns the run directory.
-
-    Everything is validated (config, data files, image shapes, run directory) before anything
-    is written. ``epochs`` replaces ``config.steps`` by the steps that many passes over the
-    training data take.
-    """
+    """The body of :func:`train`, after the config was validated."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    config.validate()
     out = Path(out_dir)
     train_data = load_data(config, "train")
     test_data = load_data(config, "test")
@@ -366,3 +360,31 @@ def train(
         )
     accelerator.end_training()
     return out
+
+
+def train(
+    config: RecipeConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    epochs: float | None = None,
+) -> Path:
+    """Train a recipe into ``out_dir``; returns the run directory.
+
+    Everything is validated (config, data files, image shapes, run directory) before anything
+    is written. ``epochs`` replaces ``config.steps`` by the steps that many passes over the
+    training data take.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    config.validate()
+    try:
+        return _train(config, out_dir, resume=resume, overwrite=overwrite, progress=progress,
+                      epochs=epochs)  # fmt: skip
+    finally:
+        if PartialState._shared_state and PartialState().num_processes == 1:
+            # Accelerate keeps one global state per process; forget it so that the next run in
+            # this process (a study, a test) may choose another mixed precision.
+            AcceleratorState._reset_state(reset_partial_state=True)

@@ -42,7 +42,7 @@ def test_registry_has_the_paper_rows():
 
 def test_unknown_recipe_and_bad_settings():
     with pytest.raises(ConfigError, match="did you mean 'digits-gali4'"):
-        recipes.get("digits-gali5")
+        recipes.get("digits-gal4")
     with pytest.raises(ConfigError, match="unknown setting 'lrr'; did you mean 'lr'"):
         recipes.get("digits-gali4").with_overrides({"lrr": "1"})
     with pytest.raises(ConfigError, match="steps='ten'.*int"):

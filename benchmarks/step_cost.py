@@ -1,0 +1,11 @@
+"""Step-cost benchmark: `python benchmarks/step_cost.py [--preset svhn] [--repeats 10]`.
+
+The same as `gali-ext bench`; see gali_ext/bench.py for what it measures.
+"""
+
+from gali_ext.cli import app
+
+if __name__ == "__main__":
+    import sys
+
+    app(["bench", *sys.argv[1:]])

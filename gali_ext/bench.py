@@ -1,0 +1,235 @@
+"""Step-cost benchmark: ratios measured in one run (``gali-ext bench``, benchmarks/step_cost.py).
+
+Reports median times (warm-up excluded) and the ratios
+
+1. full training step (``n_dis`` D steps + 1 G/E step) of ``gali4``, ``gali8``, ``gali_mix``,
+   ``gali_pt`` over ``ali``, on the same encoder, generator and discriminator networks;
+2. the fused :class:`MultiClassJointDiscriminatorHead` forward+backward over the authors'
+   per-class discriminator (whole D once per class, features recomputed), for K = 4 and 8,
+   after asserting that both give the same loss;
+3. on CUDA only: bf16 autocast over fp32 step time, and the peak memory of each.
+
+Ratios, not absolute times, are the result: the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .gali import GALI
+from .head import MultiClassJointDiscriminatorHead, SpectralMLP
+from .losses import DiscriminatorLoss
+from .models import build_ali_models
+from .providers import MaskMix, PretrainedFeatures, ReconstructionChain
+from .spec import build_spec
+from .trainer import train_step
+
+__all__ = ["run_benchmark", "PRESETS"]
+
+PRESETS = {"digits": {"arch": "digits", "batch": 64}, "svhn": {"arch": "svhn", "batch": 100}}
+SPECS = ("ali", "gali4", "gali8", "gali_mix", "gali_pt")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _FrozenFeatures(nn.Module):
+    """A small frozen conv net standing in for a pretrained model M (no weights to download)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _build(spec_name: str, arch: str, device: torch.device, seed: int = 0):
+    """E, G, head and GALI for one spec; the same seed gives the same E, G, Dx and Dz weights."""
+    torch.manual_seed(seed)
+    models = build_ali_models(arch)
+    spec = build_spec(spec_name)
+    providers: list[nn.Module] = []
+    extras: dict[str, nn.Module] = {}
+    if spec_name in ("gali4", "gali8", "gali_pt"):
+        providers.append(ReconstructionChain())
+    if spec_name == "gali_mix":
+        providers.append(MaskMix())
+    if spec_name == "gali_pt":
+        features = PretrainedFeatures(_FrozenFeatures(models.image_shape[0]))
+        providers.append(features)
+        extras["M"] = SpectralMLP(features.feature_dim(models.image_shape), (512,), 512, 0.2, True)
+    head = MultiClassJointDiscriminatorHead(
+        spec, models.image_features, models.latent_features, extras,
+        joint_hidden=models.joint_hidden,
+    )  # fmt: skip
+    gali = GALI(
+        models.encoder, models.generator, head, providers, latent_shape=(models.latent_dim,)
+    )
+    return models, head, gali.to(device)
+
+
+def step_times(
+    arch: str, batch: int, device: torch.device, warmup: int, repeats: int, n_dis: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Median seconds of one full training step per spec."""
+    times = {}
+    for name in SPECS:
+        models, head, gali = _build(name, arch, device)
+        d_opt = torch.optim.Adam(head.parameters(), 1e-4, betas=(0.5, 0.999))
+        g_opt = torch.optim.Adam(
+            [*models.encoder.parameters(), *models.generator.parameters()], 1e-4, betas=(0.5, 0.999)
+        )
+        x = torch.rand(batch, *models.image_shape, device=device) * 2 - 1
+
+        def step(gali=gali, x=x, d_opt=d_opt, g_opt=g_opt) -> None:
+            with torch.autocast(
+                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
+                train_step(gali, [x] * n_dis, d_opt, g_opt, n_dis=n_dis, instance_noise=0.05)
+
+        times[name] = _median_time(step, device, warmup, repeats)
+    return times
+
+
+def head_times(arch: str, batch: int, device: torch.device, warmup: int, repeats: int):
+    """Fused vs per-class head forward+backward for K = 4 and 8, with the losses asserted equal."""
+    results = {}
+    for name in ("gali4", "gali8"):
+        models, head, gali = _build(name, arch, device)
+        x = torch.rand(batch, *models.image_shape, device=device) * 2 - 1
+        with torch.no_grad():
+            variables = gali.chains(x).compute(head.spec.nodes)
+        loss = DiscriminatorLoss()
+        head.eval()  # no power iteration: both paths see the same normalised weights
+        fused_loss, naive_loss = loss(head(variables)), loss(head.forward_per_class(variables))
+        if not torch.allclose(fused_loss, naive_loss, rtol=1e-4, atol=1e-5):
+            raise AssertionError(f"fused {fused_loss.item()} != per-class {naive_loss.item()}")
+        head.train()
+
+        def fused(head=head, loss=loss, variables=variables) -> None:
+            head.zero_grad(set_to_none=True)
+            loss(head(variables)).backward()
+
+        def naive(head=head, loss=loss, variables=variables) -> None:
+            head.zero_grad(set_to_none=True)
+            loss(head.forward_per_class(variables)).backward()
+
+        results[name] = {
+            "K": head.spec.num_classes,
+            "fused_s": _median_time(fused, device, warmup, repeats),
+            "per_class_s": _median_time(naive, device, warmup, repeats),
+            "loss": fused_loss.item(),
+        }
+    return results
+
+
+def run_benchmark(
+    preset: str = "digits",
+    device: str | None = None,
+    repeats: int = 10,
+    warmup: int = 3,
+    batch: int | None = None,
+    out: str | Path | None = "bench.json",
+    print_fn: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the benchmark, print a table and write ``out`` (JSON). Returns the results."""
+    settings = PRESETS[preset]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch = batch or settings["batch"]
+    arch = settings["arch"]
+    image_shape = build_ali_models(arch).image_shape
+    steps = step_times(arch, batch, dev, warmup, repeats)
+    heads = head_times(arch, batch, dev, warmup, repeats)
+    result: dict[str, Any] = {
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "preset": preset,
+        "batch_size": batch,
+        "image_size": list(image_shape),
+        "step_seconds": steps,
+        "step_ratio_vs_ali": {k: v / steps["ali"] for k, v in steps.items() if k != "ali"},
+        "head": heads,
+        "fused_speedup": {k: v["per_class_s"] / v["fused_s"] for k, v in heads.items()},
+    }
+    if dev.type == "cuda":
+        precision = {}
+        for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            torch.cuda.reset_peak_memory_stats(dev)
+            t = step_times(arch, batch, dev, warmup, repeats, autocast_dtype=dtype)
+            precision[label] = {
+                "step_seconds": t,
+                "peak_bytes": torch.cuda.max_memory_allocated(dev),
+            }
+        result["precision"] = precision
+        result["bf16_speedup"] = {
+            k: precision["fp32"]["step_seconds"][k] / precision["bf16"]["step_seconds"][k]
+            for k in SPECS
+        }
+    print_fn(format_table(result))
+    if out is not None:
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The benchmark's results as a Markdown table."""
+    lines = [
+        f"device: {result['device']}, torch {result['torch']}, batch {result['batch_size']}, "
+        f"images {result['image_size']}, {result['threads']} threads",
+        "",
+        "| spec | full step (ms) | ratio vs ali |",
+        "|---|---|---|",
+    ]
+    for name, seconds in result["step_seconds"].items():
+        ratio = result["step_ratio_vs_ali"].get(name, 1.0)
+        lines.append(f"| {name} | {seconds * 1e3:.1f} | {ratio:.2f} |")
+    lines += ["", "| head | K | fused (ms) | per-class (ms) | speed-up |", "|---|---|---|---|---|"]
+    for name, h in result["head"].items():
+        speedup = result["fused_speedup"][name]
+        lines.append(
+            f"| {name} | {h['K']} | {h['fused_s'] * 1e3:.1f} | {h['per_class_s'] * 1e3:.1f} "
+            f"| {speedup:.2f}x |"
+        )
+    if "bf16_speedup" in result:
+        lines += [
+            "",
+            "| spec | bf16 speed-up | fp32 peak MiB | bf16 peak MiB |",
+            "|---|---|---|---|",
+        ]
+        for name, s in result["bf16_speedup"].items():
+            fp32 = result["precision"]["fp32"]["peak_bytes"] / 2**20
+            bf16 = result["precision"]["bf16"]["peak_bytes"] / 2**20
+            lines.append(f"| {name} | {s:.2f}x | {fp32:.0f} | {bf16:.0f} |")
+    return "\n".join(lines)
