@@ -1,0 +1,1 @@
+"""Runnable examples of plugging gali-ext into existing training code."""
