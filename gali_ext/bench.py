@@ -89,6 +89,7 @@ def _build(spec_name: str, arch: str, device: torch.device, seed: int = 0):
     head = MultiClassJointDiscriminatorHead(
         spec, models.image_features, models.latent_features, extras,
         joint_hidden=models.joint_hidden,
+        negative_slope=models.negative_slope,
     )  # fmt: skip
     gali = GALI(
         models.encoder, models.generator, head, providers, latent_shape=(models.latent_dim,)

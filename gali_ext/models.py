@@ -1,10 +1,25 @@
-"""ALI's encoder, generator and discriminator parts (Dumoulin et al. 2017, appendix tables),
-with GALI's changes (DESIGN.md section 4): a tanh generator and a discriminator with spectral
-normalisation instead of batch norm and dropout.
+"""ALI's encoder, generator and discriminator feature networks, with GALI's changes.
 
-Three sizes: ``"svhn"`` (3 x 32 x 32), ``"celeba"`` (3 x 64 x 64), both following ALI's tables,
-and ``"digits"`` (1 x 16 x 16), a small net of the same shape that trains in minutes on a CPU.
-Weights start from N(0, 0.02) as in DCGAN and ALI.
+The networks of Adversarially Learned Inference (Dumoulin et al., ICLR 2017, appendix A, tables
+"SVHN model hyperparameters" and "CelebA model hyperparameters"), as GALI uses them (Dandi et al.,
+AAAI 2021, "Architecture and Setup"; DESIGN.md section 4):
+
+- ``G_z(x)``, :class:`GaussianEncoder`: convolutions with batch norm and leaky ReLUs, giving the
+  mean and log standard deviation of ``q(z | x) = N(mu(x), diag(exp(2 log_sigma(x))))``.
+- ``G_x(z)``, :class:`Generator`: transposed convolutions with batch norm and leaky ReLUs, ending
+  in ``tanh`` (ALI ends in a sigmoid; GALI uses tanh and images in [-1, 1]).
+- ``D(x)``, :class:`ImageFeatures` and ``D(z)``, :class:`LatentFeatures`: the discriminator's
+  feature networks, with spectral normalisation instead of ALI's batch norm and dropout.
+- ``D(x, z)``: the joint MLP, built by :class:`gali_ext.head.MultiClassJointDiscriminatorHead`
+  from :attr:`ALIModels.joint_hidden`.
+
+Three sizes, by name in :func:`build_ali_models`: ``"svhn"`` (3 x 32 x 32) and ``"celeba"``
+(3 x 64 x 64) follow ALI's tables; ``"digits"`` (1 x 16 x 16) is a small DCGAN-like net of the
+same shape, small enough to train on a CPU.
+
+Weights start from ``N(0, sigma^2)`` and biases from 0, as in DCGAN and ALI. ALI's tables give
+``sigma = 0.01`` (used for ``"svhn"`` and ``"celeba"``); DCGAN's ``sigma = 0.02`` is used for
+``"digits"``. Batch-norm layers keep PyTorch's (and Blocks') initialisation, scale 1 and shift 0.
 """
 
 from __future__ import annotations
@@ -12,15 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .errors import ConfigError
+from .errors import ConfigError, ShapeError
 
 __all__ = [
     "ALIModels",
+    "ConvLayer",
     "GaussianEncoder",
     "Generator",
     "ImageFeatures",
@@ -28,116 +46,255 @@ __all__ = [
     "arch_image_shape",
     "available_archs",
     "build_ali_models",
+    "init_weights",
 ]
 
-# (kernel, out channels, stride, padding) per layer, from ALI's appendix tables.
-_ARCHS = {
-    "svhn": {
-        "image": (3, 32),
-        "latent": 256,
-        "encoder": [(4, 32, 1, 0), (4, 64, 2, 0), (4, 128, 1, 0), (4, 256, 2, 0), (4, 512, 1, 0),
-                    (1, 512, 1, 0)],
-        "generator_in": (256, 1),  # channels and size of the first feature map
-        "generator": [(4, 256, 1, 0), (4, 128, 2, 0), (4, 64, 1, 0), (4, 32, 2, 0), (5, 32, 1, 0),
-                      (1, 32, 1, 0)],
-        "dx": [(4, 32, 1, 0), (4, 64, 2, 0), (4, 128, 1, 0), (4, 256, 2, 0), (4, 512, 1, 0)],
-        "dz": (512, 512),
-        "joint": (1024, 1024),
-        "slope": 0.01,
-    },
-    "celeba": {
-        "image": (3, 64),
-        "latent": 256,
-        "encoder": [(2, 64, 1, 0), (7, 128, 2, 0), (5, 256, 2, 0), (7, 256, 2, 0), (4, 512, 1, 0)],
-        "generator_in": (256, 1),
-        "generator": [(4, 512, 1, 0), (7, 256, 2, 0), (5, 256, 2, 0), (7, 128, 2, 0),
-                      (2, 64, 1, 0)],
-        "dx": [(2, 64, 1, 0), (7, 128, 2, 0), (5, 256, 2, 0), (7, 256, 2, 0), (4, 512, 1, 0)],
-        "dz": (1024, 1024),
-        "joint": (2048, 2048),
-        "slope": 0.02,
-    },
-    "digits": {
-        "image": (1, 16),
-        "latent": 32,
-        "encoder": [(3, 32, 1, 1), (4, 64, 2, 1), (4, 128, 2, 1), (4, 256, 1, 0)],
-        "generator_in": (32, 1),
-        "generator": [(4, 128, 1, 0), (4, 64, 2, 1), (4, 32, 2, 1), (3, 32, 1, 1)],
-        "dx": [(3, 32, 1, 1), (4, 64, 2, 1), (4, 128, 2, 1), (4, 256, 1, 0)],
-        "dz": (256, 256),
-        "joint": (512, 512),
-        "slope": 0.2,
-    },
-}  # fmt: skip
+
+class ConvLayer(NamedTuple):
+    """One row of an architecture table: a convolution (or a transposed one) with its settings.
+
+    Output size: ``(n + 2p - k) // s + 1`` for a convolution and ``(n - 1) s - 2p + k`` for a
+    transposed convolution, with kernel ``k``, stride ``s`` and padding ``p``.
+    """
+
+    kernel: int
+    channels: int
+    stride: int = 1
+    padding: int = 0
+    transposed: bool = False
+
+    def out_size(self, size: int) -> int:
+        """Spatial size of the output for an input of spatial size ``size``."""
+        k, s, p = self.kernel, self.stride, self.padding
+        return (size - 1) * s - 2 * p + k if self.transposed else (size + 2 * p - k) // s + 1
+
+    def build(self, in_channels: int, bias: bool) -> nn.Conv2d | nn.ConvTranspose2d:
+        """The ``nn.Conv2d`` (or ``nn.ConvTranspose2d``) of this row."""
+        cls = nn.ConvTranspose2d if self.transposed else nn.Conv2d
+        return cls(in_channels, self.channels, self.kernel, self.stride, self.padding, bias=bias)
+
+
+def _c(kernel: int, channels: int, stride: int = 1, padding: int = 0) -> ConvLayer:
+    return ConvLayer(kernel, channels, stride, padding)
+
+
+def _t(kernel: int, channels: int, stride: int = 1, padding: int = 0) -> ConvLayer:
+    return ConvLayer(kernel, channels, stride, padding, transposed=True)
+
+
+@dataclass(frozen=True)
+class _Arch:
+    image_shape: tuple[int, int, int]
+    latent_dim: int
+    encoder: tuple[ConvLayer, ...]
+    generator: tuple[ConvLayer, ...]  # the 1x1 output convolution to C channels is implicit
+    image_features: tuple[ConvLayer, ...]
+    latent_features: tuple[int, ...]
+    joint_hidden: tuple[int, ...]
+    negative_slope: float
+    init_std: float
+
+
+# ALI, appendix A, table "SVHN model hyperparameters (unsupervised)"; the same layers are in the
+# authors' experiments/ali_svhn.py. Leaky ReLU slope 0.01, N(0, 0.01) weights. D's dropout (0.2)
+# and batch norm are replaced by spectral normalisation.
+_SVHN = _Arch(
+    image_shape=(3, 32, 32),
+    latent_dim=256,
+    encoder=(_c(5, 32), _c(4, 64, 2), _c(4, 128), _c(4, 256, 2), _c(4, 512), _c(1, 512)),
+    generator=(
+        _t(4, 256),
+        _t(4, 128, 2),
+        _t(4, 64),
+        _t(4, 32, 2),
+        _t(5, 32),
+        _c(1, 32),
+    ),
+    image_features=(_c(5, 32), _c(4, 64, 2), _c(4, 128), _c(4, 256, 2), _c(4, 512)),
+    latent_features=(512, 512),
+    joint_hidden=(1024, 1024),
+    negative_slope=0.01,
+    init_std=0.01,
+)
+
+# ALI, appendix A, table "CelebA model hyperparameters (unsupervised)". Slope 0.02, N(0, 0.01).
+# The table is not self-consistent about the latent size: G_z(x) ends in 512 linear channels
+# (mean and log sigma, as the 512 = 2 x 256 of SVHN), while it gives G_x(z) and D(z) a 512 x 1 x 1
+# input (and D(x, z) a 1024-wide one, copied from SVHN, where 512 + 1024 would be 1536). We read
+# the encoder's row: a 256-dimensional latent, as ALI's released code (NLAT = 256) uses.
+_CELEBA = _Arch(
+    image_shape=(3, 64, 64),
+    latent_dim=256,
+    encoder=(_c(2, 64), _c(7, 128, 2), _c(5, 256, 2), _c(7, 256, 2), _c(4, 512)),
+    generator=(
+        _t(4, 512),
+        _t(7, 256, 2),
+        _t(5, 256, 2),
+        _t(7, 128, 2),
+        _t(2, 64),
+    ),
+    image_features=(_c(2, 64), _c(7, 128, 2), _c(5, 256, 2), _c(7, 256, 2), _c(4, 512)),
+    latent_features=(1024, 1024),
+    joint_hidden=(2048, 2048),
+    negative_slope=0.02,
+    init_std=0.01,
+)
+
+# Not in ALI: a DCGAN-like net for 16 x 16 digits, cheap enough for a CPU. Two 4 x 4 stride-2
+# convolutions (32, 64 channels: 16 -> 8 -> 4), a 3 x 3 one (128), then a 4 x 4 one to a 256-wide
+# 1 x 1 map, so that the encoder has ALI's shape and the three hidden layers the evaluation reads;
+# the generator mirrors it. About 80 ms for a whole E + G + D(x) + D(z) training step at batch 64
+# on one busy CPU core (half of the 32-64-128 stride-1-first variant).
+_DIGITS = _Arch(
+    image_shape=(1, 16, 16),
+    latent_dim=32,
+    encoder=(_c(4, 32, 2, 1), _c(4, 64, 2, 1), _c(3, 128, 1, 1), _c(4, 256)),
+    generator=(_t(4, 128), _t(3, 64, 1, 1), _t(4, 32, 2, 1), _t(4, 32, 2, 1)),
+    image_features=(_c(4, 32, 2, 1), _c(4, 64, 2, 1), _c(3, 128, 1, 1), _c(4, 256)),
+    latent_features=(256, 256),
+    joint_hidden=(512, 512),
+    negative_slope=0.2,
+    init_std=0.02,
+)
+
+_ARCHS: dict[str, _Arch] = {"svhn": _SVHN, "celeba": _CELEBA, "digits": _DIGITS}
 
 
 def available_archs() -> list[str]:
-    """Names accepted by :func:`build_ali_models`."""
+    """Names accepted by :func:`build_ali_models`, sorted."""
     return sorted(_ARCHS)
 
 
-def _arch(name: str) -> dict:
-    if name not in _ARCHS:
+def _arch(name: str) -> _Arch:
+    if not isinstance(name, str) or name not in _ARCHS:
         raise ConfigError(
             f"unknown architecture {name!r}; available: {', '.join(available_archs())}"
         )
     return _ARCHS[name]
 
 
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def arch_image_shape(name: str, channels: int | None = None) -> tuple[int, int, int]:
-    """``(C, H, W)`` of the images an architecture takes."""
-    c, size = _arch(name)["image"]
-    return (channels or c, size, size)
+    """``(C, H, W)`` of the images architecture ``name`` takes (``C`` replaced by ``channels``)."""
+    c, h, w = _arch(name).image_shape
+    return (c if channels is None else _positive_int("channels", channels), h, w)
 
 
-def _init(module: nn.Module) -> None:
+def init_weights(module: nn.Module, std: float) -> None:
+    """DCGAN/ALI initialisation: every convolution's and linear layer's weight from
+    ``N(0, std^2)``, its bias 0.
+
+    On a spectrally normalised layer it draws the unnormalised weight (``parametrizations.weight
+    .original``); writing to ``layer.weight`` there would change a computed copy and nothing else.
+    """
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
+            weight = (
+                m.parametrizations.weight.original
+                if parametrize.is_parametrized(m, "weight")
+                else m.weight
+            )
+            nn.init.normal_(weight, 0.0, std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
 
-class GaussianEncoder(nn.Module):
-    """ALI's encoder ``G_z(x)``: convolutions with batch norm and leaky ReLUs.
+def _spatial(layers: Sequence[ConvLayer], size: int) -> list[int]:
+    sizes = [size]
+    for layer in layers:
+        sizes.append(layer.out_size(sizes[-1]))
+        if sizes[-1] < 1:
+            raise ConfigError(f"the layers {list(layers)} shrink a {size}-pixel side below 1")
+    return sizes
 
-    ``forward(x)`` returns ``(mu, log_sigma)``, each ``[B, latent_dim]`` (the library samples
-    ``z = mu + exp(log_sigma) * eps``), or ``z`` itself when ``deterministic`` (BiGAN).
+
+def _check_images(who: str, x: Tensor, shape: tuple[int, int, int]) -> None:
+    if x.dim() != 4 or tuple(x.shape[1:]) != shape:
+        raise ShapeError(f"{who} expected images of shape [N, {', '.join(map(str, shape))}], "
+                         f"got {list(x.shape)}")  # fmt: skip
+
+
+def _check_latents(who: str, z: Tensor, latent_dim: int) -> None:
+    if tuple(z.shape[1:]) not in ((latent_dim,), (latent_dim, 1, 1)):
+        raise ShapeError(f"{who} expected latents of shape [N, {latent_dim}], got {list(z.shape)}")
+
+
+class GaussianEncoder(nn.Module):
+    """ALI's stochastic encoder ``G_z(x)``: ``q(z | x) = N(mu(x), diag(exp(2 log_sigma(x))))``.
+
+    Convolutions (no bias), each followed by batch norm and a leaky ReLU, mapping the image to a
+    1 x 1 map; then a 1 x 1 convolution with bias to ``2 * latent_dim`` channels, split into
+    ``mu`` and ``log_sigma``. The sample ``z = mu + exp(log_sigma) * eps`` is drawn by the
+    library (:func:`gali_ext.chains.sample_latent`), not here.
+
+    Args:
+        image_shape: ``(C, H, W)`` of the input images.
+        layers: the hidden convolutions; they must map ``H x W`` to ``1 x 1``.
+        latent_dim: the size of ``z``.
+        negative_slope: the leaky ReLUs' slope.
+        deterministic: a BiGAN encoder instead: ``forward`` returns ``z`` itself, and the output
+            convolution has ``latent_dim`` channels.
+        init_std: the standard deviation of the initial weights.
+
+    Shapes: ``forward(x: [B, C, H, W]) -> (mu, log_sigma)``, each ``[B, latent_dim]``, or
+    ``z: [B, latent_dim]`` when ``deterministic``.
     """
 
     def __init__(
         self,
-        channels: int,
-        layers: Sequence[tuple[int, int, int, int]],
+        image_shape: tuple[int, int, int],
+        layers: Sequence[ConvLayer],
         latent_dim: int,
-        slope: float,
+        negative_slope: float = 0.2,
         deterministic: bool = False,
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
+        channels, height, width = image_shape
+        heights, widths = _spatial(layers, height), _spatial(layers, width)
+        if (heights[-1], widths[-1]) != (1, 1):
+            raise ConfigError(f"encoder layers map {height} x {width} images to "
+                              f"{heights[-1]} x {widths[-1]} maps, expected 1 x 1")  # fmt: skip
+        if len(layers) < 3:
+            raise ConfigError(f"the encoder needs at least 3 hidden layers, got {len(layers)}")
         blocks = []
-        for kernel, width, stride, padding in layers:
+        for layer in layers:
             blocks.append(
                 nn.Sequential(
-                    nn.Conv2d(channels, width, kernel, stride, padding, bias=False),
-                    nn.BatchNorm2d(width),
-                    nn.LeakyReLU(slope),
+                    layer.build(channels, bias=False),
+                    nn.BatchNorm2d(layer.channels),
+                    nn.LeakyReLU(negative_slope),
                 )
             )
-            channels = width
+            channels = layer.channels
         self.blocks = nn.ModuleList(blocks)
-        self.deterministic = deterministic
+        self.output = nn.Conv2d(channels, latent_dim * (1 if deterministic else 2), 1)
+        self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
-        self.out = nn.Conv2d(channels, latent_dim if deterministic else 2 * latent_dim, 1)
-        _init(self)
+        self.deterministic = deterministic
+        #: widths of :meth:`hidden_features`' four outputs
+        self.hidden_dims: tuple[int, ...] = tuple(
+            layer.channels * h * w
+            for layer, h, w in zip(layers[-3:], heights[-3:], widths[-3:])
+        ) + (latent_dim,)  # fmt: skip
+        init_weights(self, init_std)
 
     def _run(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        _check_images(type(self).__name__, x, self.image_shape)
         hidden = []
         for block in self.blocks:
             x = block(x)
             hidden.append(x)
-        return hidden, self.out(x).flatten(1)
+        return hidden, self.output(x).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """``(mu, log_sigma)``, each ``[B, latent_dim]``; ``z: [B, latent_dim]`` if
+        ``deterministic``."""
         _, out = self._run(x)
         if self.deterministic:
             return out
@@ -145,115 +302,195 @@ class GaussianEncoder(nn.Module):
         return mu, log_sigma
 
     def hidden_features(self, x: Tensor) -> list[Tensor]:
-        """The last three hidden layers' activations and the output mean, each ``[B, d]``
-        (the representation the linear SVM evaluation reads, DESIGN.md section 6)."""
+        """The representation the linear-SVM evaluation reads (DESIGN.md section 4).
+
+        The activations of the last three hidden layers (after the leaky ReLU) and the output
+        mean ``mu`` (``z`` when deterministic), each flattened to ``[B, d]`` with ``d`` in
+        :attr:`hidden_dims`. Call it in eval mode, so that batch norm uses its running statistics.
+        """
         hidden, out = self._run(x)
         mean = out if self.deterministic else out.chunk(2, dim=1)[0]
         return [h.flatten(1) for h in hidden[-3:]] + [mean]
 
 
 class Generator(nn.Module):
-    """ALI's generator ``G_x(z)``: transposed convolutions with batch norm, ending in tanh."""
+    """ALI's generator ``G_x(z)``: ``x = tanh(a(z))``, images in [-1, 1].
 
-    def __init__(
-        self,
-        channels: int,
-        layers: Sequence[tuple[int, int, int, int]],
-        latent_dim: int,
-        input_map: tuple[int, int],
-        image_size: int,
-        slope: float,
-    ) -> None:
-        super().__init__()
-        map_channels, map_size = input_map
-        self.latent_dim = latent_dim
-        self.project = (
-            nn.Identity() if (map_channels, map_size) == (latent_dim, 1)
-            else nn.Linear(latent_dim, map_channels * map_size * map_size)
-        )  # fmt: skip
-        self.input_map = input_map
-        blocks: list[nn.Module] = []
-        width_in = map_channels
-        for kernel, width, stride, padding in layers:
-            blocks += [
-                nn.ConvTranspose2d(width_in, width, kernel, stride, padding, bias=False),
-                nn.BatchNorm2d(width),
-                nn.LeakyReLU(slope),
-            ]
-            width_in = width
-        self.body = nn.Sequential(*blocks)
-        self.output = nn.Conv2d(width_in, channels, 1)
-        self.image_size = image_size
-        _init(self)
+    ``z`` is read as a ``latent_dim x 1 x 1`` map; (transposed) convolutions without bias, each
+    followed by batch norm and a leaky ReLU, grow it to ``H x W``; a 1 x 1 convolution with bias,
+    :attr:`output`, gives the pre-activation ``a(z)`` with ``C`` channels.
 
-    def forward(self, z: Tensor) -> Tensor:
-        c, s = self.input_map
-        x = self.project(z.flatten(1)).view(z.shape[0], c, s, s)
-        return torch.tanh(self.output(self.body(x)))
+    Args:
+        image_shape: ``(C, H, W)`` of the images made, square (``H == W``).
+        layers: the hidden layers; they must map ``1 x 1`` to ``H x W``.
+        latent_dim: the size of ``z``.
+        negative_slope: the leaky ReLUs' slope.
+        init_std: the standard deviation of the initial weights.
 
-    def init_output_bias(self, data_mean: float) -> None:
-        """Set the output bias to ``0.5 * logit(data_mean)`` (authors' code), so that
-        ``tanh`` of it is ``2 * data_mean - 1``, the data's mean on the [-1, 1] scale."""
-        m = min(max(float(data_mean), 1e-3), 1 - 1e-3)
-        with torch.no_grad():
-            self.output.bias.fill_(0.5 * math.log(m / (1 - m)))
-
-
-class ImageFeatures(nn.Module):
-    """``Dx``: spectrally normalised convolutions, ``[N, C, H, W] -> [N, out_features]``.
-
-    No batch-dependent layers, so it can run once over many concatenated image tensors.
+    Shapes: ``forward(z: [B, latent_dim]) -> [B, C, H, W]`` (``[B, latent_dim, 1, 1]`` works too).
     """
 
     def __init__(
         self,
-        channels: int,
-        layers: Sequence[tuple[int, int, int, int]],
-        image_size: int,
-        slope: float,
+        image_shape: tuple[int, int, int],
+        layers: Sequence[ConvLayer],
+        latent_dim: int,
+        negative_slope: float = 0.2,
+        init_std: float = 0.02,
     ) -> None:
         super().__init__()
+        out_channels, height, width = image_shape
+        side = _spatial(layers, 1)[-1]
+        if (side, side) != (height, width):
+            raise ConfigError(f"generator layers map 1 x 1 to {side} x {side}, "
+                              f"expected {height} x {width}")  # fmt: skip
         blocks: list[nn.Module] = []
-        for kernel, width, stride, padding in layers:
+        channels = latent_dim
+        for layer in layers:
             blocks += [
-                spectral_norm(nn.Conv2d(channels, width, kernel, stride, padding)),
-                nn.LeakyReLU(slope),
+                layer.build(channels, bias=False),
+                nn.BatchNorm2d(layer.channels),
+                nn.LeakyReLU(negative_slope),
             ]
-            channels = width
-        blocks.append(nn.Flatten())
-        self.net = nn.Sequential(*blocks)
-        _init(self)
-        with torch.no_grad():
-            self.out_features = int(
-                self.net(torch.zeros(1, blocks[0].in_channels, image_size, image_size)).shape[1]
+            channels = layer.channels
+        self.body = nn.Sequential(*blocks)
+        self.output = nn.Conv2d(channels, out_channels, 1)
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        init_weights(self, init_std)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``tanh(a(z))``: ``[B, latent_dim] -> [B, C, H, W]``."""
+        _check_latents(type(self).__name__, z, self.latent_dim)
+        x = self.body(z.reshape(z.shape[0], self.latent_dim, 1, 1))
+        return torch.tanh(self.output(x))
+
+    def init_output_bias(self, data_mean: float) -> None:
+        """Start the output near the data's mean pixel (the authors' code does this).
+
+        Sets every channel's output bias to ``b = logit(m) / 2``, with ``m = data_mean`` (the
+        mean pixel on the [0, 1] scale) clamped to ``[1e-3, 1 - 1e-3]``. Since
+        ``tanh(logit(m) / 2) = 2 m - 1``, a generator whose pre-activation is otherwise zero
+        outputs the data's mean on the [-1, 1] scale (ALI's sigmoid output: ``sigmoid(logit(m))
+        = m``).
+        """
+        m = float(data_mean)
+        if not (0.0 <= m <= 1.0):  # also rejects NaN
+            raise ShapeError(
+                f"data_mean must be the mean pixel value in [0, 1], got {data_mean!r} "
+                "(images in [-1, 1]? pass (mean + 1) / 2)"
             )
+        m = min(max(m, 1e-3), 1.0 - 1e-3)
+        with torch.no_grad():
+            self.output.bias.fill_(0.5 * math.log(m / (1.0 - m)))
+
+
+class ImageFeatures(nn.Module):
+    """``D(x)``: the discriminator's image features, ``[N, C, H, W] -> [N, out_features]``.
+
+    ALI's ``D(x)`` convolutions, each followed by a leaky ReLU, with spectral normalisation
+    (``W / sigma_max(W)``, Miyato et al. 2018) instead of batch norm and dropout, then flattened.
+    There is no batch-dependent layer: the head runs it once on the concatenation of all the
+    distinct images of a step, and each row's features depend on that row alone. (In training
+    mode each call also runs one power iteration of every spectral norm, another reason to call
+    it once per step.)
+
+    Args:
+        image_shape: ``(C, H, W)`` of the input images.
+        layers: the convolutions.
+        negative_slope: the leaky ReLUs' slope.
+        init_std: the standard deviation of the initial weights (before normalisation).
+
+    Attributes:
+        out_features: ``d_x``, the width of the flattened output.
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        layers: Sequence[ConvLayer],
+        negative_slope: float = 0.2,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        h, w = _spatial(layers, height)[-1], _spatial(layers, width)[-1]
+        blocks: list[nn.Module] = []
+        for layer in layers:
+            conv = layer.build(channels, bias=True)
+            init_weights(conv, init_std)
+            blocks += [spectral_norm(conv), nn.LeakyReLU(negative_slope)]
+            channels = layer.channels
+        self.net = nn.Sequential(*blocks, nn.Flatten())
+        self.image_shape = tuple(image_shape)
+        self.out_features: int = channels * h * w
 
     def forward(self, x: Tensor) -> Tensor:
+        """``[N, C, H, W] -> [N, out_features]``."""
+        _check_images(type(self).__name__, x, self.image_shape)
         return self.net(x)
 
 
 class LatentFeatures(nn.Module):
-    """``Dz``: a spectrally normalised MLP, ``[N, latent_dim] -> [N, out_features]``."""
+    """``D(z)``: the discriminator's latent features, ``[N, latent_dim] -> [N, out_features]``.
 
-    def __init__(self, latent_dim: int, widths: Sequence[int], slope: float) -> None:
+    ALI's ``D(z)`` (1 x 1 convolutions on a ``latent_dim x 1 x 1`` map, i.e. linear layers), each
+    followed by a leaky ReLU, with spectral normalisation instead of dropout.
+
+    Args:
+        latent_dim: the size of ``z``.
+        widths: the layers' output widths.
+        negative_slope: the leaky ReLUs' slope.
+        init_std: the standard deviation of the initial weights (before normalisation).
+
+    Attributes:
+        out_features: ``d_z``, the last width.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        widths: Sequence[int],
+        negative_slope: float = 0.2,
+        init_std: float = 0.02,
+    ) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
+        if not widths:
+            raise ConfigError("LatentFeatures needs at least one layer width")
+        layers: list[nn.Module] = []
         width_in = latent_dim
         for width in widths:
-            layers += [spectral_norm(nn.Linear(width_in, width)), nn.LeakyReLU(slope)]
+            linear = nn.Linear(width_in, width)
+            init_weights(linear, init_std)
+            layers += [spectral_norm(linear), nn.LeakyReLU(negative_slope)]
             width_in = width
         self.net = nn.Sequential(*layers)
-        self.out_features = width_in
-        _init(self)
+        self.latent_dim = latent_dim
+        self.out_features: int = width_in
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.net(z)
+        """``[N, latent_dim] -> [N, out_features]`` (``[N, latent_dim, 1, 1]`` works too)."""
+        _check_latents(type(self).__name__, z, self.latent_dim)
+        return self.net(z.flatten(1))
 
 
 @dataclass
 class ALIModels:
-    """The networks of one architecture; the joint MLP is built by the head from
-    ``joint_hidden``."""
+    """The networks of one architecture, from :func:`build_ali_models`.
+
+    The joint MLP ``D(x, z)`` is built by the head from :attr:`joint_hidden` (and, to follow
+    ALI, :attr:`negative_slope`); GALI-8 doubles its input width (paper, appendix).
+
+    Attributes:
+        encoder: ``G_z(x)``.
+        generator: ``G_x(z)``.
+        image_features: ``D(x)``, ``[N, C, H, W] -> [N, image_features.out_features]``.
+        latent_features: ``D(z)``, ``[N, latent_dim] -> [N, latent_features.out_features]``.
+        joint_hidden: the hidden widths of the joint MLP ``D(x, z)``.
+        image_shape: ``(C, H, W)``.
+        latent_dim: the size of ``z``.
+        negative_slope: the leaky ReLU slope of the architecture's table.
+    """
 
     encoder: GaussianEncoder
     generator: Generator
@@ -262,6 +499,7 @@ class ALIModels:
     joint_hidden: tuple[int, ...]
     image_shape: tuple[int, int, int]
     latent_dim: int
+    negative_slope: float = 0.2
 
 
 def build_ali_models(
@@ -270,26 +508,30 @@ def build_ali_models(
     channels: int | None = None,
     deterministic: bool = False,
 ) -> ALIModels:
-    """E, G, ``Dx`` and ``Dz`` of ``arch`` (``"digits"``, ``"svhn"``, ``"celeba"``)."""
+    """The encoder, generator, ``D(x)`` and ``D(z)`` of architecture ``arch``.
+
+    Args:
+        arch: one of :func:`available_archs` (``"celeba"``, ``"digits"``, ``"svhn"``).
+        latent_dim: the size of ``z``; the architecture's (256, 32, 256) when omitted.
+        channels: image channels, e.g. 1 for grayscale; the architecture's when omitted.
+        deterministic: a deterministic (BiGAN) encoder returning ``z`` instead of
+            ``(mu, log_sigma)``.
+
+    Raises:
+        ConfigError: an unknown ``arch`` (the message lists the available ones), or a
+            ``latent_dim`` or ``channels`` that is not a positive int.
+    """
     spec = _arch(arch)
-    c, size = spec["image"]
-    c = channels or c
-    latent = latent_dim or spec["latent"]
-    slope = spec["slope"]
-    generator_in = spec["generator_in"]
-    if generator_in[1] == 1:
-        generator_in = (latent, 1)
-    models = ALIModels(
-        encoder=GaussianEncoder(c, spec["encoder"], latent, slope, deterministic),
-        generator=Generator(c, spec["generator"], latent, generator_in, size, slope),
-        image_features=ImageFeatures(c, spec["dx"], size, slope),
-        latent_features=LatentFeatures(latent, spec["dz"], slope),
-        joint_hidden=tuple(spec["joint"]),
-        image_shape=(c, size, size),
+    latent = spec.latent_dim if latent_dim is None else _positive_int("latent_dim", latent_dim)
+    image_shape = arch_image_shape(arch, channels)
+    slope, std = spec.negative_slope, spec.init_std
+    return ALIModels(
+        encoder=GaussianEncoder(image_shape, spec.encoder, latent, slope, deterministic, std),
+        generator=Generator(image_shape, spec.generator, latent, slope, std),
+        image_features=ImageFeatures(image_shape, spec.image_features, slope, std),
+        latent_features=LatentFeatures(latent, spec.latent_features, slope, std),
+        joint_hidden=spec.joint_hidden,
+        image_shape=image_shape,
         latent_dim=latent,
+        negative_slope=slope,
     )
-    with torch.no_grad():
-        out = models.generator(torch.zeros(2, latent))
-    if tuple(out.shape[1:]) != (c, size, size):
-        raise ConfigError(f"arch {arch!r} generates {list(out.shape[1:])}, not {[c, size, size]}")
-    return models

@@ -43,7 +43,7 @@ from gali_ext.visual import interleave_rows, save_image_grid
 
 from . import RecipeConfig
 
-__all__ = ["BuiltModel", "build_model", "load_data", "prepare_run_dir", "train", "save_weights"]
+__all__ = ["BuiltModel", "build_model", "load_data", "check_run_dir", "train", "save_weights"]
 
 _GENERATOR_LOSSES = {
     "product_of_terms": ProductOfTermsLoss,
@@ -100,6 +100,7 @@ def build_model(config: RecipeConfig, channels: int) -> BuiltModel:
         models.latent_features,
         extras,
         joint_hidden=models.joint_hidden,
+        negative_slope=models.negative_slope,
     )
     gali = GALI(
         models.encoder,
@@ -127,8 +128,12 @@ def load_data(config: RecipeConfig, split: str) -> ImageData:
     return data
 
 
-def prepare_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: an existing run directory is resumed, overwritten, or left alone."""
+def check_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bool) -> bool:
+    """Refuse to mix runs: an existing run directory is resumed, overwritten, or left alone.
+
+    Returns whether ``out`` holds something to replace (the caller deletes it once everything
+    else has been validated, so a failed start never destroys the previous run).
+    """
     saved = out / "config.json"
     if resume:
         if not saved.is_file():
@@ -138,7 +143,9 @@ def prepare_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bo
             raise ConfigError(
                 f"--resume: {str(out)!r} holds a run of {previous.name!r}, not {config.name!r}"
             )
-        return
+        return False
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{str(out)!r} is a file, not a run directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             what = "a run" if saved.is_file() else "files"
@@ -146,7 +153,8 @@ def prepare_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bo
                 f"{str(out)!r} already holds {what}; pass --resume to continue it or "
                 "--overwrite to replace it"
             )
-        shutil.rmtree(out)
+        return True
+    return False
 
 
 class TrainState:
@@ -248,7 +256,7 @@ def _train(
             raise ConfigError(f"--epochs must be positive, got {epochs}")
         batches = epochs * (len(train_data) // config.batch_size)
         config = dataclasses.replace(config, steps=max(1, math.ceil(batches / config.n_dis)))
-    prepare_run_dir(out, config, resume, overwrite)
+    replace = check_run_dir(out, config, resume, overwrite)
 
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -275,11 +283,21 @@ def _train(
     accelerator.register_for_checkpointing(state)
 
     if accelerator.is_main_process:
+        if replace:
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(config.to_json())
-    if resume and _checkpoints(out):
-        accelerator.load_state(str(_checkpoints(out)[-1]))
-        accelerator.print(f"resumed from {_checkpoints(out)[-1]} at step {state.step}")
+    accelerator.wait_for_everyone()
+    metrics_path = out / "metrics.jsonl"
+    if resume:
+        if _checkpoints(out):
+            accelerator.load_state(str(_checkpoints(out)[-1]))
+            accelerator.print(f"resumed from {_checkpoints(out)[-1]} at step {state.step}")
+        if accelerator.is_main_process and metrics_path.exists():
+            # Steps logged after the checkpoint are trained again: drop their old records.
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= state.step]  # fmt: skip
+            metrics_path.write_text("".join(line + "\n" for line in kept))
 
     # Fixed images and latents for the grids, drawn off the training RNG stream.
     fixed = torch.Generator().manual_seed(1234)
@@ -291,7 +309,6 @@ def _train(
             yield next(stream)[0].to(accelerator.device, non_blocking=True)
 
     batch_iter = batches()
-    metrics_path = out / "metrics.jsonl"
     total = config.steps
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -1,0 +1,140 @@
+"""What a research user relies on when a long run dies: resume, safe loading, clear errors."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import recipes
+from gali_ext.errors import CheckpointError, ConfigError, DataError, DivergenceError
+from recipes.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--set", "batch_size=16", "--set", "checkpoint_every=5", "--set", "log_every=1",
+        "--set", "sample_every=1000", "--no-progress"]  # fmt: skip
+
+
+def gali_ext(*args):
+    return [sys.executable, "-m", "gali_ext.cli", *args]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    steps = "40"
+    whole = subprocess.run(gali_ext("recipe", "digits-gali4", "--steps", steps, "--out",
+                                    str(tmp_path / "whole"), *TINY),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    run = tmp_path / "killed"
+    process = subprocess.Popen(gali_ext("recipe", "digits-gali4", "--steps", steps, "--out",
+                                        str(run), *TINY),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step-0000010").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run / "checkpoints" / "step-0000040").exists()
+    # a kill while saving leaves only a temporary folder, which resume must ignore
+    (run / "checkpoints" / ".tmp-step-9999999").mkdir()
+    (run / "checkpoints" / ".tmp-step-9999999" / "model.safetensors").write_bytes(b"half")
+    resumed = subprocess.run(gali_ext("recipe", "digits-gali4", "--steps", steps, "--out",
+                                      str(run), "--resume", *TINY),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"resumed from .*step-00000[1-3]\d", resumed.stdout + resumed.stderr)
+    for name in ("encoder", "generator", "discriminator"):
+        a = load_file(str(tmp_path / "whole" / f"{name}.safetensors"))
+        b = load_file(str(run / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    steps_logged = [json.loads(x)["step"] for x in (run / "metrics.jsonl").open()]
+    assert steps_logged == list(range(1, 41))  # no step logged twice after the resume
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert len(kept) == recipes.get("digits-gali4").keep_checkpoints
+    assert kept[-1] == "step-0000040"
+
+
+def test_nan_loss_stops_with_step_and_loss_after_a_checkpoint(tmp_path, monkeypatch):
+    from gali_ext.gali import GALI
+
+    real, calls = GALI.generator_objective, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        objective = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            objective.loss = objective.loss * float("nan")
+        return objective
+
+    monkeypatch.setattr(GALI, "generator_objective", poisoned)
+    config = recipes.get("digits-ali").with_overrides({"steps": "10", "batch_size": "16"})
+    with pytest.raises(DivergenceError, match="generator-encoder loss became nan at step 2"):
+        train(config, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002").is_dir()
+    weights = load_file(str(tmp_path / "run" / "generator.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_no_pickle_loading_in_the_package():
+    offenders = []
+    for folder in ("gali_ext", "adapters", "recipes"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            if re.search(r"torch\.load\(|pickle\.load|import pickle", text):
+                offenders.append(str(path))
+    assert offenders == []
+
+
+def test_corrupted_or_mismatched_weights_name_file_and_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from gali_ext.cli import app
+
+    config = recipes.get("digits-ali").with_overrides({"steps": "1", "batch_size": "16"})
+    run = train(config, tmp_path / "run", progress=False)
+    data = (run / "generator.safetensors").read_bytes()
+    (run / "generator.safetensors").write_bytes(data[: len(data) // 2])
+    result = CliRunner().invoke(app, ["sample", str(run)])
+    assert isinstance(result.exception, CheckpointError)
+    assert "generator.safetensors" in str(result.exception)
+    from safetensors.torch import save_file
+
+    state = load_file(str(run / "encoder.safetensors"))
+    key = next(iter(state))
+    state[key] = torch.zeros(1)
+    save_file(state, str(run / "generator.safetensors"))
+    (run / "encoder.safetensors").replace(run / "encoder.bak")
+    save_file(state, str(run / "encoder.safetensors"))
+    result = CliRunner().invoke(app, ["sample", str(run)])
+    assert isinstance(result.exception, CheckpointError)
+    assert "encoder.safetensors" in str(result.exception) and key in str(result.exception)
+
+
+def test_images_that_do_not_fit_the_architecture(tmp_path):
+    config = recipes.get("digits-gali4").with_overrides({"arch": "svhn"})
+    with pytest.raises(DataError, match=r"expects images of shape \[3, 32, 32\].*\[1, 16, 16\]"):
+        train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_failed_start_keeps_the_previous_run(tmp_path):
+    config = recipes.get("digits-ali").with_overrides({"steps": "1", "batch_size": "16"})
+    train(config, tmp_path / "run", progress=False)
+    missing = str(tmp_path / "none.safetensors")
+    broken = config.with_overrides(
+        {"spec": "gali_pt", "features_model": "test_resnet", "features_weights": missing}
+    )
+    with pytest.raises(CheckpointError, match="none.safetensors"):
+        train(broken, tmp_path / "run", progress=False, overwrite=True)
+    assert (tmp_path / "run" / "generator.safetensors").is_file()
+    with pytest.raises(ConfigError, match="holds no run"):
+        train(config, tmp_path / "empty", progress=False, resume=True)
