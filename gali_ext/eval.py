@@ -1,16 +1,57 @@
-"""Evaluation of a trained encoder-generator pair (DESIGN.md section 6)."""
+"""The paper's evaluation of an encoder-generator pair (DESIGN.md section 6).
+
+- :func:`reconstruction_mse`: pixel MSE between x and ``G(E(x))``, pixels in [0, 1];
+- :func:`feature_mse`: the same between ``M_eval(x)`` and ``M_eval(G(E(x)))`` for a frozen
+  evaluator classifier (:mod:`gali_ext.evaluator`);
+- :func:`svm_misclassification`: a linear SVM on encoder features from N labelled images, C
+  chosen on a validation split, test misclassification averaged over R random draws;
+- :func:`frechet_distance` and :func:`fid`: Frechet distance between Gaussian fits of features;
+- :func:`inpainting_errors`: pixel MSE on the masked region and feature MSE of ``Mix(x, M)``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .chains import latent_mean
+from .errors import ShapeError
 
-__all__ = ["reconstruct", "reconstruction_mse"]
+__all__ = [
+    "feature_mse",
+    "fid",
+    "frechet_distance",
+    "gaussian_fit",
+    "inpainting_errors",
+    "reconstruct",
+    "reconstruction_mse",
+    "svm_misclassification",
+]
+
+
+class _EvalMode:
+    """Puts modules in eval mode inside the block and restores their modes after."""
+
+    def __init__(self, *modules: Any) -> None:
+        self.modules = [m for m in modules if isinstance(m, nn.Module)]
+
+    def __enter__(self) -> None:
+        self.modes = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in zip(self.modules, self.modes):
+            m.train(mode)
+
+
+def _batches(images: Tensor, batch_size: int):
+    for i in range(0, images.shape[0], batch_size):
+        yield images[i : i + batch_size]
 
 
 @torch.no_grad()
@@ -21,10 +62,8 @@ def reconstruct(
     batch_size: int = 500,
 ) -> Tensor:
     """``G(E(x))`` with E's mean for a stochastic encoder (a deterministic reconstruction)."""
-    parts = [
-        generator(latent_mean(encoder(images[i : i + batch_size])))
-        for i in range(0, images.shape[0], batch_size)
-    ]
+    with _EvalMode(encoder, generator):
+        parts = [generator(latent_mean(encoder(x))) for x in _batches(images, batch_size)]
     return torch.cat(parts)
 
 
@@ -35,23 +74,146 @@ def reconstruction_mse(
     images: Tensor,
     batch_size: int = 500,
 ) -> float:
-    """Pixel MSE between x and ``G(E(x))`` with pixels mapped from [-1, 1] to [0, 1].
+    """Pixel MSE ``mean(((x - G(E(x))) / 2)^2)``: images in [-1, 1] mapped to [0, 1]."""
+    recon = reconstruct(encoder, generator, images, batch_size)
+    return ((images.float() - recon.float()) / 2).pow(2).mean().item()
 
-    ``mean(((x - G(E(x))) / 2)^2)`` over every pixel of every image (DESIGN.md section 6).
-    The networks are put in eval mode for the measurement and restored after.
+
+@torch.no_grad()
+def _features(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int) -> Tensor:
+    with _EvalMode(model):
+        return torch.cat([model(x).flatten(1).float() for x in _batches(images, batch_size)])
+
+
+@torch.no_grad()
+def feature_mse(
+    encoder: Callable[[Tensor], Any],
+    generator: Callable[[Tensor], Tensor],
+    features: Callable[[Tensor], Tensor],
+    images: Tensor,
+    batch_size: int = 500,
+) -> float:
+    """``mean((M_eval(x) - M_eval(G(E(x))))^2)`` over images and feature dimensions."""
+    recon = reconstruct(encoder, generator, images, batch_size)
+    a = _features(features, images, batch_size)
+    b = _features(features, recon, batch_size)
+    return (a - b).pow(2).mean().item()
+
+
+def svm_misclassification(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    samples: int = 1000,
+    draws: int = 100,
+    c_grid: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Linear-SVM test misclassification (%) on features, as in the paper's representation
+    evaluation: for each of ``draws`` random sets of ``samples`` labelled training images,
+    standardise, pick C on the validation split, and score on the test split.
+
+    Returns ``{"mean": %, "std": %, "samples": N, "draws": R, "C": [chosen per draw]}``.
     """
-    modules = [m for m in (encoder, generator) if isinstance(m, torch.nn.Module)]
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        total, count = 0.0, 0
-        for i in range(0, images.shape[0], batch_size):
-            x = images[i : i + batch_size]
-            recon = reconstruct(encoder, generator, x, batch_size)
-            total += ((x.float() - recon.float()) / 2).pow(2).sum().item()
-            count += x.numel()
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-    return total / count
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    if samples > len(train_labels):
+        raise ShapeError(f"asked for {samples} SVM training images, only {len(train_labels)} exist")
+    rng = np.random.default_rng(seed)
+    errors, chosen = [], []
+    for _ in range(draws):
+        index = rng.choice(len(train_labels), samples, replace=False)
+        scaler = StandardScaler().fit(train_features[index])
+        x_train = scaler.transform(train_features[index])
+        best = None
+        for c in c_grid:
+            svm = LinearSVC(C=c, max_iter=5000, dual="auto").fit(x_train, train_labels[index])
+            accuracy = svm.score(scaler.transform(val_features), val_labels)
+            if best is None or accuracy > best[0]:
+                best = (accuracy, c, svm)
+        _, c, svm = best
+        errors.append(100.0 * (1.0 - svm.score(scaler.transform(test_features), test_labels)))
+        chosen.append(c)
+    return {
+        "mean": float(np.mean(errors)),
+        "std": float(np.std(errors)),
+        "samples": samples,
+        "draws": draws,
+        "C": chosen,
+    }
+
+
+def gaussian_fit(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (unbiased) of ``[N, d]`` features, in float64."""
+    x = features.double().cpu().numpy()
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
+    """``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``: the Frechet (2-Wasserstein) distance
+    between ``N(mu1, S1)`` and ``N(mu2, S2)``, the quantity behind FID."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ShapeError(
+            f"Gaussians of different dimension: {mu1.shape} vs {mu2.shape}, "
+            f"{sigma1.shape} vs {sigma2.shape}"
+        )
+    # tr((S1 S2)^(1/2)) = tr((S1^(1/2) S2 S1^(1/2))^(1/2)): a symmetric PSD matrix, whose
+    # eigenvalues are real, so no complex square roots appear.
+    values, vectors = np.linalg.eigh(sigma1)
+    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    trace_root = np.sqrt(np.clip(inner, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
+
+
+@torch.no_grad()
+def fid(
+    features: Callable[[Tensor], Tensor], real: Tensor, generated: Tensor, batch_size: int = 500
+) -> float:
+    """Frechet distance between feature Gaussians of real and generated images. With Inception
+    features this is FID; with another extractor, say which (e.g. "FID (evaluator features)")."""
+    return frechet_distance(
+        *gaussian_fit(_features(features, real, batch_size)),
+        *gaussian_fit(_features(features, generated, batch_size)),
+    )
+
+
+@torch.no_grad()
+def inpainting_errors(
+    encoder: Callable[[Tensor], Any],
+    generator: Callable[[Tensor], Tensor],
+    images: Tensor,
+    features: Callable[[Tensor], Tensor] | None = None,
+    fill: float = -1.0,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> dict[str, float]:
+    """Inpainting: ``Mix(x, M)`` is x outside a box drawn from P(M) and ``G(E(M(x)))`` inside.
+
+    ``pixel_mse``: mean squared error (pixels in [0, 1]) over the masked pixels only;
+    ``feature_mse``: ``mean((M_eval(x) - M_eval(Mix(x, M)))^2)`` when ``features`` is given.
+    """
+    from .providers.maskmix import sample_box_masks
+
+    b, _, h, w = images.shape
+    boxes = sample_box_masks(b, h, w, torch.Generator().manual_seed(seed), images.device)
+    masked = images.masked_fill(boxes, fill)
+    inpainted = reconstruct(encoder, generator, masked, batch_size)
+    mixed = torch.where(boxes, inpainted, images)
+    inside = boxes.expand_as(images)
+    squared = ((images.float() - mixed.float()) / 2).pow(2)
+    result = {"pixel_mse": (squared[inside].sum() / inside.sum()).item()}
+    if features is not None:
+        a = _features(features, images, batch_size)
+        c = _features(features, mixed, batch_size)
+        result["feature_mse"] = (a - c).pow(2).mean().item()
+    return result

@@ -43,8 +43,8 @@ class RecipeConfig:
     instance_noise: float = 0.1
     generator_loss: str = "product_of_terms"
     alice_weight: float = 1.0
-    features_model: str = ""  # pretrained feature model M: a timm model name
-    features_weights: str = ""  # local .safetensors file for it (no download happens)
+    features_model: str = ""  # pretrained feature model M: a timm model name, or "evaluator"
+    features_weights: str = ""  # local .safetensors file (evaluator: its folder); no download
     features_input_size: int = 0  # resize images to this for M (0: the model's own size)
     data_dir: str = ""
     seed: int = 0
@@ -88,6 +88,12 @@ class RecipeConfig:
         for ok, key, expected in checks:
             if not ok:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is invalid: expected {expected}")
+        if self.uses_features and self.features_model == "evaluator" and not self.features_weights:
+            raise ConfigError(
+                f"recipe {self.name!r} uses the evaluator classifier as M: train it with "
+                f"`gali-ext train-evaluator {self.dataset} --out DIR` and pass "
+                "--set features_weights=DIR"
+            )
         if self.uses_features and not (self.features_model and self.features_weights):
             raise ConfigError(
                 f"recipe {self.name!r} (spec {self.spec}) needs a pretrained feature model M: "
@@ -206,6 +212,24 @@ for _spec in ("ali", "alice", "gali4", "gali8"):
             checkpoint_every=500,
         )
     )
+
+register(
+    RecipeConfig(
+        name="digits-gali-pt",
+        dataset="digits",
+        arch="digits",
+        spec="gali_pt",
+        description=f"{_SPEC_TITLES['gali_pt']} on digits, M = the evaluator classifier",
+        latent_dim=32,
+        batch_size=64,
+        lr=2e-4,
+        steps=1500,
+        features_model="evaluator",
+        log_every=10,
+        sample_every=250,
+        checkpoint_every=500,
+    )
+)
 
 # SVHN and CelebA: ALI's architectures and the paper's hyper-parameters (DESIGN.md section 4).
 for _spec in ("ali", "alice", "gali4", "gali8", "gali_pt"):

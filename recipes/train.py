@@ -68,7 +68,13 @@ def _providers(config: RecipeConfig) -> list[FeedbackProvider]:
         providers.append(ReconstructionChain())
     if config.spec == "gali_mix":
         providers.append(MaskMix(fill=-1.0))
-    if config.uses_features:
+    if config.uses_features and config.features_model == "evaluator":
+        from gali_ext.evaluator import load_evaluator
+
+        # The evaluator classifier takes images in [-1, 1] as they are: an identity range map.
+        evaluator = load_evaluator(config.features_weights)
+        providers.append(PretrainedFeatures(evaluator.body, image_range=(0.0, 1.0)))
+    elif config.uses_features:
         size = config.features_input_size
         providers.append(
             PretrainedFeatures(

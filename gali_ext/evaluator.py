@@ -1,0 +1,131 @@
+"""The frozen evaluator classifier ``M_eval`` behind the feature MSE (DESIGN.md section 6).
+
+A small CNN trained on the domain's labels (digits or SVHN: the digit; CelebA: the 40
+attributes), saved as ``evaluator.safetensors`` with ``evaluator.json`` (its shape and test
+accuracy). Its last hidden layer is the feature ``M_eval(x)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import BatchStream, ImageData, load_dataset
+from .errors import CheckpointError
+
+__all__ = ["EvaluatorClassifier", "load_evaluator", "train_evaluator"]
+
+
+class EvaluatorClassifier(nn.Module):
+    """Three conv blocks, global average pooling, a hidden layer of ``feature_dim`` (the
+    evaluation features) and the classifier. ``multilabel`` for CelebA's 40 attributes."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_outputs: int,
+        multilabel: bool = False,
+        width: int = 32,
+        feature_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        self.config = dict(
+            channels=channels, num_outputs=num_outputs, multilabel=multilabel, width=width,
+            feature_dim=feature_dim,
+        )  # fmt: skip
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(4 * width, feature_dim), nn.ReLU(),
+        )  # fmt: skip
+        self.classifier = nn.Linear(feature_dim, num_outputs)
+        self.multilabel = multilabel
+        self.out_features = feature_dim
+
+    def features(self, x: Tensor) -> Tensor:
+        """``M_eval(x)``: the last hidden layer, ``[B, feature_dim]``."""
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class (or attribute) logits."""
+        return self.classifier(self.body(x))
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def accuracy(self, data: ImageData, batch_size: int = 500) -> float:
+        """Test accuracy (mean per-attribute accuracy when multilabel)."""
+        self.eval()
+        correct, total = 0.0, 0
+        for start in range(0, len(data), batch_size):
+            images, labels = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+            logits = self(images)
+            if self.multilabel:
+                correct += ((logits > 0).long() == labels).float().mean(1).sum().item()
+            else:
+                correct += (logits.argmax(1) == labels).sum().item()
+            total += len(labels)
+        return correct / total
+
+
+def train_evaluator(
+    dataset: str,
+    out_dir: str | Path,
+    data_dir: str | Path | None = None,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train ``M_eval`` on a data set's labels; writes ``evaluator.safetensors`` and
+    ``evaluator.json`` into ``out_dir`` and returns the JSON (with ``test_accuracy``)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    train = load_dataset(dataset, "train", data_dir)
+    test = load_dataset(dataset, "test", data_dir)
+    model = EvaluatorClassifier(train.channels, train.num_classes, dataset == "celeba")
+    optimizer = torch.optim.Adam(model.parameters(), lr)
+    stream = BatchStream(train, batch_size, seed)
+    model.train()
+    for _ in range(epochs * stream.steps_per_epoch):
+        images, labels = next(stream)
+        optimizer.zero_grad()
+        model.loss(model(images), labels).backward()
+        optimizer.step()
+    accuracy = model.accuracy(test)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(out / "evaluator.safetensors"))  # fmt: skip
+    info = {"dataset": dataset, "model": model.config, "test_accuracy": accuracy,
+            "epochs": epochs, "test_images": len(test)}  # fmt: skip
+    (out / "evaluator.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def load_evaluator(folder: str | Path) -> EvaluatorClassifier:
+    """The evaluator saved by :func:`train_evaluator` in ``folder``, frozen and in eval mode."""
+    from .providers.pretrained import load_safetensors_into
+
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / "evaluator.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"no evaluator in {str(folder)!r} ({error}); train one with "
+            "`gali-ext train-evaluator DATASET --out FOLDER`"
+        ) from error
+    model = EvaluatorClassifier(**info["model"])
+    load_safetensors_into(model, folder / "evaluator.safetensors")
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,217 @@
+"""Evaluate trained runs with the paper's metrics, and the digits study (``gali-ext eval``,
+``gali-ext study digits``).
+
+A run is scored on its data set's test split: pixel MSE, feature MSE with the evaluator
+classifier ``M_eval``, linear-SVM misclassification on encoder features, Frechet distance of
+generated samples (on the evaluator's features, labelled as such: no Inception weights are
+downloaded), and inpainting errors. Runs that share a recipe are summarised as mean ± std.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gali_ext.errors import ConfigError
+from gali_ext.eval import feature_mse, fid, inpainting_errors, reconstruct, reconstruction_mse
+from gali_ext.evaluator import load_evaluator, train_evaluator
+from gali_ext.providers.pretrained import load_safetensors_into
+from gali_ext.visual import save_image_grid
+
+from . import RecipeConfig
+from .train import build_model, first_images, load_data
+
+__all__ = ["METRICS", "evaluate_run", "format_table", "study", "summarise"]
+
+# (key, column title, digits after the point)
+METRICS = [
+    ("pixel_mse", "pixel MSE", 4),
+    ("feature_mse", "feature MSE", 4),
+    ("svm_error", "SVM misclassification %", 2),
+    ("fid_evaluator", "FID (evaluator features)", 2),
+    ("inpaint_pixel_mse", "inpainting pixel MSE", 4),
+    ("inpaint_feature_mse", "inpainting feature MSE", 4),
+]
+SVM_DEFAULTS = {"digits": (500, 10), "svhn": (1000, 100), "celeba": (1000, 100)}
+
+
+def default_evaluator_dir(dataset: str) -> Path:
+    """Where ``gali-ext train-evaluator DATASET`` puts the evaluator by default."""
+    return Path("runs") / f"evaluator-{dataset}"
+
+
+def ensure_evaluator(dataset: str, folder: Path | None, data_dir: str | None = None) -> Path:
+    """The evaluator folder; for digits one is trained (seconds) when none exists yet."""
+    folder = folder or default_evaluator_dir(dataset)
+    if not (folder / "evaluator.json").is_file():
+        if dataset != "digits":
+            raise ConfigError(
+                f"no evaluator for {dataset} in {str(folder)!r}: train one with "
+                f"`gali-ext train-evaluator {dataset} --data-dir D --out {folder}`"
+            )
+        train_evaluator(dataset, folder, data_dir)
+    return folder
+
+
+def _encoder_features(encoder, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+    encoder.eval()
+    with torch.no_grad():
+        parts = [torch.cat(encoder.hidden_features(images[i : i + batch_size]), dim=1)
+                 for i in range(0, len(images), batch_size)]  # fmt: skip
+    return torch.cat(parts).float().numpy()
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    evaluator_dir: str | Path | None = None,
+    svm_samples: int | None = None,
+    svm_draws: int | None = None,
+    max_test_images: int = 2000,
+) -> dict[str, Any]:
+    """Every metric of DESIGN.md section 6 for one run directory."""
+    from gali_ext.eval import svm_misclassification
+
+    run = Path(run_dir)
+    config = RecipeConfig.from_json(run / "config.json")
+    test, train, val = (load_data(config, s) for s in ("test", "train", "val"))
+    built = build_model(config, test.channels)
+    encoder, generator = built.models.encoder, built.models.generator
+    load_safetensors_into(encoder, run / "encoder.safetensors")
+    load_safetensors_into(generator, run / "generator.safetensors")
+    evaluator = load_evaluator(
+        ensure_evaluator(
+            config.dataset, evaluator_dir and Path(evaluator_dir), config.data_dir or None
+        )
+    )
+
+    x = first_images(test, max_test_images)
+    result: dict[str, Any] = {"run": str(run), "recipe": config.name, "seed": config.seed,
+                              "steps": config.steps, "test_images": len(x)}  # fmt: skip
+    result["pixel_mse"] = reconstruction_mse(encoder, generator, x)
+    result["feature_mse"] = feature_mse(encoder, generator, evaluator.features, x)
+
+    samples, draws = SVM_DEFAULTS[config.dataset]
+    samples, draws = svm_samples or samples, svm_draws or draws
+    labels = [d.labels_tensor().numpy() for d in (train, val, test)]
+    if labels[0].ndim == 1:  # class labels (digits, SVHN); CelebA's attributes have no SVM row
+        feats = [_encoder_features(encoder, first_images(d, len(d))) for d in (train, val)]
+        feats.append(_encoder_features(encoder, x))
+        svm = svm_misclassification(feats[0], labels[0], feats[1], labels[1], feats[2],
+                                    labels[2][: len(x)], samples=samples, draws=draws)  # fmt: skip
+        result["svm_error"], result["svm_error_std"] = svm["mean"], svm["std"]
+        result["svm_protocol"] = f"N={samples} labelled images, R={draws} draws"
+
+    generator.eval()
+    with torch.no_grad():
+        z = torch.randn(len(x), built.models.latent_dim, generator=torch.Generator().manual_seed(0))
+        generated = torch.cat([generator(z[i : i + 500]) for i in range(0, len(z), 500)])
+    result["fid_evaluator"] = fid(evaluator.features, x, generated)
+    inpaint = inpainting_errors(encoder, generator, x, evaluator.features)
+    result["inpaint_pixel_mse"] = inpaint["pixel_mse"]
+    result["inpaint_feature_mse"] = inpaint["feature_mse"]
+    return result
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per recipe: each metric's mean and std over the runs (seeds) of that recipe."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        groups[r["recipe"]].append(r)
+    summary = {}
+    for recipe, runs in groups.items():
+        row: dict[str, Any] = {"runs": len(runs)}
+        for key, _, _ in METRICS:
+            values = [r[key] for r in runs if key in r]
+            if values:
+                row[key] = statistics.fmean(values)
+                row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        summary[recipe] = row
+    return summary
+
+
+def format_table(summary: dict[str, dict[str, Any]], markdown: bool = True) -> str:
+    """The paper-style table: rows are recipes, columns metrics, mean ± std over seeds."""
+    keys = [(k, t, d) for k, t, d in METRICS if any(k in row for row in summary.values())]
+    header = ["recipe", "runs", *(t for _, t, _ in keys)]
+    rows = []
+    for recipe, row in summary.items():
+        cells = [recipe, str(row["runs"])]
+        for key, _, digits in keys:
+            cells.append(
+                f"{row[key]:.{digits}f} ± {row[key + '_std']:.{digits}f}" if key in row else ""
+            )
+        rows.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows])
+
+
+STUDY_RECIPES = ["digits-ali", "digits-alice", "digits-gali4", "digits-gali8", "digits-gali-pt"]
+
+
+def study(
+    out_dir: str | Path,
+    steps: int = 600,
+    seeds: int = 3,
+    recipes: list[str] | None = None,
+    progress: bool = True,
+    echo=print,
+    svm_samples: int | None = None,
+    svm_draws: int | None = None,
+) -> dict[str, Any]:
+    """Train each digits recipe for ``steps`` steps over ``seeds`` seeds, evaluate all, and
+    write ``study.json``, ``study.md`` and ``study.png`` (test digits, then each recipe's
+    reconstructions, row by row, as the paper's Figure 3). Finished runs are reused."""
+    import recipes as registry
+    from recipes.train import train
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluator = ensure_evaluator("digits", out / "evaluator")
+    names = recipes or STUDY_RECIPES
+    results = []
+    for name in names:
+        for seed in range(seeds):
+            run = out / f"{name}-seed{seed}"
+            overrides = {"steps": str(steps), "seed": str(seed)}
+            if registry.get(name).uses_features:
+                overrides["features_weights"] = str(evaluator)
+            config = registry.get(name).with_overrides(overrides)
+            if not (run / "summary.json").is_file():
+                echo(f"training {name} seed {seed} for {steps} steps")
+                train(config, run, progress=progress, overwrite=True)
+            results.append(evaluate_run(run, evaluator, svm_samples, svm_draws))
+            echo(f"{name} seed {seed}: pixel MSE {results[-1]['pixel_mse']:.4f}, "
+                 f"SVM error {results[-1].get('svm_error', float('nan')):.2f}%")  # fmt: skip
+    summary = summarise(results)
+    table = format_table(summary)
+    (out / "study.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2))
+    (out / "study.md").write_text(table + "\n")
+    _figure(out, names)
+    echo(table)
+    return summary
+
+
+def _figure(out: Path, names: list[str], count: int = 10) -> Path:
+    """Originals in the first row, then each recipe's reconstructions (seed 0), one row each."""
+    rows = None
+    for name in names:
+        run = out / f"{name}-seed0"
+        config = RecipeConfig.from_json(run / "config.json")
+        test = load_data(config, "test")
+        x = first_images(test, count)
+        built = build_model(config, test.channels)
+        load_safetensors_into(built.models.encoder, run / "encoder.safetensors")
+        load_safetensors_into(built.models.generator, run / "generator.safetensors")
+        recon = reconstruct(built.models.encoder, built.models.generator, x)
+        rows = [x] if rows is None else rows
+        rows.append(recon)
+    return save_image_grid(torch.cat(rows), out / "study.png", columns=count)

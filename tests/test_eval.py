@@ -1,0 +1,134 @@
+"""Evaluation metrics against hand-computed values (DESIGN.md section 6)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gali_ext.eval import (
+    feature_mse,
+    fid,
+    frechet_distance,
+    inpainting_errors,
+    reconstruction_mse,
+    svm_misclassification,
+)
+
+
+def identity_pair():
+    return nn.Identity(), nn.Identity()
+
+
+def constant_generator(value):
+    return lambda z: torch.full_like(z, value)
+
+
+def test_pixel_mse_by_hand():
+    x = torch.tensor([[[[-1.0, 1.0], [0.0, 0.5]]]])  # [1, 1, 2, 2]
+    assert reconstruction_mse(nn.Identity(), nn.Identity(), x) == 0.0
+    # G(E(x)) = 0: per-pixel ((x - 0) / 2)^2 = 0.25, 0.25, 0, 0.0625 -> mean 0.140625
+    value = reconstruction_mse(nn.Identity(), constant_generator(0.0), x)
+    assert value == pytest.approx(0.140625)
+
+
+def test_stochastic_encoder_is_evaluated_at_its_mean():
+    encoder = lambda x: (x, torch.full_like(x, 5.0))  # noqa: E731  huge sigma, ignored
+    assert reconstruction_mse(encoder, nn.Identity(), torch.rand(3, 1, 2, 2)) == 0.0
+
+
+def test_feature_mse_by_hand():
+    x = torch.zeros(2, 1, 1, 2)
+    features = nn.Flatten()
+    # G(E(x)) = 1 everywhere: features differ by 1 in every coordinate
+    assert feature_mse(nn.Identity(), constant_generator(1.0), features, x) == pytest.approx(1.0)
+
+
+def test_frechet_distance_closed_forms():
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2 for N(m, s^2)
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]),
+                            np.array([[1.0]])) == pytest.approx(4.0 + 1.0)  # fmt: skip
+    # diagonal: ||mu1 - mu2||^2 + sum (sqrt(a) - sqrt(b))^2
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    expected = 1 + 4 + (1 - 2) ** 2 + 0 + (3 - 1) ** 2
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected)
+    # rotation-invariant for equal Gaussians
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(4, 4))
+    sigma = m @ m.T + np.eye(4)
+    assert frechet_distance(np.zeros(4), sigma, np.zeros(4), sigma) == pytest.approx(0, abs=1e-6)
+
+
+def test_fid_of_samples_from_known_gaussians():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(20000, 2, generator=g)
+    fake = torch.randn(20000, 2, generator=g) * 2 + torch.tensor([3.0, 0.0])
+    # N(0, I) vs N((3, 0), 4 I): 9 + 2 * (2 - 1)^2 = 11
+    assert fid(nn.Identity(), real, fake) == pytest.approx(11.0, rel=0.03)
+
+
+def test_svm_on_separable_and_on_random_labels():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    separable = np.eye(3)[labels] * 5 + rng.normal(size=(600, 3)) * 0.1
+    split = lambda a: (a[:400], a[400:500], a[500:])  # noqa: E731
+    f, y = split(separable), split(labels)
+    perfect = svm_misclassification(f[0], y[0], f[1], y[1], f[2], y[2], samples=100, draws=3)
+    assert perfect["mean"] == 0.0 and perfect["draws"] == 3 and len(perfect["C"]) == 3
+    noise = rng.normal(size=(600, 5))
+    f = split(noise)
+    chance = svm_misclassification(f[0], y[0], f[1], y[1], f[2], y[2], samples=100, draws=3)
+    assert 45 < chance["mean"] < 85  # chance is 66.7 % for 3 classes
+
+
+def test_inpainting_errors_by_hand():
+    x = torch.rand(64, 1, 6, 6) * 2 - 1
+    # an encoder-generator pair that reconstructs perfectly from the masked image cannot know
+    # the hidden pixels; a "cheating" pair that returns x restores them exactly
+    cheat = inpainting_errors(lambda m: torch.zeros(m.shape[0], 1), lambda z: x[: z.shape[0]], x,
+                              features=nn.Flatten())  # fmt: skip
+    assert cheat == {"pixel_mse": 0.0, "feature_mse": 0.0}
+    # filling the box with 1 everywhere: error ((x - 1) / 2)^2 over the box pixels only
+    ones = inpainting_errors(nn.Identity(), constant_generator(1.0), x, seed=3)
+    from gali_ext.providers.maskmix import sample_box_masks
+
+    boxes = sample_box_masks(64, 6, 6, torch.Generator().manual_seed(3))
+    expected = ((x - 1) / 2).pow(2)[boxes].mean().item()
+    assert ones["pixel_mse"] == pytest.approx(expected)
+
+
+def test_evaluator_trains_and_reports_accuracy(tmp_path):
+    from gali_ext.evaluator import load_evaluator, train_evaluator
+
+    info = train_evaluator("digits", tmp_path / "ev", epochs=5)
+    assert info["test_accuracy"] > 0.7  # chance is 0.1
+    saved = json.loads((tmp_path / "ev" / "evaluator.json").read_text())
+    assert saved["test_accuracy"] == info["test_accuracy"]
+    model = load_evaluator(tmp_path / "ev")
+    assert not model.training and model.features(torch.zeros(2, 1, 16, 16)).shape == (2, 128)
+
+
+def test_eval_and_study_commands(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from gali_ext.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["study", "digits", "--steps", "3", "--seeds", "2", "--out",
+                                 "study", "--no-progress", "--svm-samples", "100",
+                                 "--svm-draws", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "study" / "study.md").read_text()
+    for name in ("digits-ali", "digits-alice", "digits-gali4", "digits-gali8", "digits-gali-pt"):
+        assert f"| {name} | 2 |" in table
+    assert (tmp_path / "study" / "study.png").is_file()
+    runs = [str(tmp_path / "study" / f"digits-gali4-seed{s}") for s in (0, 1)]
+    options = ["--markdown", "--svm-samples", "100", "--svm-draws", "2"]
+    result = runner.invoke(app, ["eval", *runs, "--evaluator", "study/evaluator", *options])
+    assert result.exit_code == 0, result.output
+    assert "| digits-gali4 | 2 |" in result.output and "N=100" in result.output
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert len(saved["results"]) == 2 and 0 < saved["summary"]["digits-gali4"]["pixel_mse"] < 1
