@@ -151,13 +151,15 @@ def study_command(
     progress: bool = typer.Option(True, help="Show progress bars."),
     svm_samples: int = typer.Option(None, help="Labelled images per SVM draw (digits: 500)."),
     svm_draws: int = typer.Option(None, help="SVM draws to average (digits: 10)."),
+    recipes: str = typer.Option(None, help="Comma-separated recipes (default: all five)."),
 ) -> None:
     """Train digits-ali, -alice, -gali4, -gali8, -gali-pt over seeds and compare them."""
     from recipes.evaluate import study
 
     if dataset != "digits":
         raise ConfigError(f"the study runs on digits only, got {dataset!r}")
-    study(out, steps=steps, seeds=seeds, progress=progress, echo=typer.echo,
+    names = [r.strip() for r in recipes.split(",")] if recipes else None
+    study(out, steps=steps, seeds=seeds, recipes=names, progress=progress, echo=typer.echo,
           svm_samples=svm_samples, svm_draws=svm_draws)  # fmt: skip
 
 

@@ -131,7 +131,7 @@ def svm_misclassification(
         x_train = scaler.transform(train_features[index])
         best = None
         for c in c_grid:
-            svm = LinearSVC(C=c, max_iter=5000, dual="auto").fit(x_train, train_labels[index])
+            svm = LinearSVC(C=c, max_iter=1000, dual="auto").fit(x_train, train_labels[index])
             accuracy = svm.score(scaler.transform(val_features), val_labels)
             if best is None or accuracy > best[0]:
                 best = (accuracy, c, svm)

@@ -100,7 +100,7 @@ def evaluate_run(
     samples, draws = svm_samples or samples, svm_draws or draws
     labels = [d.labels_tensor().numpy() for d in (train, val, test)]
     if labels[0].ndim == 1:  # class labels (digits, SVHN); CelebA's attributes have no SVM row
-        feats = [_encoder_features(encoder, first_images(d, len(d))) for d in (train, val)]
+        feats = [_encoder_features(encoder, d.images_tensor()) for d in (train, val)]
         feats.append(_encoder_features(encoder, x))
         svm = svm_misclassification(feats[0], labels[0], feats[1], labels[1], feats[2],
                                     labels[2][: len(x)], samples=samples, draws=draws)  # fmt: skip
