@@ -1,18 +1,25 @@
 """Data sets in their real formats (DESIGN.md section 8) and a resumable batch stream.
 
 - ``digits``: scikit-learn's 1797 handwritten 8 x 8 digits (ships with scikit-learn, no
-  download), upscaled to 16 x 16; the embedded default.
+  download), upscaled bilinearly to 16 x 16; the embedded default. Fixed split from a numpy
+  ``default_rng(0)`` permutation: 1297 train, 200 val, 300 test images.
 - ``svhn``: ``train_32x32.mat``, ``test_32x32.mat``, ``extra_32x32.mat`` (MATLAB v5), key ``X``
   uint8 ``(32, 32, 3, N)``, key ``y`` ``(N, 1)`` with label 10 for digit 0.
-- ``celeba``: ``img_align_celeba/*.jpg``, ``list_eval_partition.txt``, ``list_attr_celeba.txt``;
-  short side resized to 64, centre-cropped to 64 x 64 (authors' code).
+- ``celeba``: ``img_align_celeba/*.jpg`` (178 x 218), ``list_eval_partition.txt``,
+  ``list_attr_celeba.txt``; short side resized to 64, centre-cropped to 64 x 64 (authors' code).
 
-Images come out as float ``[C, H, W]`` in [-1, 1]. Missing or malformed files raise one
+Every split is an :class:`ImageData`: item ``i`` is ``(image [C, H, W] float32 in [-1, 1],
+label)``, with pixel ``p`` in 0..255 mapped to ``p / 127.5 - 1``. Digits and SVHN sit in memory as
+a uint8 tensor ``[N, C, H, W]``; CelebA is an :class:`ImageFiles` that reads its JPEGs on demand.
+:class:`BatchStream` draws shuffled batches forever and resumes exactly from its ``state_dict``.
+
+Nothing is ever downloaded. Missing or malformed files raise one
 :class:`~gali_ext.errors.DataError` naming the file and the expected layout.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +33,10 @@ from torch.utils.data import Dataset
 from .errors import DataError
 
 __all__ = [
+    "DATASETS",
     "BatchStream",
     "ImageData",
+    "ImageFiles",
     "data_mean",
     "load_celeba",
     "load_dataset",
@@ -35,205 +44,385 @@ __all__ = [
     "load_svhn",
 ]
 
+DATASETS = ("digits", "svhn", "celeba")
+"""The data set names :func:`load_dataset` knows."""
+
 DIGITS_SPLITS = {"train": (0, 1297), "val": (1297, 1497), "test": (1497, 1797)}
+SVHN_FILES = {
+    "train": ("train",),
+    "test": ("test",),
+    "extra": ("extra",),
+    "train+extra": ("train", "extra"),
+    "val": ("train",),
+}
+SVHN_VAL_SIZE = 5000
+CELEBA_SPLITS = {"train": "0", "val": "1", "test": "2"}
+CELEBA_ATTRIBUTES = 40
+LAZY_MEAN_LIMIT = 20000
+DIGIT_NAMES = [str(d) for d in range(10)]
+
 SVHN_LAYOUT = (
     "expected SVHN's MATLAB files train_32x32.mat and test_32x32.mat (extra_32x32.mat for the "
-    "extra split) in --data-dir, each with X uint8 of shape (32, 32, 3, N) and y of shape (N, 1)"
+    "extra split) in --data-dir, each with key X, uint8 of shape (32, 32, 3, N), and key y of "
+    "shape (N, 1) holding labels 1..10 (10 for digit 0)"
 )
 CELEBA_LAYOUT = (
     "expected CelebA in --data-dir: img_align_celeba/*.jpg, list_eval_partition.txt "
-    "('000001.jpg 0' lines; 0 train, 1 valid, 2 test) and list_attr_celeba.txt (a count line, "
-    "the 40 attribute names, then '000001.jpg -1 1 ...' lines)"
+    "('000001.jpg 0' lines; 0 train, 1 valid, 2 test) and list_attr_celeba.txt (line 1 the image "
+    "count, line 2 the 40 attribute names, then '000001.jpg -1 1 ...' lines of 40 values -1/1)"
 )
 
 
-class ImageData(Dataset):
-    """Images with labels: item i is ``(image [C, H, W] float in [-1, 1], label)``.
+def _to_float(images: Tensor) -> Tensor:
+    """uint8 pixels 0..255 to float32 in [-1, 1]: ``p / 127.5 - 1``."""
+    return images.float() / 127.5 - 1.0
 
-    Holds either a uint8 tensor ``[N, C, H, W]`` in memory, or image files read on demand
-    (CelebA) through ``load_image``. ``labels`` are class ids ``[N]`` or attribute vectors
-    ``[N, 40]`` of 0/1.
+
+class ImageData(Dataset):
+    """A split of a data set: item ``i`` is ``(image [C, H, W] float32 in [-1, 1], label)``.
+
+    This base class holds its images in memory as ``images``, uint8 ``[N, C, H, W]``, and
+    converts one item (or one batch) at a time; :class:`ImageFiles` reads them from disk instead.
+
+    Attributes:
+        name: the data set (``"digits"``, ``"svhn"``, ``"celeba"``).
+        split: the split it was loaded as (``"train"``, ``"val"``, ...).
+        images: uint8 ``[N, C, H, W]``, or ``None`` for data read from disk.
+        labels: long class ids ``[N]`` (``num_classes`` classes) or 0/1 attribute vectors
+            ``[N, num_classes]`` (CelebA's 40 attributes).
+        num_classes: 10 for digits and SVHN, 40 for CelebA.
+        label_names: what each class id or attribute column means.
+        channels, image_size: images are ``[channels, image_size, image_size]``.
+    """
+
+    images: Tensor | None
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        images: Tensor,
+        labels: Tensor,
+        num_classes: int,
+        label_names: Sequence[str] | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
+            raise DataError(
+                f"{name} images must be uint8 of shape [N, C, S, S], "
+                f"got {images.dtype} of shape {list(images.shape)}"
+            )
+        self._init(name, split, labels, num_classes, images.shape[1], images.shape[2], label_names)
+        if len(images) != len(labels):
+            raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
+        self.images = images
+
+    def _init(
+        self,
+        name: str,
+        split: str,
+        labels: Tensor,
+        num_classes: int,
+        channels: int,
+        image_size: int,
+        label_names: Sequence[str] | None,
+    ) -> None:
+        self.name = name
+        self.split = split
+        self.labels = labels.long()
+        self.num_classes = int(num_classes)
+        self.channels = int(channels)
+        self.image_size = int(image_size)
+        self.label_names = list(label_names) if label_names is not None else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+            f"channels={self.channels}, image_size={self.image_size}, "
+            f"num_classes={self.num_classes})"
+        )
+
+    def uint8_batch(self, indices: Tensor | Sequence[int]) -> Tensor:
+        """Images ``indices`` as uint8 ``[n, C, H, W]`` (pixels 0..255)."""
+        return self.images[torch.as_tensor(indices, dtype=torch.long)]
+
+    def batch(self, indices: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Images ``[n, C, H, W]`` float32 in [-1, 1] and the labels of ``indices``."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return _to_float(self.uint8_batch(indices)), self.labels[indices]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        """``(image [C, H, W] float32 in [-1, 1], label)``; the label is a long scalar class
+        id, or a long ``[40]`` 0/1 vector for CelebA."""
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        image, label = self.batch([index % len(self)])
+        return image[0], label[0]
+
+    def images_tensor(self, limit: int | None = None) -> Tensor:
+        """The first ``limit`` (default all) images, float32 ``[N, C, H, W]`` in [-1, 1]."""
+        count = len(self) if limit is None else min(int(limit), len(self))
+        return _to_float(self.uint8_batch(torch.arange(count)))
+
+    def labels_tensor(self) -> Tensor:
+        """All labels: long ``[N]`` class ids or ``[N, 40]`` 0/1 attributes."""
+        return self.labels
+
+
+class ImageFiles(ImageData):
+    """An :class:`ImageData` whose images are image files read on demand (CelebA).
+
+    Each file is opened with PIL, converted to RGB, resized so that its short side is
+    ``image_size`` (bilinear, antialiased when shrinking) and centre-cropped to
+    ``image_size x image_size``: 178 x 218 CelebA originals become 64 x 78, cropped at rows 7..70.
+    ``images`` is ``None``; ``files`` lists the paths.
     """
 
     def __init__(
         self,
         name: str,
+        split: str,
+        files: Sequence[Path],
         labels: Tensor,
         num_classes: int,
-        channels: int,
-        image_size: int,
-        images: Tensor | None = None,
-        files: Sequence[Path] | None = None,
+        image_size: int = 64,
+        label_names: Sequence[str] | None = None,
     ) -> None:
-        self.name = name
-        self.labels = labels
-        self.num_classes = num_classes
-        self.channels = channels
-        self.image_size = image_size
-        self.images = images
-        self.files = list(files) if files is not None else None
+        self._init(name, split, labels, num_classes, 3, image_size, label_names)
+        self.files = [Path(f) for f in files]
+        if len(self.files) != len(labels):
+            raise DataError(f"{name}: {len(self.files)} image files but {len(labels)} labels")
+        self.images = None
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def uint8_image(self, index: int) -> Tensor:
-        """Image ``index`` as uint8 ``[C, H, W]``."""
-        if self.images is not None:
-            return self.images[index]
-        return _load_celeba_image(self.files[index], self.image_size)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return _to_float(self.uint8_image(index)), self.labels[index]
-
-    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        """Images ``[n, C, H, W]`` in [-1, 1] and labels of the given indices."""
-        if self.images is not None:
-            images = self.images[indices]
-        else:
-            images = torch.stack([self.uint8_image(int(i)) for i in indices])
-        return _to_float(images), self.labels[indices]
-
-    def images_tensor(self, limit: int | None = None) -> Tensor:
-        """The first ``limit`` (default all) images, ``[N, C, H, W]`` in [-1, 1]."""
-        count = len(self) if limit is None else min(limit, len(self))
-        return self.batch(torch.arange(count))[0]
-
-    def labels_tensor(self) -> Tensor:
-        """All labels."""
-        return self.labels
+    def uint8_batch(self, indices: Tensor | Sequence[int]) -> Tensor:
+        """Images ``indices`` read from disk, uint8 ``[n, 3, image_size, image_size]``."""
+        indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if len(indices) == 0:
+            return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        return torch.stack([_read_image(self.files[int(i)], self.image_size) for i in indices])
 
 
-def _to_float(images: Tensor) -> Tensor:
-    return images.float() / 127.5 - 1.0
+def _read_image(path: Path, size: int) -> Tensor:
+    """One RGB image file, short side resized to ``size`` and centre-cropped: uint8
+    ``[3, size, size]``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read image {str(path)!r} ({error}): {CELEBA_LAYOUT}") from error
+    width, height = image.size
+    scale = size / min(width, height)
+    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_width, new_height), Image.BILINEAR)
+    left, top = (new_width - size) // 2, (new_height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def _check_split(dataset: str, split: str, splits: Sequence[str]) -> None:
+    if split not in splits:
+        raise DataError(f"{dataset} has splits {list(splits)}, not {split!r}")
 
 
 def load_digits(split: str = "train", image_size: int = 16) -> ImageData:
-    """scikit-learn's digits, upscaled bilinearly to ``image_size`` and split by a fixed
-    permutation (numpy seed 0): 1297 train, 200 val, 300 test images."""
+    """scikit-learn's handwritten digits (1797 images, 8 x 8, values 0..16), 1 channel.
+
+    Values ``v`` are scaled to ``v / 8 - 1`` in [-1, 1], upscaled bilinearly
+    (``align_corners=False``) to ``image_size x image_size`` and stored as uint8
+    ``round((x + 1) * 127.5)``. The split is a fixed permutation (numpy ``default_rng(0)``):
+    the first 1297 images are ``train``, the next 200 ``val``, the last 300 ``test``.
+    """
     from sklearn.datasets import load_digits as sklearn_digits
 
-    if split not in DIGITS_SPLITS:
-        raise DataError(f"digits has splits {list(DIGITS_SPLITS)}, not {split!r}")
+    _check_split("digits", split, DIGITS_SPLITS)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"digits image_size must be a positive int, got {image_size!r}")
     bunch = sklearn_digits()
     order = np.random.default_rng(0).permutation(len(bunch.target))
     start, stop = DIGITS_SPLITS[split]
     chosen = order[start:stop]
-    pixels = torch.tensor(bunch.images[chosen], dtype=torch.float32).unsqueeze(1) / 16.0
-    if image_size != 8:
-        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear",
-                               align_corners=False)  # fmt: skip
-    images = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = torch.tensor(bunch.images[chosen], dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    if image_size != pixels.shape[-1]:
+        size = (image_size, image_size)
+        pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
+    images = ((pixels + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     labels = torch.tensor(bunch.target[chosen], dtype=torch.long)
-    return ImageData("digits", labels, 10, 1, image_size, images=images)
+    return ImageData("digits", split, images, labels, 10, DIGIT_NAMES)
 
 
 def _read_svhn_file(path: Path) -> tuple[Tensor, Tensor]:
+    """``X`` as uint8 ``[N, 3, 32, 32]`` and ``y`` as long digits ``[N]`` (10 becomes 0)."""
     from scipy.io import loadmat
 
+    where = repr(str(path))
     if not path.is_file():
-        raise DataError(f"missing SVHN file {str(path)!r}: {SVHN_LAYOUT}")
+        raise DataError(f"missing SVHN file {where}: {SVHN_LAYOUT}")
     try:
         mat = loadmat(str(path))
     except Exception as error:  # scipy raises several types on malformed files
         raise DataError(
-            f"{str(path)!r} is not a readable MATLAB file ({error}): {SVHN_LAYOUT}"
+            f"{where} is not a readable MATLAB file ({type(error).__name__}: {error}): "
+            f"{SVHN_LAYOUT}"
         ) from error
     for key in ("X", "y"):
         if key not in mat:
-            raise DataError(f"{str(path)!r} has no key {key!r}: {SVHN_LAYOUT}")
-    x, y = mat["X"], mat["y"]
+            keys = sorted(k for k in mat if not k.startswith("__"))
+            raise DataError(f"{where} has no key {key!r} (keys: {keys}): {SVHN_LAYOUT}")
+    x, y = mat["X"], np.asarray(mat["y"])
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
         raise DataError(
-            f"{str(path)!r}: X is {x.dtype} of shape {x.shape}, expected uint8 (32, 32, 3, N)"
+            f"{where}: X is {x.dtype} of shape {x.shape}, expected uint8 (32, 32, 3, N): "
+            f"{SVHN_LAYOUT}"
         )
-    y = np.asarray(y).reshape(-1)
-    if y.shape[0] != x.shape[3]:
-        raise DataError(f"{str(path)!r}: X holds {x.shape[3]} images but y {y.shape[0]} labels")
-    if y.size and (y.min() < 1 or y.max() > 10):
-        raise DataError(f"{str(path)!r}: labels must lie in 1..10 (10 for digit 0)")
+    count = x.shape[3]
+    if y.ndim != 2 or y.shape[1] != 1 or y.shape[0] != count:
+        raise DataError(
+            f"{where}: X holds {count} images but y has shape {y.shape} "
+            f"({y.shape[0] if y.ndim else 0} labels), expected ({count}, 1): {SVHN_LAYOUT}"
+        )
+    y = y[:, 0]
+    if not np.issubdtype(y.dtype, np.number) or np.iscomplexobj(y):
+        raise DataError(f"{where}: y is {y.dtype}, expected integer labels 1..10: {SVHN_LAYOUT}")
+    if count and (not np.all(np.isfinite(y)) or np.any(y != np.round(y))):
+        raise DataError(f"{where}: y holds non-integer labels, expected 1..10: {SVHN_LAYOUT}")
+    if count and (y.min() < 1 or y.max() > 10):
+        raise DataError(
+            f"{where}: labels must lie in 1..10 (10 for digit 0), "
+            f"found {y.min():g}..{y.max():g}: {SVHN_LAYOUT}"
+        )
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1)))
     labels = torch.from_numpy(y.astype(np.int64) % 10)
     return images, labels
 
 
 def load_svhn(data_dir: str | Path, split: str = "train") -> ImageData:
-    """SVHN from its ``.mat`` files. Splits: ``train``, ``test``, ``extra``, ``train+extra``,
-    and ``val`` (5000 train images drawn with numpy seed 0, for choosing the SVM's C)."""
+    """SVHN from its ``.mat`` files in ``data_dir``, 3 x 32 x 32, labels 0..9.
+
+    Splits: ``train`` (all of ``train_32x32.mat``, as in the paper), ``test``, ``extra``,
+    ``train+extra`` (the two concatenated) and ``val``: ``min(5000, N)`` images of the train file
+    at the first positions of a numpy ``default_rng(0)`` permutation, used for model selection
+    (e.g. the SVM's C). ``val`` overlaps ``train``; it is a fixed subset, not held out.
+    """
+    _check_split("SVHN", split, SVHN_FILES)
     folder = Path(data_dir)
-    files = {"train": ["train"], "test": ["test"], "extra": ["extra"],
-             "train+extra": ["train", "extra"], "val": ["train"]}  # fmt: skip
-    if split not in files:
-        raise DataError(f"SVHN has splits {list(files)}, not {split!r}")
-    parts = [_read_svhn_file(folder / f"{name}_32x32.mat") for name in files[split]]
-    images = torch.cat([p[0] for p in parts])
-    labels = torch.cat([p[1] for p in parts])
+    parts = [_read_svhn_file(folder / f"{part}_32x32.mat") for part in SVHN_FILES[split]]
+    images = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+    labels = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
     if split == "val":
-        chosen = torch.from_numpy(np.random.default_rng(0).permutation(len(labels))[:5000])
+        order = np.random.default_rng(0).permutation(len(labels))[:SVHN_VAL_SIZE]
+        chosen = torch.from_numpy(order)
         images, labels = images[chosen], labels[chosen]
-    return ImageData("svhn", labels, 10, 3, 32, images=images)
+    return ImageData("svhn", split, images, labels, 10, DIGIT_NAMES)
 
 
-def _load_celeba_image(path: Path, size: int) -> Tensor:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            w, h = image.size
-            scale = size / min(w, h)
-            new = (max(size, round(w * scale)), max(size, round(h * scale)))
-            image = image.resize(new, Image.BILINEAR)
-            left, top = (new[0] - size) // 2, (new[1] - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-            array = np.asarray(image, dtype=np.uint8)
-    except OSError as error:
-        raise DataError(f"cannot read CelebA image {str(path)!r}: {error}") from error
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def _read_lines(path: Path) -> list[str]:
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a text file with their 1-based line numbers."""
     if not path.is_file():
-        raise DataError(f"missing {str(path)!r}: {CELEBA_LAYOUT}")
-    return [line for line in path.read_text().splitlines() if line.strip()]
+        raise DataError(f"missing CelebA file {str(path)!r}: {CELEBA_LAYOUT}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read {str(path)!r} ({error}): {CELEBA_LAYOUT}") from error
+    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
-def load_celeba(data_dir: str | Path, split: str = "train", image_size: int = 64) -> ImageData:
-    """CelebA's aligned images with their 40 attributes (0/1), read lazily from disk."""
-    folder = Path(data_dir)
-    codes = {"train": "0", "val": "1", "test": "2"}
-    if split not in codes:
-        raise DataError(f"CelebA has splits {list(codes)}, not {split!r}")
-    images_dir = folder / "img_align_celeba"
-    if not images_dir.is_dir():
-        raise DataError(f"missing folder {str(images_dir)!r}: {CELEBA_LAYOUT}")
-    partition = {}
-    for number, line in enumerate(_read_lines(folder / "list_eval_partition.txt"), start=1):
+def _celeba_error(path: Path, problem: str) -> DataError:
+    return DataError(f"{str(path)!r}: {problem}; {CELEBA_LAYOUT}")
+
+
+def _read_partition(path: Path) -> dict[str, str]:
+    """``list_eval_partition.txt`` as ``{file name: "0" | "1" | "2"}``."""
+    partition: dict[str, str] = {}
+    for number, line in _read_lines(path):
         parts = line.split()
         if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
-            raise DataError(f"list_eval_partition.txt line {number} is malformed: {line!r}")
-        partition[parts[0]] = parts[1]
-    lines = _read_lines(folder / "list_attr_celeba.txt")
-    if len(lines) < 2 or len(lines[1].split()) != 40:
-        raise DataError("list_attr_celeba.txt must start with a count and 40 attribute names")
-    names, labels = [], []
-    for number, line in enumerate(lines[2:], start=3):
-        parts = line.split()
-        if len(parts) != 41 or any(v not in ("-1", "1") for v in parts[1:]):
-            raise DataError(
-                f"list_attr_celeba.txt line {number}: expected a file name and 40 values of -1/1"
+            raise _celeba_error(
+                path, f"line {number} is {line!r}, expected a file name and 0, 1 or 2"
             )
-        if partition.get(parts[0]) == codes[split]:
-            names.append(parts[0])
-            labels.append([v == "1" for v in parts[1:]])
-    files = [images_dir / n for n in names]
-    missing = [n for n, f in zip(names, files) if not f.is_file()]
+        if parts[0] in partition:
+            raise _celeba_error(path, f"line {number} lists {parts[0]!r} a second time")
+        partition[parts[0]] = parts[1]
+    if not partition:
+        raise _celeba_error(path, "the file lists no images")
+    return partition
+
+
+def _read_attributes(path: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """``list_attr_celeba.txt`` as the 40 attribute names and ``{file name: 40 "-1"/"1"}``."""
+    lines = _read_lines(path)
+    if len(lines) < 2 or not lines[0][1].strip().isdigit():
+        raise _celeba_error(path, "line 1 must be the image count and line 2 the attribute names")
+    names = lines[1][1].split()
+    if len(names) != CELEBA_ATTRIBUTES:
+        raise _celeba_error(
+            path, f"line 2 must hold the 40 attribute names, found {len(names)} names"
+        )
+    rows: dict[str, list[str]] = {}
+    allowed = {"-1", "1"}
+    for number, line in lines[2:]:
+        parts = line.split()
+        if len(parts) != CELEBA_ATTRIBUTES + 1 or not allowed.issuperset(parts[1:]):
+            raise _celeba_error(
+                path,
+                f"line {number} must be a file name and 40 values of -1/1, "
+                f"got {len(parts) - 1} fields: {line[:80]!r}",
+            )
+        if parts[0] in rows:
+            raise _celeba_error(path, f"line {number} lists {parts[0]!r} a second time")
+        rows[parts[0]] = parts[1:]
+    declared = int(lines[0][1])
+    if declared != len(rows):
+        raise _celeba_error(path, f"line 1 says {declared} images but {len(rows)} are listed")
+    return names, rows
+
+
+def load_celeba(data_dir: str | Path, split: str = "train", image_size: int = 64) -> ImageFiles:
+    """CelebA's aligned faces with their 40 attributes as long 0/1 vectors (1 where -1/1 is 1).
+
+    Splits follow ``list_eval_partition.txt``: ``train`` (0), ``val`` (1), ``test`` (2), in that
+    file's order. The files are checked up front: both lists must name the same images, every
+    image of the split must exist under ``img_align_celeba/``. Images are read lazily, short side
+    resized to ``image_size`` and centre-cropped (see :class:`ImageFiles`).
+    """
+    _check_split("CelebA", split, CELEBA_SPLITS)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"CelebA image_size must be a positive int, got {image_size!r}")
+    folder = Path(data_dir)
+    images_dir = folder / "img_align_celeba"
+    if not images_dir.is_dir():
+        raise DataError(f"missing CelebA folder {str(images_dir)!r}: {CELEBA_LAYOUT}")
+    partition_path = folder / "list_eval_partition.txt"
+    attributes_path = folder / "list_attr_celeba.txt"
+    partition = _read_partition(partition_path)
+    attribute_names, rows = _read_attributes(attributes_path)
+    unlisted = [n for n in partition if n not in rows]
+    extra = [n for n in rows if n not in partition]
+    if unlisted or extra:
+        raise DataError(
+            f"{str(partition_path)!r} lists {len(partition)} images and {str(attributes_path)!r} "
+            f"{len(rows)}; {len(unlisted)} have no attributes (e.g. {unlisted[:3]}) and "
+            f"{len(extra)} no partition (e.g. {extra[:3]}): {CELEBA_LAYOUT}"
+        )
+    names = [n for n, code in partition.items() if code == CELEBA_SPLITS[split]]
+    on_disk = set(os.listdir(images_dir))
+    missing = [n for n in names if n not in on_disk]
     if missing:
         raise DataError(
-            f"{len(missing)} CelebA image(s) listed but missing from {str(images_dir)!r}, "
-            f"e.g. {missing[:3]}"
+            f"{len(missing)} CelebA image(s) of the {split} split listed in "
+            f"{str(partition_path)!r} but missing from {str(images_dir)!r}, "
+            f"e.g. {missing[:5]}: {CELEBA_LAYOUT}"
         )
-    label_tensor = torch.tensor(labels, dtype=torch.long).reshape(-1, 40)
-    return ImageData("celeba", label_tensor, 40, 3, image_size, files=files)
+    values = [[v == "1" for v in rows[n]] for n in names]
+    labels = torch.tensor(values, dtype=torch.long).reshape(-1, CELEBA_ATTRIBUTES)
+    files = [images_dir / n for n in names]
+    return ImageFiles(
+        "celeba", split, files, labels, CELEBA_ATTRIBUTES, image_size, attribute_names
+    )
 
 
 def load_dataset(
@@ -242,46 +431,71 @@ def load_dataset(
     data_dir: str | Path | None = None,
     image_size: int | None = None,
 ) -> ImageData:
-    """A split of ``digits``, ``svhn`` or ``celeba``; the last two need ``data_dir``."""
+    """A split of ``digits`` (embedded, 16 x 16 by default), ``svhn`` (32 x 32) or ``celeba``
+    (64 x 64 by default). ``svhn`` and ``celeba`` read ``data_dir`` (``--data-dir``); nothing is
+    downloaded. ``image_size`` overrides the default size where the data set allows it."""
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; data sets: {', '.join(DATASETS)}")
     if name == "digits":
-        return load_digits(split, image_size or 16)
-    if name not in ("svhn", "celeba"):
-        raise DataError(f"unknown data set {name!r}; data sets: digits, svhn, celeba")
-    if not data_dir:
-        layout = SVHN_LAYOUT if name == "svhn" else CELEBA_LAYOUT
-        raise DataError(f"{name} needs --data-dir (nothing is downloaded): {layout}")
+        return load_digits(split, 16 if image_size is None else image_size)
+    layout = SVHN_LAYOUT if name == "svhn" else CELEBA_LAYOUT
+    if data_dir is None or str(data_dir) == "":
+        raise DataError(f"{name} needs --data-dir (nothing is downloaded); {layout}")
     if not Path(data_dir).is_dir():
-        raise DataError(f"--data-dir {str(data_dir)!r} is not a folder")
+        raise DataError(f"--data-dir {str(data_dir)!r} is not a folder; {layout}")
     if name == "svhn":
+        if image_size not in (None, 32):
+            raise DataError(f"SVHN images are 32 x 32; image_size={image_size!r} is not offered")
         return load_svhn(data_dir, split)
-    return load_celeba(data_dir, split, image_size or 64)
+    return load_celeba(data_dir, split, 64 if image_size is None else image_size)
 
 
-def data_mean(data: ImageData, chunk: int = 4096, limit: int = 20000) -> float:
-    """Mean pixel value in [0, 1] over (at most ``limit``) images, read in chunks."""
-    count = min(len(data), limit)
-    total = 0.0
+def data_mean(data: ImageData, chunk: int = 4096, limit: int | None = None) -> float:
+    """Mean pixel value mapped to [0, 1]: ``sum(p) / (255 * N * C * H * W)`` over uint8 pixels.
+
+    Summed exactly in int64 ``chunk`` images at a time, so no float copy of the data is made.
+    ``limit`` caps the number of images (evenly spaced); by default every in-memory image is
+    used, and at most 20000 images of data read from disk (:class:`ImageFiles`). The generator's
+    output bias starts at ``logit(mean) / 2`` so that ``tanh(bias)`` maps to this mean.
+    """
+    if len(data) == 0:
+        raise DataError(f"{data.name} {data.split} split holds no images; no mean to take")
+    if limit is None:
+        limit = len(data) if data.images is not None else LAZY_MEAN_LIMIT
+    count = min(len(data), int(limit))
+    if count < len(data):
+        indices = torch.linspace(0, len(data) - 1, count).round().long()
+    else:
+        indices = torch.arange(len(data))
+    total = 0
     for start in range(0, count, chunk):
-        index = torch.arange(start, min(start + chunk, count))
-        images = data.images[index] if data.images is not None else torch.stack(
-            [data.uint8_image(int(i)) for i in index])  # fmt: skip
-        total += images.double().sum().item() / 255.0
-    return total / (count * data.channels * data.image_size**2)
+        total += int(data.uint8_batch(indices[start : start + chunk]).sum(dtype=torch.int64))
+    return total / (255.0 * count * data.channels * data.image_size**2)
 
 
 class BatchStream:
-    """Shuffled batches forever, epoch after epoch, resumable exactly.
+    """Shuffled batches ``(images [B, C, H, W] in [-1, 1], labels)`` forever, epoch after epoch,
+    resumable exactly.
 
-    Epoch e's order is ``randperm(N)`` from a generator seeded with ``seed + e``, so the stream
-    is a function of ``(seed, epoch, position)``, which :meth:`state_dict` holds.
+    Epoch ``e`` visits the images in the order
+    ``torch.randperm(N, generator=torch.Generator().manual_seed(seed + e))`` in
+    ``steps_per_epoch = N // batch_size`` full batches (the remainder is dropped), so the stream
+    is a function of ``(seed, epoch, position)``: :meth:`state_dict` holds them and
+    :meth:`load_state_dict` continues exactly where a saved stream left off. In-memory data is
+    indexed as one uint8 tensor; :class:`ImageFiles` data reads its batch's files.
     """
 
     def __init__(self, dataset: ImageData, batch_size: int, seed: int = 0) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
         if batch_size > len(dataset):
-            raise DataError(f"batch size {batch_size} exceeds the {len(dataset)} images")
+            raise DataError(
+                f"batch size {batch_size} exceeds the {len(dataset)} images of the "
+                f"{dataset.name} {dataset.split} split"
+            )
         self.dataset = dataset
         self.batch_size = batch_size
-        self.seed = seed
+        self.seed = int(seed)
         self.epoch = 0
         self.position = 0
         self._order: Tensor | None = None
@@ -293,14 +507,15 @@ class BatchStream:
 
     def _epoch_order(self) -> Tensor:
         if self._order is None:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._order = torch.randperm(len(self.dataset), generator=g)
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = torch.randperm(len(self.dataset), generator=generator)
         return self._order
 
     def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> tuple[Tensor, Tensor]:
+        """The next batch; crosses into the next epoch (a new permutation) when one ends."""
         if self.position >= self.steps_per_epoch:
             self.epoch += 1
             self.position = 0
@@ -311,8 +526,35 @@ class BatchStream:
         return self.dataset.batch(indices)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+        """``seed``, ``epoch``, ``position`` (batches drawn this epoch), and ``batch_size`` and
+        ``num_images`` to check that a resumed stream reads the same data."""
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "batch_size": self.batch_size,
+            "num_images": len(self.dataset),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        """Continue from a :meth:`state_dict`: the next batch is the one the saved stream would
+        have drawn next."""
+        try:
+            seed, epoch, position = (int(state[k]) for k in ("seed", "epoch", "position"))
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(
+                f"a BatchStream state must hold integers 'seed', 'epoch' and 'position', "
+                f"got {state!r}"
+            ) from error
+        if epoch < 0 or position < 0:
+            raise DataError(f"a BatchStream state needs epoch, position >= 0, got {state!r}")
+        size = len(self.dataset)
+        saved = (state.get("batch_size", self.batch_size), state.get("num_images", size))
+        if tuple(int(v) for v in saved) != (self.batch_size, size):
+            raise DataError(
+                f"the stream was saved with batch size {saved[0]} over {saved[1]} images, this "
+                f"one has batch size {self.batch_size} over {size} images; "
+                "it cannot resume exactly"
+            )
+        self.seed, self.epoch, self.position = seed, epoch, position
         self._order = None
