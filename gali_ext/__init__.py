@@ -16,7 +16,7 @@ from .errors import (
     ShapeError,
     SpecError,
 )
-from .gali import GALI, Objective
+from .gali import GALI, Objective, build_gali
 from .head import MultiClassJointDiscriminatorHead, SpectralMLP, add_instance_noise
 from .losses import (
     AliceReconstructionLoss,
@@ -53,6 +53,7 @@ __all__ = [
     "TupleSpec",
     "add_instance_noise",
     "available_specs",
+    "build_gali",
     "build_spec",
     "parse_node",
     "sample_latent",

@@ -25,12 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .gali import GALI
-from .head import MultiClassJointDiscriminatorHead, SpectralMLP
+from .gali import build_gali
 from .losses import DiscriminatorLoss
 from .models import build_ali_models
-from .providers import MaskMix, PretrainedFeatures, ReconstructionChain
-from .spec import build_spec
+from .providers import PretrainedFeatures
 from .trainer import train_step
 
 __all__ = ["run_benchmark", "PRESETS"]
@@ -75,26 +73,11 @@ def _build(spec_name: str, arch: str, device: torch.device, seed: int = 0):
     """E, G, head and GALI for one spec; the same seed gives the same E, G, Dx and Dz weights."""
     torch.manual_seed(seed)
     models = build_ali_models(arch)
-    spec = build_spec(spec_name)
-    providers: list[nn.Module] = []
-    extras: dict[str, nn.Module] = {}
-    if spec_name in ("gali4", "gali8", "gali_pt"):
-        providers.append(ReconstructionChain())
-    if spec_name == "gali_mix":
-        providers.append(MaskMix())
+    features = None
     if spec_name == "gali_pt":
         features = PretrainedFeatures(_FrozenFeatures(models.image_shape[0]))
-        providers.append(features)
-        extras["M"] = SpectralMLP(features.feature_dim(models.image_shape), (512,), 512, 0.2, True)
-    head = MultiClassJointDiscriminatorHead(
-        spec, models.image_features, models.latent_features, extras,
-        joint_hidden=models.joint_hidden,
-        negative_slope=models.negative_slope,
-    )  # fmt: skip
-    gali = GALI(
-        models.encoder, models.generator, head, providers, latent_shape=(models.latent_dim,)
-    )
-    return models, head, gali.to(device)
+    gali = build_gali(spec_name, models, features)
+    return models, gali.head, gali.to(device)
 
 
 def step_times(

@@ -22,6 +22,7 @@ from .chains import latent_mean
 from .errors import ShapeError
 
 __all__ = [
+    "eval_mode",
     "feature_mse",
     "fid",
     "frechet_distance",
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 
-class _EvalMode:
+class eval_mode:  # noqa: N801  (used like a function: `with eval_mode(encoder, generator):`)
     """Puts modules in eval mode inside the block and restores their modes after."""
 
     def __init__(self, *modules: Any) -> None:
@@ -62,7 +63,7 @@ def reconstruct(
     batch_size: int = 500,
 ) -> Tensor:
     """``G(E(x))`` with E's mean for a stochastic encoder (a deterministic reconstruction)."""
-    with _EvalMode(encoder, generator):
+    with eval_mode(encoder, generator):
         parts = [generator(latent_mean(encoder(x))) for x in _batches(images, batch_size)]
     return torch.cat(parts)
 
@@ -81,7 +82,7 @@ def reconstruction_mse(
 
 @torch.no_grad()
 def _features(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int) -> Tensor:
-    with _EvalMode(model):
+    with eval_mode(model):
         return torch.cat([model(x).flatten(1).float() for x in _batches(images, batch_size)])
 
 

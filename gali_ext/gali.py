@@ -12,12 +12,12 @@ from torch import Tensor, nn
 
 from .chains import Chains, NodeFunction
 from .errors import ConfigError, ProviderError, SpecError
-from .head import MultiClassJointDiscriminatorHead
+from .head import MultiClassJointDiscriminatorHead, SpectralMLP
 from .losses import DiscriminatorLoss, ProductOfTermsLoss
 from .providers.base import FeedbackProvider
-from .spec import parse_node
+from .spec import build_spec, parse_node
 
-__all__ = ["GALI", "Objective"]
+__all__ = ["GALI", "Objective", "build_gali", "preset_providers"]
 
 _CORE_FUNCTIONS = frozenset({"E", "G"})
 
@@ -226,3 +226,73 @@ class GALI(nn.Module):
     def generator_loss(self, x: Tensor, z: Tensor | None = None, **kwargs: Any) -> Tensor:
         """The scalar of :meth:`generator_objective`."""
         return self.generator_objective(x, z, **kwargs).loss
+
+
+def preset_providers(
+    spec_name: str, features: FeedbackProvider | None = None, alice_weight: float = 1.0
+) -> list[FeedbackProvider]:
+    """The feedback providers a preset of DESIGN.md section 2 needs.
+
+    ``features`` is the :class:`~gali_ext.providers.PretrainedFeatures` provider (``M``) that
+    ``gali_pt`` and ``alice_pt`` need.
+    """
+    from .providers import AliceReconstruction, MaskMix, ReconstructionChain
+
+    providers: list[FeedbackProvider] = []
+    if spec_name in ("gali4", "gali8", "gali_pt"):
+        providers.append(ReconstructionChain())
+    if spec_name == "gali_mix":
+        providers.append(MaskMix(fill=-1.0))
+    if spec_name in ("gali_pt", "alice_pt"):
+        if features is None:
+            raise ProviderError(f"preset {spec_name!r} needs a PretrainedFeatures provider (M)")
+        providers.append(features)
+    if spec_name == "alice":
+        providers.append(AliceReconstruction(alice_weight))
+    if spec_name == "alice_pt":
+        providers.append(AliceReconstruction(alice_weight, features="M"))
+    return providers
+
+
+def build_gali(
+    spec_name: str,
+    models: Any,
+    features: FeedbackProvider | None = None,
+    *,
+    alice_weight: float = 1.0,
+    generator_loss: nn.Module | None = None,
+    extra_hidden: int = 512,
+) -> GALI:
+    """The :class:`GALI` objective of a preset over ALI-style networks.
+
+    ``models`` holds ``encoder``, ``generator``, ``image_features``, ``latent_features``,
+    ``joint_hidden``, ``negative_slope``, ``image_shape`` and ``latent_dim`` (a
+    :class:`gali_ext.models.ALIModels`). An extra kind such as ``M`` gets a spectrally normalised
+    MLP feature network of width ``extra_hidden``.
+    """
+    spec = build_spec(spec_name)
+    providers = preset_providers(spec_name, features, alice_weight)
+    extras: dict[str, nn.Module] = {}
+    for p in providers:
+        name = getattr(p, "name", None)
+        if name in spec.kinds and hasattr(p, "feature_dim"):
+            width = p.feature_dim(models.image_shape)
+            extras[name] = SpectralMLP(
+                width, (extra_hidden,), extra_hidden, models.negative_slope, activate_output=True
+            )
+    head = MultiClassJointDiscriminatorHead(
+        spec,
+        models.image_features,
+        models.latent_features,
+        extras,
+        joint_hidden=models.joint_hidden,
+        negative_slope=models.negative_slope,
+    )
+    return GALI(
+        models.encoder,
+        models.generator,
+        head,
+        providers,
+        generator_loss=generator_loss,
+        latent_shape=(models.latent_dim,),
+    )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 
 __all__ = [
     "log_probabilities",
@@ -166,7 +166,7 @@ class AliceReconstructionLoss(nn.Module):
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
         if weight < 0:
-            raise ShapeError(f"expected a non-negative ALICE weight lambda, got {weight}")
+            raise ConfigError(f"expected a non-negative ALICE weight lambda, got {weight}")
         self.weight = weight
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:

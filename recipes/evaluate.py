@@ -19,7 +19,14 @@ import numpy as np
 import torch
 
 from gali_ext.errors import ConfigError
-from gali_ext.eval import feature_mse, fid, inpainting_errors, reconstruct, reconstruction_mse
+from gali_ext.eval import (
+    eval_mode,
+    feature_mse,
+    fid,
+    inpainting_errors,
+    reconstruct,
+    reconstruction_mse,
+)
 from gali_ext.evaluator import load_evaluator, train_evaluator
 from gali_ext.providers.pretrained import load_safetensors_into
 from gali_ext.visual import save_image_grid
@@ -60,8 +67,7 @@ def ensure_evaluator(dataset: str, folder: Path | None, data_dir: str | None = N
 
 
 def _encoder_features(encoder, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
-    encoder.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(encoder):
         parts = [torch.cat(encoder.hidden_features(images[i : i + batch_size]), dim=1)
                  for i in range(0, len(images), batch_size)]  # fmt: skip
     return torch.cat(parts).float().numpy()
@@ -107,8 +113,7 @@ def evaluate_run(
         result["svm_error"], result["svm_error_std"] = svm["mean"], svm["std"]
         result["svm_protocol"] = f"N={samples} labelled images, R={draws} draws"
 
-    generator.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(generator):
         z = torch.randn(len(x), built.models.latent_dim, generator=torch.Generator().manual_seed(0))
         generated = torch.cat([generator(z[i : i + 500]) for i in range(0, len(z), 500)])
     result["fid_evaluator"] = fid(evaluator.features, x, generated)

@@ -23,21 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from gali_ext import GALI, MultiClassJointDiscriminatorHead, SpectralMLP, build_spec
+from gali_ext import GALI, MultiClassJointDiscriminatorHead
 from gali_ext.data import BatchStream, ImageData, data_mean, load_dataset
 from gali_ext.errors import ConfigError, DataError, DivergenceError
 from gali_ext.eval import reconstruction_mse
+from gali_ext.gali import build_gali
 from gali_ext.losses import MinimaxLoss, MisclassificationLoss, ProductOfTermsLoss
 from gali_ext.models import ALIModels, build_ali_models
-from gali_ext.providers import (
-    AliceReconstruction,
-    FeedbackProvider,
-    MaskMix,
-    PretrainedFeatures,
-    ReconstructionChain,
-)
+from gali_ext.providers import PretrainedFeatures
 from gali_ext.trainer import build_optimizer, instance_noise_std, train_step
 from gali_ext.visual import interleave_rows, save_image_grid
 
@@ -62,61 +56,33 @@ class BuiltModel:
     gali: GALI
 
 
-def _providers(config: RecipeConfig) -> list[FeedbackProvider]:
-    providers: list[FeedbackProvider] = []
-    if config.spec in ("gali4", "gali8", "gali_pt"):
-        providers.append(ReconstructionChain())
-    if config.spec == "gali_mix":
-        providers.append(MaskMix(fill=-1.0))
-    if config.uses_features and config.features_model == "evaluator":
+def _features(config: RecipeConfig) -> PretrainedFeatures | None:
+    """The pretrained feature model M of a recipe, or None when its spec does not use one."""
+    if not config.uses_features:
+        return None
+    if config.features_model == "evaluator":
         from gali_ext.evaluator import load_evaluator
 
         # The evaluator classifier takes images in [-1, 1] as they are: an identity range map.
         evaluator = load_evaluator(config.features_weights)
-        providers.append(PretrainedFeatures(evaluator.body, image_range=(0.0, 1.0)))
-    elif config.uses_features:
-        size = config.features_input_size
-        providers.append(
-            PretrainedFeatures(
-                config.features_model,
-                config.features_weights,
-                input_size=(size, size) if size else None,
-            )
-        )
-    if config.spec == "alice":
-        providers.append(AliceReconstruction(config.alice_weight))
-    if config.spec == "alice_pt":
-        providers.append(AliceReconstruction(config.alice_weight, features="M"))
-    return providers
+        return PretrainedFeatures(evaluator.body, image_range=(0.0, 1.0))
+    size = config.features_input_size
+    return PretrainedFeatures(
+        config.features_model, config.features_weights, input_size=(size, size) if size else None
+    )
 
 
 def build_model(config: RecipeConfig, channels: int) -> BuiltModel:
     """Encoder, generator, discriminator head and :class:`GALI` objective for a recipe."""
     models = build_ali_models(config.arch, latent_dim=config.latent_dim, channels=channels)
-    spec = build_spec(config.spec)
-    providers = _providers(config)
-    extras: dict[str, nn.Module] = {}
-    for p in providers:
-        if isinstance(p, PretrainedFeatures) and p.name in spec.kinds:
-            width = p.feature_dim(models.image_shape)
-            extras[p.name] = SpectralMLP(width, (512,), 512, activate_output=True)
-    head = MultiClassJointDiscriminatorHead(
-        spec,
-        models.image_features,
-        models.latent_features,
-        extras,
-        joint_hidden=models.joint_hidden,
-        negative_slope=models.negative_slope,
-    )
-    gali = GALI(
-        models.encoder,
-        models.generator,
-        head,
-        providers,
+    gali = build_gali(
+        config.spec,
+        models,
+        _features(config),
+        alice_weight=config.alice_weight,
         generator_loss=_GENERATOR_LOSSES[config.generator_loss](),
-        latent_shape=(models.latent_dim,),
     )
-    return BuiltModel(models, head, gali)
+    return BuiltModel(models, gali.head, gali)
 
 
 def load_data(config: RecipeConfig, split: str) -> ImageData:
@@ -222,18 +188,11 @@ def _save_checkpoint(accelerator, built: BuiltModel, out: Path, step: int, keep:
 @torch.no_grad()
 def write_grids(built: BuiltModel, images: torch.Tensor, z: torch.Tensor, out: Path, tag: str):
     """Samples ``G(z)`` and originals over their reconstructions ``G(E(x))``, as PNGs."""
-    from gali_ext.eval import reconstruct
+    from gali_ext.eval import eval_mode, reconstruct
 
-    modules = (built.models.encoder, built.models.generator)
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
+    with eval_mode(built.models.generator):
         samples = built.models.generator(z)
-        recon = reconstruct(built.models.encoder, built.models.generator, images)
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
+    recon = reconstruct(built.models.encoder, built.models.generator, images)
     paths = []
     for name, grid in (("samples", samples), ("reconstructions", interleave_rows(images, recon))):
         paths.append(save_image_grid(grid, out / "grids" / f"{name}_{tag}.png"))
