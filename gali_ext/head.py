@@ -156,6 +156,17 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         assert batch is not None
         return batch
 
+    def _prepare(
+        self,
+        variables: Mapping[str, Tensor],
+        instance_noise_std: float,
+        generator: torch.Generator | None,
+    ) -> tuple[dict[str, Tensor], int]:
+        """Canonical names, checked tensors, instance noise; and the batch size."""
+        variables = {parse_node(k).name: v for k, v in variables.items()}
+        batch = self._check_variables(variables)
+        return add_instance_noise(variables, self.spec, instance_noise_std, generator), batch
+
     def _features(self, kind: str, batch: Tensor, count: int) -> Tensor:
         try:
             features = self.feature_nets[kind](batch)
@@ -193,9 +204,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         ``Chains.compute(spec.nodes)``) to a ``[B, ...]`` tensor. ``instance_noise_std`` adds
         Gaussian noise to every distinct image node once (:func:`add_instance_noise`).
         """
-        variables = {parse_node(k).name: v for k, v in variables.items()}
-        batch = self._check_variables(variables)
-        variables = add_instance_noise(variables, self.spec, instance_noise_std, generator)
+        variables, batch = self._prepare(variables, instance_noise_std, generator)
         features: dict[str, Tensor] = {}
         for kind in self.spec.kinds:
             names = self.spec.nodes_of_kind(kind)
@@ -227,9 +236,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         :meth:`forward`. (In training mode spectral norm's power iteration runs once per call,
         so compare the two in eval mode.)
         """
-        variables = {parse_node(k).name: v for k, v in variables.items()}
-        batch = self._check_variables(variables)
-        variables = add_instance_noise(variables, self.spec, instance_noise_std, generator)
+        variables, batch = self._prepare(variables, instance_noise_std, generator)
         logits = []
         for tuple_class in self.spec.classes:
             slots = [
