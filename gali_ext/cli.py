@@ -152,6 +152,7 @@ def study_command(
     svm_samples: int = typer.Option(None, help="Labelled images per SVM draw (digits: 500)."),
     svm_draws: int = typer.Option(None, help="SVM draws to average (digits: 10)."),
     recipes: str = typer.Option(None, help="Comma-separated recipes (default: all five)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting in every recipe."),
 ) -> None:
     """Train digits-ali, -alice, -gali4, -gali8, -gali-pt over seeds and compare them."""
     from recipes.evaluate import study
@@ -160,7 +161,7 @@ def study_command(
         raise ConfigError(f"the study runs on digits only, got {dataset!r}")
     names = [r.strip() for r in recipes.split(",")] if recipes else None
     study(out, steps=steps, seeds=seeds, recipes=names, progress=progress, echo=typer.echo,
-          svm_samples=svm_samples, svm_draws=svm_draws)  # fmt: skip
+          svm_samples=svm_samples, svm_draws=svm_draws, overrides=_parse_sets(set_))  # fmt: skip
 
 
 @app.command()

@@ -28,19 +28,21 @@ from gali_ext.eval import (
     reconstruction_mse,
 )
 from gali_ext.evaluator import load_evaluator, train_evaluator
+from gali_ext.models import build_ali_models
 from gali_ext.providers.pretrained import load_safetensors_into
 from gali_ext.visual import save_image_grid
 
 from . import RecipeConfig
 from .train import build_model, first_images, load_data
 
-__all__ = ["METRICS", "evaluate_run", "format_table", "study", "summarise"]
+__all__ = ["METRICS", "evaluate_run", "format_table", "study", "summarise", "svm_references"]
 
 # (key, column title, digits after the point)
 METRICS = [
     ("pixel_mse", "pixel MSE", 4),
     ("feature_mse", "feature MSE", 4),
     ("svm_error", "SVM misclassification %", 2),
+    ("svm_latent_error", "SVM % (latent only)", 2),
     ("fid_evaluator", "FID (evaluator features)", 2),
     ("inpaint_pixel_mse", "inpainting pixel MSE", 4),
     ("inpaint_feature_mse", "inpainting feature MSE", 4),
@@ -66,11 +68,46 @@ def ensure_evaluator(dataset: str, folder: Path | None, data_dir: str | None = N
     return folder
 
 
-def _encoder_features(encoder, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+def _encoder_features(
+    encoder, images: torch.Tensor, latent_only: bool = False, batch_size: int = 500
+) -> np.ndarray:
+    """The encoder's SVM representation: its ``hidden_features`` concatenated (the paper's last
+    three hidden layers and the output), or the output alone when ``latent_only``."""
     with torch.no_grad(), eval_mode(encoder):
-        parts = [torch.cat(encoder.hidden_features(images[i : i + batch_size]), dim=1)
-                 for i in range(0, len(images), batch_size)]  # fmt: skip
+        parts = []
+        for i in range(0, len(images), batch_size):
+            features = encoder.hidden_features(images[i : i + batch_size])
+            parts.append(features[-1] if latent_only else torch.cat(features, dim=1))
     return torch.cat(parts).float().numpy()
+
+
+def _svm_scores(
+    encoder, splits: list, test_images: torch.Tensor, samples: int, draws: int
+) -> dict[str, Any]:
+    """SVM misclassification on the paper's representation and on the latent alone.
+
+    ``splits`` are the train, validation and test data sets; ``test_images`` the test images
+    scored (their first rows' labels are used). ``encoder=None`` scores the raw pixels.
+    """
+    from gali_ext.eval import svm_misclassification
+
+    labels = [d.labels_tensor().numpy() for d in splits]
+    labels[2] = labels[2][: len(test_images)]
+    images = [d.images_tensor() for d in splits[:2]] + [test_images]
+    if encoder is None:
+        representations = {"svm_error": lambda x: x.flatten(1).float().numpy()}
+    else:
+        representations = {
+            "svm_error": lambda x: _encoder_features(encoder, x),
+            "svm_latent_error": lambda x: _encoder_features(encoder, x, latent_only=True),
+        }
+    result: dict[str, Any] = {"svm_protocol": f"N={samples} labelled images, R={draws} draws"}
+    for key, represent in representations.items():
+        f = [represent(x) for x in images]
+        svm = svm_misclassification(f[0], labels[0], f[1], labels[1], f[2], labels[2],
+                                    samples=samples, draws=draws)  # fmt: skip
+        result[key], result[f"{key}_std"] = svm["mean"], svm["std"]
+    return result
 
 
 def evaluate_run(
@@ -80,9 +117,8 @@ def evaluate_run(
     svm_draws: int | None = None,
     max_test_images: int = 2000,
 ) -> dict[str, Any]:
-    """Every metric of DESIGN.md section 6 for one run directory."""
-    from gali_ext.eval import svm_misclassification
-
+    """Every metric of DESIGN.md section 6 for one run directory, plus the linear SVM on the
+    encoder's output alone (``svm_latent_error``)."""
     run = Path(run_dir)
     config = RecipeConfig.from_json(run / "config.json")
     test, train, val = (load_data(config, s) for s in ("test", "train", "val"))
@@ -104,14 +140,8 @@ def evaluate_run(
 
     samples, draws = SVM_DEFAULTS[config.dataset]
     samples, draws = svm_samples or samples, svm_draws or draws
-    labels = [d.labels_tensor().numpy() for d in (train, val, test)]
-    if labels[0].ndim == 1:  # class labels (digits, SVHN); CelebA's attributes have no SVM row
-        feats = [_encoder_features(encoder, d.images_tensor()) for d in (train, val)]
-        feats.append(_encoder_features(encoder, x))
-        svm = svm_misclassification(feats[0], labels[0], feats[1], labels[1], feats[2],
-                                    labels[2][: len(x)], samples=samples, draws=draws)  # fmt: skip
-        result["svm_error"], result["svm_error_std"] = svm["mean"], svm["std"]
-        result["svm_protocol"] = f"N={samples} labelled images, R={draws} draws"
+    if train.labels_tensor().ndim == 1:  # class labels (digits, SVHN); not CelebA's attributes
+        result.update(_svm_scores(encoder, [train, val, test], x, samples, draws))
 
     with torch.no_grad(), eval_mode(generator):
         z = torch.randn(len(x), built.models.latent_dim, generator=torch.Generator().manual_seed(0))
@@ -171,31 +201,40 @@ def study(
     echo=print,
     svm_samples: int | None = None,
     svm_draws: int | None = None,
+    overrides: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train each digits recipe for ``steps`` steps over ``seeds`` seeds, evaluate all, and
     write ``study.json``, ``study.md`` and ``study.png`` (test digits, then each recipe's
-    reconstructions, row by row, as the paper's Figure 3). Finished runs are reused."""
+    reconstructions, row by row, as the paper's Figure 3). Finished runs are reused.
+
+    ``overrides`` (``{"lr": "4e-5"}``) apply to every recipe. The table ends with two reference
+    rows for the SVM columns: the raw pixels and the untrained encoder (one per seed), the
+    floor any learned representation should beat.
+    """
     import recipes as registry
     from recipes.train import train
 
     out = Path(out_dir)
+    names = recipes or STUDY_RECIPES
+    for name in names:  # a bad recipe name or --set key fails here, before any training
+        registry.get(name).with_overrides({**(overrides or {}), "steps": str(steps)})
     out.mkdir(parents=True, exist_ok=True)
     evaluator = ensure_evaluator("digits", out / "evaluator")
-    names = recipes or STUDY_RECIPES
     results = []
     for name in names:
         for seed in range(seeds):
             run = out / f"{name}-seed{seed}"
-            overrides = {"steps": str(steps), "seed": str(seed)}
+            settings = {**(overrides or {}), "steps": str(steps), "seed": str(seed)}
             if registry.get(name).uses_features:
-                overrides["features_weights"] = str(evaluator)
-            config = registry.get(name).with_overrides(overrides)
+                settings["features_weights"] = str(evaluator)
+            config = registry.get(name).with_overrides(settings)
             if not (run / "summary.json").is_file():
                 echo(f"training {name} seed {seed} for {steps} steps")
                 train(config, run, progress=progress, overwrite=True)
             results.append(evaluate_run(run, evaluator, svm_samples, svm_draws))
             echo(f"{name} seed {seed}: pixel MSE {results[-1]['pixel_mse']:.4f}, "
                  f"SVM error {results[-1].get('svm_error', float('nan')):.2f}%")  # fmt: skip
+    results += svm_references(registry.get(names[0]), seeds, svm_samples, svm_draws)
     summary = summarise(results)
     table = format_table(summary)
     (out / "study.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2))
@@ -203,6 +242,27 @@ def study(
     _figure(out, names)
     echo(table)
     return summary
+
+
+def svm_references(
+    config: RecipeConfig,
+    seeds: int = 3,
+    svm_samples: int | None = None,
+    svm_draws: int | None = None,
+) -> list[dict[str, Any]]:
+    """SVM misclassification of the raw pixels and of the recipe's untrained encoder (freshly
+    initialised with each seed): what a trained encoder's representation is compared against."""
+    test, train, val = (load_data(config, s) for s in ("test", "train", "val"))
+    samples, draws = SVM_DEFAULTS[config.dataset]
+    samples, draws = svm_samples or samples, svm_draws or draws
+    x = first_images(test, 2000)
+    rows = [{"recipe": "(raw pixels)", **_svm_scores(None, [train, val, test], x, samples, draws)}]
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        encoder = build_ali_models(config.arch, config.latent_dim, test.channels).encoder
+        scores = _svm_scores(encoder, [train, val, test], x, samples, draws)
+        rows.append({"recipe": "(untrained encoder)", "seed": seed, **scores})
+    return rows
 
 
 def _figure(out: Path, names: list[str], count: int = 10) -> Path:

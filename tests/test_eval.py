@@ -125,6 +125,11 @@ def test_eval_and_study_commands(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     table = (tmp_path / "study" / "study.md").read_text()
     assert "| digits-gali-pt | 2 |" in table
+    # the SVM reference rows: raw pixels, and the untrained encoder once per seed
+    assert "| (raw pixels) | 1 |" in table and "| (untrained encoder) | 2 |" in table
+    saved = json.loads((tmp_path / "study" / "study.json").read_text())
+    run = saved["results"][0]
+    assert 0 <= run["svm_latent_error"] <= 100 and 0 <= run["svm_error"] <= 100
     assert (tmp_path / "study" / "study.png").is_file()
     runs = [str(tmp_path / "study" / f"digits-gali-pt-seed{s}") for s in (0, 1)]
     options = ["--markdown", "--svm-samples", "100", "--svm-draws", "1"]
@@ -133,3 +138,29 @@ def test_eval_and_study_commands(tmp_path, monkeypatch):
     assert "| digits-gali-pt | 2 |" in result.output and "N=100" in result.output
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert len(saved["results"]) == 2 and 0 < saved["summary"]["digits-gali-pt"]["pixel_mse"] < 1
+
+
+def test_study_refuses_a_bad_setting_before_training(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from gali_ext.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["study", "--out", "s", "--set", "n_diss=2"])
+    assert result.exit_code != 0 and "n_dis" in str(result.exception)
+    assert not (tmp_path / "s").exists()
+
+
+def test_latent_only_svm_features_are_the_encoder_output():
+    from recipes.evaluate import _encoder_features
+
+    from gali_ext.models import build_ali_models
+
+    encoder = build_ali_models("digits", latent_dim=8, channels=1).encoder
+    x = torch.rand(5, 1, 16, 16) * 2 - 1
+    latent = _encoder_features(encoder, x, latent_only=True)
+    encoder.eval()
+    with torch.no_grad():
+        mu = encoder(x)[0]
+    np.testing.assert_allclose(latent, mu.numpy(), rtol=1e-5, atol=1e-6)
+    assert _encoder_features(encoder, x).shape == (5, sum(encoder.hidden_dims))
