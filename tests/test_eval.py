@@ -152,9 +152,8 @@ def test_study_refuses_a_bad_setting_before_training(tmp_path, monkeypatch):
 
 
 def test_latent_only_svm_features_are_the_encoder_output():
-    from recipes.evaluate import _encoder_features
-
     from gali_ext.models import build_ali_models
+    from recipes.evaluate import _encoder_features
 
     encoder = build_ali_models("digits", latent_dim=8, channels=1).encoder
     x = torch.rand(5, 1, 16, 16) * 2 - 1
