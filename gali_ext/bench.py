@@ -3,7 +3,8 @@
 Reports median times (warm-up excluded) and the ratios
 
 1. full training step (``n_dis`` D steps + 1 G/E step) of ``gali4``, ``gali8``, ``gali_mix``,
-   ``gali_pt`` over ``ali``, on the same encoder, generator and discriminator networks;
+   ``gali_pt`` over ``ali``, on the same encoder, generator and discriminator networks, with
+   the alternating schedule and with one shared forward (``train_step(shared_forward=True)``);
 2. the fused :class:`MultiClassJointDiscriminatorHead` forward+backward over the authors'
    per-class discriminator (whole D once per class, features recomputed), for K = 4 and 8,
    after asserting that both give the same loss;
@@ -82,10 +83,10 @@ def _build(spec_name: str, arch: str, device: torch.device, seed: int = 0):
 
 def step_times(
     arch: str, batch: int, device: torch.device, warmup: int, repeats: int, n_dis: int = 1,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, float]:  # fmt: skip
-    """Median seconds of one full training step per spec."""
-    times = {}
+    autocast_dtype: torch.dtype | None = None, shared_forward: bool = False,
+) -> tuple[dict[str, float], dict[str, int]]:  # fmt: skip
+    """Median seconds of one full training step per spec, and (CUDA) each spec's peak bytes."""
+    times, peaks = {}, {}
     for name in SPECS:
         models, head, gali = _build(name, arch, device)
         d_opt = torch.optim.Adam(head.parameters(), 1e-4, betas=(0.5, 0.999))
@@ -98,10 +99,16 @@ def step_times(
             with torch.autocast(
                 device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
             ):
-                train_step(gali, [x] * n_dis, d_opt, g_opt, n_dis=n_dis, instance_noise=0.05)
+                train_step(gali, [x] * n_dis, d_opt, g_opt, n_dis=n_dis, instance_noise=0.05,
+                           shared_forward=shared_forward)  # fmt: skip
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         times[name] = _median_time(step, device, warmup, repeats)
-    return times
+        if device.type == "cuda":
+            peaks[name] = torch.cuda.max_memory_allocated(device)
+        del models, head, gali, d_opt, g_opt
+    return times, peaks
 
 
 def head_times(arch: str, batch: int, device: torch.device, warmup: int, repeats: int):
@@ -151,7 +158,8 @@ def run_benchmark(
     batch = batch or settings["batch"]
     arch = settings["arch"]
     image_shape = build_ali_models(arch).image_shape
-    steps = step_times(arch, batch, dev, warmup, repeats)
+    steps, _ = step_times(arch, batch, dev, warmup, repeats)
+    shared, _ = step_times(arch, batch, dev, warmup, repeats, shared_forward=True)
     heads = head_times(arch, batch, dev, warmup, repeats)
     result: dict[str, Any] = {
         "machine": platform.platform(),
@@ -164,18 +172,17 @@ def run_benchmark(
         "image_size": list(image_shape),
         "step_seconds": steps,
         "step_ratio_vs_ali": {k: v / steps["ali"] for k, v in steps.items() if k != "ali"},
+        "shared_step_seconds": shared,
+        "shared_ratio_vs_ali": {k: v / shared["ali"] for k, v in shared.items() if k != "ali"},
+        "shared_speedup": {k: steps[k] / shared[k] for k in SPECS},
         "head": heads,
         "fused_speedup": {k: v["per_class_s"] / v["fused_s"] for k, v in heads.items()},
     }
     if dev.type == "cuda":
         precision = {}
         for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            torch.cuda.reset_peak_memory_stats(dev)
-            t = step_times(arch, batch, dev, warmup, repeats, autocast_dtype=dtype)
-            precision[label] = {
-                "step_seconds": t,
-                "peak_bytes": torch.cuda.max_memory_allocated(dev),
-            }
+            t, peak = step_times(arch, batch, dev, warmup, repeats, autocast_dtype=dtype)
+            precision[label] = {"step_seconds": t, "peak_bytes": peak}
         result["precision"] = precision
         result["bf16_speedup"] = {
             k: precision["fp32"]["step_seconds"][k] / precision["bf16"]["step_seconds"][k]
@@ -193,12 +200,18 @@ def format_table(result: dict[str, Any]) -> str:
         f"device: {result['device']}, torch {result['torch']}, batch {result['batch_size']}, "
         f"images {result['image_size']}, {result['threads']} threads",
         "",
-        "| spec | full step (ms) | ratio vs ali |",
-        "|---|---|---|",
+        "| spec | alternating step (ms) | ratio vs ali | shared-forward step (ms) "
+        "| ratio vs ali | shared speed-up |",
+        "|---|---|---|---|---|---|",
     ]
     for name, seconds in result["step_seconds"].items():
         ratio = result["step_ratio_vs_ali"].get(name, 1.0)
-        lines.append(f"| {name} | {seconds * 1e3:.1f} | {ratio:.2f} |")
+        shared = result["shared_step_seconds"][name]
+        shared_ratio = result["shared_ratio_vs_ali"].get(name, 1.0)
+        lines.append(
+            f"| {name} | {seconds * 1e3:.1f} | {ratio:.2f} | {shared * 1e3:.1f} "
+            f"| {shared_ratio:.2f} | {result['shared_speedup'][name]:.2f}x |"
+        )
     lines += ["", "| head | K | fused (ms) | per-class (ms) | speed-up |", "|---|---|---|---|---|"]
     for name, h in result["head"].items():
         speedup = result["fused_speedup"][name]
@@ -213,7 +226,7 @@ def format_table(result: dict[str, Any]) -> str:
             "|---|---|---|---|",
         ]
         for name, s in result["bf16_speedup"].items():
-            fp32 = result["precision"]["fp32"]["peak_bytes"] / 2**20
-            bf16 = result["precision"]["bf16"]["peak_bytes"] / 2**20
+            fp32 = result["precision"]["fp32"]["peak_bytes"][name] / 2**20
+            bf16 = result["precision"]["bf16"]["peak_bytes"][name] / 2**20
             lines.append(f"| {name} | {s:.2f}x | {fp32:.0f} | {bf16:.0f} |")
     return "\n".join(lines)

@@ -189,6 +189,33 @@ class GALI(nn.Module):
         variables = chains.compute(self.spec.nodes)
         with _frozen(self.head):
             logits = self.head(variables, instance_noise_std, generator)
+        return self._generator_terms(logits, chains)
+
+    def shared_objectives(
+        self,
+        x: Tensor,
+        z: Tensor | None = None,
+        instance_noise_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Objective, Objective]:
+        """D's loss (eq. 3) and the generator-encoder loss (eq. 4 by default, plus the
+        providers' terms) from one forward pass of the chains and the head.
+
+        The authors' GALI-4 SVHN script trains this way: both losses come from the same
+        logits, so the step needs one chain pass instead of two and one head pass instead of
+        two. Both losses reach every parameter: back-propagate each into its own parameters
+        only (``d.loss.backward(inputs=d_params, retain_graph=True)``, then
+        ``g.loss.backward(inputs=g_params)``) before either optimizer steps, as
+        :func:`~gali_ext.trainer.train_step` does with ``shared_forward=True``.
+        """
+        chains = self.chains(x, z, generator)
+        variables = chains.compute(self.spec.nodes)
+        logits = self.head(variables, instance_noise_std, generator)
+        d_loss = self.discriminator_criterion(logits)
+        d = Objective(d_loss, logits, {"discriminator": d_loss.detach()}, chains)
+        return d, self._generator_terms(logits, chains)
+
+    def _generator_terms(self, logits: Tensor, chains: Chains) -> Objective:
         adversarial = self.generator_criterion(logits)
         parts = {"adversarial": adversarial.detach()}
         loss = adversarial
@@ -207,8 +234,9 @@ class GALI(nn.Module):
         role: str = "generator",
         instance_noise_std: float = 0.0,
         generator: torch.Generator | None = None,
-    ) -> Objective:
-        """The objective of ``role`` (``"discriminator"`` or ``"generator"``) on a batch.
+    ) -> Objective | tuple[Objective, Objective]:
+        """The objective of ``role`` (``"discriminator"`` or ``"generator"``) on a batch, or
+        both from one pass (``role="shared"``, :meth:`shared_objectives`).
 
         One forward per backward, so that ``accelerator.prepare(gali)`` (DDP, autocast) wraps
         the whole step.
@@ -217,7 +245,9 @@ class GALI(nn.Module):
             return self.discriminator_objective(x, z, instance_noise_std, generator)
         if role == "generator":
             return self.generator_objective(x, z, instance_noise_std, generator)
-        raise ConfigError(f"role must be 'discriminator' or 'generator', got {role!r}")
+        if role == "shared":
+            return self.shared_objectives(x, z, instance_noise_std, generator)
+        raise ConfigError(f"role must be 'discriminator', 'generator' or 'shared', got {role!r}")
 
     def discriminator_loss(self, x: Tensor, z: Tensor | None = None, **kwargs: Any) -> Tensor:
         """The scalar of :meth:`discriminator_objective`."""

@@ -2,7 +2,9 @@
 
 :func:`train_step` runs ``n_dis`` discriminator steps (the chains without gradients for E and G)
 then one generator-encoder step (no gradient for D), on HF Accelerate objects or plain ones, so
-a user's own loop can call it. The reference loop that calls it is ``recipes.train``.
+a user's own loop can call it. With ``shared_forward=True`` the last D step and the G/E step
+come from one forward pass, as in the authors' GALI-4 script. The reference loop that calls it
+is ``recipes.train`` (``--set shared_forward=true``).
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ def _check_finite(value: Tensor, name: str, step: int | None) -> None:
         raise DivergenceError(f"the {name} became {value.item()}{where}")
 
 
+def _parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def train_step(
     gali: nn.Module,
     batches: Iterator[Tensor] | Sequence[Tensor],
@@ -98,27 +104,40 @@ def train_step(
     instance_noise: float = 0.0,
     accelerator: Any = None,
     step: int | None = None,
+    shared_forward: bool = False,
 ) -> StepResult:
     """One GALI step: ``n_dis`` D steps on fresh batches, then one G/E step on the last batch.
 
     Args:
         gali: a :class:`~gali_ext.GALI` (or it wrapped by ``accelerator.prepare``); called as
-            ``gali(x, role="discriminator" | "generator", instance_noise_std=...)``.
+            ``gali(x, role="discriminator" | "generator" | "shared", instance_noise_std=...)``.
         batches: at least ``n_dis`` image batches (an iterator is advanced ``n_dis`` times).
         d_optimizer: over the head's parameters; g_optimizer: over E's and G's.
         accelerator: an ``accelerate.Accelerator``; its ``backward`` is used when given.
         step: the global step, named in the error if a loss becomes NaN or infinite.
+        shared_forward: the last D step and the G/E step share one forward pass
+            (:meth:`~gali_ext.GALI.shared_objectives`, the authors' GALI-4 script): both
+            gradients are taken at the same parameters, then both optimizers step. It saves a
+            chain pass and a head pass per step. Alternating (the default) lets the G/E step
+            see the D that was just updated. One process only, and not with fp16 loss scaling
+            (bf16 is fine): DDP reduces gradients once per backward, and the scaler's update
+            after the D step would change the scale the G/E gradients were made with.
 
     Raises :class:`~gali_ext.errors.DivergenceError` on a NaN or infinite loss, before any
     optimizer applies it.
     """
     if n_dis < 1:
         raise ConfigError(f"n_dis must be >= 1, got {n_dis}")
+    if shared_forward and accelerator is not None:
+        if accelerator.num_processes > 1:
+            raise ConfigError("shared_forward runs on one process; use the alternating schedule")
+        if getattr(accelerator, "scaler", None) is not None:
+            raise ConfigError("shared_forward does not work with fp16 loss scaling; use bf16")
     start = time.perf_counter()
     backward = accelerator.backward if accelerator is not None else Tensor.backward
     iterator = iter(batches)
     d_values = []
-    for _ in range(n_dis):
+    for _ in range(n_dis - 1 if shared_forward else n_dis):
         x = next(iterator)
         d_optimizer.zero_grad(set_to_none=True)
         d = gali(x, role="discriminator", instance_noise_std=instance_noise)
@@ -126,11 +145,26 @@ def train_step(
         backward(d.loss)
         d_optimizer.step()
         d_values.append(d.loss.detach())
-    g_optimizer.zero_grad(set_to_none=True)
-    g = gali(x, role="generator", instance_noise_std=instance_noise)
-    _check_finite(g.loss.detach(), "generator-encoder loss", step)
-    backward(g.loss)
-    g_optimizer.step()
+    if shared_forward:
+        x = next(iterator)
+        d, g = gali(x, role="shared", instance_noise_std=instance_noise)
+        _check_finite(d.loss.detach(), "discriminator loss", step)
+        _check_finite(g.loss.detach(), "generator-encoder loss", step)
+        d_optimizer.zero_grad(set_to_none=True)
+        g_optimizer.zero_grad(set_to_none=True)
+        # Both backward passes before either step: an optimizer step changes D's weights in
+        # place, which the second pass still needs.
+        backward(d.loss, inputs=_parameters(d_optimizer), retain_graph=True)
+        backward(g.loss, inputs=_parameters(g_optimizer))
+        d_optimizer.step()
+        g_optimizer.step()
+        d_values.append(d.loss.detach())
+    else:
+        g_optimizer.zero_grad(set_to_none=True)
+        g = gali(x, role="generator", instance_noise_std=instance_noise)
+        _check_finite(g.loss.detach(), "generator-encoder loss", step)
+        backward(g.loss)
+        g_optimizer.step()
     # One host sync for everything logged.
     logged = torch.stack([torch.stack(d_values).mean(), g.loss.detach(), *g.parts.values()])
     values = logged.float().cpu().tolist()

@@ -39,6 +39,7 @@ class RecipeConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     optimizer: str = "adam"
     n_dis: int = 1
+    shared_forward: bool = False  # last D step and G/E step from one forward (authors' script)
     steps: int = 10_000
     instance_noise: float = 0.1
     generator_loss: str = "product_of_terms"
@@ -88,6 +89,11 @@ class RecipeConfig:
         for ok, key, expected in checks:
             if not ok:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is invalid: expected {expected}")
+        if self.shared_forward and self.mixed_precision == "fp16":
+            raise ConfigError(
+                "shared_forward=true does not work with fp16 loss scaling: use "
+                "mixed_precision=bf16, or the alternating schedule (shared_forward=false)"
+            )
         if self.uses_features and self.features_model == "evaluator" and not self.features_weights:
             raise ConfigError(
                 f"recipe {self.name!r} uses the evaluator classifier as M: train it with "

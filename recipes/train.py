@@ -228,6 +228,11 @@ def _train(
         # D steps leave E and G unused; G steps freeze D's parameters.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if config.shared_forward and accelerator.num_processes > 1:
+        raise ConfigError(
+            f"shared_forward=true runs on one process, this launch has "
+            f"{accelerator.num_processes}: use the alternating schedule (shared_forward=false)"
+        )
     set_seed(config.seed, device_specific=True)
     built = build_model(config, train_data.channels)
     built.models.generator.init_output_bias(data_mean(train_data))
@@ -300,6 +305,7 @@ def _train(
                     instance_noise=noise,
                     accelerator=accelerator,
                     step=state.step,
+                    shared_forward=config.shared_forward,
                 )
             except DivergenceError:
                 _save_checkpoint(accelerator, built, out, state.step, config.keep_checkpoints)

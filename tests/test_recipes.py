@@ -116,9 +116,10 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert steps[-1] == 6
 
 
-def test_bf16_on_cpu(tmp_path):
-    out = train(tiny("digits-ali", steps=2, mixed_precision="bf16"), tmp_path / "r",
-                progress=False)  # fmt: skip
+@pytest.mark.parametrize("shared_forward", [False, True])
+def test_bf16_on_cpu(tmp_path, shared_forward):
+    config = tiny("digits-ali", steps=2, mixed_precision="bf16", shared_forward=shared_forward)
+    out = train(config, tmp_path / "r", progress=False)
     records = [json.loads(x) for x in (out / "metrics.jsonl").open()]
     assert all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"]) for r in records)
 
