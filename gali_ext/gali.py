@@ -165,11 +165,19 @@ class GALI(nn.Module):
         z: Tensor | None = None,
         instance_noise_std: float = 0.0,
         generator: torch.Generator | None = None,
+        *,
+        differentiable_chains: bool = False,
     ) -> Objective:
-        """D's loss (eq. 3) on one batch; the chains run without gradients for E and G."""
-        with torch.no_grad():
+        """D's loss (eq. 3) on one batch; D sees the chain nodes detached from E and G.
+
+        The chains run without gradients unless ``differentiable_chains=True``: then they keep
+        their graph, so that the generator-encoder step on the same batch reuses them
+        (``generator_objective(x, chains=d.chains)``) instead of running E and G again.
+        """
+        with torch.set_grad_enabled(differentiable_chains and torch.is_grad_enabled()):
             chains = self.chains(x, z, generator)
             variables = chains.compute(self.spec.nodes)
+        variables = {name: value.detach() for name, value in variables.items()}
         logits = self.head(variables, instance_noise_std, generator)
         loss = self.discriminator_criterion(logits)
         return Objective(loss, logits, {"discriminator": loss.detach()}, chains)
@@ -180,13 +188,26 @@ class GALI(nn.Module):
         z: Tensor | None = None,
         instance_noise_std: float = 0.0,
         generator: torch.Generator | None = None,
+        *,
+        chains: Chains | None = None,
     ) -> Objective:
         """The generator-encoder loss (eq. 4 by default) plus the providers' extra terms.
 
-        D's parameters take no gradient from it.
+        D's parameters take no gradient from it. ``chains``: the chains of a discriminator
+        step on this batch, made with ``differentiable_chains=True``; their nodes (the same
+        prior sample and encoder noise) are reused, so E and G do not run again. ``x`` and
+        ``z`` are then ignored.
         """
-        chains = self.chains(x, z, generator)
+        reused = chains is not None
+        if chains is None:
+            chains = self.chains(x, z, generator)
         variables = chains.compute(self.spec.nodes)
+        differentiable = any(v.requires_grad for v in variables.values())
+        if reused and torch.is_grad_enabled() and not differentiable:
+            raise ConfigError(
+                "the chains passed to generator_objective carry no gradient for E and G: make "
+                "them with discriminator_objective(..., differentiable_chains=True)"
+            )
         with _frozen(self.head):
             logits = self.head(variables, instance_noise_std, generator)
         return self._generator_terms(logits, chains)
@@ -234,17 +255,22 @@ class GALI(nn.Module):
         role: str = "generator",
         instance_noise_std: float = 0.0,
         generator: torch.Generator | None = None,
+        differentiable_chains: bool = False,
+        chains: Chains | None = None,
     ) -> Objective | tuple[Objective, Objective]:
         """The objective of ``role`` (``"discriminator"`` or ``"generator"``) on a batch, or
         both from one pass (``role="shared"``, :meth:`shared_objectives`).
 
         One forward per backward, so that ``accelerator.prepare(gali)`` (DDP, autocast) wraps
-        the whole step.
+        the whole step. ``differentiable_chains`` goes to :meth:`discriminator_objective`,
+        ``chains`` to :meth:`generator_objective`.
         """
         if role == "discriminator":
-            return self.discriminator_objective(x, z, instance_noise_std, generator)
+            return self.discriminator_objective(
+                x, z, instance_noise_std, generator, differentiable_chains=differentiable_chains
+            )
         if role == "generator":
-            return self.generator_objective(x, z, instance_noise_std, generator)
+            return self.generator_objective(x, z, instance_noise_std, generator, chains=chains)
         if role == "shared":
             return self.shared_objectives(x, z, instance_noise_std, generator)
         raise ConfigError(f"role must be 'discriminator', 'generator' or 'shared', got {role!r}")

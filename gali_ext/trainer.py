@@ -1,10 +1,11 @@
 """One GALI training step and its schedule (DESIGN.md section 4).
 
-:func:`train_step` runs ``n_dis`` discriminator steps (the chains without gradients for E and G)
-then one generator-encoder step (no gradient for D), on HF Accelerate objects or plain ones, so
-a user's own loop can call it. With ``shared_forward=True`` the last D step and the G/E step
-come from one forward pass, as in the authors' GALI-4 script. The reference loop that calls it
-is ``recipes.train`` (``--set shared_forward=true``).
+:func:`train_step` runs ``n_dis`` discriminator steps (D sees the chains detached from E and G)
+then one generator-encoder step (no gradient for D) on the chains of the last D step, on HF
+Accelerate objects or plain ones, so a user's own loop can call it. With
+``shared_forward=True`` the last D step and the G/E step come from one forward pass, as in the
+authors' GALI-4 script. The reference loop that calls it is ``recipes.train``
+(``--set shared_forward=true``).
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def train_step(
 ) -> StepResult:
     """One GALI step: ``n_dis`` D steps on fresh batches, then one G/E step on the last batch.
 
+    The G/E step reuses the chains of the last D step (made with
+    ``differentiable_chains=True``): the same prior sample and encoder noise, E and G run once
+    for both steps, and the G/E step still sees the updated D.
+
     Args:
         gali: a :class:`~gali_ext.GALI` (or it wrapped by ``accelerator.prepare``); called as
             ``gali(x, role="discriminator" | "generator" | "shared", instance_noise_std=...)``.
@@ -137,10 +142,14 @@ def train_step(
     backward = accelerator.backward if accelerator is not None else Tensor.backward
     iterator = iter(batches)
     d_values = []
-    for _ in range(n_dis - 1 if shared_forward else n_dis):
+    d_steps = n_dis - 1 if shared_forward else n_dis
+    for i in range(d_steps):
         x = next(iterator)
         d_optimizer.zero_grad(set_to_none=True)
-        d = gali(x, role="discriminator", instance_noise_std=instance_noise)
+        # The last D step keeps the chains' graph: the G/E step below reuses them.
+        reuse = not shared_forward and i == d_steps - 1
+        d = gali(x, role="discriminator", instance_noise_std=instance_noise,
+                 differentiable_chains=reuse)  # fmt: skip
         _check_finite(d.loss.detach(), "discriminator loss", step)
         backward(d.loss)
         d_optimizer.step()
@@ -161,7 +170,7 @@ def train_step(
         d_values.append(d.loss.detach())
     else:
         g_optimizer.zero_grad(set_to_none=True)
-        g = gali(x, role="generator", instance_noise_std=instance_noise)
+        g = gali(x, role="generator", instance_noise_std=instance_noise, chains=d.chains)
         _check_finite(g.loss.detach(), "generator-encoder loss", step)
         backward(g.loss)
         g_optimizer.step()

@@ -72,6 +72,64 @@ def test_alternating_step_lets_the_generator_see_the_updated_discriminator():
     )
 
 
+@pytest.mark.parametrize("name", ["gali8", "alice"])
+def test_alternating_step_equals_d_step_then_g_step_on_the_same_chains(name):
+    torch.manual_seed(0)
+    gali = build(name)
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    reference = copy.deepcopy(gali)
+
+    # By hand: a D step, then the G/E loss on the same prior sample and encoder noise (the
+    # same seed before each), with the D that was just updated.
+    d_opt, g_opt = sgd_pair(reference)
+    torch.manual_seed(1)
+    reference.discriminator_loss(x).backward()
+    d_opt.step()
+    torch.manual_seed(1)
+    reference.generator_loss(x).backward()
+    g_opt.step()
+
+    torch.manual_seed(1)
+    train_step(gali, [x], *sgd_pair(gali))
+    for (key, new), old in zip(gali.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6, msg=key)
+
+
+class Counted(nn.Module):
+    """Counts the calls of a network."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+
+@pytest.mark.parametrize("n_dis", [1, 3])
+def test_alternating_step_runs_each_chain_node_once_for_the_d_and_g_steps(n_dis):
+    gali = build("gali8")
+    gali.encoder, gali.generator = Counted(gali.encoder), Counted(gali.generator)
+    batches = [torch.rand(5, 1, 8, 8) * 2 - 1 for _ in range(n_dis)]
+    train_step(gali, iter(batches), *sgd_pair(gali), n_dis=n_dis)
+    # GALI-8's chains: E on x0, x1, xp0 and G on z0, zp0, zp1, once per D step; the G/E
+    # step reuses the last D step's chains.
+    assert gali.encoder.calls == gali.generator.calls == 3 * n_dis
+
+
+def test_reusing_chains_made_without_gradients_is_refused():
+    gali = build("gali8")
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    d = gali.discriminator_objective(x)  # differentiable_chains=False
+    with pytest.raises(ConfigError, match="differentiable_chains=True"):
+        gali.generator_objective(x, chains=d.chains)
+    d = gali.discriminator_objective(x, differentiable_chains=True)
+    d.loss.backward()  # D's loss reaches only D: the chains are detached from it
+    assert all(p.grad is None for p in [*gali.encoder.parameters(), *gali.generator.parameters()])
+    assert any(p.grad is not None for p in gali.head.parameters())
+
+
 def test_shared_forward_with_n_dis_uses_one_batch_per_d_step():
     torch.manual_seed(0)
     gali = build("gali8")
