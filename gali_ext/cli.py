@@ -127,13 +127,21 @@ def eval_command(
     out: Path = typer.Option(Path("eval.json"), help="Where to write all results as JSON."),
     svm_samples: int = typer.Option(None, help="Labelled images per SVM draw (paper: 1000)."),
     svm_draws: int = typer.Option(None, help="SVM draws to average (paper: 100)."),
+    inception_weights: Path = typer.Option(
+        None,
+        help="A local .safetensors file of timm's inception_v3 (e.g. inception_v3.tv_in1k): "
+        "adds FID on Inception features.",
+    ),
 ) -> None:
     """The paper's metrics for trained runs, as a table (mean ± std over seeds of a recipe)."""
     import json
 
-    from recipes.evaluate import evaluate_run, format_table, summarise
+    from recipes.evaluate import evaluate_run, format_table, inception_features, summarise
 
-    results = [evaluate_run(r, evaluator, svm_samples, svm_draws) for r in run_dirs]
+    inception = inception_features(inception_weights) if inception_weights else None
+    results = [
+        evaluate_run(r, evaluator, svm_samples, svm_draws, inception=inception) for r in run_dirs
+    ]
     summary = summarise(results)
     out.write_text(json.dumps({"results": results, "summary": summary}, indent=2))
     typer.echo(format_table(summary, markdown=markdown))

@@ -3,8 +3,9 @@
 
 A run is scored on its data set's test split: pixel MSE, feature MSE with the evaluator
 classifier ``M_eval``, linear-SVM misclassification on encoder features, Frechet distance of
-generated samples (on the evaluator's features, labelled as such: no Inception weights are
-downloaded), and inpainting errors. Runs that share a recipe are summarised as mean ± std.
+generated samples (on the evaluator's features, labelled as such, and on Inception-v3's when
+the user has its weights in a local file: nothing is downloaded), and inpainting errors. Runs
+that share a recipe are summarised as mean ± std.
 """
 
 from __future__ import annotations
@@ -29,13 +30,22 @@ from gali_ext.eval import (
 )
 from gali_ext.evaluator import load_evaluator, train_evaluator
 from gali_ext.models import build_ali_models
+from gali_ext.providers import PretrainedFeatures
 from gali_ext.providers.pretrained import load_safetensors_into
 from gali_ext.visual import save_image_grid
 
 from . import RecipeConfig
 from .train import build_model, first_images, load_data
 
-__all__ = ["METRICS", "evaluate_run", "format_table", "study", "summarise", "svm_references"]
+__all__ = [
+    "METRICS",
+    "evaluate_run",
+    "format_table",
+    "inception_features",
+    "study",
+    "summarise",
+    "svm_references",
+]
 
 # (key, column title, digits after the point)
 METRICS = [
@@ -43,6 +53,7 @@ METRICS = [
     ("feature_mse", "feature MSE", 4),
     ("svm_error", "SVM misclassification %", 2),
     ("svm_latent_error", "SVM % (latent only)", 2),
+    ("fid_inception", "FID (Inception features)", 2),
     ("fid_evaluator", "FID (evaluator features)", 2),
     ("inpaint_pixel_mse", "inpainting pixel MSE", 4),
     ("inpaint_feature_mse", "inpainting feature MSE", 4),
@@ -66,6 +77,19 @@ def ensure_evaluator(dataset: str, folder: Path | None, data_dir: str | None = N
             )
         train_evaluator(dataset, folder, data_dir)
     return folder
+
+
+def inception_features(
+    weights: str | Path, input_size: tuple[int, int] = (299, 299)
+) -> PretrainedFeatures:
+    """timm's Inception-v3 (``inception_v3``, 2048 pooled features, images resized to
+    ``input_size``) with weights from a local ``.safetensors`` file, e.g. those of timm's
+    ``inception_v3.tv_in1k``.
+
+    FID on these features ranks models as the paper's FID does; its values are not those of
+    the TensorFlow Inception graph behind published FIDs.
+    """
+    return PretrainedFeatures("inception_v3", weights, input_size=input_size)
 
 
 def _encoder_features(
@@ -116,9 +140,14 @@ def evaluate_run(
     svm_samples: int | None = None,
     svm_draws: int | None = None,
     max_test_images: int = 2000,
+    inception: PretrainedFeatures | None = None,
 ) -> dict[str, Any]:
     """Every metric of DESIGN.md section 6 for one run directory, plus the linear SVM on the
-    encoder's output alone (``svm_latent_error``)."""
+    encoder's output alone (``svm_latent_error``).
+
+    FID is computed on the evaluator classifier's features (``fid_evaluator``) and, when
+    ``inception`` is given (:func:`inception_features`), on Inception's (``fid_inception``).
+    """
     run = Path(run_dir)
     config = RecipeConfig.from_json(run / "config.json")
     test, train, val = (load_data(config, s) for s in ("test", "train", "val"))
@@ -147,6 +176,8 @@ def evaluate_run(
         z = torch.randn(len(x), built.models.latent_dim, generator=torch.Generator().manual_seed(0))
         generated = torch.cat([generator(z[i : i + 500]) for i in range(0, len(z), 500)])
     result["fid_evaluator"] = fid(evaluator.features, x, generated)
+    if inception is not None:
+        result["fid_inception"] = fid(inception.features, x, generated, batch_size=50)
     inpaint = inpainting_errors(encoder, generator, x, evaluator.features)
     result["inpaint_pixel_mse"] = inpaint["pixel_mse"]
     result["inpaint_feature_mse"] = inpaint["feature_mse"]

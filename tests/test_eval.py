@@ -11,6 +11,7 @@ from gali_ext.eval import (
     feature_mse,
     fid,
     frechet_distance,
+    gaussian_fit,
     inpainting_errors,
     reconstruction_mse,
     svm_misclassification,
@@ -163,3 +164,56 @@ def test_latent_only_svm_features_are_the_encoder_output():
         mu = encoder(x)[0]
     np.testing.assert_allclose(latent, mu.numpy(), rtol=1e-5, atol=1e-6)
     assert _encoder_features(encoder, x).shape == (5, sum(encoder.hidden_dims))
+
+
+def test_fid_with_fewer_samples_than_dimensions_closed_forms():
+    # 40 samples of 300 features: the covariances are rank-deficient. Shifting every sample
+    # by c leaves the covariance alone, so the distance is ||c||^2 exactly; scaling by 2
+    # gives ||mu||^2 (1 - 2)^2 + tr(S) (1 - 2)^2.
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(40, 300, generator=g, dtype=torch.float64) + 1
+    shift = torch.linspace(-1, 1, 300, dtype=torch.float64)
+    assert fid(nn.Identity(), real, real) == pytest.approx(0.0, abs=1e-9)
+    assert fid(nn.Identity(), real, real + shift) == pytest.approx(shift.pow(2).sum().item())
+    expected = real.mean(0).pow(2).sum().item() + real.var(0).sum().item()
+    assert fid(nn.Identity(), real, 2 * real) == pytest.approx(expected)
+    # the same as the covariance route once there are more samples than dimensions
+    wide = real[:, :20]
+    assert fid(nn.Identity(), wide, wide * 1.5 + 0.3) == pytest.approx(
+        frechet_distance(*gaussian_fit(wide), *gaussian_fit(wide * 1.5 + 0.3))
+    )
+
+
+def test_fid_on_inception_features_from_a_local_file(tmp_path, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    import recipes
+    from gali_ext.errors import CheckpointError
+    from recipes.evaluate import evaluate_run, format_table, inception_features, summarise
+    from recipes.train import train
+
+    # Random Inception weights with calibrated batch-norm statistics, saved whole (classifier
+    # too) as a real file would be; 75 x 75 inputs (Inception's smallest) keep the test fast.
+    torch.manual_seed(0)
+    model = timm.create_model("inception_v3", pretrained=False)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the calibration batch
+    with torch.no_grad():
+        model.train()(torch.rand(16, 3, 75, 75))
+    weights = tmp_path / "inception_v3.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    inception = inception_features(weights, input_size=(75, 75))
+    x = torch.rand(12, 1, 16, 16) * 2 - 1
+    assert inception.features(x).shape == (12, 2048)  # pooled features of RGB images
+
+    monkeypatch.chdir(tmp_path)
+    run = train(recipes.get("digits-ali").with_overrides({"steps": "1"}), tmp_path / "run",
+                progress=False)  # fmt: skip
+    result = evaluate_run(run, svm_samples=100, svm_draws=1, max_test_images=24,
+                          inception=inception)  # fmt: skip
+    assert result["fid_inception"] > 0 and result["fid_inception"] != result["fid_evaluator"]
+    assert "FID (Inception features)" in format_table(summarise([result]))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        inception_features(tmp_path / "missing.safetensors")
