@@ -4,7 +4,8 @@ Reports median times (warm-up excluded) and the ratios
 
 1. full training step (``n_dis`` D steps + 1 G/E step) of ``gali4``, ``gali8``, ``gali_mix``,
    ``gali_pt`` over ``ali``, on the same encoder, generator and discriminator networks, with
-   the alternating schedule and with one shared forward (``train_step(shared_forward=True)``);
+   the alternating schedule and with one shared forward (``train_step(shared_forward=True)``),
+   beside the ratio of their floating-point operations (a count, the same on every machine);
 2. the fused :class:`MultiClassJointDiscriminatorHead` forward+backward over the authors'
    per-class discriminator (whole D once per class, features recomputed), for K = 4 and 8,
    after asserting that both give the same loss;
@@ -32,7 +33,7 @@ from .models import build_ali_models
 from .providers import PretrainedFeatures
 from .trainer import train_step
 
-__all__ = ["run_benchmark", "PRESETS"]
+__all__ = ["PRESETS", "profile_tables", "run_benchmark", "step_flops"]
 
 PRESETS = {"digits": {"arch": "digits", "batch": 64}, "svhn": {"arch": "svhn", "batch": 100}}
 SPECS = ("ali", "gali4", "gali8", "gali_mix", "gali_pt")
@@ -88,12 +89,7 @@ def step_times(
     """Median seconds of one full training step per spec, and (CUDA) each spec's peak bytes."""
     times, peaks = {}, {}
     for name in SPECS:
-        models, head, gali = _build(name, arch, device)
-        d_opt = torch.optim.Adam(head.parameters(), 1e-4, betas=(0.5, 0.999))
-        g_opt = torch.optim.Adam(
-            [*models.encoder.parameters(), *models.generator.parameters()], 1e-4, betas=(0.5, 0.999)
-        )
-        x = torch.rand(batch, *models.image_shape, device=device) * 2 - 1
+        gali, d_opt, g_opt, x = _step_setup(name, arch, batch, device)
 
         def step(gali=gali, x=x, d_opt=d_opt, g_opt=g_opt) -> None:
             with torch.autocast(
@@ -107,8 +103,59 @@ def step_times(
         times[name] = _median_time(step, device, warmup, repeats)
         if device.type == "cuda":
             peaks[name] = torch.cuda.max_memory_allocated(device)
-        del models, head, gali, d_opt, g_opt
+        del gali, d_opt, g_opt
     return times, peaks
+
+
+def _step_setup(name: str, arch: str, batch: int, device: torch.device):
+    """GALI for spec ``name``, its two optimizers and a batch of images in [-1, 1]."""
+    models, head, gali = _build(name, arch, device)
+    d_opt = torch.optim.Adam(head.parameters(), 1e-4, betas=(0.5, 0.999))
+    g_opt = torch.optim.Adam(
+        [*models.encoder.parameters(), *models.generator.parameters()], 1e-4, betas=(0.5, 0.999)
+    )
+    x = torch.rand(batch, *models.image_shape, device=device) * 2 - 1
+    return gali, d_opt, g_opt, x
+
+
+def step_flops(arch: str, batch: int, device: torch.device) -> dict[str, float]:
+    """Floating-point operations of one alternating training step per spec (the matrix
+    products and convolutions, forward and backward, counted by ``torch.utils.flop_counter``).
+
+    A count, not a timing: the same on every machine, it is the floor a step's time ratio
+    can approach when the step is compute-bound.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for name in SPECS:
+        gali, d_opt, g_opt, x = _step_setup(name, arch, batch, device)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            train_step(gali, [x], d_opt, g_opt, instance_noise=0.05)
+        flops[name] = float(counter.get_total_flops())
+    return flops
+
+
+def profile_tables(
+    arch: str, batch: int, device: torch.device, repeats: int, specs=("ali", "gali8"), rows=12
+) -> dict[str, str]:
+    """``torch.profiler`` tables of the top ops (by self time) over ``repeats`` alternating
+    training steps of each spec, after one untimed step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = {}
+    for name in specs:
+        gali, d_opt, g_opt, x = _step_setup(name, arch, batch, device)
+        train_step(gali, [x], d_opt, g_opt, instance_noise=0.05)
+        with profile(activities=activities) as profiler:
+            for _ in range(repeats):
+                train_step(gali, [x], d_opt, g_opt, instance_noise=0.05)
+            _sync(device)
+        tables[name] = profiler.key_averages().table(sort_by=sort, row_limit=rows)
+    return tables
 
 
 def head_times(arch: str, batch: int, device: torch.device, warmup: int, repeats: int):
@@ -151,8 +198,12 @@ def run_benchmark(
     batch: int | None = None,
     out: str | Path | None = "bench.json",
     print_fn: Callable[[str], None] = print,
+    profile: bool = False,
 ) -> dict[str, Any]:
-    """Run the benchmark, print a table and write ``out`` (JSON). Returns the results."""
+    """Run the benchmark, print a table and write ``out`` (JSON). Returns the results.
+
+    ``profile`` adds the ``torch.profiler`` tables of the top ops of an ALI and a GALI-8 step.
+    """
     settings = PRESETS[preset]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = batch or settings["batch"]
@@ -161,6 +212,7 @@ def run_benchmark(
     steps, _ = step_times(arch, batch, dev, warmup, repeats)
     shared, _ = step_times(arch, batch, dev, warmup, repeats, shared_forward=True)
     heads = head_times(arch, batch, dev, warmup, repeats)
+    flops = step_flops(arch, batch, dev)
     result: dict[str, Any] = {
         "machine": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -172,6 +224,8 @@ def run_benchmark(
         "image_size": list(image_shape),
         "step_seconds": steps,
         "step_ratio_vs_ali": {k: v / steps["ali"] for k, v in steps.items() if k != "ali"},
+        "step_flops": flops,
+        "flop_ratio_vs_ali": {k: v / flops["ali"] for k, v in flops.items() if k != "ali"},
         "shared_step_seconds": shared,
         "shared_ratio_vs_ali": {k: v / shared["ali"] for k, v in shared.items() if k != "ali"},
         "shared_speedup": {k: steps[k] / shared[k] for k in SPECS},
@@ -188,6 +242,8 @@ def run_benchmark(
             k: precision["fp32"]["step_seconds"][k] / precision["bf16"]["step_seconds"][k]
             for k in SPECS
         }
+    if profile:
+        result["profile"] = profile_tables(arch, batch, dev, repeats)
     print_fn(format_table(result))
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=2))
@@ -200,16 +256,18 @@ def format_table(result: dict[str, Any]) -> str:
         f"device: {result['device']}, torch {result['torch']}, batch {result['batch_size']}, "
         f"images {result['image_size']}, {result['threads']} threads",
         "",
-        "| spec | alternating step (ms) | ratio vs ali | shared-forward step (ms) "
-        "| ratio vs ali | shared speed-up |",
-        "|---|---|---|---|---|---|",
+        "| spec | GFLOP per step | FLOP ratio vs ali | alternating step (ms) | ratio vs ali "
+        "| shared-forward step (ms) | ratio vs ali | shared speed-up |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, seconds in result["step_seconds"].items():
         ratio = result["step_ratio_vs_ali"].get(name, 1.0)
+        flop_ratio = result["flop_ratio_vs_ali"].get(name, 1.0)
         shared = result["shared_step_seconds"][name]
         shared_ratio = result["shared_ratio_vs_ali"].get(name, 1.0)
         lines.append(
-            f"| {name} | {seconds * 1e3:.1f} | {ratio:.2f} | {shared * 1e3:.1f} "
+            f"| {name} | {result['step_flops'][name] / 1e9:.2f} | {flop_ratio:.2f} "
+            f"| {seconds * 1e3:.1f} | {ratio:.2f} | {shared * 1e3:.1f} "
             f"| {shared_ratio:.2f} | {result['shared_speedup'][name]:.2f}x |"
         )
     lines += ["", "| head | K | fused (ms) | per-class (ms) | speed-up |", "|---|---|---|---|---|"]
@@ -229,4 +287,6 @@ def format_table(result: dict[str, Any]) -> str:
             fp32 = result["precision"]["fp32"]["peak_bytes"][name] / 2**20
             bf16 = result["precision"]["bf16"]["peak_bytes"][name] / 2**20
             lines.append(f"| {name} | {s:.2f}x | {fp32:.0f} | {bf16:.0f} |")
+    for name, table in result.get("profile", {}).items():
+        lines += ["", f"top ops of {name} steps (torch.profiler):", table]
     return "\n".join(lines)

@@ -180,13 +180,15 @@ def bench(
     warmup: int = typer.Option(3, help="Untimed warm-up repetitions."),
     batch: int = typer.Option(None, help="Batch size (default: the preset's)."),
     out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON results."),
+    profile: bool = typer.Option(False, help="Also print the top ops of ALI and GALI-8 steps."),
 ) -> None:
     """Step cost of K classes, fused vs per-class head, and mixed precision, as ratios."""
     from .bench import PRESETS, run_benchmark
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown benchmark preset {preset!r}; presets: {', '.join(PRESETS)}")
-    run_benchmark(preset, device, repeats, warmup, batch, out, print_fn=typer.echo)
+    run_benchmark(preset, device, repeats, warmup, batch, out, print_fn=typer.echo,
+                  profile=profile)  # fmt: skip
 
 
 def main() -> None:

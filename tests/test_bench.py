@@ -11,9 +11,13 @@ from gali_ext.bench import SPECS, run_benchmark
 def test_benchmark_reports_ratios(tmp_path):
     lines = []
     result = run_benchmark("digits", "cpu", repeats=1, warmup=0, batch=4,
-                           out=tmp_path / "bench.json", print_fn=lines.append)  # fmt: skip
+                           out=tmp_path / "bench.json", print_fn=lines.append,
+                           profile=True)  # fmt: skip
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["step_ratio_vs_ali"].keys() == set(SPECS) - {"ali"}
+    # GALI-8 runs E and G three times where ALI runs them once, and D on twice the images
+    assert 2 < saved["flop_ratio_vs_ali"]["gali8"] < 4
+    assert saved["profile"].keys() == {"ali", "gali8"} and "top ops of gali8" in lines[0]
     assert all(v > 0 for v in saved["fused_speedup"].values())
     assert saved["shared_step_seconds"].keys() == set(SPECS)
     assert all(v > 0 for v in saved["shared_speedup"].values())
