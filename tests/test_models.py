@@ -27,7 +27,7 @@ ARCHS = ["celeba", "digits", "svhn"]
 EXPECTED = {
     "svhn": dict(shape=(3, 32, 32), latent=256, dx=512, dz=512, joint=(1024, 1024), slope=0.01),
     "celeba": dict(shape=(3, 64, 64), latent=256, dx=512, dz=1024, joint=(2048, 2048), slope=0.02),
-    "digits": dict(shape=(1, 16, 16), latent=32, dx=256, dz=256, joint=(512, 512), slope=0.2),
+    "digits": dict(shape=(1, 16, 16), latent=32, dx=128, dz=128, joint=(256, 256), slope=0.2),
 }
 
 
