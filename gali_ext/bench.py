@@ -9,7 +9,11 @@ Reports median times (warm-up excluded) and the ratios
 2. the fused :class:`MultiClassJointDiscriminatorHead` forward+backward over the authors'
    per-class discriminator (whole D once per class, features recomputed), for K = 4 and 8,
    after asserting that both give the same loss;
-3. on CUDA only: bf16 autocast over fp32 step time, and the peak memory of each.
+3. on CUDA only: bf16 autocast over fp32 step time, and the memory a step of each allocates
+   above the resident weights and optimizer state.
+
+All step variants are timed in one loop, one call of each per round, so that a machine whose
+speed drifts during the run moves every median alike.
 
 Ratios, not absolute times, are the result: the machines are shared and noisy.
 """
@@ -33,7 +37,7 @@ from .models import build_ali_models
 from .providers import PretrainedFeatures
 from .trainer import train_step
 
-__all__ = ["PRESETS", "profile_tables", "run_benchmark", "step_flops"]
+__all__ = ["PRESETS", "profile_tables", "run_benchmark", "step_flops", "step_functions"]
 
 PRESETS = {"digits": {"arch": "digits", "batch": 64}, "svhn": {"arch": "svhn", "batch": 100}}
 SPECS = ("ali", "gali4", "gali8", "gali_mix", "gali_pt")
@@ -44,17 +48,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+def _median_times(
+    functions: dict[Any, Callable[[], Any]], device: torch.device, warmup: int, repeats: int
+) -> tuple[dict[Any, float], dict[Any, int]]:
+    """Median seconds of each function, and (CUDA) the most memory one call allocated above
+    what was allocated before it (activations, gradients, workspace; not the resident weights
+    and optimizer state).
+
+    The calls are interleaved, one of each function per round, so that a machine that slows
+    down or speeds up during the run moves every median alike and the ratios stay fair.
+    """
     for _ in range(warmup):
-        fn()
+        for fn in functions.values():
+            fn()
     _sync(device)
-    times = []
+    times: dict[Any, list[float]] = {name: [] for name in functions}
+    peaks: dict[Any, int] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in functions.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) - resident
+                peaks[name] = max(peaks.get(name, 0), peak)
+    return {name: statistics.median(t) for name, t in times.items()}, peaks
 
 
 class _FrozenFeatures(nn.Module):
@@ -82,14 +104,21 @@ def _build(spec_name: str, arch: str, device: torch.device, seed: int = 0):
     return models, gali.head, gali.to(device)
 
 
-def step_times(
-    arch: str, batch: int, device: torch.device, warmup: int, repeats: int, n_dis: int = 1,
-    autocast_dtype: torch.dtype | None = None, shared_forward: bool = False,
-) -> tuple[dict[str, float], dict[str, int]]:  # fmt: skip
-    """Median seconds of one full training step per spec, and (CUDA) each spec's peak bytes."""
-    times, peaks = {}, {}
-    for name in SPECS:
+def step_functions(
+    arch: str, batch: int, device: torch.device, specs: tuple[str, ...] = SPECS, *,
+    n_dis: int = 1, autocast_dtype: torch.dtype | None = None, shared_forward: bool = False,
+    compiled: bool = False,
+) -> dict[str, Callable[[], None]]:  # fmt: skip
+    """One full training step per spec, each on its own networks and optimizers, ready to time.
+
+    ``compiled``: E, G and each network of the head go through ``torch.compile`` first (the
+    compilation happens in the first calls, the warm-up).
+    """
+    steps = {}
+    for name in specs:
         gali, d_opt, g_opt, x = _step_setup(name, arch, batch, device)
+        if compiled:
+            _compile_networks(gali)
 
         def step(gali=gali, x=x, d_opt=d_opt, g_opt=g_opt) -> None:
             with torch.autocast(
@@ -98,13 +127,17 @@ def step_times(
                 train_step(gali, [x] * n_dis, d_opt, g_opt, n_dis=n_dis, instance_noise=0.05,
                            shared_forward=shared_forward)  # fmt: skip
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times[name] = _median_time(step, device, warmup, repeats)
-        if device.type == "cuda":
-            peaks[name] = torch.cuda.max_memory_allocated(device)
-        del gali, d_opt, g_opt
-    return times, peaks
+        steps[name] = step
+    return steps
+
+
+def _compile_networks(gali: nn.Module) -> None:
+    """Every network of a GALI objective replaced by its ``torch.compile`` version."""
+    gali.encoder = torch.compile(gali.encoder)
+    gali.generator = torch.compile(gali.generator)
+    for kind in list(gali.head.feature_nets):
+        gali.head.feature_nets[kind] = torch.compile(gali.head.feature_nets[kind])
+    gali.head.joint = torch.compile(gali.head.joint)
 
 
 def _step_setup(name: str, arch: str, batch: int, device: torch.device):
@@ -181,10 +214,11 @@ def head_times(arch: str, batch: int, device: torch.device, warmup: int, repeats
             head.zero_grad(set_to_none=True)
             loss(head.forward_per_class(variables)).backward()
 
+        times, _ = _median_times({"fused": fused, "per_class": naive}, device, warmup, repeats)
         results[name] = {
             "K": head.spec.num_classes,
-            "fused_s": _median_time(fused, device, warmup, repeats),
-            "per_class_s": _median_time(naive, device, warmup, repeats),
+            "fused_s": times["fused"],
+            "per_class_s": times["per_class"],
             "loss": fused_loss.item(),
         }
     return results
@@ -199,18 +233,34 @@ def run_benchmark(
     out: str | Path | None = "bench.json",
     print_fn: Callable[[str], None] = print,
     profile: bool = False,
+    torch_compile: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark, print a table and write ``out`` (JSON). Returns the results.
 
-    ``profile`` adds the ``torch.profiler`` tables of the top ops of an ALI and a GALI-8 step.
+    ``profile`` adds the ``torch.profiler`` tables of the top ops of an ALI and a GALI-8 step;
+    ``torch_compile`` times ALI and GALI-8 steps with compiled networks against eager ones.
     """
     settings = PRESETS[preset]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = batch or settings["batch"]
     arch = settings["arch"]
     image_shape = build_ali_models(arch).image_shape
-    steps, _ = step_times(arch, batch, dev, warmup, repeats)
-    shared, _ = step_times(arch, batch, dev, warmup, repeats, shared_forward=True)
+    # Every variant of the step is timed in one interleaved loop (see _median_times).
+    variants = {
+        "alternating": step_functions(arch, batch, dev),
+        "shared": step_functions(arch, batch, dev, shared_forward=True),
+    }
+    if torch_compile:
+        variants["compiled"] = step_functions(arch, batch, dev, ("ali", "gali8"), compiled=True)
+    if dev.type == "cuda":
+        variants["bf16"] = step_functions(arch, batch, dev, autocast_dtype=torch.bfloat16)
+    functions = {(v, spec): fn for v, steps in variants.items() for spec, fn in steps.items()}
+    # a compiled step compiles in its first calls, and again for each grad mode
+    step_warmup = max(warmup, 3) if torch_compile else warmup
+    times, peaks = _median_times(functions, dev, step_warmup, repeats)
+    del functions, variants
+    timed = {v: {spec: t for (key, spec), t in times.items() if key == v} for v, _ in times}
+    steps, shared = timed["alternating"], timed["shared"]
     heads = head_times(arch, batch, dev, warmup, repeats)
     flops = step_flops(arch, batch, dev)
     result: dict[str, Any] = {
@@ -232,16 +282,18 @@ def run_benchmark(
         "head": heads,
         "fused_speedup": {k: v["per_class_s"] / v["fused_s"] for k, v in heads.items()},
     }
+    if torch_compile:
+        result["compiled_step_seconds"] = timed["compiled"]
+        result["compile_speedup"] = {k: steps[k] / v for k, v in timed["compiled"].items()}
     if dev.type == "cuda":
-        precision = {}
-        for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            t, peak = step_times(arch, batch, dev, warmup, repeats, autocast_dtype=dtype)
-            precision[label] = {"step_seconds": t, "peak_bytes": peak}
-        result["precision"] = precision
-        result["bf16_speedup"] = {
-            k: precision["fp32"]["step_seconds"][k] / precision["bf16"]["step_seconds"][k]
-            for k in SPECS
+        result["precision"] = {
+            label: {
+                "step_seconds": timed[variant],
+                "peak_bytes": {s: b for (v, s), b in peaks.items() if v == variant},
+            }
+            for label, variant in (("fp32", "alternating"), ("bf16", "bf16"))
         }
+        result["bf16_speedup"] = {k: steps[k] / timed["bf16"][k] for k in SPECS}
     if profile:
         result["profile"] = profile_tables(arch, batch, dev, repeats)
     print_fn(format_table(result))
@@ -287,6 +339,11 @@ def format_table(result: dict[str, Any]) -> str:
             fp32 = result["precision"]["fp32"]["peak_bytes"][name] / 2**20
             bf16 = result["precision"]["bf16"]["peak_bytes"][name] / 2**20
             lines.append(f"| {name} | {s:.2f}x | {fp32:.0f} | {bf16:.0f} |")
+    if "compile_speedup" in result:
+        lines += ["", "| spec | torch.compile step (ms) | speed-up over eager |", "|---|---|---|"]
+        for name, seconds in result["compiled_step_seconds"].items():
+            speedup = result["compile_speedup"][name]
+            lines.append(f"| {name} | {seconds * 1e3:.1f} | {speedup:.2f}x |")
     for name, table in result.get("profile", {}).items():
         lines += ["", f"top ops of {name} steps (torch.profiler):", table]
     return "\n".join(lines)

@@ -181,6 +181,9 @@ def bench(
     batch: int = typer.Option(None, help="Batch size (default: the preset's)."),
     out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON results."),
     profile: bool = typer.Option(False, help="Also print the top ops of ALI and GALI-8 steps."),
+    torch_compile: bool = typer.Option(
+        False, "--compile", help="Also time ALI and GALI-8 with torch.compile."
+    ),
 ) -> None:
     """Step cost of K classes, fused vs per-class head, and mixed precision, as ratios."""
     from .bench import PRESETS, run_benchmark
@@ -188,7 +191,7 @@ def bench(
     if preset not in PRESETS:
         raise ConfigError(f"unknown benchmark preset {preset!r}; presets: {', '.join(PRESETS)}")
     run_benchmark(preset, device, repeats, warmup, batch, out, print_fn=typer.echo,
-                  profile=profile)  # fmt: skip
+                  profile=profile, torch_compile=torch_compile)  # fmt: skip
 
 
 def main() -> None:
