@@ -223,9 +223,10 @@ class GALI(nn.Module):
         providers' terms) from one forward pass of the chains and the head.
 
         The authors' GALI-4 SVHN script trains this way: both losses come from the same
-        logits, so the step needs one chain pass instead of two and one head pass instead of
-        two. Both losses reach every parameter: back-propagate each into its own parameters
-        only (``d.loss.backward(inputs=d_params, retain_graph=True)``, then
+        logits, so the step needs one head pass instead of two (the alternating step shares
+        the chain pass too, see ``differentiable_chains``). Both losses reach every parameter:
+        back-propagate each into its own parameters only
+        (``d.loss.backward(inputs=d_params, retain_graph=True)``, then
         ``g.loss.backward(inputs=g_params)``) before either optimizer steps, as
         :func:`~gali_ext.trainer.train_step` does with ``shared_forward=True``.
         """

@@ -144,7 +144,7 @@ _CELEBA = _Arch(
 # convolutions (16, 32 channels: 16 -> 8 -> 4), a 3 x 3 one (64), then a 4 x 4 one to a 128-wide
 # 1 x 1 map, so that the encoder has ALI's shape and the three hidden layers the evaluation reads;
 # the generator mirrors it, D(z) and D(x, z) are 128- and 256-wide MLPs. Half the width of the
-# 32-64-128-256 variant of release 0.1.0 (whose joint MLP alone made a quarter of a GALI-8 step's
+# 32-64-128-256 variant used before (whose joint MLP alone made a quarter of a GALI-8 step's
 # FLOPs): a quarter of its FLOPs and 2 to 2.4 times faster per step on two CPU cores, so that
 # `gali-ext study digits` (15 runs) fits in half an hour on a 2-core machine.
 _DIGITS = _Arch(

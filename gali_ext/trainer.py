@@ -123,8 +123,8 @@ def train_step(
         shared_forward: the last D step and the G/E step share one forward pass
             (:meth:`~gali_ext.GALI.shared_objectives`, the authors' GALI-4 script): both
             gradients are taken at the same parameters, then both optimizers step. It saves a
-            chain pass and a head pass per step. Alternating (the default) lets the G/E step
-            see the D that was just updated. One process only, and not with fp16 loss scaling
+            head pass per step. Alternating (the default) lets the G/E step see the D that was
+            just updated. One process only, and not with fp16 loss scaling
             (bf16 is fine): DDP reduces gradients once per backward, and the scaler's update
             after the D step would change the scale the G/E gradients were made with.
 
