@@ -161,17 +161,21 @@ def step_flops(arch: str, batch: int, device: torch.device) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     flops = {}
-    for name in SPECS:
-        gali, d_opt, g_opt, x = _step_setup(name, arch, batch, device)
+    for name, step in step_functions(arch, batch, device).items():
         counter = FlopCounterMode(display=False)
         with counter:
-            train_step(gali, [x], d_opt, g_opt, instance_noise=0.05)
+            step()
         flops[name] = float(counter.get_total_flops())
     return flops
 
 
 def profile_tables(
-    arch: str, batch: int, device: torch.device, repeats: int, specs=("ali", "gali8"), rows=12
+    arch: str,
+    batch: int,
+    device: torch.device,
+    repeats: int,
+    specs: tuple[str, ...] = ("ali", "gali8"),
+    rows: int = 12,
 ) -> dict[str, str]:
     """``torch.profiler`` tables of the top ops (by self time) over ``repeats`` alternating
     training steps of each spec, after one untimed step."""
@@ -180,12 +184,11 @@ def profile_tables(
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     tables = {}
-    for name in specs:
-        gali, d_opt, g_opt, x = _step_setup(name, arch, batch, device)
-        train_step(gali, [x], d_opt, g_opt, instance_noise=0.05)
+    for name, step in step_functions(arch, batch, device, specs).items():
+        step()
         with profile(activities=activities) as profiler:
             for _ in range(repeats):
-                train_step(gali, [x], d_opt, g_opt, instance_noise=0.05)
+                step()
             _sync(device)
         tables[name] = profiler.key_averages().table(sort_by=sort, row_limit=rows)
     return tables
