@@ -310,4 +310,6 @@ def _figure(out: Path, names: list[str], count: int = 10) -> Path:
         recon = reconstruct(built.models.encoder, built.models.generator, x)
         rows = [x] if rows is None else rows
         rows.append(recon)
-    return save_image_grid(torch.cat(rows), out / "study.png", columns=count)
+    labels = ["test digits", *(name.removeprefix("digits-") for name in names)]
+    return save_image_grid(torch.cat(rows), out / "study.png", columns=count, scale=3,
+                           row_labels=labels)  # fmt: skip
