@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "frechet_distance",
     "gaussian_fit",
     "inpainting_errors",
+    "model_device",
     "reconstruct",
     "reconstruction_mse",
     "svm_misclassification",
@@ -50,9 +52,21 @@ class eval_mode:  # noqa: N801  (used like a function: `with eval_mode(encoder, 
             m.train(mode)
 
 
-def _batches(images: Tensor, batch_size: int):
+def model_device(model: Any) -> torch.device | None:
+    """The device of a module's first parameter or buffer; ``None`` for a plain function or a
+    module without tensors (its inputs then stay where they are)."""
+    if isinstance(model, nn.Module):
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            return tensor.device
+    return None
+
+
+def _batches(images: Tensor, batch_size: int, device: torch.device | None = None):
+    """Slices of ``images``, each moved to ``device`` (the model's: the images may stay on the
+    CPU while the networks sit on a GPU)."""
     for i in range(0, images.shape[0], batch_size):
-        yield images[i : i + batch_size]
+        batch = images[i : i + batch_size]
+        yield batch if device is None else batch.to(device)
 
 
 @torch.no_grad()
@@ -62,9 +76,15 @@ def reconstruct(
     images: Tensor,
     batch_size: int = 500,
 ) -> Tensor:
-    """``G(E(x))`` with E's mean for a stochastic encoder (a deterministic reconstruction)."""
+    """``G(E(x))`` with E's mean for a stochastic encoder (a deterministic reconstruction), on
+    the device of ``images`` whichever device E and G run on."""
+    to_generator = model_device(generator)
+    parts = []
     with eval_mode(encoder, generator):
-        parts = [generator(latent_mean(encoder(x))) for x in _batches(images, batch_size)]
+        for x in _batches(images, batch_size, model_device(encoder)):
+            z = latent_mean(encoder(x))
+            z = z if to_generator is None else z.to(to_generator)
+            parts.append(generator(z).to(images.device))
     return torch.cat(parts)
 
 
@@ -82,8 +102,10 @@ def reconstruction_mse(
 
 @torch.no_grad()
 def _features(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int) -> Tensor:
+    device = model_device(model)
     with eval_mode(model):
-        return torch.cat([model(x).flatten(1).float() for x in _batches(images, batch_size)])
+        return torch.cat([model(x).flatten(1).float().to(images.device)
+                          for x in _batches(images, batch_size, device)])  # fmt: skip
 
 
 @torch.no_grad()

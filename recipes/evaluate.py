@@ -25,6 +25,7 @@ from gali_ext.eval import (
     feature_mse,
     fid,
     inpainting_errors,
+    model_device,
     reconstruct,
     reconstruction_mse,
 )
@@ -97,11 +98,13 @@ def _encoder_features(
 ) -> np.ndarray:
     """The encoder's SVM representation: its ``hidden_features`` concatenated (the paper's last
     three hidden layers and the output), or the output alone when ``latent_only``."""
+    device = model_device(encoder)
     with torch.no_grad(), eval_mode(encoder):
         parts = []
         for i in range(0, len(images), batch_size):
-            features = encoder.hidden_features(images[i : i + batch_size])
-            parts.append(features[-1] if latent_only else torch.cat(features, dim=1))
+            batch = images[i : i + batch_size]
+            features = encoder.hidden_features(batch if device is None else batch.to(device))
+            parts.append((features[-1] if latent_only else torch.cat(features, dim=1)).cpu())
     return torch.cat(parts).float().numpy()
 
 

@@ -217,3 +217,44 @@ def test_fid_on_inception_features_from_a_local_file(tmp_path, monkeypatch):
     assert "FID (Inception features)" in format_table(summarise([result]))
     with pytest.raises(CheckpointError, match="does not exist"):
         inception_features(tmp_path / "missing.safetensors")
+
+
+class _Reached(Exception):
+    pass
+
+
+class _DeviceProbe(nn.Module):
+    """A network whose weights sit on ``meta`` (standing in for a GPU): records where its
+    input lives, then stops the evaluation."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, device="meta"))
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.device)
+        raise _Reached
+
+    hidden_features = forward
+
+
+def test_metrics_feed_each_network_on_its_own_device():
+    from gali_ext.eval import model_device, reconstruct
+    from recipes.evaluate import _encoder_features
+
+    images = torch.rand(3, 1, 2, 2)  # on the CPU, as data sets load them
+    probe = _DeviceProbe()
+    for run in (
+        lambda: reconstruct(probe, nn.Identity(), images),
+        lambda: reconstruct(nn.Identity(), probe, images),
+        lambda: fid(probe, images, images),
+        lambda: _encoder_features(probe, images),
+    ):
+        with pytest.raises(_Reached):
+            run()
+    assert probe.seen == [torch.device("meta")] * 4
+    assert model_device(probe) == torch.device("meta")
+    assert model_device(nn.Identity()) is None and model_device(lambda x: x) is None
+    buffered = nn.BatchNorm1d(2, affine=False)
+    assert model_device(buffered) == torch.device("cpu")
