@@ -245,6 +245,9 @@ def _train(
         config.lr,
         config.betas,
     )
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    if config.channels_last:  # in place: the optimizers keep the same parameter objects
+        built.gali.to(memory_format=layout)
     gali, d_optimizer, g_optimizer = accelerator.prepare(built.gali, d_optimizer, g_optimizer)
     stream = BatchStream(
         train_data, config.batch_size, seed=config.seed + 1000 * accelerator.process_index
@@ -276,7 +279,7 @@ def _train(
 
     def batches():
         while True:
-            yield next(stream)[0].to(accelerator.device, non_blocking=True)
+            yield next(stream)[0].to(accelerator.device, non_blocking=True, memory_format=layout)
 
     batch_iter = batches()
     total = config.steps
