@@ -10,7 +10,9 @@ Reports median times (warm-up excluded) and the ratios
    per-class discriminator (whole D once per class, features recomputed), for K = 4 and 8,
    after asserting that both give the same loss;
 3. on CUDA only: bf16 autocast over fp32 step time, and the memory a step of each allocates
-   above the resident weights and optimizer state.
+   above the resident weights and optimizer state; and both again with images and
+   convolution weights in channels-last (NHWC) memory format (recipe setting
+   ``channels_last``), all over the NCHW fp32 step.
 
 All step variants are timed in one loop, one call of each per round, so that a machine whose
 speed drifts during the run moves every median alike.
@@ -107,16 +109,20 @@ def _build(spec_name: str, arch: str, device: torch.device, seed: int = 0):
 def step_functions(
     arch: str, batch: int, device: torch.device, specs: tuple[str, ...] = SPECS, *,
     n_dis: int = 1, autocast_dtype: torch.dtype | None = None, shared_forward: bool = False,
-    compiled: bool = False,
+    compiled: bool = False, channels_last: bool = False,
 ) -> dict[str, Callable[[], None]]:  # fmt: skip
     """One full training step per spec, each on its own networks and optimizers, ready to time.
 
     ``compiled``: E, G and each network of the head go through ``torch.compile`` first (the
-    compilation happens in the first calls, the warm-up).
+    compilation happens in the first calls, the warm-up). ``channels_last``: the networks and
+    the batch in channels-last memory format, as the recipe setting ``channels_last`` does.
     """
     steps = {}
     for name in specs:
         gali, d_opt, g_opt, x = _step_setup(name, arch, batch, device)
+        if channels_last:
+            gali.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         if compiled:
             _compile_networks(gali)
 
@@ -253,10 +259,23 @@ def run_benchmark(
         "alternating": step_functions(arch, batch, dev),
         "shared": step_functions(arch, batch, dev, shared_forward=True),
     }
+    compile_error = None
     if torch_compile:
-        variants["compiled"] = step_functions(arch, batch, dev, ("ali", "gali8"), compiled=True)
+        compiled = step_functions(arch, batch, dev, ("ali", "gali8"), compiled=True)
+        try:
+            for fn in compiled.values():
+                fn()  # compiles here: a failure leaves the compiled variant out, not the run
+        except Exception as error:  # what inductor raises varies with the torch version
+            compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+            print_fn(f"torch.compile failed, its timings are left out: {compile_error}")
+        else:
+            variants["compiled"] = compiled
     if dev.type == "cuda":
         variants["bf16"] = step_functions(arch, batch, dev, autocast_dtype=torch.bfloat16)
+        variants["nhwc"] = step_functions(arch, batch, dev, channels_last=True)
+        variants["nhwc_bf16"] = step_functions(
+            arch, batch, dev, autocast_dtype=torch.bfloat16, channels_last=True
+        )
     functions = {(v, spec): fn for v, steps in variants.items() for spec, fn in steps.items()}
     # a compiled step compiles in its first calls, and again for each grad mode
     step_warmup = max(warmup, 3) if torch_compile else warmup
@@ -285,7 +304,9 @@ def run_benchmark(
         "head": heads,
         "fused_speedup": {k: v["per_class_s"] / v["fused_s"] for k, v in heads.items()},
     }
-    if torch_compile:
+    if compile_error is not None:
+        result["compile_error"] = compile_error
+    elif torch_compile:
         result["compiled_step_seconds"] = timed["compiled"]
         result["compile_speedup"] = {k: steps[k] / v for k, v in timed["compiled"].items()}
     if dev.type == "cuda":
@@ -294,9 +315,16 @@ def run_benchmark(
                 "step_seconds": timed[variant],
                 "peak_bytes": {s: b for (v, s), b in peaks.items() if v == variant},
             }
-            for label, variant in (("fp32", "alternating"), ("bf16", "bf16"))
+            for label, variant in (
+                ("fp32", "alternating"),
+                ("bf16", "bf16"),
+                ("fp32_channels_last", "nhwc"),
+                ("bf16_channels_last", "nhwc_bf16"),
+            )
         }
         result["bf16_speedup"] = {k: steps[k] / timed["bf16"][k] for k in SPECS}
+        result["channels_last_speedup"] = {k: steps[k] / timed["nhwc"][k] for k in SPECS}
+        result["channels_last_bf16_speedup"] = {k: steps[k] / timed["nhwc_bf16"][k] for k in SPECS}
     if profile:
         result["profile"] = profile_tables(arch, batch, dev, repeats)
     print_fn(format_table(result))
@@ -333,20 +361,30 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {speedup:.2f}x |"
         )
     if "bf16_speedup" in result:
+        # speed-ups over the NCHW fp32 step; channels-last columns in results that have them
+        columns = [("bf16", "bf16_speedup")]
+        if "channels_last_speedup" in result:
+            columns += [("channels-last fp32", "channels_last_speedup"),
+                        ("channels-last bf16", "channels_last_bf16_speedup")]  # fmt: skip
         lines += [
             "",
-            "| spec | bf16 speed-up | fp32 peak MiB | bf16 peak MiB |",
-            "|---|---|---|---|",
+            "| spec | "
+            + " | ".join(f"{c} speed-up" for c, _ in columns)
+            + " | fp32 peak MiB | bf16 peak MiB |",
+            "|---" * (len(columns) + 3) + "|",
         ]
-        for name, s in result["bf16_speedup"].items():
+        for name in result["bf16_speedup"]:
             fp32 = result["precision"]["fp32"]["peak_bytes"][name] / 2**20
             bf16 = result["precision"]["bf16"]["peak_bytes"][name] / 2**20
-            lines.append(f"| {name} | {s:.2f}x | {fp32:.0f} | {bf16:.0f} |")
+            speedups = " | ".join(f"{result[key][name]:.2f}x" for _, key in columns)
+            lines.append(f"| {name} | {speedups} | {fp32:.0f} | {bf16:.0f} |")
     if "compile_speedup" in result:
         lines += ["", "| spec | torch.compile step (ms) | speed-up over eager |", "|---|---|---|"]
         for name, seconds in result["compiled_step_seconds"].items():
             speedup = result["compile_speedup"][name]
             lines.append(f"| {name} | {seconds * 1e3:.1f} | {speedup:.2f}x |")
+    if "compile_error" in result:
+        lines += ["", f"torch.compile failed: {result['compile_error']}"]
     for name, table in result.get("profile", {}).items():
         lines += ["", f"top ops of {name} steps (torch.profiler):", table]
     return "\n".join(lines)

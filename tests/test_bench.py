@@ -65,6 +65,24 @@ def test_compiled_variant_compiles_every_network(monkeypatch):
     )  # fmt: skip
 
 
+def test_a_failing_torch_compile_is_reported_not_fatal(tmp_path, monkeypatch):
+    import torch
+    from torch import nn
+
+    class Broken(nn.Module):
+        def forward(self, *args):
+            raise AssertionError("expected size 256==256, stride 16==1 at dim=1\nmore")
+
+    monkeypatch.setattr(torch, "compile", lambda module: Broken())
+    lines = []
+    result = run_benchmark("digits", "cpu", repeats=1, warmup=0, batch=2, out=None,
+                           print_fn=lines.append, torch_compile=True)  # fmt: skip
+    error = "AssertionError: expected size 256==256, stride 16==1 at dim=1"
+    assert result["compile_error"] == error
+    assert "compiled_step_seconds" not in result and result["step_seconds"].keys() == set(SPECS)
+    assert lines[0].startswith("torch.compile failed") and "torch.compile failed: " in lines[-1]
+
+
 def test_table_reports_bf16_and_memory_when_measured():
     from gali_ext.bench import format_table
 
@@ -83,3 +101,47 @@ def test_table_reports_bf16_and_memory_when_measured():
     }  # fmt: skip
     table = format_table(result)
     assert "| gali8 | 2.00x | 2048 | 1024 |" in table and "| gali8 | 3.00 | 3.00 |" in table
+    result["channels_last_speedup"] = {"ali": 1.2, "gali8": 1.4}
+    result["channels_last_bf16_speedup"] = {"ali": 1.3, "gali8": 1.9}
+    table = format_table(result)
+    assert "| spec | bf16 speed-up | channels-last fp32 speed-up | channels-last bf16" in table
+    assert "| gali8 | 2.00x | 1.40x | 1.90x | 2048 | 1024 |" in table
+
+
+def test_channels_last_step_variant_runs_on_nhwc_networks():
+    import torch
+
+    from gali_ext.bench import step_functions
+
+    seen = []
+    steps = step_functions("svhn", 2, torch.device("cpu"), ("ali",), channels_last=True)
+    gali = steps["ali"].__defaults__[0]
+    conv = gali.encoder.blocks[1][0]
+    conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    steps["ali"]()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    assert seen and seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert not seen[0].is_contiguous()
+
+
+def test_recipe_throughput_script_on_a_tiny_standin(tmp_path):
+    import importlib.util
+
+    from scipy.io import loadmat
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "recipe_throughput.py"
+    spec = importlib.util.spec_from_file_location("recipe_throughput", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    summary = script.main(["--recipes", "svhn-ali,svhn-gali8", "--precisions", "no",
+                           "--steps", "3", "--warmup", "1", "--batch", "4", "--train-images",
+                           "16", "--test-images", "8", "--out", str(tmp_path)])  # fmt: skip
+    mat = loadmat(tmp_path / "standin-svhn" / "train_32x32.mat")
+    assert mat["X"].shape == (32, 32, 3, 16) and mat["X"].dtype == "uint8"
+    assert 1 <= mat["y"].min() and mat["y"].max() <= 10
+    for name in ("svhn-ali", "svhn-gali8"):
+        measured = summary["results"][name]["no"]
+        assert measured["images_per_s"] > 0 and measured["timed_steps"] == 2
+    saved = json.loads((tmp_path / "throughput.json").read_text())
+    assert saved["results"].keys() == {"svhn-ali", "svhn-gali8"}
