@@ -46,8 +46,8 @@ def measure(recipe: str, variant: str, steps: int, warmup: int, data_dir: Path, 
     ``variant``: Accelerate's mixed precision (``no``, ``bf16``, ``fp16``), ``+nhwc`` for
     channels-last memory format.
     """
-    import recipes
-    from recipes.train import train
+    from gali_ext import recipes
+    from gali_ext.recipes.train import train
 
     precision, _, layout = variant.partition("+")
     config = dataclasses.replace(

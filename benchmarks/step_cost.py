@@ -3,7 +3,7 @@
 The same as `gali-ext bench`; see gali_ext/bench.py for what it measures.
 """
 
-from gali_ext.cli import app
+from gali_ext.recipes.cli import app
 
 if __name__ == "__main__":
     import sys

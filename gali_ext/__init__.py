@@ -1,8 +1,12 @@
 """gali-ext: Generalized Adversarially Learned Inference as a composable extension for GANs.
 
-The small core: tuple specs (:mod:`gali_ext.spec`), the chains (:mod:`gali_ext.chains`), the
-fused :class:`MultiClassJointDiscriminatorHead` and the losses, above all the non-saturating
-:class:`ProductOfTermsLoss` (eq. 4 of Dandi et al., AAAI 2021).
+``import gali_ext`` loads the small core only: tuple specs (:mod:`gali_ext.spec`), the preset
+registry (:mod:`gali_ext.presets`), the chains (:mod:`gali_ext.chains`), the fused
+:class:`MultiClassJointDiscriminatorHead`, the losses (above all the non-saturating
+:class:`ProductOfTermsLoss`, eq. 4 of Dandi et al., AAAI 2021), the feedback providers, the
+:class:`GALI` objective and the training step (:mod:`gali_ext.trainer`). The adapters
+(:mod:`gali_ext.adapters`) and the application (:mod:`gali_ext.recipes`: data, reference
+architectures, evaluation, the recipe loop, the benchmark, the CLI) are imported on demand.
 """
 
 from .chains import Chains, sample_latent
@@ -16,19 +20,23 @@ from .errors import (
     ShapeError,
     SpecError,
 )
-from .gali import GALI, Objective, build_gali
+from .gali import GALI, ObjectiveValue, build_gali
 from .head import MultiClassJointDiscriminatorHead, SpectralMLP, add_instance_noise
 from .losses import (
+    GENERATOR_CRITERIA,
     AliceReconstructionLoss,
     DiscriminatorLoss,
     MinimaxLoss,
     MisclassificationLoss,
     ProductOfTermsLoss,
+    build_generator_criterion,
     tuple_class_accuracy,
 )
-from .spec import TupleClass, TupleSpec, available_specs, build_spec, parse_node
+from .presets import Preset, available_presets, build_spec, get_preset, register_preset
+from .spec import TupleClass, TupleSpec, parse_node
+from .trainer import StepMetrics, train_step
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AliceReconstructionLoss",
@@ -43,7 +51,9 @@ __all__ = [
     "MinimaxLoss",
     "MisclassificationLoss",
     "MultiClassJointDiscriminatorHead",
-    "Objective",
+    "GENERATOR_CRITERIA",
+    "ObjectiveValue",
+    "Preset",
     "ProductOfTermsLoss",
     "ProviderError",
     "ShapeError",
@@ -52,10 +62,15 @@ __all__ = [
     "TupleClass",
     "TupleSpec",
     "add_instance_noise",
-    "available_specs",
+    "StepMetrics",
+    "available_presets",
     "build_gali",
+    "build_generator_criterion",
     "build_spec",
+    "get_preset",
     "parse_node",
+    "register_preset",
     "sample_latent",
+    "train_step",
     "tuple_class_accuracy",
 ]

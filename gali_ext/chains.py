@@ -35,7 +35,7 @@ class NodeFunction(Protocol):
     def __call__(self, node: Node, chains: Chains) -> Tensor: ...
 
 
-def sample_latent(output: Any, generator: torch.Generator | None = None) -> Tensor:
+def sample_latent(output: Any, rng: torch.Generator | None = None) -> Tensor:
     """Turn an encoder's output into a latent sample ``z ~ p_E(z | x)``.
 
     - a tensor: a deterministic encoder (BiGAN, BigBiGAN); returned as is;
@@ -63,7 +63,7 @@ def sample_latent(output: Any, generator: torch.Generator | None = None) -> Tens
                 f"encoder returned mu of shape {list(mu.shape)} but log_sigma of shape "
                 f"{list(log_sigma.shape)}"
             )
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        eps = torch.randn(mu.shape, generator=rng, device=mu.device, dtype=mu.dtype)
         return mu + log_sigma.exp() * eps
     raise ShapeError(
         "expected the encoder to return a latent tensor, a pair (mu, log_sigma) or a "
@@ -96,7 +96,7 @@ class Chains:
         latent_shape: the shape of one latent, needed to draw ``zp0``; when omitted it is read
             off ``z0 = E(x0)``.
         functions: node functions of the feedback providers, by function name.
-        generator: a ``torch.Generator`` for the prior sample and the encoder's noise.
+        rng: a ``torch.Generator`` for the prior sample and the encoder's noise.
 
     ``chains["x1"]`` (or any node name, e.g. ``"G(E(x0))"``) returns the node's tensor;
     ``chains.compute(spec.nodes)`` returns a dict of all nodes a spec needs. ``calls`` counts the
@@ -112,7 +112,7 @@ class Chains:
         z: Tensor | None = None,
         latent_shape: Iterable[int] | None = None,
         functions: Mapping[str, NodeFunction] | None = None,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
     ) -> None:
         if not isinstance(x, Tensor) or x.dim() < 2:
             raise ShapeError(
@@ -125,7 +125,7 @@ class Chains:
         self.encode = encode
         self.generate = generate
         self.functions = dict(functions or {})
-        self.generator = generator
+        self.rng = rng
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         self.calls: Counter[str] = Counter()
         self.scratch: dict[str, Any] = {}  # per-step state of node functions (e.g. masks)
@@ -160,7 +160,7 @@ class Chains:
 
     def _encode(self, x: Tensor) -> Tensor:
         self.calls["E"] += 1
-        return sample_latent(self.encode(x), self.generator)
+        return sample_latent(self.encode(x), self.rng)
 
     def _generate(self, z: Tensor) -> Tensor:
         self.calls["G"] += 1
@@ -200,5 +200,5 @@ class Chains:
             shape = tuple(self["z0"].shape[1:])
         x = self._values["x0"]
         return torch.randn(
-            (self.batch_size, *shape), generator=self.generator, device=x.device, dtype=x.dtype
+            (self.batch_size, *shape), generator=self.rng, device=x.device, dtype=x.dtype
         )

@@ -10,22 +10,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .chains import Chains, NodeFunction
-from .errors import ConfigError, ProviderError, SpecError
+from .chains import Chains
+from .errors import ConfigError, SpecError
 from .head import MultiClassJointDiscriminatorHead, SpectralMLP
 from .losses import DiscriminatorLoss, ProductOfTermsLoss
-from .providers.base import FeedbackProvider
-from .spec import build_spec, parse_node
+from .presets import get_preset
+from .providers.base import FeedbackProvider, resolve_node_functions
 
-__all__ = ["GALI", "Objective", "build_gali", "preset_providers"]
-
-_CORE_FUNCTIONS = frozenset({"E", "G"})
+__all__ = ["GALI", "ObjectiveValue", "build_gali"]
 
 
 @dataclass
-class Objective:
-    """One loss with what it was computed from: ``loss`` (the scalar to back-propagate),
-    ``logits [K, B, K]``, the named parts of the loss and the step's chains."""
+class ObjectiveValue:
+    """The value of one objective on one batch: ``loss`` (the scalar to back-propagate), the
+    ``logits [K, B, K]`` it was computed from, its named parts and the step's chains."""
 
     loss: Tensor
     logits: Tensor
@@ -66,10 +64,10 @@ class GALI(nn.Module):
         generator: ``z -> x``.
         head: the :class:`MultiClassJointDiscriminatorHead`.
         providers: feedback providers (e.g. ``[ReconstructionChain(), MaskMix()]``).
-        generator_loss: the generator-encoder loss on the logits (default
+        generator_criterion: the generator-encoder loss on the logits (default
             :class:`ProductOfTermsLoss`; :class:`MinimaxLoss` and :class:`MisclassificationLoss`
             reproduce the paper's ablations).
-        discriminator_loss: D's loss on the logits (default :class:`DiscriminatorLoss`).
+        discriminator_criterion: D's loss on the logits (default :class:`DiscriminatorLoss`).
         latent_shape: the shape of one latent, for prior samples; read off ``E(x)`` if omitted.
     """
 
@@ -80,8 +78,8 @@ class GALI(nn.Module):
         head: MultiClassJointDiscriminatorHead,
         providers: Iterable[FeedbackProvider] = (),
         *,
-        generator_loss: nn.Module | None = None,
-        discriminator_loss: nn.Module | None = None,
+        generator_criterion: nn.Module | None = None,
+        discriminator_criterion: nn.Module | None = None,
         latent_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
@@ -92,60 +90,20 @@ class GALI(nn.Module):
         self.encoder = encoder
         self.generator = generator
         self.head = head
-        self.providers = nn.ModuleList(list(providers))
-        for p in self.providers:
-            if not isinstance(p, FeedbackProvider):
-                raise ProviderError(f"expected a FeedbackProvider, got {type(p).__name__}")
-        self.generator_criterion = generator_loss or ProductOfTermsLoss()
-        self.discriminator_criterion = discriminator_loss or DiscriminatorLoss()
+        providers = list(providers)
+        self.functions = resolve_node_functions(head.spec, providers)
+        self.providers = nn.ModuleList(providers)
+        self.generator_criterion = generator_criterion or ProductOfTermsLoss()
+        self.discriminator_criterion = discriminator_criterion or DiscriminatorLoss()
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
-        self.functions = self._resolve_functions()
-        self._check_chain_depth()
-        for p in self.providers:
-            p.check(self.spec)
 
     @property
     def spec(self):
         """The head's :class:`~gali_ext.spec.TupleSpec`."""
         return self.head.spec
 
-    def _resolve_functions(self) -> dict[str, NodeFunction]:
-        wanted = set(self.spec.functions - _CORE_FUNCTIONS)
-        for p in self.providers:
-            wanted |= p.requires
-        functions: dict[str, NodeFunction] = {}
-        for name in sorted(wanted):
-            makers = [p for p in self.providers if p.function_for(name) is not None]
-            if not makers:
-                users = [n for n in self.spec.nodes if name in parse_node(n).functions]
-                where = f"the spec's node {users[0]!r}" if users else "a provider's loss term"
-                have = ", ".join(type(p).__name__ for p in self.providers) or "none"
-                raise ProviderError(
-                    f"{where} needs the function {name!r}, which no feedback provider makes "
-                    f"(providers: {have}); e.g. MaskMix makes Mask<k>/Mix<k>, "
-                    "PretrainedFeatures makes M"
-                )
-            if len(makers) > 1:
-                raise ProviderError(
-                    f"the function {name!r} is made by several providers: "
-                    f"{', '.join(type(p).__name__ for p in makers)}"
-                )
-            functions[name] = makers[0].function_for(name)
-        return functions
-
-    def _check_chain_depth(self) -> None:
-        allowed = max((p.chain_depth for p in self.providers), default=0)
-        for name in self.spec.nodes:
-            node = parse_node(name)
-            if node.depth > allowed:
-                raise ProviderError(
-                    f"the spec's node {name!r} is on the reconstruction chain (depth "
-                    f"{node.depth}); add providers.ReconstructionChain() to the providers"
-                    + ("" if allowed == 0 else f" with depth >= {node.depth}")
-                )
-
     def chains(
-        self, x: Tensor, z: Tensor | None = None, generator: torch.Generator | None = None
+        self, x: Tensor, z: Tensor | None = None, rng: torch.Generator | None = None
     ) -> Chains:
         """The step's :class:`Chains` over data ``x`` (and prior sample ``z``), with the
         providers' node functions."""
@@ -156,7 +114,7 @@ class GALI(nn.Module):
             z=z,
             latent_shape=self.latent_shape,
             functions=self.functions,
-            generator=generator,
+            rng=rng,
         )
 
     def discriminator_objective(
@@ -164,10 +122,10 @@ class GALI(nn.Module):
         x: Tensor,
         z: Tensor | None = None,
         instance_noise_std: float = 0.0,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
         *,
         differentiable_chains: bool = False,
-    ) -> Objective:
+    ) -> ObjectiveValue:
         """D's loss (eq. 3) on one batch; D sees the chain nodes detached from E and G.
 
         The chains run without gradients unless ``differentiable_chains=True``: then they keep
@@ -175,22 +133,22 @@ class GALI(nn.Module):
         (``generator_objective(x, chains=d.chains)``) instead of running E and G again.
         """
         with torch.set_grad_enabled(differentiable_chains and torch.is_grad_enabled()):
-            chains = self.chains(x, z, generator)
+            chains = self.chains(x, z, rng)
             variables = chains.compute(self.spec.nodes)
         variables = {name: value.detach() for name, value in variables.items()}
-        logits = self.head(variables, instance_noise_std, generator)
+        logits = self.head(variables, instance_noise_std, rng)
         loss = self.discriminator_criterion(logits)
-        return Objective(loss, logits, {"discriminator": loss.detach()}, chains)
+        return ObjectiveValue(loss, logits, {"discriminator": loss.detach()}, chains)
 
     def generator_objective(
         self,
         x: Tensor,
         z: Tensor | None = None,
         instance_noise_std: float = 0.0,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
         *,
         chains: Chains | None = None,
-    ) -> Objective:
+    ) -> ObjectiveValue:
         """The generator-encoder loss (eq. 4 by default) plus the providers' extra terms.
 
         D's parameters take no gradient from it. ``chains``: the chains of a discriminator
@@ -200,7 +158,7 @@ class GALI(nn.Module):
         """
         reused = chains is not None
         if chains is None:
-            chains = self.chains(x, z, generator)
+            chains = self.chains(x, z, rng)
         variables = chains.compute(self.spec.nodes)
         differentiable = any(v.requires_grad for v in variables.values())
         if reused and torch.is_grad_enabled() and not differentiable:
@@ -209,7 +167,7 @@ class GALI(nn.Module):
                 "them with discriminator_objective(..., differentiable_chains=True)"
             )
         with _frozen(self.head):
-            logits = self.head(variables, instance_noise_std, generator)
+            logits = self.head(variables, instance_noise_std, rng)
         return self._generator_terms(logits, chains)
 
     def shared_objectives(
@@ -217,8 +175,8 @@ class GALI(nn.Module):
         x: Tensor,
         z: Tensor | None = None,
         instance_noise_std: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Objective, Objective]:
+        rng: torch.Generator | None = None,
+    ) -> tuple[ObjectiveValue, ObjectiveValue]:
         """D's loss (eq. 3) and the generator-encoder loss (eq. 4 by default, plus the
         providers' terms) from one forward pass of the chains and the head.
 
@@ -230,14 +188,14 @@ class GALI(nn.Module):
         ``g.loss.backward(inputs=g_params)``) before either optimizer steps, as
         :func:`~gali_ext.trainer.train_step` does with ``shared_forward=True``.
         """
-        chains = self.chains(x, z, generator)
+        chains = self.chains(x, z, rng)
         variables = chains.compute(self.spec.nodes)
-        logits = self.head(variables, instance_noise_std, generator)
+        logits = self.head(variables, instance_noise_std, rng)
         d_loss = self.discriminator_criterion(logits)
-        d = Objective(d_loss, logits, {"discriminator": d_loss.detach()}, chains)
+        d = ObjectiveValue(d_loss, logits, {"discriminator": d_loss.detach()}, chains)
         return d, self._generator_terms(logits, chains)
 
-    def _generator_terms(self, logits: Tensor, chains: Chains) -> Objective:
+    def _generator_terms(self, logits: Tensor, chains: Chains) -> ObjectiveValue:
         adversarial = self.generator_criterion(logits)
         parts = {"adversarial": adversarial.detach()}
         loss = adversarial
@@ -246,7 +204,7 @@ class GALI(nn.Module):
             if extra is not None:
                 parts[f"{type(p).__name__.lower()}{i}"] = extra.detach()
                 loss = loss + extra
-        return Objective(loss, logits, parts, chains)
+        return ObjectiveValue(loss, logits, parts, chains)
 
     def forward(
         self,
@@ -255,10 +213,10 @@ class GALI(nn.Module):
         *,
         role: str = "generator",
         instance_noise_std: float = 0.0,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
         differentiable_chains: bool = False,
         chains: Chains | None = None,
-    ) -> Objective | tuple[Objective, Objective]:
+    ) -> ObjectiveValue | tuple[ObjectiveValue, ObjectiveValue]:
         """The objective of ``role`` (``"discriminator"`` or ``"generator"``) on a batch, or
         both from one pass (``role="shared"``, :meth:`shared_objectives`).
 
@@ -268,12 +226,12 @@ class GALI(nn.Module):
         """
         if role == "discriminator":
             return self.discriminator_objective(
-                x, z, instance_noise_std, generator, differentiable_chains=differentiable_chains
+                x, z, instance_noise_std, rng, differentiable_chains=differentiable_chains
             )
         if role == "generator":
-            return self.generator_objective(x, z, instance_noise_std, generator, chains=chains)
+            return self.generator_objective(x, z, instance_noise_std, rng, chains=chains)
         if role == "shared":
-            return self.shared_objectives(x, z, instance_noise_std, generator)
+            return self.shared_objectives(x, z, instance_noise_std, rng)
         raise ConfigError(f"role must be 'discriminator', 'generator' or 'shared', got {role!r}")
 
     def discriminator_loss(self, x: Tensor, z: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -285,50 +243,27 @@ class GALI(nn.Module):
         return self.generator_objective(x, z, **kwargs).loss
 
 
-def preset_providers(
-    spec_name: str, features: FeedbackProvider | None = None, alice_weight: float = 1.0
-) -> list[FeedbackProvider]:
-    """The feedback providers a preset of DESIGN.md section 2 needs.
-
-    ``features`` is the :class:`~gali_ext.providers.PretrainedFeatures` provider (``M``) that
-    ``gali_pt`` and ``alice_pt`` need.
-    """
-    from .providers import AliceReconstruction, MaskMix, ReconstructionChain
-
-    providers: list[FeedbackProvider] = []
-    if spec_name in ("gali4", "gali8", "gali_pt"):
-        providers.append(ReconstructionChain())
-    if spec_name == "gali_mix":
-        providers.append(MaskMix(fill=-1.0))
-    if spec_name in ("gali_pt", "alice_pt"):
-        if features is None:
-            raise ProviderError(f"preset {spec_name!r} needs a PretrainedFeatures provider (M)")
-        providers.append(features)
-    if spec_name == "alice":
-        providers.append(AliceReconstruction(alice_weight))
-    if spec_name == "alice_pt":
-        providers.append(AliceReconstruction(alice_weight, features="M"))
-    return providers
-
-
 def build_gali(
-    spec_name: str,
+    preset: str,
     models: Any,
     features: FeedbackProvider | None = None,
     *,
     alice_weight: float = 1.0,
-    generator_loss: nn.Module | None = None,
+    generator_criterion: nn.Module | None = None,
     extra_hidden: int = 512,
 ) -> GALI:
-    """The :class:`GALI` objective of a preset over ALI-style networks.
+    """The :class:`GALI` objective of a registered preset (:mod:`gali_ext.presets`) over
+    ALI-style networks.
 
-    ``models`` holds ``encoder``, ``generator``, ``image_features``, ``latent_features``,
-    ``joint_hidden``, ``negative_slope``, ``image_shape`` and ``latent_dim`` (a
-    :class:`gali_ext.models.ALIModels`). An extra kind such as ``M`` gets a spectrally normalised
-    MLP feature network of width ``extra_hidden``.
+    ``models`` is any object with the attributes ``encoder``, ``generator``, ``image_features``,
+    ``latent_features``, ``joint_hidden``, ``negative_slope``, ``image_shape`` and
+    ``latent_dim`` (the reference architectures of ``gali_ext.recipes.models`` are one). An
+    extra kind such as ``M`` gets a spectrally normalised MLP feature network of width
+    ``extra_hidden``.
     """
-    spec = build_spec(spec_name)
-    providers = preset_providers(spec_name, features, alice_weight)
+    registered = get_preset(preset)
+    spec = registered.spec
+    providers = registered.providers(features, alice_weight)
     extras: dict[str, nn.Module] = {}
     for p in providers:
         name = getattr(p, "name", None)
@@ -350,6 +285,6 @@ def build_gali(
         models.generator,
         head,
         providers,
-        generator_loss=generator_loss,
+        generator_criterion=generator_criterion,
         latent_shape=(models.latent_dim,),
     )

@@ -49,7 +49,7 @@ def add_instance_noise(
     variables: Mapping[str, Tensor],
     spec: TupleSpec,
     std: float,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """Every image node of the spec plus Gaussian noise of standard deviation ``std``.
 
@@ -60,9 +60,7 @@ def add_instance_noise(
     if std > 0:
         for name in spec.nodes_of_kind(IMAGE):
             image = noisy[name]
-            noise = torch.randn(
-                image.shape, generator=generator, device=image.device, dtype=image.dtype
-            )
+            noise = torch.randn(image.shape, generator=rng, device=image.device, dtype=image.dtype)
             noisy[name] = image + std * noise
     return noisy
 
@@ -160,12 +158,12 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         self,
         variables: Mapping[str, Tensor],
         instance_noise_std: float,
-        generator: torch.Generator | None,
+        rng: torch.Generator | None,
     ) -> tuple[dict[str, Tensor], int]:
         """Canonical names, checked tensors, instance noise; and the batch size."""
         variables = {parse_node(k).name: v for k, v in variables.items()}
         batch = self._check_variables(variables)
-        return add_instance_noise(variables, self.spec, instance_noise_std, generator), batch
+        return add_instance_noise(variables, self.spec, instance_noise_std, rng), batch
 
     def _features(self, kind: str, batch: Tensor, count: int) -> Tensor:
         try:
@@ -196,7 +194,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         self,
         variables: Mapping[str, Tensor],
         instance_noise_std: float = 0.0,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
     ) -> Tensor:
         """Logits ``[K, B, K]``: ``logits[i]`` are D's logits on the B tuples of class i.
 
@@ -204,7 +202,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         ``Chains.compute(spec.nodes)``) to a ``[B, ...]`` tensor. ``instance_noise_std`` adds
         Gaussian noise to every distinct image node once (:func:`add_instance_noise`).
         """
-        variables, batch = self._prepare(variables, instance_noise_std, generator)
+        variables, batch = self._prepare(variables, instance_noise_std, rng)
         features: dict[str, Tensor] = {}
         for kind in self.spec.kinds:
             names = self.spec.nodes_of_kind(kind)
@@ -227,7 +225,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         self,
         variables: Mapping[str, Tensor],
         instance_noise_std: float = 0.0,
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
     ) -> Tensor:
         """The same logits as :meth:`forward`, computed as the authors' code does.
 
@@ -236,7 +234,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         :meth:`forward`. (In training mode spectral norm's power iteration runs once per call,
         so compare the two in eval mode.)
         """
-        variables, batch = self._prepare(variables, instance_noise_std, generator)
+        variables, batch = self._prepare(variables, instance_noise_std, rng)
         logits = []
         for tuple_class in self.spec.classes:
             slots = [

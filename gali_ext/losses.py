@@ -33,6 +33,8 @@ __all__ = [
     "MinimaxLoss",
     "MisclassificationLoss",
     "AliceReconstructionLoss",
+    "GENERATOR_CRITERIA",
+    "build_generator_criterion",
 ]
 
 
@@ -153,6 +155,24 @@ class MisclassificationLoss(_LogitsLoss):
     """The generator-encoder's misclassification likelihood (see :func:`misclassification_loss`)."""
 
     _fn = staticmethod(misclassification_loss)
+
+
+GENERATOR_CRITERIA: dict[str, type[nn.Module]] = {
+    "product_of_terms": ProductOfTermsLoss,
+    "minimax": MinimaxLoss,
+    "misclassification": MisclassificationLoss,
+}
+"""The generator-encoder losses by name (the recipe setting ``generator_criterion``)."""
+
+
+def build_generator_criterion(name: str, weighted: bool = True) -> nn.Module:
+    """The generator-encoder loss ``name`` of :data:`GENERATOR_CRITERIA`."""
+    cls = GENERATOR_CRITERIA.get(name)
+    if cls is None:
+        raise ConfigError(
+            f"unknown generator criterion {name!r}; known: {', '.join(GENERATOR_CRITERIA)}"
+        )
+    return cls(weighted)
 
 
 class AliceReconstructionLoss(nn.Module):

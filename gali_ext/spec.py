@@ -1,4 +1,4 @@
-"""Tuple classes, tuple specs and the paper's presets (DESIGN.md sections 1, 2 and 5).
+"""Tuple classes and tuple specs: what GALI's discriminator classifies (docs/design.md, section 1).
 
 A *chain node* is named by a small expression language:
 
@@ -17,7 +17,7 @@ of equal arity m whose slots agree in kind.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -30,9 +30,6 @@ __all__ = [
     "parse_node",
     "TupleClass",
     "TupleSpec",
-    "build_spec",
-    "available_specs",
-    "register_spec",
 ]
 
 IMAGE = "image"
@@ -253,64 +250,3 @@ class TupleSpec:
     def __repr__(self) -> str:
         body = ", ".join(repr(c) for c in self.classes)
         return f"TupleSpec(name={self.name!r}, K={self.num_classes}, m={self.arity}, [{body}])"
-
-
-def _permutations_of_four(x0: str, z0: str, x1: str, z1: str) -> list[tuple[str, ...]]:
-    """GALI-8's four orders: images permuted among themselves, latents among themselves."""
-    return [(x0, z0, x1, z1), (x0, z1, x1, z0), (x1, z0, x0, z1), (x1, z1, x0, z0)]
-
-
-_ALI = [("x0", "z0"), ("xp0", "zp0")]
-_PRESETS: dict[str, Callable[[], list[Sequence[str]]]] = {
-    "ali": lambda: list(_ALI),
-    "gali4": lambda: [*_ALI, ("x0", "z1"), ("xp1", "zp0")],
-    "gali8": lambda: [
-        *_permutations_of_four("x0", "z0", "x1", "z1"),
-        *_permutations_of_four("xp0", "zp0", "xp1", "zp1"),
-    ],
-    "gali_mix": lambda: [
-        ("x0", "E(Mask1(x0))"),
-        ("xp0", "zp0"),
-        ("x0", "E(Mask2(G(E(Mask1(x0)))))"),
-        ("G(E(Mask3(xp0)))", "zp0"),
-        ("Mix1(x0)", "E(Mask1(x0))"),
-        ("Mix1(x0)", "E(Mask2(G(E(Mask1(x0)))))"),
-        ("x0", "E(Mask4(Mix1(x0)))"),
-        ("G(E(Mask1(x0)))", "E(Mask4(Mix1(x0)))"),
-    ],
-    "gali_pt": lambda: [
-        ("x0", "z0", "M(x0)"),
-        ("xp0", "zp0", "M(xp0)"),
-        ("x0", "z1", "M(x1)"),
-        ("xp1", "zp0", "M(xp0)"),
-    ],
-    # The ALICE baselines train on ALI's tuples; their reconstruction penalty is a loss term
-    # (losses.AliceReconstructionLoss), not a tuple class.
-    "alice": lambda: list(_ALI),
-    "alice_pt": lambda: list(_ALI),
-}
-
-
-def register_spec(name: str, classes: Callable[[], list[Sequence[str]]]) -> None:
-    """Register a named spec so that :func:`build_spec` and the recipes can refer to it."""
-    if name in _PRESETS:
-        raise SpecError(f"a spec named {name!r} is already registered")
-    TupleSpec(classes(), name=name)  # validate now rather than at first use
-    _PRESETS[name] = classes
-
-
-def available_specs() -> list[str]:
-    """Names accepted by :func:`build_spec`."""
-    return sorted(_PRESETS)
-
-
-def build_spec(name: str) -> TupleSpec:
-    """The tuple spec of a preset of DESIGN.md section 2: ``ali``, ``gali4``, ``gali8``,
-    ``gali_mix``, ``gali_pt``, ``alice``, ``alice_pt`` (or one added by :func:`register_spec`)."""
-    try:
-        classes = _PRESETS[name]
-    except KeyError:
-        raise SpecError(
-            f"unknown spec {name!r}; available: {', '.join(available_specs())}"
-        ) from None
-    return TupleSpec(classes(), name=name)

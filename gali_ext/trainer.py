@@ -22,7 +22,7 @@ from .errors import ConfigError, DivergenceError
 from .losses import tuple_class_accuracy
 
 __all__ = [
-    "StepResult",
+    "StepMetrics",
     "build_optimizer",
     "instance_noise_std",
     "train_step",
@@ -66,19 +66,20 @@ def build_optimizer(
 
 
 @dataclass
-class StepResult:
-    """What one training step measured: losses, their parts and D's per-class accuracy."""
+class StepMetrics:
+    """What one training step measured: D's loss (mean over its ``n_dis`` steps), the
+    generator-encoder loss and its parts, D's accuracy per tuple class, and the wall time."""
 
-    discriminator_loss: float
-    generator_loss: float
+    d_loss: float
+    g_loss: float
     parts: dict[str, float] = field(default_factory=dict)
     class_accuracy: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "d_loss": self.discriminator_loss,
-            "g_loss": self.generator_loss,
+            "d_loss": self.d_loss,
+            "g_loss": self.g_loss,
             **self.parts,
             "d_accuracy": self.class_accuracy,
             "step_time": self.seconds,
@@ -106,7 +107,7 @@ def train_step(
     accelerator: Any = None,
     step: int | None = None,
     shared_forward: bool = False,
-) -> StepResult:
+) -> StepMetrics:
     """One GALI step: ``n_dis`` D steps on fresh batches, then one G/E step on the last batch.
 
     The G/E step reuses the chains of the last D step (made with
@@ -178,9 +179,9 @@ def train_step(
     logged = torch.stack([torch.stack(d_values).mean(), g.loss.detach(), *g.parts.values()])
     values = logged.float().cpu().tolist()
     accuracy = tuple_class_accuracy(d.logits.detach()).cpu().tolist()
-    return StepResult(
-        discriminator_loss=values[0],
-        generator_loss=values[1],
+    return StepMetrics(
+        d_loss=values[0],
+        g_loss=values[1],
         parts=dict(zip(g.parts, values[2:])),
         class_accuracy=accuracy,
         seconds=time.perf_counter() - start,

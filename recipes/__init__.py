@@ -1,8 +1,8 @@
 """Reference recipes: the paper's models on digits, SVHN and CelebA, trained with HF Accelerate.
 
 ``recipes.get("svhn-gali8")`` returns a :class:`RecipeConfig`; ``recipes.train.train(config,
-out_dir)`` runs it (the ``gali-ext recipe NAME`` command). Hyper-parameters follow DESIGN.md
-section 4: Adam with betas (0.5, 0.999), batch 100, latent 256 on SVHN, learning rates from the
+out_dir)`` runs it (the ``gali-ext recipe NAME`` command). Hyper-parameters follow docs/design.md,
+section 6: Adam with betas (0.5, 0.999), batch 100, latent 256 on SVHN, learning rates from the
 paper's grid, instance noise decaying linearly from 0.1 to 0.
 """
 
@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from gali_ext.errors import ConfigError
-from gali_ext.spec import available_specs
+from gali_ext.losses import GENERATOR_CRITERIA
+from gali_ext.presets import available_presets, get_preset
 
 __all__ = ["RecipeConfig", "available", "describe", "get", "register"]
-
-GENERATOR_LOSSES = ("product_of_terms", "minimax", "misclassification")
 
 
 @dataclass
@@ -30,8 +29,8 @@ class RecipeConfig:
 
     name: str
     dataset: str  # digits | svhn | celeba
-    arch: str  # gali_ext.models architecture: digits | svhn | celeba
-    spec: str  # a gali_ext.spec preset
+    arch: str  # gali_ext.recipes.models architecture: digits | svhn | celeba
+    spec: str  # a registered preset (gali_ext.presets), e.g. gali8
     description: str = ""
     latent_dim: int = 256
     batch_size: int = 100
@@ -42,7 +41,7 @@ class RecipeConfig:
     shared_forward: bool = False  # last D step and G/E step from one forward (authors' script)
     steps: int = 10_000
     instance_noise: float = 0.1
-    generator_loss: str = "product_of_terms"
+    generator_criterion: str = "product_of_terms"  # a name in gali_ext.GENERATOR_CRITERIA
     alice_weight: float = 1.0
     features_model: str = ""  # pretrained feature model M: a timm model name, or "evaluator"
     features_weights: str = ""  # local .safetensors file (evaluator: its folder); no download
@@ -60,17 +59,17 @@ class RecipeConfig:
 
     @property
     def uses_features(self) -> bool:
-        """Whether the spec or the loss needs the pretrained feature model M."""
-        return self.spec in ("gali_pt", "alice_pt")
+        """Whether the preset needs the pretrained feature model M."""
+        return self.spec in available_presets() and get_preset(self.spec).needs_features
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field with a bad value."""
-        from gali_ext.models import available_archs
+        from gali_ext.recipes.models import available_archs
 
         checks = [
             (self.dataset in ("digits", "svhn", "celeba"), "dataset", "digits, svhn or celeba"),
             (self.arch in available_archs(), "arch", ", ".join(available_archs())),
-            (self.spec in available_specs(), "spec", ", ".join(available_specs())),
+            (self.spec in available_presets(), "spec", ", ".join(available_presets())),
             (self.latent_dim > 0, "latent_dim", "a positive int"),
             (self.batch_size > 0, "batch_size", "a positive int"),
             (self.lr > 0, "lr", "a positive float"),
@@ -78,9 +77,9 @@ class RecipeConfig:
             (self.steps >= 1, "steps", "an int >= 1"),
             (self.instance_noise >= 0, "instance_noise", "a float >= 0"),
             (
-                self.generator_loss in GENERATOR_LOSSES,
-                "generator_loss",
-                ", ".join(GENERATOR_LOSSES),
+                self.generator_criterion in GENERATOR_CRITERIA,
+                "generator_criterion",
+                ", ".join(GENERATOR_CRITERIA),
             ),
             (self.alice_weight >= 0, "alice_weight", "a float >= 0"),
             (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16"),
@@ -193,14 +192,9 @@ def get(name: str) -> RecipeConfig:
     return dataclasses.replace(config)
 
 
-_SPEC_TITLES = {
-    "ali": "ALI baseline",
-    "alice": "ALICE baseline (ALI + lambda ||x - G(E(x))||^2)",
-    "gali4": "GALI-4 (K=4, m=2, reconstruction chain)",
-    "gali8": "GALI-8 (K=8, m=4, the authors' SVHN model)",
-    "gali_pt": "GALI-PT (K=4, m=3, pretrained features M)",
-    "gali_mix": "GALI-mix (K=8, inpainting self-supervision)",
-}
+def _title(spec: str) -> str:
+    return get_preset(spec).title
+
 
 # digits: a small net that trains in minutes on a CPU (embedded data, no download).
 for _spec in ("ali", "alice", "gali4", "gali8"):
@@ -210,7 +204,7 @@ for _spec in ("ali", "alice", "gali4", "gali8"):
             dataset="digits",
             arch="digits",
             spec=_spec,
-            description=f"{_SPEC_TITLES[_spec]} on scikit-learn's digits, 16x16, CPU minutes",
+            description=f"{_title(_spec)} on scikit-learn's digits, 16x16, CPU minutes",
             latent_dim=32,
             batch_size=64,
             lr=2e-4,
@@ -228,7 +222,7 @@ register(
         dataset="digits",
         arch="digits",
         spec="gali_pt",
-        description=f"{_SPEC_TITLES['gali_pt']} on digits, M = the evaluator classifier",
+        description=f"{_title('gali_pt')} on digits, M = the evaluator classifier",
         latent_dim=32,
         batch_size=64,
         lr=2e-4,
@@ -248,7 +242,7 @@ for _spec in ("ali", "alice", "gali4", "gali8", "gali_pt"):
             dataset="svhn",
             arch="svhn",
             spec=_spec,
-            description=f"{_SPEC_TITLES[_spec]} on SVHN 32x32 (--data-dir with the .mat files)",
+            description=f"{_title(_spec)} on SVHN 32x32 (--data-dir with the .mat files)",
             latent_dim=256,
             batch_size=100,
             lr=1e-4,
@@ -263,7 +257,7 @@ for _spec in ("ali", "gali4", "gali_pt", "gali_mix"):
             dataset="celeba",
             arch="celeba",
             spec=_spec,
-            description=f"{_SPEC_TITLES[_spec]} on CelebA 64x64 (--data-dir with img_align_celeba)",
+            description=f"{_title(_spec)} on CelebA 64x64 (--data-dir with img_align_celeba)",
             latent_dim=256,
             batch_size=100,
             lr=1e-4,

@@ -20,7 +20,10 @@ import numpy as np
 import torch
 
 from gali_ext.errors import ConfigError
-from gali_ext.eval import (
+from gali_ext.providers import PretrainedFeatures
+from gali_ext.providers.pretrained import load_safetensors_into
+from gali_ext.recipes.evaluator import load_evaluator, train_evaluator
+from gali_ext.recipes.metrics import (
     eval_mode,
     feature_mse,
     fid,
@@ -29,11 +32,8 @@ from gali_ext.eval import (
     reconstruct,
     reconstruction_mse,
 )
-from gali_ext.evaluator import load_evaluator, train_evaluator
-from gali_ext.models import build_ali_models
-from gali_ext.providers import PretrainedFeatures
-from gali_ext.providers.pretrained import load_safetensors_into
-from gali_ext.visual import save_image_grid
+from gali_ext.recipes.models import build_ali_models
+from gali_ext.recipes.visual import save_image_grid
 
 from . import RecipeConfig
 from .train import build_model, first_images, load_data
@@ -116,7 +116,7 @@ def _svm_scores(
     ``splits`` are the train, validation and test data sets; ``test_images`` the test images
     scored (their first rows' labels are used). ``encoder=None`` scores the raw pixels.
     """
-    from gali_ext.eval import svm_misclassification
+    from gali_ext.recipes.metrics import svm_misclassification
 
     labels = [d.labels_tensor().numpy() for d in splits]
     labels[2] = labels[2][: len(test_images)]
@@ -245,8 +245,8 @@ def study(
     rows for the SVM columns: the raw pixels and the untrained encoder (one per seed), the
     floor any learned representation should beat.
     """
-    import recipes as registry
-    from recipes.train import train
+    from gali_ext import recipes as registry
+    from gali_ext.recipes.train import train
 
     out = Path(out_dir)
     names = recipes or STUDY_RECIPES

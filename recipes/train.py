@@ -25,25 +25,20 @@ from typing import Any
 import torch
 
 from gali_ext import GALI, MultiClassJointDiscriminatorHead
-from gali_ext.data import BatchStream, ImageData, data_mean, load_dataset
 from gali_ext.errors import ConfigError, DataError, DivergenceError
-from gali_ext.eval import reconstruction_mse
 from gali_ext.gali import build_gali
-from gali_ext.losses import MinimaxLoss, MisclassificationLoss, ProductOfTermsLoss
-from gali_ext.models import ALIModels, build_ali_models
+from gali_ext.losses import build_generator_criterion
 from gali_ext.providers import PretrainedFeatures
+from gali_ext.recipes.data import BatchStream, ImageData, data_mean, load_dataset
+from gali_ext.recipes.metrics import reconstruction_mse
+from gali_ext.recipes.models import ALIModels, build_ali_models
+from gali_ext.recipes.visual import interleave_rows, save_image_grid
 from gali_ext.trainer import build_optimizer, instance_noise_std, train_step
-from gali_ext.visual import interleave_rows, save_image_grid
 
 from . import RecipeConfig
 
 __all__ = ["BuiltModel", "build_model", "load_data", "check_run_dir", "train", "save_weights"]
 
-_GENERATOR_LOSSES = {
-    "product_of_terms": ProductOfTermsLoss,
-    "minimax": MinimaxLoss,
-    "misclassification": MisclassificationLoss,
-}
 WEIGHT_FILES = ("encoder", "generator", "discriminator")
 
 
@@ -61,7 +56,7 @@ def _features(config: RecipeConfig) -> PretrainedFeatures | None:
     if not config.uses_features:
         return None
     if config.features_model == "evaluator":
-        from gali_ext.evaluator import load_evaluator
+        from gali_ext.recipes.evaluator import load_evaluator
 
         # The evaluator classifier takes images in [-1, 1] as they are: an identity range map.
         evaluator = load_evaluator(config.features_weights)
@@ -80,14 +75,14 @@ def build_model(config: RecipeConfig, channels: int) -> BuiltModel:
         models,
         _features(config),
         alice_weight=config.alice_weight,
-        generator_loss=_GENERATOR_LOSSES[config.generator_loss](),
+        generator_criterion=build_generator_criterion(config.generator_criterion),
     )
     return BuiltModel(models, gali.head, gali)
 
 
 def load_data(config: RecipeConfig, split: str) -> ImageData:
     """A split of the recipe's data set, checked against the architecture's image shape."""
-    from gali_ext.models import arch_image_shape
+    from gali_ext.recipes.models import arch_image_shape
 
     data = load_dataset(config.dataset, split=split, data_dir=config.data_dir or None)
     expected = arch_image_shape(config.arch)
@@ -188,7 +183,7 @@ def _save_checkpoint(accelerator, built: BuiltModel, out: Path, step: int, keep:
 @torch.no_grad()
 def write_grids(built: BuiltModel, images: torch.Tensor, z: torch.Tensor, out: Path, tag: str):
     """Samples ``G(z)`` and originals over their reconstructions ``G(E(x))``, as PNGs."""
-    from gali_ext.eval import eval_mode, reconstruct
+    from gali_ext.recipes.metrics import eval_mode, reconstruct
 
     with eval_mode(built.models.generator):
         samples = built.models.generator(z)
@@ -324,7 +319,7 @@ def _train(
                     f.write(json.dumps(record) + "\n")
                 bar.update(
                     task,
-                    info=f"D {result.discriminator_loss:.3f}  G {result.generator_loss:.3f}  "
+                    info=f"D {result.d_loss:.3f}  G {result.g_loss:.3f}  "
                     f"{1 / max(result.seconds, 1e-9):.1f} it/s",
                 )
             bar.update(task, completed=state.step)

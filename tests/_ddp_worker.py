@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from gali_ext.gali import build_gali
-from gali_ext.models import build_ali_models
+from gali_ext.recipes.models import build_ali_models
 from gali_ext.trainer import train_step
 
 

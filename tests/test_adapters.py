@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import EncoderGenerator, LatentEncoder, LatentGenerator, StochasticEncoder
 from gali_ext import ConfigError, ShapeError
+from gali_ext.adapters import EncoderGenerator, LatentEncoder, LatentGenerator, StochasticEncoder
 from gali_ext.chains import Chains, latent_mean, sample_latent
 
 README = (Path(__file__).resolve().parents[1] / "adapters" / "README.md").read_text()
@@ -356,7 +356,7 @@ def _readme_blocks():
 
 
 def test_worked_example_runs():
-    from adapters.examples.bigan_loop import main
+    from gali_ext.adapters.examples.bigan_loop import main
 
     losses = main(steps=3)
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
@@ -365,7 +365,7 @@ def test_worked_example_runs():
 
 
 def test_readme_loop_runs_and_trains_the_users_modules():
-    from adapters.examples.bigan_loop import random_loader, user_bigan
+    from gali_ext.adapters.examples.bigan_loop import random_loader, user_bigan
 
     block = _readme_blocks()[0]
     assert "gali.generator_loss(x)" in block and len(block.strip().splitlines()) < 20
@@ -379,7 +379,7 @@ def test_readme_loop_runs_and_trains_the_users_modules():
 
 
 def test_readme_bigbigan_and_features_blocks_run():
-    from adapters.examples.bigan_loop import user_bigan
+    from gali_ext.adapters.examples.bigan_loop import user_bigan
 
     _, bigbigan, features = _readme_blocks()
     namespace = {

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from gali_ext.errors import ConfigError
-from gali_ext.models import arch_image_shape, available_archs, build_ali_models
+from gali_ext.recipes.models import arch_image_shape, available_archs, build_ali_models
 
 
 @pytest.mark.parametrize("arch", ["digits", "svhn", "celeba"])

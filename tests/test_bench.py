@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gali_ext.bench import SPECS, run_benchmark
+from gali_ext.recipes.bench import SPECS, run_benchmark
 
 
 def test_benchmark_reports_ratios(tmp_path):
@@ -36,7 +36,7 @@ def test_script_entry_point_help():
 def test_variants_are_timed_interleaved_one_call_per_round():
     import torch
 
-    from gali_ext.bench import _median_times
+    from gali_ext.recipes.bench import _median_times
 
     calls = []
     functions = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
@@ -47,7 +47,7 @@ def test_variants_are_timed_interleaved_one_call_per_round():
 def test_compiled_variant_compiles_every_network(monkeypatch):
     import torch
 
-    from gali_ext.bench import step_functions
+    from gali_ext.recipes.bench import step_functions
 
     compiled = []
 
@@ -84,7 +84,7 @@ def test_a_failing_torch_compile_is_reported_not_fatal(tmp_path, monkeypatch):
 
 
 def test_table_reports_bf16_and_memory_when_measured():
-    from gali_ext.bench import format_table
+    from gali_ext.recipes.bench import format_table
 
     specs = {"ali": 0.1, "gali8": 0.2}
     result = {
@@ -111,7 +111,7 @@ def test_table_reports_bf16_and_memory_when_measured():
 def test_channels_last_step_variant_runs_on_nhwc_networks():
     import torch
 
-    from gali_ext.bench import step_functions
+    from gali_ext.recipes.bench import step_functions
 
     seen = []
     steps = step_functions("svhn", 2, torch.device("cpu"), ("ali",), channels_last=True)

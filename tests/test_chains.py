@@ -68,7 +68,7 @@ def test_stochastic_encoder_reparameterised_and_sampled_once():
         x,
         Gaussian(),
         lambda z: z.new_zeros(z.shape[0], 1, 2, 2),
-        generator=torch.Generator().manual_seed(0),
+        rng=torch.Generator().manual_seed(0),
     )
     z0 = chains["z0"]
     assert chains["E(x0)"] is z0  # one sample, reused wherever z0 appears
@@ -91,12 +91,12 @@ def test_sample_latent_accepts_distribution_and_rejects_junk():
 
 def test_prior_sample_shape_from_encoder_and_generator():
     enc, generate, _ = toy()
-    a = Chains(torch.randn(4, 1, 2, 2), enc, generate, generator=torch.Generator().manual_seed(5))
+    a = Chains(torch.randn(4, 1, 2, 2), enc, generate, rng=torch.Generator().manual_seed(5))
     b = Chains(
         torch.randn(4, 1, 2, 2),
         enc,
         generate,
-        generator=torch.Generator().manual_seed(5),
+        rng=torch.Generator().manual_seed(5),
         latent_shape=(3,),
     )
     assert a["zp0"].shape == (4, 3)

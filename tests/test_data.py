@@ -1,5 +1,5 @@
-"""gali_ext.data: data sets built from small files in their real formats (DESIGN.md section 8),
-the resumable batch stream and the data mean, checked against hand computations."""
+"""gali_ext.recipes.data: data sets built from small files in their real formats (DESIGN.md
+section 8), the resumable batch stream and the data mean, checked against hand computations."""
 
 from collections import Counter
 
@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from gali_ext.data import (
+from gali_ext.errors import DataError
+from gali_ext.recipes.data import (
     BatchStream,
     ImageData,
     ImageFiles,
@@ -19,7 +20,6 @@ from gali_ext.data import (
     load_digits,
     load_svhn,
 )
-from gali_ext.errors import DataError
 
 # ---------------------------------------------------------------- digits
 

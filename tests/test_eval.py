@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gali_ext.eval import (
+from gali_ext.recipes.metrics import (
     feature_mse,
     fid,
     frechet_distance,
@@ -101,7 +101,7 @@ def test_inpainting_errors_by_hand():
 
 
 def test_evaluator_trains_and_reports_accuracy(tmp_path):
-    from gali_ext.evaluator import load_evaluator, train_evaluator
+    from gali_ext.recipes.evaluator import load_evaluator, train_evaluator
 
     info = train_evaluator("digits", tmp_path / "ev", epochs=5)
     assert info["test_accuracy"] > 0.7  # chance is 0.1
@@ -114,8 +114,8 @@ def test_evaluator_trains_and_reports_accuracy(tmp_path):
 def test_eval_and_study_commands(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from gali_ext.cli import app
-    from gali_ext.evaluator import train_evaluator
+    from gali_ext.recipes.cli import app
+    from gali_ext.recipes.evaluator import train_evaluator
 
     monkeypatch.chdir(tmp_path)
     train_evaluator("digits", tmp_path / "study" / "evaluator", epochs=1)  # reused by the study
@@ -144,7 +144,7 @@ def test_eval_and_study_commands(tmp_path, monkeypatch):
 def test_study_refuses_a_bad_setting_before_training(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from gali_ext.cli import app
+    from gali_ext.recipes.cli import app
 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["study", "--out", "s", "--set", "n_diss=2"])
@@ -153,8 +153,8 @@ def test_study_refuses_a_bad_setting_before_training(tmp_path, monkeypatch):
 
 
 def test_latent_only_svm_features_are_the_encoder_output():
-    from gali_ext.models import build_ali_models
-    from recipes.evaluate import _encoder_features
+    from gali_ext.recipes.evaluate import _encoder_features
+    from gali_ext.recipes.models import build_ali_models
 
     encoder = build_ali_models("digits", latent_dim=8, channels=1).encoder
     x = torch.rand(5, 1, 16, 16) * 2 - 1
@@ -188,10 +188,10 @@ def test_fid_on_inception_features_from_a_local_file(tmp_path, monkeypatch):
     import timm
     from safetensors.torch import save_file
 
-    import recipes
+    from gali_ext import recipes
     from gali_ext.errors import CheckpointError
-    from recipes.evaluate import evaluate_run, format_table, inception_features, summarise
-    from recipes.train import train
+    from gali_ext.recipes.evaluate import evaluate_run, format_table, inception_features, summarise
+    from gali_ext.recipes.train import train
 
     # Random Inception weights with calibrated batch-norm statistics, saved whole (classifier
     # too) as a real file would be; 75 x 75 inputs (Inception's smallest) keep the test fast.
@@ -240,8 +240,8 @@ class _DeviceProbe(nn.Module):
 
 
 def test_metrics_feed_each_network_on_its_own_device():
-    from gali_ext.eval import model_device, reconstruct
-    from recipes.evaluate import _encoder_features
+    from gali_ext.recipes.evaluate import _encoder_features
+    from gali_ext.recipes.metrics import model_device, reconstruct
 
     images = torch.rand(3, 1, 2, 2)  # on the CPU, as data sets load them
     probe = _DeviceProbe()

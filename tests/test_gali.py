@@ -70,7 +70,11 @@ def test_objective_exposes_logits_and_swappable_loss(seeded):
     encoder = StochasticEncoder()
     generator = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Unflatten(1, (1, 8, 8)))
     gali = GALI(
-        encoder, generator, make_head(spec), [ReconstructionChain()], generator_loss=MinimaxLoss()
+        encoder,
+        generator,
+        make_head(spec),
+        [ReconstructionChain()],
+        generator_criterion=MinimaxLoss(),
     )
     objective = gali.generator_objective(torch.rand(5, 1, 8, 8))
     assert objective.logits.shape == (4, 5, 4)

@@ -1,5 +1,5 @@
-"""ALI's networks (gali_ext.models): shapes, the tanh output bias, spectral norm in D, no batch
-dependence in D(x), initialisation and errors."""
+"""ALI's networks (gali_ext.recipes.models): shapes, the tanh output bias, spectral norm in D,
+no batch dependence in D(x), initialisation and errors."""
 
 import math
 
@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from gali_ext.errors import ConfigError, ShapeError
-from gali_ext.models import (
+from gali_ext.recipes.models import (
     ALIModels,
     ConvLayer,
     GaussianEncoder,

@@ -69,7 +69,7 @@ def test_mask_and_mix_semantics():
         encoder,
         generator,
         functions={n: provider.function_for(n) for n in ("Mask1", "Mix1", "Mask2")},
-        generator=torch.Generator().manual_seed(0),
+        rng=torch.Generator().manual_seed(0),
     )
     masked, mixed = chains["Mask1(x0)"], chains["Mix1(x0)"]
     box = chains.scratch["MaskMix.box1"]

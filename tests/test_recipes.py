@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import recipes
-from gali_ext.cli import app
+from gali_ext import recipes
 from gali_ext.errors import ConfigError, DataError
-from recipes.train import train
+from gali_ext.recipes.cli import app
+from gali_ext.recipes.train import train
 
 REQUIRED = [
     "digits-ali", "digits-alice", "digits-gali4", "digits-gali8",
@@ -91,7 +91,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     config = tiny("digits-gali8", steps=6, checkpoint_every=3)
     train(config, tmp_path / "whole", progress=False)
 
-    import recipes.train as loop
+    import gali_ext.recipes.train as loop
 
     real_step, calls = loop.train_step, {"n": 0}
 
@@ -117,7 +117,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
 
 
 def test_channels_last_trains_in_nhwc_resumes_and_matches_contiguous(tmp_path, monkeypatch):
-    import recipes.train as loop
+    import gali_ext.recipes.train as loop
 
     config = tiny("digits-gali4", steps=4, channels_last=True)
     real_step, seen = loop.train_step, []

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import recipes
+from gali_ext import recipes
 from gali_ext.errors import CheckpointError, ConfigError, DataError, DivergenceError
-from recipes.train import train
+from gali_ext.recipes.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "batch_size=16", "--set", "checkpoint_every=5", "--set", "log_every=1",
@@ -97,7 +97,7 @@ def test_no_pickle_loading_in_the_package():
 def test_corrupted_or_mismatched_weights_name_file_and_key(tmp_path):
     from typer.testing import CliRunner
 
-    from gali_ext.cli import app
+    from gali_ext.recipes.cli import app
 
     config = recipes.get("digits-ali").with_overrides({"steps": "1", "batch_size": "16"})
     run = train(config, tmp_path / "run", progress=False)

@@ -1,6 +1,6 @@
 import pytest
 
-from gali_ext import SpecError, TupleClass, TupleSpec, available_specs, build_spec, parse_node
+from gali_ext import SpecError, TupleClass, TupleSpec, available_presets, build_spec, parse_node
 
 # DESIGN.md section 2, written out by hand.
 EXPECTED = {
@@ -54,8 +54,8 @@ def test_presets_match_design_table(name):
     assert spec.name == name
 
 
-def test_available_specs_lists_every_preset():
-    assert set(EXPECTED) <= set(available_specs())
+def test_available_presets_lists_every_preset():
+    assert set(EXPECTED) <= set(available_presets())
 
 
 def test_gali4_reconstruction_classes_spelled_as_expressions():
@@ -120,7 +120,7 @@ def test_invalid_specs_name_the_problem(classes, message):
 
 
 def test_unknown_preset_lists_available():
-    with pytest.raises(SpecError, match="unknown spec 'gali5'.*gali4"):
+    with pytest.raises(SpecError, match="unknown preset 'gali5'.*gali4"):
         build_spec("gali5")
 
 

@@ -135,7 +135,7 @@ def test_shared_forward_with_n_dis_uses_one_batch_per_d_step():
     gali = build("gali8")
     batches = [torch.rand(5, 1, 8, 8) * 2 - 1 for _ in range(3)]
     result = train_step(gali, iter(batches), *sgd_pair(gali), n_dis=3, shared_forward=True)
-    assert result.discriminator_loss > 0 and len(result.class_accuracy) == 8
+    assert result.d_loss > 0 and len(result.class_accuracy) == 8
 
 
 def test_shared_forward_refuses_ddp_and_fp16_scaling():
@@ -150,7 +150,7 @@ def test_shared_forward_refuses_ddp_and_fp16_scaling():
 
 
 def test_recipe_setting_shared_forward():
-    import recipes
+    from gali_ext import recipes
 
     config = recipes.get("digits-gali8").with_overrides({"shared_forward": "true"})
     assert config.shared_forward is True

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from gali_ext.errors import ShapeError
-from gali_ext.visual import interleave_rows, save_image_grid
+from gali_ext.recipes.visual import interleave_rows, save_image_grid
 
 
 def test_grid_layout_and_pixel_values(tmp_path):

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adapters import EncoderGenerator
 from gali_ext import GALI, MultiClassJointDiscriminatorHead, build_spec
+from gali_ext.adapters import EncoderGenerator
 from gali_ext.losses import DiscriminatorLoss, ProductOfTermsLoss
 from gali_ext.providers import ReconstructionChain
 
@@ -93,7 +93,9 @@ def main(steps: int = 3, seed: int = 0) -> list[float]:
     head = MultiClassJointDiscriminatorHead(  # gali-ext; a toy joint MLP, ALI's is (1024, 1024)
         spec, image_features=my_dx, latent_features=my_dz, joint_hidden=(64,)
     )
-    losses = dict(generator_loss=ProductOfTermsLoss(), discriminator_loss=DiscriminatorLoss())
+    losses = dict(
+        generator_criterion=ProductOfTermsLoss(), discriminator_criterion=DiscriminatorLoss()
+    )
     gali = GALI(pair.encoder, pair.generator, head, providers=[ReconstructionChain()], **losses)
 
     opt_d = torch.optim.Adam(head.parameters(), lr=2e-4, betas=(0.5, 0.999))  # was: D's params

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from ..chains import Chains, NodeFunction
-from ..spec import TupleSpec
+from ..errors import ProviderError
+from ..spec import TupleSpec, parse_node
 
-__all__ = ["FeedbackProvider"]
+__all__ = ["FeedbackProvider", "resolve_node_functions"]
+
+_CORE_FUNCTIONS = frozenset({"E", "G"})
 
 
 class FeedbackProvider(nn.Module):
@@ -40,3 +45,51 @@ class FeedbackProvider(nn.Module):
     def extra_loss(self, chains: Chains) -> Tensor | None:
         """An extra term of the generator-encoder loss for this step, or None."""
         return None
+
+
+def resolve_node_functions(
+    spec: TupleSpec, providers: Sequence[FeedbackProvider]
+) -> dict[str, NodeFunction]:
+    """The node function of every function name the spec and the providers' loss terms use,
+    each made by exactly one provider; the spec's chain depth checked against theirs.
+
+    Raises :class:`~gali_ext.errors.ProviderError` naming the node and the provider that would
+    make it, so that a preset or an objective is refused when it is built, not at its first
+    step. Each provider's own :meth:`FeedbackProvider.check` runs last.
+    """
+    for p in providers:
+        if not isinstance(p, FeedbackProvider):
+            raise ProviderError(f"expected a FeedbackProvider, got {type(p).__name__}")
+    wanted = set(spec.functions - _CORE_FUNCTIONS)
+    for p in providers:
+        wanted |= p.requires
+    functions: dict[str, NodeFunction] = {}
+    for name in sorted(wanted):
+        makers = [p for p in providers if p.function_for(name) is not None]
+        if not makers:
+            users = [n for n in spec.nodes if name in parse_node(n).functions]
+            where = f"the spec's node {users[0]!r}" if users else "a provider's loss term"
+            have = ", ".join(type(p).__name__ for p in providers) or "none"
+            raise ProviderError(
+                f"{where} needs the function {name!r}, which no feedback provider makes "
+                f"(providers: {have}); e.g. MaskMix makes Mask<k>/Mix<k>, "
+                "PretrainedFeatures makes M"
+            )
+        if len(makers) > 1:
+            raise ProviderError(
+                f"the function {name!r} is made by several providers: "
+                f"{', '.join(type(p).__name__ for p in makers)}"
+            )
+        functions[name] = makers[0].function_for(name)
+    allowed = max((p.chain_depth for p in providers), default=0)
+    for name in spec.nodes:
+        node = parse_node(name)
+        if node.depth > allowed:
+            raise ProviderError(
+                f"the spec's node {name!r} is on the reconstruction chain (depth "
+                f"{node.depth}); add providers.ReconstructionChain() to the providers"
+                + ("" if allowed == 0 else f" with depth >= {node.depth}")
+            )
+    for p in providers:
+        p.check(spec)
+    return functions

@@ -22,7 +22,7 @@ def sample_box_masks(
     batch: int,
     height: int,
     width: int,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Draw one box mask per image from P(M): ``[B, 1, H, W]`` bool, true inside the box.
@@ -32,7 +32,7 @@ def sample_box_masks(
     """
     if batch < 1 or height < 1 or width < 1:
         raise ShapeError(f"cannot draw masks for batch={batch}, H={height}, W={width}")
-    u = torch.rand(4, batch, generator=generator, device=device)
+    u = torch.rand(4, batch, generator=rng, device=device)
     h = (u[0] * height).long() + 1
     w = (u[1] * width).long() + 1
     top = (u[2] * (height - h + 1)).long()
@@ -54,14 +54,14 @@ class MaskMix(FeedbackProvider):
 
     Args:
         fill: the value of blacked-out pixels (-1 for images in [-1, 1]).
-        generator: a ``torch.Generator`` for the masks; else the step's generator, else the
+        rng: a ``torch.Generator`` for the masks; else the step's rng, else the
             global one.
     """
 
-    def __init__(self, fill: float = -1.0, generator: torch.Generator | None = None) -> None:
+    def __init__(self, fill: float = -1.0, rng: torch.Generator | None = None) -> None:
         super().__init__()
         self.fill = fill
-        self.generator = generator
+        self.rng = rng
 
     def box(self, k: int, image: Tensor, chains: Chains) -> Tensor:
         """Box ``k`` of this step, ``[B, 1, H, W]`` bool, drawn on first use."""
@@ -70,9 +70,9 @@ class MaskMix(FeedbackProvider):
         key = f"MaskMix.box{k}"
         box = chains.scratch.get(key)
         if box is None:
-            generator = self.generator if self.generator is not None else chains.generator
+            rng = self.rng if self.rng is not None else chains.rng
             b, _, h, w = image.shape
-            box = sample_box_masks(b, h, w, generator, image.device)
+            box = sample_box_masks(b, h, w, rng, image.device)
             chains.scratch[key] = box
         elif box.shape[-2:] != image.shape[-2:]:
             raise ShapeError(

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .errors import ConfigError, ShapeError
+from gali_ext.errors import ConfigError, ShapeError
 
 __all__ = [
     "ALIModels",

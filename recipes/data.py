@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .errors import DataError
+from gali_ext.errors import DataError
 
 __all__ = [
     "DATASETS",

@@ -2,7 +2,7 @@
 
 - :func:`reconstruction_mse`: pixel MSE between x and ``G(E(x))``, pixels in [0, 1];
 - :func:`feature_mse`: the same between ``M_eval(x)`` and ``M_eval(G(E(x)))`` for a frozen
-  evaluator classifier (:mod:`gali_ext.evaluator`);
+  evaluator classifier (:mod:`gali_ext.recipes.evaluator`);
 - :func:`svm_misclassification`: a linear SVM on encoder features from N labelled images, C
   chosen on a validation split, test misclassification averaged over R random draws;
 - :func:`frechet_distance` and :func:`fid`: Frechet distance between Gaussian fits of features;
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .chains import latent_mean
-from .errors import ShapeError
+from gali_ext.chains import latent_mean
+from gali_ext.errors import ShapeError
 
 __all__ = [
     "eval_mode",
@@ -248,7 +248,7 @@ def inpainting_errors(
     ``pixel_mse``: mean squared error (pixels in [0, 1]) over the masked pixels only;
     ``feature_mse``: ``mean((M_eval(x) - M_eval(Mix(x, M)))^2)`` when ``features`` is given.
     """
-    from .providers.maskmix import sample_box_masks
+    from gali_ext.providers.maskmix import sample_box_masks
 
     b, _, h, w = images.shape
     boxes = sample_box_masks(b, h, w, torch.Generator().manual_seed(seed), images.device)

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gali_ext.errors import CheckpointError
+
 from .data import BatchStream, ImageData, load_dataset
-from .errors import CheckpointError
 
 __all__ = ["EvaluatorClassifier", "load_evaluator", "train_evaluator"]
 
@@ -116,7 +117,7 @@ def train_evaluator(
 
 def load_evaluator(folder: str | Path) -> EvaluatorClassifier:
     """The evaluator saved by :func:`train_evaluator` in ``folder``, frozen and in eval mode."""
-    from .providers.pretrained import load_safetensors_into
+    from gali_ext.providers.pretrained import load_safetensors_into
 
     folder = Path(folder)
     try:

@@ -33,11 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .gali import build_gali
-from .losses import DiscriminatorLoss
+from gali_ext.gali import build_gali
+from gali_ext.losses import DiscriminatorLoss
+from gali_ext.presets import get_preset
+from gali_ext.providers import PretrainedFeatures
+from gali_ext.trainer import train_step
+
 from .models import build_ali_models
-from .providers import PretrainedFeatures
-from .trainer import train_step
 
 __all__ = ["PRESETS", "profile_tables", "run_benchmark", "step_flops", "step_functions"]
 
@@ -95,14 +97,14 @@ class _FrozenFeatures(nn.Module):
         return self.net(x)
 
 
-def _build(spec_name: str, arch: str, device: torch.device, seed: int = 0):
+def _build(preset: str, arch: str, device: torch.device, seed: int = 0):
     """E, G, head and GALI for one spec; the same seed gives the same E, G, Dx and Dz weights."""
     torch.manual_seed(seed)
     models = build_ali_models(arch)
     features = None
-    if spec_name == "gali_pt":
+    if get_preset(preset).needs_features:
         features = PretrainedFeatures(_FrozenFeatures(models.image_shape[0]))
-    gali = build_gali(spec_name, models, features)
+    gali = build_gali(preset, models, features)
     return models, gali.head, gali.to(device)
 
 

@@ -26,7 +26,7 @@ def save_image_grid(
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    from .errors import ShapeError
+    from gali_ext.errors import ShapeError
 
     images = images.detach().float().cpu().clamp(-1, 1)
     n, c, h, w = images.shape

@@ -1,0 +1,206 @@
+"""The ``gali-ext`` command line: train recipes, list them, draw samples from a run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from gali_ext.errors import ConfigError, GaliError
+
+app = typer.Typer(
+    help="Generalized Adversarially Learned Inference: train and inspect GALI models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _parse_sets(values: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+@app.command()
+def recipe(
+    name: str = typer.Argument(..., help="Recipe name; `gali-ext recipes` lists them."),
+    out: Path = typer.Option(None, help="Run directory (default: runs/NAME)."),
+    steps: int = typer.Option(None, help="Training steps (each n_dis D steps + 1 G/E step)."),
+    epochs: float = typer.Option(None, help="Train for this many passes over the data instead."),
+    mixed_precision: str = typer.Option(None, help="no, fp16 (CUDA) or bf16."),
+    seed: int = typer.Option(None, help="Random seed."),
+    data_dir: Path = typer.Option(None, help="Folder with the SVHN .mat files or CelebA."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace whatever --out holds."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting: --set lr=2e-4."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train a reference recipe (e.g. `gali-ext recipe digits-gali4`)."""
+    from gali_ext import recipes
+    from gali_ext.recipes.train import train
+
+    if steps is not None and epochs is not None:
+        raise ConfigError("give --steps or --epochs, not both")
+    out = out or Path("runs") / name
+    config = recipes.get(name)
+    if resume and (out / "config.json").is_file():
+        config = recipes.RecipeConfig.from_json(out / "config.json")
+    overrides = _parse_sets(set_)
+    for key, value in (
+        ("steps", steps),
+        ("mixed_precision", mixed_precision),
+        ("seed", seed),
+        ("data_dir", data_dir),
+    ):
+        if value is not None:
+            overrides[key] = str(value)
+    config = config.with_overrides(overrides)
+    train(config, out, resume=resume, overwrite=overwrite, progress=progress, epochs=epochs)
+
+
+@app.command("recipes")
+def list_recipes() -> None:
+    """List the recipes, one line each."""
+    from gali_ext import recipes
+
+    width = max(len(n) for n in recipes.available())
+    for name in recipes.available():
+        typer.echo(f"{name:<{width}}  {recipes.describe(name)}")
+
+
+@app.command()
+def sample(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `gali-ext recipe`."),
+    out: Path = typer.Option(None, help="Where to write the PNGs (default: RUN_DIR)."),
+) -> None:
+    """Write a grid of samples G(z) and of test images over their reconstructions G(E(x))."""
+    import torch
+
+    from gali_ext import recipes
+    from gali_ext.providers.pretrained import load_safetensors_into
+    from gali_ext.recipes.train import build_model, first_images, load_data, write_grids
+
+    config = recipes.RecipeConfig.from_json(run_dir / "config.json")
+    test_data = load_data(config, "test")
+    built = build_model(config, test_data.channels)
+    load_safetensors_into(built.models.encoder, run_dir / "encoder.safetensors")
+    load_safetensors_into(built.models.generator, run_dir / "generator.safetensors")
+    z = torch.randn(64, built.models.latent_dim, generator=torch.Generator().manual_seed(0))
+    paths = write_grids(built, first_images(test_data, 32), z, out or run_dir, "sample")
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command("train-evaluator")
+def train_evaluator_command(
+    dataset: str = typer.Argument(..., help="digits, svhn or celeba."),
+    out: Path = typer.Option(
+        None, help="Folder for evaluator.safetensors (default: runs/evaluator-DATASET)."
+    ),
+    data_dir: Path = typer.Option(None, help="Folder with SVHN or CelebA."),
+    epochs: int = typer.Option(10, help="Training epochs."),
+) -> None:
+    """Train the evaluator classifier M_eval behind the feature MSE; prints its test accuracy."""
+    from .evaluator import train_evaluator
+
+    folder = out or Path("runs") / f"evaluator-{dataset}"
+    info = train_evaluator(dataset, folder, data_dir, epochs=epochs)
+    typer.echo(
+        f"evaluator for {dataset}: test accuracy {info['test_accuracy']:.4f}, saved in {folder}"
+    )
+
+
+@app.command("eval")
+def eval_command(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
+    evaluator: Path = typer.Option(
+        None, help="Evaluator folder (default: runs/evaluator-DATASET)."
+    ),
+    markdown: bool = typer.Option(False, help="Print the table as Markdown."),
+    out: Path = typer.Option(Path("eval.json"), help="Where to write all results as JSON."),
+    svm_samples: int = typer.Option(None, help="Labelled images per SVM draw (paper: 1000)."),
+    svm_draws: int = typer.Option(None, help="SVM draws to average (paper: 100)."),
+    inception_weights: Path = typer.Option(
+        None,
+        help="A local .safetensors file of timm's inception_v3 (e.g. inception_v3.tv_in1k): "
+        "adds FID on Inception features.",
+    ),
+) -> None:
+    """The paper's metrics for trained runs, as a table (mean ± std over seeds of a recipe)."""
+    import json
+
+    from gali_ext.recipes.evaluate import evaluate_run, format_table, inception_features, summarise
+
+    inception = inception_features(inception_weights) if inception_weights else None
+    results = [
+        evaluate_run(r, evaluator, svm_samples, svm_draws, inception=inception) for r in run_dirs
+    ]
+    summary = summarise(results)
+    out.write_text(json.dumps({"results": results, "summary": summary}, indent=2))
+    typer.echo(format_table(summary, markdown=markdown))
+    protocols = sorted({r["svm_protocol"] for r in results if "svm_protocol" in r})
+    if protocols:
+        typer.echo(f"SVM: {'; '.join(protocols)}. Results in {out}")
+
+
+@app.command("study")
+def study_command(
+    dataset: str = typer.Argument("digits", help="Only digits: the study runs on the CPU."),
+    out: Path = typer.Option(Path("runs/study-digits"), help="Study folder."),
+    steps: int = typer.Option(600, help="Training steps per run."),
+    seeds: int = typer.Option(3, help="Seeds per recipe."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    svm_samples: int = typer.Option(None, help="Labelled images per SVM draw (digits: 500)."),
+    svm_draws: int = typer.Option(None, help="SVM draws to average (digits: 10)."),
+    recipes: str = typer.Option(None, help="Comma-separated recipes (default: all five)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting in every recipe."),
+) -> None:
+    """Train digits-ali, -alice, -gali4, -gali8, -gali-pt over seeds and compare them."""
+    from gali_ext.recipes.evaluate import study
+
+    if dataset != "digits":
+        raise ConfigError(f"the study runs on digits only, got {dataset!r}")
+    names = [r.strip() for r in recipes.split(",")] if recipes else None
+    study(out, steps=steps, seeds=seeds, recipes=names, progress=progress, echo=typer.echo,
+          svm_samples=svm_samples, svm_draws=svm_draws, overrides=_parse_sets(set_))  # fmt: skip
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("digits", help="digits (CPU-sized) or svhn (ALI SVHN, batch 100)."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    repeats: int = typer.Option(10, help="Timed repetitions per measurement (median reported)."),
+    warmup: int = typer.Option(3, help="Untimed warm-up repetitions."),
+    batch: int = typer.Option(None, help="Batch size (default: the preset's)."),
+    out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON results."),
+    profile: bool = typer.Option(False, help="Also print the top ops of ALI and GALI-8 steps."),
+    torch_compile: bool = typer.Option(
+        False, "--compile", help="Also time ALI and GALI-8 with torch.compile."
+    ),
+) -> None:
+    """Step cost of K classes, fused vs per-class head, and mixed precision, as ratios."""
+    from .bench import PRESETS, run_benchmark
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown benchmark preset {preset!r}; presets: {', '.join(PRESETS)}")
+    run_benchmark(preset, device, repeats, warmup, batch, out, print_fn=typer.echo,
+                  profile=profile, torch_compile=torch_compile)  # fmt: skip
+
+
+def main() -> None:
+    """Entry point of the ``gali-ext`` script: bad input ends in one line on stderr, exit 2."""
+    try:
+        app()
+    except GaliError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
