@@ -26,7 +26,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +159,9 @@ def _step_setup(name: str, arch: str, batch: int, device: torch.device):
     return gali, d_opt, g_opt, x
 
 
-def step_flops(arch: str, batch: int, device: torch.device) -> dict[str, float]:
+def step_flops(
+    arch: str, batch: int, device: torch.device, specs: Sequence[str] = SPECS
+) -> dict[str, float]:
     """Floating-point operations of one alternating training step per spec (the matrix
     products and convolutions, forward and backward, counted by ``torch.utils.flop_counter``).
 
@@ -169,7 +171,7 @@ def step_flops(arch: str, batch: int, device: torch.device) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     flops = {}
-    for name, step in step_functions(arch, batch, device).items():
+    for name, step in step_functions(arch, batch, device, tuple(specs)).items():
         counter = FlopCounterMode(display=False)
         with counter:
             step()
@@ -245,12 +247,19 @@ def run_benchmark(
     print_fn: Callable[[str], None] = print,
     profile: bool = False,
     torch_compile: bool = False,
+    specs: Sequence[str] = SPECS,
 ) -> dict[str, Any]:
     """Run the benchmark, print a table and write ``out`` (JSON). Returns the results.
+
+    ``specs``: registered presets to time (:mod:`gali_ext.presets`, a user's own included);
+    ``ali`` is always timed too, as the reference of every ratio.
 
     ``profile`` adds the ``torch.profiler`` tables of the top ops of an ALI and a GALI-8 step;
     ``torch_compile`` times ALI and GALI-8 steps with compiled networks against eager ones.
     """
+    specs = tuple(dict.fromkeys(["ali", *specs]))
+    for name in specs:
+        get_preset(name)  # an unknown name fails here, before anything is timed
     settings = PRESETS[preset]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = batch or settings["batch"]
@@ -258,8 +267,8 @@ def run_benchmark(
     image_shape = build_ali_models(arch).image_shape
     # Every variant of the step is timed in one interleaved loop (see _median_times).
     variants = {
-        "alternating": step_functions(arch, batch, dev),
-        "shared": step_functions(arch, batch, dev, shared_forward=True),
+        "alternating": step_functions(arch, batch, dev, specs),
+        "shared": step_functions(arch, batch, dev, specs, shared_forward=True),
     }
     compile_error = None
     if torch_compile:
@@ -273,10 +282,10 @@ def run_benchmark(
         else:
             variants["compiled"] = compiled
     if dev.type == "cuda":
-        variants["bf16"] = step_functions(arch, batch, dev, autocast_dtype=torch.bfloat16)
-        variants["nhwc"] = step_functions(arch, batch, dev, channels_last=True)
+        variants["bf16"] = step_functions(arch, batch, dev, specs, autocast_dtype=torch.bfloat16)
+        variants["nhwc"] = step_functions(arch, batch, dev, specs, channels_last=True)
         variants["nhwc_bf16"] = step_functions(
-            arch, batch, dev, autocast_dtype=torch.bfloat16, channels_last=True
+            arch, batch, dev, specs, autocast_dtype=torch.bfloat16, channels_last=True
         )
     functions = {(v, spec): fn for v, steps in variants.items() for spec, fn in steps.items()}
     # a compiled step compiles in its first calls, and again for each grad mode
@@ -286,7 +295,7 @@ def run_benchmark(
     timed = {v: {spec: t for (key, spec), t in times.items() if key == v} for v, _ in times}
     steps, shared = timed["alternating"], timed["shared"]
     heads = head_times(arch, batch, dev, warmup, repeats)
-    flops = step_flops(arch, batch, dev)
+    flops = step_flops(arch, batch, dev, specs)
     result: dict[str, Any] = {
         "machine": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -302,7 +311,7 @@ def run_benchmark(
         "flop_ratio_vs_ali": {k: v / flops["ali"] for k, v in flops.items() if k != "ali"},
         "shared_step_seconds": shared,
         "shared_ratio_vs_ali": {k: v / shared["ali"] for k, v in shared.items() if k != "ali"},
-        "shared_speedup": {k: steps[k] / shared[k] for k in SPECS},
+        "shared_speedup": {k: steps[k] / shared[k] for k in specs},
         "head": heads,
         "fused_speedup": {k: v["per_class_s"] / v["fused_s"] for k, v in heads.items()},
     }
@@ -324,9 +333,9 @@ def run_benchmark(
                 ("bf16_channels_last", "nhwc_bf16"),
             )
         }
-        result["bf16_speedup"] = {k: steps[k] / timed["bf16"][k] for k in SPECS}
-        result["channels_last_speedup"] = {k: steps[k] / timed["nhwc"][k] for k in SPECS}
-        result["channels_last_bf16_speedup"] = {k: steps[k] / timed["nhwc_bf16"][k] for k in SPECS}
+        result["bf16_speedup"] = {k: steps[k] / timed["bf16"][k] for k in specs}
+        result["channels_last_speedup"] = {k: steps[k] / timed["nhwc"][k] for k in specs}
+        result["channels_last_bf16_speedup"] = {k: steps[k] / timed["nhwc_bf16"][k] for k in specs}
     if profile:
         result["profile"] = profile_tables(arch, batch, dev, repeats)
     print_fn(format_table(result))

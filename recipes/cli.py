@@ -17,6 +17,39 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from gali_ext import __version__
+
+        typer.echo(f"gali-ext {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    imports: list[str] = typer.Option(
+        [],
+        "--import",
+        help="Import a Python module first, e.g. one that calls gali_ext.register_preset "
+        "(repeatable): `gali-ext --import my_presets recipe digits-gali4 --set spec=mine`.",
+    ),
+) -> None:
+    """Generalized Adversarially Learned Inference: train and inspect GALI models."""
+    import importlib
+    import sys
+
+    if imports and "" not in sys.path:
+        sys.path.insert(0, "")  # modules in the current folder, as `python -m` would find them
+    for name in imports:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(f"--import {name}: cannot import it ({error})") from error
+
+
 def _parse_sets(values: list[str]) -> dict[str, str]:
     overrides = {}
     for item in values:
@@ -62,6 +95,18 @@ def recipe(
             overrides[key] = str(value)
     config = config.with_overrides(overrides)
     train(config, out, resume=resume, overwrite=overwrite, progress=progress, epochs=epochs)
+
+
+@app.command("presets")
+def list_presets() -> None:
+    """List the registered presets (tuple classes and providers), one line each."""
+    from gali_ext import available_presets, get_preset
+
+    width = max(len(n) for n in available_presets())
+    for name in available_presets():
+        preset = get_preset(name)
+        spec = preset.spec
+        typer.echo(f"{name:<{width}}  K={spec.num_classes} m={spec.arity}  {preset.title}")
 
 
 @app.command("recipes")
@@ -183,14 +228,18 @@ def bench(
     torch_compile: bool = typer.Option(
         False, "--compile", help="Also time ALI and GALI-8 with torch.compile."
     ),
+    specs: str = typer.Option(
+        None, help="Comma-separated presets to time (default: ali,gali4,gali8,gali_mix,gali_pt)."
+    ),
 ) -> None:
     """Step cost of K classes, fused vs per-class head, and mixed precision, as ratios."""
-    from .bench import PRESETS, run_benchmark
+    from .bench import PRESETS, SPECS, run_benchmark
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown benchmark preset {preset!r}; presets: {', '.join(PRESETS)}")
+    names = tuple(n.strip() for n in specs.split(",")) if specs else SPECS
     run_benchmark(preset, device, repeats, warmup, batch, out, print_fn=typer.echo,
-                  profile=profile, torch_compile=torch_compile)  # fmt: skip
+                  profile=profile, torch_compile=torch_compile, specs=names)  # fmt: skip
 
 
 def main() -> None:

@@ -351,8 +351,10 @@ def test_gradients_reach_a_deterministic_encoder_and_the_mean_is_mu():
 # --- the README and the worked example -------------------------------------------------------
 
 
-def _readme_blocks():
-    return re.findall(r"```python\n(.+?)```", README, re.S)
+def _readme_block(marker: str) -> str:
+    """The adapters/README.md Python block that contains ``marker``."""
+    (block,) = [b for b in re.findall(r"```python\n(.+?)```", README, re.S) if marker in b]
+    return block
 
 
 def test_worked_example_runs():
@@ -367,7 +369,7 @@ def test_worked_example_runs():
 def test_readme_loop_runs_and_trains_the_users_modules():
     from gali_ext.adapters.examples.bigan_loop import random_loader, user_bigan
 
-    block = _readme_blocks()[0]
+    block = _readme_block("gali.generator_loss(x)")
     assert "gali.generator_loss(x)" in block and len(block.strip().splitlines()) < 20
     user = user_bigan()
     before = [p.detach().clone() for p in user["my_encoder"].parameters()]
@@ -381,17 +383,18 @@ def test_readme_loop_runs_and_trains_the_users_modules():
 def test_readme_bigbigan_and_features_blocks_run():
     from gali_ext.adapters.examples.bigan_loop import user_bigan
 
-    _, bigbigan, features = _readme_blocks()
+    bigbigan = _readme_block("generator_kwargs")
+    features = _readme_block("feature_layers")
+    namespace = {"torch": torch, "nn": nn, "EncoderGenerator": EncoderGenerator}
+    exec(compile(bigbigan, "adapters/README.md", "exec"), namespace)
+    pair = namespace["pair"]
+    x = pair.generator(sample_latent(pair.encoder(torch.randn(3, 1, 8, 8))))
+    assert x.shape == (3, 1, 8, 8)
     namespace = {
         "torch": torch,
         "EncoderGenerator": EncoderGenerator,
-        "encoder": nn.Sequential(nn.Flatten(), nn.Linear(4, 120), nn.Unflatten(1, (120, 1, 1))),
-        "generator": lambda z, y: z[:, :4].reshape(-1, 1, 2, 2) + y.view(-1, 1, 1, 1),
+        "loader": [torch.randn(3, 1, 8, 8)],
     }
-    exec(compile(bigbigan, "adapters/README.md", "exec"), namespace)
-    x = namespace["pair"].generator(sample_latent(namespace["pair"].encoder(torch.randn(3, 4))))
-    assert x.shape == (3, 1, 2, 2)
-    namespace = {"torch": torch, "EncoderGenerator": EncoderGenerator, "x": torch.randn(3, 1, 8, 8)}
     namespace.update(user_bigan())
     exec(compile(features, "adapters/README.md", "exec"), namespace)
     encoder = namespace["my_encoder"]

@@ -1,0 +1,159 @@
+"""The distribution installs one import package, gali_ext, whose core stands alone."""
+
+import ast
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APPLICATION = ("accelerate", "typer", "rich", "sklearn", "scipy", "PIL")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (built,) = out.glob("gali_ext-*.whl")
+    return built
+
+
+@pytest.mark.slow
+def test_the_wheel_has_exactly_one_top_level_name(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+        top_level = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+        if top_level:
+            assert archive.read(top_level[0]).decode().split() == ["gali_ext"]
+    assert tops == {"gali_ext"}
+    assert "gali_ext/adapters/__init__.py" in names and "gali_ext/recipes/train.py" in names
+    assert "gali_ext/adapters/README.md" in names
+
+
+def _folder_that_shadows(tmp_path: Path) -> Path:
+    """A project folder holding its own recipes.py and adapters/ package, both poisoned."""
+    folder = tmp_path / "project"
+    (folder / "adapters").mkdir(parents=True)
+    (folder / "recipes.py").write_text(
+        "raise SystemExit('the wrong recipes module was imported')\n"
+    )
+    (folder / "adapters" / "__init__.py").write_text("raise SystemExit('wrong adapters')\n")
+    return folder
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_runs_beside_a_recipes_py_and_an_adapters_folder(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+         str(wheel)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    folder = _folder_that_shadows(tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "gali_ext.cli", "recipes"],
+        cwd=folder, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "digits-gali4" in run.stdout
+    where = subprocess.run(
+        [sys.executable, "-c", "import gali_ext.recipes as r; print(r.__file__)"],
+        cwd=folder, capture_output=True, text=True, env={"PYTHONPATH": str(target)},
+    )  # fmt: skip
+    assert where.stdout.strip().startswith(str(target))
+
+
+def test_the_development_install_runs_beside_a_recipes_py_and_an_adapters_folder(tmp_path):
+    folder = _folder_that_shadows(tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "gali_ext.cli", "recipes"],
+        cwd=folder, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "digits-gali8" in run.stdout
+    version = subprocess.run(
+        [sys.executable, "-m", "gali_ext.cli", "--version"],
+        cwd=folder, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    import gali_ext
+
+    assert version.stdout.strip() == f"gali-ext {gali_ext.__version__}"
+
+
+def test_import_gali_ext_loads_the_core_only():
+    code = "import json, sys; import gali_ext; print(json.dumps(sorted(m for m in sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)  # fmt: skip
+    loaded = json.loads(run.stdout)
+    heavy = sorted({m.split(".")[0] for m in loaded} & set(APPLICATION))
+    assert heavy == [], f"import gali_ext loaded {heavy}"
+    ours = sorted(m for m in loaded if m.startswith("gali_ext."))
+    assert not [m for m in ours if m.startswith(("gali_ext.recipes", "gali_ext.adapters"))], ours
+    assert "gali_ext.cli" not in ours
+    for name in ("spec", "presets", "chains", "head", "losses", "providers", "gali", "trainer"):
+        assert f"gali_ext.{name}" in ours
+
+
+def _package_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in ("recipes", "adapters"):
+        return parts[1]
+    return "cli" if module == "gali_ext.cli" else "core"
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The gali_ext modules that a source file of ``package`` imports, relative ones resolved."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                found.update(
+                    [f"{base}.{node.module}"] if node.module
+                    else [f"{base}.{alias.name}" for alias in node.names]
+                )  # fmt: skip
+            else:
+                found.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {n for n in found if n.split(".")[0] == "gali_ext"}
+
+
+def test_the_core_imports_nothing_from_the_application_and_packages_form_no_cycle():
+    # repository folder -> the import package it installs as
+    folders = {
+        "gali_ext": "gali_ext",
+        "adapters": "gali_ext.adapters",
+        "recipes": "gali_ext.recipes",
+    }
+    edges: set[tuple[str, str]] = set()
+    for folder, package_name in folders.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            module = ".".join(
+                [package_name, *path.relative_to(ROOT / folder).with_suffix("").parts]
+            )
+            source = _package_of(module)
+            if module == "gali_ext.cli":
+                continue  # the entry-point shim of `python -m gali_ext.cli`
+            package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+            if path.name == "__init__.py":
+                package = module.removesuffix(".__init__")
+            for imported in _imports(path, package):
+                target = _package_of(imported)
+                if target != source:
+                    edges.add((source, target))
+    assert not {e for e in edges if e[0] == "core"}, f"the core imports {edges}"
+    assert not (("adapters", "recipes") in edges and ("recipes", "adapters") in edges), edges
+    assert not {e for e in edges if e[1] == "cli"}, "nothing may import the CLI shim"
+    assert ("recipes", "core") in edges  # the scan sees imports at all
