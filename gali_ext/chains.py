@@ -1,4 +1,5 @@
-"""The real and prior chains of one training step, each node computed once (DESIGN.md section 1).
+"""The real and prior chains of one training step, each node computed once (docs/design.md,
+section 1).
 
 The real chain starts from data, ``x0 = x, z0 = E(x0), x1 = G(z0), z1 = E(x1), ...``; the prior
 chain from a prior sample, ``zp0 = z, xp0 = G(zp0), zp1 = E(xp0), ...``. :class:`Chains` computes a

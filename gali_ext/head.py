@@ -1,4 +1,4 @@
-"""The multi-class joint discriminator of GALI (DESIGN.md section 4).
+"""The multi-class joint discriminator of GALI (docs/design.md, section 4).
 
 One feature network per variable kind (``Dx`` for images, ``Dz`` for latents, one per extra kind
 such as pretrained features ``M``) and a joint MLP over the concatenated slot features of an
@@ -54,7 +54,7 @@ def add_instance_noise(
     """Every image node of the spec plus Gaussian noise of standard deviation ``std``.
 
     One draw per distinct image node, so the fused and the per-class discriminator see the same
-    noisy images (DESIGN.md section 4). Other variables are passed through.
+    noisy images (docs/design.md, section 4). Other variables are passed through.
     """
     noisy = dict(variables)
     if std > 0:

@@ -1,4 +1,4 @@
-"""GALI's objectives on the discriminator's logits (DESIGN.md section 3, paper eqs. 2-4).
+"""GALI's objectives on the discriminator's logits (docs/design.md, section 3; paper eqs. 2-4).
 
 Every loss takes ``logits: [K, B, K]``, where ``logits[i]`` are the discriminator's logits on the
 B tuples of class i, computes ``log_p = log_softmax(logits, -1)`` in float32 (also under
@@ -176,7 +176,7 @@ def build_generator_criterion(name: str, weighted: bool = True) -> nn.Module:
 
 
 class AliceReconstructionLoss(nn.Module):
-    """ALICE's explicit reconstruction penalty ``lambda * ||a - b||^2`` (DESIGN.md section 2).
+    """ALICE's explicit reconstruction penalty ``lambda * ||a - b||^2`` (docs/design.md, section 3).
 
     With ``a = x0, b = x1`` it is ALICE's pixel term; with pretrained features
     ``a = M(x0), b = M(x1)`` it is ALICE-PT's. The squared norm is averaged over all elements

@@ -178,7 +178,7 @@ class TupleClass:
 
 @dataclass(frozen=True, init=False)
 class TupleSpec:
-    """K tuple classes of equal arity m whose slots agree in kind (DESIGN.md section 1).
+    """K tuple classes of equal arity m whose slots agree in kind (docs/design.md, section 1).
 
     The discriminator classifies a tuple into one of the K classes; ``logits[i]`` are its logits
     on tuples of class ``classes[i]``.

@@ -1,4 +1,4 @@
-"""One GALI training step and its schedule (DESIGN.md section 4).
+"""One GALI training step and its schedule (docs/design.md, section 4).
 
 :func:`train_step` runs ``n_dis`` discriminator steps (D sees the chains detached from E and G)
 then one generator-encoder step (no gradient for D) on the chains of the last D step, on HF

@@ -2,7 +2,7 @@
 
 ``recipes.get("svhn-gali8")`` returns a :class:`RecipeConfig`; ``recipes.train.train(config,
 out_dir)`` runs it (the ``gali-ext recipe NAME`` command). Hyper-parameters follow docs/design.md,
-section 6: Adam with betas (0.5, 0.999), batch 100, latent 256 on SVHN, learning rates from the
+section 4: Adam with betas (0.5, 0.999), batch 100, latent 256 on SVHN, learning rates from the
 paper's grid, instance noise decaying linearly from 0.1 to 0.
 """
 
@@ -234,7 +234,7 @@ register(
     )
 )
 
-# SVHN and CelebA: ALI's architectures and the paper's hyper-parameters (DESIGN.md section 4).
+# SVHN and CelebA: ALI's architectures and the paper's hyper-parameters (docs/design.md, section 4).
 for _spec in ("ali", "alice", "gali4", "gali8", "gali_pt"):
     register(
         RecipeConfig(

@@ -1,4 +1,4 @@
-"""Data sets in their real formats (DESIGN.md section 8) and a resumable batch stream.
+"""Data sets in their real formats (docs/design.md, section 8) and a resumable batch stream.
 
 - ``digits``: scikit-learn's 1797 handwritten 8 x 8 digits (ships with scikit-learn, no
   download), upscaled bilinearly to 16 x 16; the embedded default. Fixed split from a numpy

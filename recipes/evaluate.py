@@ -145,7 +145,7 @@ def evaluate_run(
     max_test_images: int = 2000,
     inception: PretrainedFeatures | None = None,
 ) -> dict[str, Any]:
-    """Every metric of DESIGN.md section 6 for one run directory, plus the linear SVM on the
+    """Every metric of docs/design.md, section 6, for one run directory, plus the linear SVM on the
     encoder's output alone (``svm_latent_error``).
 
     FID is computed on the evaluator classifier's features (``fid_evaluator``) and, when

@@ -1,4 +1,4 @@
-"""The frozen evaluator classifier ``M_eval`` behind the feature MSE (DESIGN.md section 6).
+"""The frozen evaluator classifier ``M_eval`` behind the feature MSE (docs/design.md, section 6).
 
 A small CNN trained on the domain's labels (digits or SVHN: the digit; CelebA: the 40
 attributes), saved as ``evaluator.safetensors`` with ``evaluator.json`` (its shape and test

@@ -1,4 +1,4 @@
-"""The paper's evaluation of an encoder-generator pair (DESIGN.md section 6).
+"""The paper's evaluation of an encoder-generator pair (docs/design.md, section 6).
 
 - :func:`reconstruction_mse`: pixel MSE between x and ``G(E(x))``, pixels in [0, 1];
 - :func:`feature_mse`: the same between ``M_eval(x)`` and ``M_eval(G(E(x)))`` for a frozen

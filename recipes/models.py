@@ -2,7 +2,7 @@
 
 The networks of Adversarially Learned Inference (Dumoulin et al., ICLR 2017, appendix A, tables
 "SVHN model hyperparameters" and "CelebA model hyperparameters"), as GALI uses them (Dandi et al.,
-AAAI 2021, "Architecture and Setup"; DESIGN.md section 4):
+AAAI 2021, "Architecture and Setup"; docs/design.md, section 4):
 
 - ``G_z(x)``, :class:`GaussianEncoder`: convolutions with batch norm and leaky ReLUs, giving the
   mean and log standard deviation of ``q(z | x) = N(mu(x), diag(exp(2 log_sigma(x))))``.
@@ -304,7 +304,7 @@ class GaussianEncoder(nn.Module):
         return mu, log_sigma
 
     def hidden_features(self, x: Tensor) -> list[Tensor]:
-        """The representation the linear-SVM evaluation reads (DESIGN.md section 4).
+        """The representation the linear-SVM evaluation reads (docs/design.md, section 6).
 
         The activations of the last three hidden layers (after the leaky ReLU) and the output
         mean ``mu`` (``z`` when deterministic), each flattened to ``[B, d]`` with ``d`` in

@@ -1,5 +1,6 @@
-"""gali_ext.recipes.data: data sets built from small files in their real formats (DESIGN.md
-section 8), the resumable batch stream and the data mean, checked against hand computations."""
+"""gali_ext.recipes.data: data sets built from small files in their real formats
+(docs/design.md, section 8), the resumable batch stream and the data mean, checked against hand
+computations."""
 
 from collections import Counter
 

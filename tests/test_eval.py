@@ -1,4 +1,4 @@
-"""Evaluation metrics against hand-computed values (DESIGN.md section 6)."""
+"""Evaluation metrics against hand-computed values (docs/design.md, section 6)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""The losses against closed forms (DESIGN.md section 3)."""
+"""The losses against closed forms (docs/design.md, section 3)."""
 
 import math
 

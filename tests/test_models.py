@@ -127,7 +127,7 @@ def test_hidden_feature_widths_svhn(built):
 
 
 def test_tanh_of_half_logit_is_two_m_minus_one():
-    # the design note's identity, in float64: tanh(logit(m) / 2) = 2 m - 1
+    # docs/design.md, section 4, eq. (4.3), in float64: tanh(logit(m) / 2) = 2 m - 1
     m = torch.linspace(1e-3, 1 - 1e-3, 999, dtype=torch.float64)
     torch.testing.assert_close(torch.tanh(0.5 * torch.logit(m)), 2 * m - 1, rtol=0, atol=1e-12)
 

@@ -2,7 +2,7 @@ import pytest
 
 from gali_ext import SpecError, TupleClass, TupleSpec, available_presets, build_spec, parse_node
 
-# DESIGN.md section 2, written out by hand.
+# docs/design.md, section 2, written out by hand.
 EXPECTED = {
     "ali": [("x0", "z0"), ("xp0", "zp0")],
     "alice": [("x0", "z0"), ("xp0", "zp0")],

@@ -14,7 +14,8 @@ __all__ = ["AliceReconstruction"]
 class AliceReconstruction(FeedbackProvider):
     """ALICE's ``lambda * ||x0 - x1||^2`` (``features=None``) or ALICE-PT's
     ``lambda * ||M(x0) - M(x1)||^2`` (``features="M"``, which needs a
-    :class:`PretrainedFeatures` provider) added to the generator-encoder loss (DESIGN.md sec. 2).
+    :class:`PretrainedFeatures` provider) added to the generator-encoder loss (docs/design.md,
+    sections 2 and 3, eq. (3.11)).
 
     ``x1 = G(E(x0))`` comes from the step's chains, so it is shared with any tuple class using it.
     """

@@ -1,4 +1,5 @@
-"""Inpainting self-supervision: masks ``M(x)`` and mixed images ``Mix(x, M)`` (DESIGN.md sec. 5)."""
+"""Inpainting self-supervision: masks ``M(x)`` and mixed images ``Mix(x, M)``
+(docs/design.md, section 5)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ __all__ = ["ReconstructionChain"]
 
 class ReconstructionChain(FeedbackProvider):
     """Lets tuple classes use reconstructions: ``x1 = G(E(x))``, ``z1 = E(G(E(x)))``,
-    ``xp1 = G(E(G(z)))``, ... (paper, Fig. 1a; DESIGN.md section 1).
+    ``xp1 = G(E(G(z)))``, ... (paper, Fig. 1a; docs/design.md, section 1).
 
     Args:
         depth: the deepest chain index allowed (1 for GALI-4 and GALI-8, which use ``x1, z1,
