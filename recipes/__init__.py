@@ -66,8 +66,11 @@ class RecipeConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field with a bad value."""
         from gali_ext.recipes.models import available_archs
-        from gali_ext.trainer import available_optimizers
+        from gali_ext.trainer import UNSUPPORTED_OPTIMIZERS, available_optimizers
 
+        reason = UNSUPPORTED_OPTIMIZERS.get(str(self.optimizer).lower())
+        if reason is not None:
+            raise ConfigError(f"optimizer={self.optimizer!r} is invalid: {reason}")
         betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
         checks = [
             (self.dataset in ("digits", "svhn", "celeba"), "dataset", "digits, svhn or celeba"),

@@ -3,9 +3,10 @@
 docs/design.md, section 10. Each function does one job:
 
 - **atomic files** (:func:`write_bytes_atomic`, :func:`write_text_atomic`,
-  :func:`write_json_atomic`, :func:`save_file_atomic`): written to a temporary name in the same
-  folder, flushed to disk (``fsync``) and renamed over the target (``os.replace``), so a kill at
-  any moment leaves either the old file or the new one, never a truncated one;
+  :func:`write_json_atomic`, :func:`save_file_atomic`, :func:`atomic_output`): written to a
+  temporary name in the same folder, flushed to disk (``fsync``) and renamed over the target
+  (``os.replace``), so a kill at any moment leaves either the old file or the new one, never a
+  truncated one;
 - **metrics** (:func:`append_metrics`, :func:`read_metrics`, :func:`truncate_metrics`): one JSON
   record per line; a half-written last line (a kill during an append) is dropped with a
   :class:`RunDirectoryWarning`;
@@ -57,6 +58,7 @@ __all__ = [
     "RunLock",
     "append_metrics",
     "apply_optimizer_settings",
+    "atomic_output",
     "check_overwrite",
     "check_resume_overrides",
     "checkpoint_number",
@@ -105,7 +107,7 @@ class RunDirectoryWarning(UserWarning):
 # Storage errors
 
 
-_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 # What torch's zip writer and safetensors say when a write hits a full disk.
 _DISK_FULL_TEXT = ("unexpected pos", "file write failed", "no space left", "os error 28")
@@ -116,9 +118,11 @@ def _as_storage_error(error: BaseException, what: str, path: Path) -> GaliError 
     code = error.errno if isinstance(error, OSError) else None
     text = str(error).lower()
     if code in _DISK_FULL_ERRNOS or (code is None and any(t in text for t in _DISK_FULL_TEXT)):
+        quota = code == getattr(errno, "EDQUOT", -1)
         return CheckpointError(
-            f"the disk is full: {what} could not be written to {str(path)!r}; the files written "
-            "before it are intact: free some space, then continue with --resume"
+            f"the disk {'quota is exceeded' if quota else 'is full'}: {what} could not be "
+            f"written to {str(path)!r}; the files written before it are intact: free some "
+            "space, then continue with --resume"
         )
     if code in _READ_ONLY_ERRNOS:
         reason = os.strerror(code).lower()
@@ -134,7 +138,7 @@ def storage_errors(
 ) -> Iterator[None]:
     """Map a write that fails for lack of space or permission to one clear error.
 
-    ``OSError`` with ``ENOSPC``/``EDQUOT``/``EFBIG``, and the ``RuntimeError`` torch's zip
+    ``OSError`` with ``ENOSPC``/``EDQUOT``, and the ``RuntimeError`` torch's zip
     writer raises on a full disk (``unexpected pos ...``, ``file write failed``) or the
     ``SafetensorError`` of safetensors (``os error 28``), become a
     :class:`~gali_ext.errors.CheckpointError`; ``EACCES``/``EPERM``/``EROFS`` (a read-only
@@ -146,7 +150,8 @@ def storage_errors(
         yield
     except BaseException as error:
         if cleanup is not None:
-            _remove(Path(cleanup))
+            with contextlib.suppress(OSError):  # best effort: the error below matters more
+                _remove(Path(cleanup))
         mapped = None
         if isinstance(error, Exception) and not isinstance(error, GaliError):
             mapped = _as_storage_error(error, what, Path(path))
@@ -202,6 +207,28 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
         os.replace(temporary, path)
         _fsync_directory(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A temporary path for a writer that takes a file name (``safetensors.torch.save_model``,
+    ``torchvision.utils.save_image``); on leaving the block the file is flushed and renamed over
+    ``path``, as in :func:`write_bytes_atomic`. On an error it is removed and ``path`` is left
+    as it was; a full disk or a read-only folder becomes one clear error (:func:`storage_errors`).
+
+    ``with atomic_output(out / "encoder.safetensors") as tmp: save_model(encoder, str(tmp))``
+    """
+    path = Path(path)
+    temporary = _temporary_name(path)
+    with storage_errors(path.name, path, cleanup=temporary):
+        yield temporary
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -853,12 +880,11 @@ class ResumeDecision:
 
 
 def _trained_evidence(out: Path) -> list[str]:
-    """What in ``out`` shows that training passed a checkpoint."""
+    """What in ``out`` shows that training passed a checkpoint: exported weights (written with
+    each checkpoint), ``summary.json``, or metrics of a step after the first checkpoint."""
     evidence = [p.name for p in sorted(out.glob("*.safetensors"))]
     if (out / "summary.json").is_file():
         evidence.append("summary.json")
-    if (out / CHECKPOINTS_NAME).is_dir():
-        evidence.append("a checkpoints/ folder")
     try:
         config = json.loads((out / CONFIG_NAME).read_text())
         every = int(config["checkpoint_every"])
@@ -871,7 +897,7 @@ def _trained_evidence(out: Path) -> list[str]:
                 steps = [int(r.get("step", 0)) for r in read_metrics(out / METRICS_NAME)]
             except CheckpointError:
                 steps = []
-        if steps and max(steps) >= every:
+        if steps and max(steps) > every:
             evidence.append(f"metrics up to step {max(steps)}")
     return evidence
 
@@ -879,15 +905,19 @@ def _trained_evidence(out: Path) -> list[str]:
 def resume_decision(out_dir: str | Path, num_processes: int = 1) -> ResumeDecision:
     """What ``--resume`` must do with ``out_dir``: continue, start fresh, or stop.
 
-    - no directory, an empty one, or a run killed before its first checkpoint (``config.json``,
-      perhaps metrics of the first steps, no weights): ``"fresh"``;
-    - checkpoints: ``"continue"`` from the newest intact one
-      (:func:`newest_intact_checkpoint`), or :class:`~gali_ext.errors.CheckpointError` listing
-      why each was refused when none is intact;
+    - no directory, an empty one, or a run stopped before its first checkpoint was finished
+      (``config.json``, perhaps metrics of the first steps and a checkpoint folder without a
+      manifest, but no weights): ``"fresh"``; ``skipped`` lists unfinished checkpoints;
+    - an intact checkpoint: ``"continue"`` from the newest one
+      (:func:`newest_intact_checkpoint`), ``skipped`` naming the newer damaged ones;
+    - checkpoints, none intact, and a trained run: :class:`~gali_ext.errors.CheckpointError`
+      listing why each was refused;
     - no checkpoint but trained weights, ``summary.json`` or metrics past ``checkpoint_every``
       (``checkpoints/`` deleted): :class:`~gali_ext.errors.ConfigError`; starting over would
       overwrite the trained run;
     - a folder of other files: :class:`~gali_ext.errors.ConfigError`.
+
+    A fresh start empties the directory first (:func:`clear_run_directory`).
     """
     out = Path(out_dir)
     if not out.exists():
@@ -899,23 +929,28 @@ def resume_decision(out_dir: str | Path, num_processes: int = 1) -> ResumeDecisi
     if not is_run_directory(out):
         names = ", ".join(sorted(e.name for e in _visible_entries(out))[:5])
         raise ConfigError(f"--resume: {str(out)!r} holds no run (it holds {names})")
+    evidence = _trained_evidence(out)
+    skipped: list[tuple[Path, str]] = []
     if list_checkpoints(out / CHECKPOINTS_NAME):
         best, skipped = newest_intact_checkpoint(out / CHECKPOINTS_NAME, num_processes)
-        if best is None:
+        if best is not None:
+            return ResumeDecision("continue", best, tuple(skipped), f"resuming from {best.name}")
+        unfinished = all(reason.startswith(f"no {MANIFEST_NAME}") for _, reason in skipped)
+        if evidence or not unfinished:
             why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped)
             raise CheckpointError(
                 f"--resume: no intact checkpoint in {str(out / CHECKPOINTS_NAME)!r} ({why}); "
                 "the run cannot continue exactly: pass --overwrite to start it over"
             )
-        return ResumeDecision("continue", best, tuple(skipped), f"resuming from {best.name}")
-    evidence = _trained_evidence(out)
-    if evidence:
+    elif evidence:
         raise ConfigError(
             f"--resume: {str(out)!r} holds a trained run ({', '.join(evidence)}) but no "
             "checkpoint to continue from; starting over would overwrite it: restore "
             "checkpoints/, or pass --overwrite to start over"
         )
-    return ResumeDecision("fresh", reason="the run was stopped before its first checkpoint")
+    return ResumeDecision(
+        "fresh", skipped=tuple(skipped), reason="the run stopped before its first checkpoint"
+    )
 
 
 RESUME_APPLIED = frozenset(

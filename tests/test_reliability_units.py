@@ -113,6 +113,24 @@ def test_atomic_writes_replace_the_file_and_leave_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "w.safetensors"]
 
 
+def test_atomic_output_renames_only_a_finished_file(tmp_path):
+    from safetensors.torch import save_model
+
+    target = tmp_path / "encoder.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with rundir.atomic_output(target) as temporary:
+            temporary.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    module = nn.Linear(2, 3)
+    with rundir.atomic_output(target) as temporary:
+        assert temporary.parent == tmp_path and temporary.name.startswith(".encoder")
+        save_model(module, str(temporary))
+    assert torch.equal(load_file(str(target))["weight"], module.weight.detach())
+    assert sorted(tmp_path.iterdir()) == [target]
+
+
 def test_a_full_disk_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "generator.safetensors"
     save_file({"w": torch.ones(3)}, str(target))
@@ -170,6 +188,31 @@ def test_a_read_only_folder_is_one_config_error(tmp_path, monkeypatch):
         rundir.write_text_atomic(tmp_path / "config.json", "{}")
     with pytest.raises(ConfigError, match="the run lock.*writable --out"):
         rundir.RunLock(tmp_path / "run").acquire()
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    """Stricter than a text search: every call of ``torch.load`` passes ``weights_only=True``,
+    and nothing calls ``pickle.load``/``loads`` or builds an ``Unpickler``."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    offenders, loads = [], 0
+    for folder in ("gali_ext", "adapters", "recipes"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                    continue
+                owner = ast.unparse(node.func.value)
+                where = f"{path.relative_to(root)}:{node.lineno}"
+                if node.func.attr in ("load", "loads", "Unpickler") and owner == "pickle":
+                    offenders.append(where)
+                if node.func.attr == "load" and owner in ("torch", "torch.serialization"):
+                    loads += 1
+                    safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant)
+                               and k.value.value is True for k in node.keywords)  # fmt: skip
+                    if not safe:
+                        offenders.append(where)
+    assert offenders == [] and loads >= 1
 
 
 # ------------------------------------------------------------------------------ metrics.jsonl
@@ -525,7 +568,19 @@ def test_resume_decisions(tmp_path, accelerator):
         ),
     ]
     assert [d.action for d in fresh] == ["fresh"] * 4
-    assert fresh[2].reason == "the run was stopped before its first checkpoint"
+    assert fresh[2].reason == "the run stopped before its first checkpoint"
+    # killed while saving its first checkpoint (at step 500): nothing trained is lost
+    first = make_run(tmp_path, "first", config_dot_json=config, metrics_dot_jsonl=metrics(500))
+    (first / "checkpoints" / "checkpoint_0").mkdir(parents=True)
+    (first / "checkpoints" / "checkpoint_0" / "model.safetensors").write_bytes(b"half")
+    decision = rundir.resume_decision(first)
+    assert decision.action == "fresh"
+    assert [(p.name, r.split(" (")[0]) for p, r in decision.skipped] == [
+        ("checkpoint_0", "no manifest.json")
+    ]
+    save_file({"w": torch.ones(1)}, str(first / "encoder.safetensors"))
+    with pytest.raises(CheckpointError, match="no intact checkpoint .*checkpoint_0: no manifest"):
+        rundir.resume_decision(first)
 
     deleted = make_run(tmp_path, "deleted", config_dot_json=config, metrics_dot_jsonl=metrics(3))
     save_file({"w": torch.ones(1)}, str(deleted / "generator.safetensors"))
