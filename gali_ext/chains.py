@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .errors import ProviderError, ShapeError
+from .errors import GaliError, ProviderError, ShapeError
 from .spec import Node, parse_node
 
 __all__ = ["Chains", "NodeFunction", "latent_mean", "sample_latent"]
@@ -86,6 +86,20 @@ def latent_mean(output: Any) -> Tensor:
     return sample_latent(output)  # raises the error that names what was expected
 
 
+def _run(who: str, network: Callable[[Tensor], Any], value: Tensor) -> Any:
+    """``network(value)``; a RuntimeError from inside it (an input of the wrong size, dtype or
+    device) becomes a :class:`ShapeError` saying what it was given. Out-of-memory passes."""
+    try:
+        return network(value)
+    except (GaliError, torch.OutOfMemoryError):
+        raise
+    except RuntimeError as error:
+        raise ShapeError(
+            f"the {who} failed on its input of shape {list(value.shape)} ({value.dtype}, on "
+            f"{value.device}): {error}"
+        ) from error
+
+
 class Chains:
     """The chain nodes of one step, computed lazily and at most once each.
 
@@ -122,6 +136,10 @@ class Chains:
             )
         if not x.is_floating_point():
             raise ShapeError(f"expected floating-point images, got dtype {x.dtype}")
+        if x.shape[0] == 0:
+            raise ShapeError(
+                f"expected a batch of at least one image, got an empty batch {list(x.shape)}"
+            )
         self.batch_size = x.shape[0]
         self.encode = encode
         self.generate = generate
@@ -161,11 +179,11 @@ class Chains:
 
     def _encode(self, x: Tensor) -> Tensor:
         self.calls["E"] += 1
-        return sample_latent(self.encode(x), self.rng)
+        return sample_latent(_run("encoder E", self.encode, x), self.rng)
 
     def _generate(self, z: Tensor) -> Tensor:
         self.calls["G"] += 1
-        return self.generate(z)
+        return _run("generator G", self.generate, z)
 
     def _compute(self, node: Node) -> Tensor:
         if node.fn is None:

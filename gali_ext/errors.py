@@ -48,4 +48,4 @@ class CheckpointError(GaliError, ValueError):
 
 
 class DivergenceError(GaliError, RuntimeError):
-    """A loss became NaN or infinite during training."""
+    """A loss, or the logits it is computed from, became NaN or infinite during training."""

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .chains import Chains
-from .errors import ConfigError, SpecError
+from .errors import ConfigError, ShapeError, SpecError
 from .head import MultiClassJointDiscriminatorHead, SpectralMLP
 from .losses import DiscriminatorLoss, ProductOfTermsLoss
 from .presets import get_preset
@@ -69,6 +69,13 @@ class GALI(nn.Module):
             reproduce the paper's ablations).
         discriminator_criterion: D's loss on the logits (default :class:`DiscriminatorLoss`).
         latent_shape: the shape of one latent, for prior samples; read off ``E(x)`` if omitted.
+        image_shape: ``(C, H, W)`` of the images E takes; a batch of another shape raises
+            :class:`~gali_ext.errors.ShapeError` before E runs.
+
+    Each batch is checked where it enters (:meth:`chains`): at least one image, on the
+    encoder's device, of its dtype (outside autocast), of ``image_shape``; a prior sample of
+    ``latent_shape``; and a batch of one image while E or G has batch norm in training mode
+    raises :class:`~gali_ext.errors.ConfigError` (batch statistics need two images).
     """
 
     def __init__(
@@ -81,6 +88,7 @@ class GALI(nn.Module):
         generator_criterion: nn.Module | None = None,
         discriminator_criterion: nn.Module | None = None,
         latent_shape: Sequence[int] | None = None,
+        image_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(head, MultiClassJointDiscriminatorHead):
@@ -96,6 +104,14 @@ class GALI(nn.Module):
         self.generator_criterion = generator_criterion or ProductOfTermsLoss()
         self.discriminator_criterion = discriminator_criterion or DiscriminatorLoss()
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
+        self._batch_norms = [
+            m
+            for net in (encoder, generator)
+            if isinstance(net, nn.Module)
+            for m in net.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
 
     @property
     def spec(self):
@@ -107,6 +123,7 @@ class GALI(nn.Module):
     ) -> Chains:
         """The step's :class:`Chains` over data ``x`` (and prior sample ``z``), with the
         providers' node functions."""
+        self._check_batch(x, z)
         return Chains(
             x,
             self.encoder,
@@ -116,6 +133,44 @@ class GALI(nn.Module):
             functions=self.functions,
             rng=rng,
         )
+
+    def _check_batch(self, x: Tensor, z: Tensor | None) -> None:
+        """Raise before E runs on a batch that cannot be right (see the class docstring)."""
+        if not isinstance(x, Tensor):
+            return  # Chains names the type
+        if x.dim() >= 1 and x.shape[0] == 0:
+            raise ShapeError(
+                f"expected a batch of at least one image, got an empty batch {list(x.shape)}"
+            )
+        if self.image_shape is not None and tuple(x.shape[1:]) != self.image_shape:
+            expected = ", ".join(map(str, self.image_shape))
+            raise ShapeError(f"expected images x of shape [B, {expected}], got {list(x.shape)}")
+        reference = _first_tensor(self.encoder)
+        if reference is not None and x.device != reference.device:
+            raise ShapeError(
+                f"the images x are on {x.device}, the encoder on {reference.device}: "
+                f"expected x on {reference.device} (x.to({str(reference.device)!r}))"
+            )
+        if (
+            reference is not None
+            and reference.is_floating_point()
+            and x.is_floating_point()
+            and x.dtype != reference.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            raise ShapeError(
+                f"expected images x of dtype {reference.dtype} (the encoder's), got {x.dtype}"
+            )
+        if z is not None and self.latent_shape is not None:
+            if not isinstance(z, Tensor) or tuple(z.shape[1:]) != self.latent_shape:
+                got = list(z.shape) if isinstance(z, Tensor) else type(z).__name__
+                expected = ", ".join(map(str, self.latent_shape))
+                raise ShapeError(f"expected a prior sample z of shape [B, {expected}], got {got}")
+        if x.dim() >= 1 and x.shape[0] == 1 and any(m.training for m in self._batch_norms):
+            raise ConfigError(
+                "a batch of one image cannot train an encoder or generator with batch norm "
+                "(its batch statistics need at least two): use batch_size >= 2"
+            )
 
     def discriminator_objective(
         self,
@@ -243,6 +298,18 @@ class GALI(nn.Module):
         return self.generator_objective(x, z, **kwargs).loss
 
 
+def _first_tensor(network: Any) -> Tensor | None:
+    """A parameter (or buffer) of ``network`` when it is a module with one; its device and
+    dtype are what its inputs must have."""
+    if not isinstance(network, nn.Module):
+        return None
+    for tensor in network.parameters():
+        return tensor
+    for tensor in network.buffers():
+        return tensor
+    return None
+
+
 def build_gali(
     preset: str,
     models: Any,
@@ -287,4 +354,5 @@ def build_gali(
         providers,
         generator_criterion=generator_criterion,
         latent_shape=(models.latent_dim,),
+        image_shape=getattr(models, "image_shape", None),
     )

@@ -7,13 +7,14 @@ m-tuple that outputs K logits, one per tuple class.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .errors import ProviderError, ShapeError, SpecError
+from .errors import ConfigError, ProviderError, ShapeError, SpecError
 from .spec import IMAGE, LATENT, TupleSpec, parse_node
 
 __all__ = ["MultiClassJointDiscriminatorHead", "SpectralMLP", "add_instance_noise"]
@@ -54,8 +55,11 @@ def add_instance_noise(
     """Every image node of the spec plus Gaussian noise of standard deviation ``std``.
 
     One draw per distinct image node, so the fused and the per-class discriminator see the same
-    noisy images (docs/design.md, section 4). Other variables are passed through.
+    noisy images (docs/design.md, section 4). Other variables are passed through. A negative,
+    NaN or infinite ``std`` raises :class:`~gali_ext.errors.ConfigError`.
     """
+    if not math.isfinite(float(std)) or std < 0:
+        raise ConfigError(f"expected an instance-noise std >= 0 (finite), got {float(std)}")
     noisy = dict(variables)
     if std > 0:
         for name in spec.nodes_of_kind(IMAGE):
@@ -135,6 +139,8 @@ class MultiClassJointDiscriminatorHead(nn.Module):
 
     def _check_variables(self, variables: Mapping[str, Tensor]) -> int:
         batch = None
+        device = next(iter(self.parameters()), None)
+        device = device.device if device is not None else None
         for i, tuple_class in enumerate(self.spec.classes):
             for name in tuple_class.nodes:
                 value = variables.get(name)
@@ -145,6 +151,16 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                 if not isinstance(value, Tensor) or not value.is_floating_point():
                     got = value.dtype if isinstance(value, Tensor) else type(value).__name__
                     raise ShapeError(f"variable {name!r} must be a floating tensor, got {got}")
+                if device is not None and value.device != device:
+                    raise ShapeError(
+                        f"variable {name!r} is on {value.device}, the discriminator head on "
+                        f"{device}: expected every variable on {device}"
+                    )
+                if value.dim() == 0 or value.shape[0] == 0:
+                    raise ShapeError(
+                        f"variable {name!r} has shape {list(value.shape)}: expected a batch of "
+                        "at least one [B, ...] tuple"
+                    )
                 if batch is None:
                     batch = value.shape[0]
                 elif value.shape[0] != batch:

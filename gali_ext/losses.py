@@ -4,7 +4,8 @@ Every loss takes ``logits: [K, B, K]``, where ``logits[i]`` are the discriminato
 B tuples of class i, computes ``log_p = log_softmax(logits, -1)`` in float32 (also under
 autocast), sums its per-sample values over the classes and averages over the batch. An objective
 with T log terms is weighted by ``2 / T`` so that every preset trains on ALI's scale (the paper,
-"Architecture and Setup"); ``weighted=False`` turns that off.
+"Architecture and Setup"); ``weighted=False`` turns that off. Logits holding NaN or inf raise
+:class:`~gali_ext.errors.DivergenceError` naming the loss, instead of a NaN loss.
 
 | loss                           | minimised by | per-sample value, class i        | T      |
 |--------------------------------|--------------|----------------------------------|--------|
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, DivergenceError, ShapeError
 
 __all__ = [
     "log_probabilities",
@@ -38,7 +39,8 @@ __all__ = [
 ]
 
 
-def _check_logits(logits: Tensor) -> int:
+def _check_logits(logits: Tensor, loss: str | None = None) -> int:
+    """K of ``logits: [K, B, K]``; ``loss`` names the loss for which they must be finite."""
     if not isinstance(logits, Tensor):
         raise ShapeError(f"expected logits to be a tensor, got {type(logits).__name__}")
     if logits.dim() != 3 or logits.shape[0] != logits.shape[2]:
@@ -48,7 +50,21 @@ def _check_logits(logits: Tensor) -> int:
         raise ShapeError(f"expected K >= 2 tuple classes, got logits of shape {list(logits.shape)}")
     if not logits.is_floating_point():
         raise ShapeError(f"expected floating-point logits, got dtype {logits.dtype}")
+    # One reduction and host sync per loss (train_step syncs on the loss right after anyway);
+    # skipped while torch.compile traces, where it would break the graph.
+    if loss is not None and not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(logits).all()):
+            nan, inf = int(torch.isnan(logits).sum()), int(torch.isinf(logits).sum())
+            raise DivergenceError(
+                f"the logits {list(logits.shape)} given to {loss} hold {nan} NaN and {inf} "
+                f"infinite value(s): expected finite logits [K, B, K]"
+            )
     return k
+
+
+def _log_softmax32(logits: Tensor) -> Tensor:
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _own_class_mask(k: int, device: torch.device) -> Tensor:
@@ -59,14 +75,13 @@ def _own_class_mask(k: int, device: torch.device) -> Tensor:
 def log_probabilities(logits: Tensor) -> Tensor:
     """``log_softmax(logits, -1)`` in float32, also inside an autocast region. ``[K, B, K]``."""
     _check_logits(logits)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        return torch.log_softmax(logits.float(), dim=-1)
+    return _log_softmax32(logits)
 
 
 def discriminator_loss(logits: Tensor, weighted: bool = True) -> Tensor:
     """Eq. 3 negated: ``-(1/B) sum_b sum_i log D_i(t_ib)``, times ``2/K`` when weighted."""
-    k = _check_logits(logits)
-    log_p = log_probabilities(logits)
+    k = _check_logits(logits, "discriminator_loss")
+    log_p = _log_softmax32(logits)
     loss = -log_p.diagonal(dim1=0, dim2=2).sum(-1).mean()
     return loss * (2.0 / k) if weighted else loss
 
@@ -78,8 +93,8 @@ def product_of_terms_loss(logits: Tensor, weighted: bool = True) -> Tensor:
     K = 2 it is ALI/BiGAN's non-saturating generator loss
     ``-log(1 - D(x, E(x))) - log D(G(z), z)``.
     """
-    k = _check_logits(logits)
-    log_p = log_probabilities(logits)
+    k = _check_logits(logits, "product_of_terms_loss")
+    log_p = _log_softmax32(logits)
     off_class = log_p.masked_fill(_own_class_mask(k, logits.device), 0.0)
     loss = -off_class.sum(dim=(0, 2)).mean()
     return loss * (2.0 / (k * (k - 1))) if weighted else loss
@@ -90,8 +105,8 @@ def minimax_loss(logits: Tensor, weighted: bool = True) -> Tensor:
 
     Saturates: its gradient vanishes when D is confident (the paper's motivation for eq. 4).
     """
-    k = _check_logits(logits)
-    log_p = log_probabilities(logits)
+    k = _check_logits(logits, "minimax_loss")
+    log_p = _log_softmax32(logits)
     loss = log_p.diagonal(dim1=0, dim2=2).sum(-1).mean()
     return loss * (2.0 / k) if weighted else loss
 
@@ -102,7 +117,7 @@ def misclassification_loss(logits: Tensor, weighted: bool = True) -> Tensor:
     Computed stably as ``log(1 - p_i) = logsumexp_{j != i} l_j - logsumexp_j l_j``, which stays
     finite when ``p_i`` rounds to 1.
     """
-    k = _check_logits(logits)
+    k = _check_logits(logits, "misclassification_loss")
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logits32 = logits.float()
         others = logits32.masked_fill(_own_class_mask(k, logits.device), float("-inf"))

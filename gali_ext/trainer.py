@@ -10,6 +10,8 @@ authors' GALI-4 script. The reference loop that calls it is ``recipes.train``
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,46 +25,103 @@ from .losses import tuple_class_accuracy
 
 __all__ = [
     "StepMetrics",
+    "available_optimizers",
     "build_optimizer",
     "instance_noise_std",
     "train_step",
 ]
 
 
+def _check_noise(std: float, what: str) -> None:
+    if not math.isfinite(float(std)) or std < 0:
+        raise ConfigError(f"expected {what} >= 0 (finite), got {float(std)}")
+
+
 def instance_noise_std(step: int, total_steps: int, initial: float = 0.1) -> float:
     """Instance-noise std at ``step``: ``initial * (T - t) / T``, linear from ``initial`` to 0."""
+    _check_noise(initial, "an initial instance-noise std")
     if total_steps <= 0:
         return 0.0
     return initial * max(total_steps - step, 0) / total_steps
 
 
-def build_optimizer(
-    name: str, params: Iterable[nn.Parameter], lr: float, betas: Sequence[float] = (0.5, 0.999)
-) -> torch.optim.Optimizer:
-    """An optimizer by name: any of ``torch.optim`` (``"Adam"``, ``"adam"``, ``"RMSprop"``)
-    or of ``torch_optimizer`` (``"RAdam"``, ``"Lookahead"`` is not one: it wraps another).
+UNSUPPORTED_OPTIMIZERS: dict[str, str] = {
+    "lbfgs": "it needs a closure that evaluates the loss again (step(closure)), and train_step "
+    "makes one backward pass per step",
+    "sparseadam": "it needs sparse gradients (nn.Embedding(sparse=True)); the GALI networks "
+    "have dense ones: use adam",
+    "lookahead": "it wraps another optimizer: build Lookahead(Adam(params)) yourself and pass "
+    "it to train_step",
+    "adahessian": "it needs second derivatives (backward(create_graph=True)), which train_step "
+    "does not take",
+    "muon": "it updates 2-D weight matrices only, and the networks also have biases and "
+    "normalisation weights",
+    "optimizer": "it is the abstract base class of all optimizers",
+}
+"""Optimizers of ``torch.optim`` and ``torch_optimizer`` that :func:`train_step` cannot drive,
+with the reason :func:`build_optimizer` gives when asked for one."""
 
-    Adam-like optimizers get ``betas`` (the paper's (0.5, 0.999)).
-    """
-    import inspect
 
+@functools.cache
+def _optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:
     import torch_optimizer
 
     lookup = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)}
     for n in dir(torch_optimizer):
         lookup.setdefault(n.lower(), getattr(torch_optimizer, n))
-    cls = lookup.get(name.lower())
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        known = sorted(
-            k
-            for k, v in lookup.items()
-            if isinstance(v, type) and issubclass(v, torch.optim.Optimizer)
+    return {
+        name: cls
+        for name, cls in lookup.items()
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+    }
+
+
+def available_optimizers() -> list[str]:
+    """The optimizer names :func:`build_optimizer` accepts (lower case), sorted: those of
+    ``torch.optim`` and ``torch_optimizer`` that one backward pass per step can drive."""
+    return sorted(n for n in _optimizer_classes() if n not in UNSUPPORTED_OPTIMIZERS)
+
+
+def build_optimizer(
+    name: str, params: Iterable[nn.Parameter], lr: float, betas: Sequence[float] = (0.5, 0.999)
+) -> torch.optim.Optimizer:
+    """An optimizer by name (case-insensitive): one of :func:`available_optimizers`, from
+    ``torch.optim`` (``"Adam"``, ``"RMSprop"``) or ``torch_optimizer`` (``"RAdam"``).
+
+    Adam-like optimizers get ``betas`` (the paper's (0.5, 0.999)), which must be two numbers in
+    [0, 1). Optimizers :func:`train_step` cannot drive (L-BFGS, SparseAdam, Lookahead, ...:
+    :data:`UNSUPPORTED_OPTIMIZERS`), an unknown name, a learning rate that is not a positive
+    finite number, or settings the optimizer refuses raise :class:`ConfigError`.
+    """
+    import inspect
+
+    key = str(name).lower()
+    if key in UNSUPPORTED_OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer {name!r} cannot be used: {UNSUPPORTED_OPTIMIZERS[key]} (optimizers: "
+            f"{', '.join(available_optimizers())})"
         )
-        raise ConfigError(f"unknown optimizer {name!r}; known: {', '.join(known)}")
+    cls = _optimizer_classes().get(key)
+    if cls is None:
+        raise ConfigError(f"unknown optimizer {name!r}; known: {', '.join(available_optimizers())}")
+    try:
+        rate = float(lr)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise ConfigError(f"expected a learning rate > 0 (finite), got {lr!r}")
     kwargs: dict[str, Any] = {"lr": lr}
     if "betas" in inspect.signature(cls.__init__).parameters:
-        kwargs["betas"] = tuple(betas)
-    return cls(list(params), **kwargs)
+        values = tuple(betas)
+        if len(values) != 2 or not all(
+            isinstance(b, (int, float)) and math.isfinite(b) and 0 <= b < 1 for b in values
+        ):
+            raise ConfigError(f"expected betas of two numbers in [0, 1), got {values!r}")
+        kwargs["betas"] = values
+    try:
+        return cls(list(params), **kwargs)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"optimizer {name!r} refused lr={lr!r}, betas: {error}") from error
 
 
 @dataclass
@@ -134,6 +193,7 @@ def train_step(
     """
     if n_dis < 1:
         raise ConfigError(f"n_dis must be >= 1, got {n_dis}")
+    _check_noise(instance_noise, "an instance-noise std")
     if shared_forward and accelerator is not None:
         if accelerator.num_processes > 1:
             raise ConfigError("shared_forward runs on one process; use the alternating schedule")
@@ -142,22 +202,42 @@ def train_step(
     start = time.perf_counter()
     backward = accelerator.backward if accelerator is not None else Tensor.backward
     iterator = iter(batches)
+    drawn = 0
+
+    def next_batch() -> Tensor:
+        nonlocal drawn
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            raise ConfigError(
+                f"train_step needs n_dis={n_dis} batches, the batches ran out after {drawn}"
+            ) from None
+        drawn += 1
+        return batch
+
+    def objective(x: Tensor, **kwargs: Any) -> Any:
+        try:
+            return gali(x, instance_noise_std=instance_noise, **kwargs)
+        except DivergenceError as error:
+            if step is None:
+                raise
+            raise DivergenceError(f"{error}, at step {step}") from error
+
     d_values = []
     d_steps = n_dis - 1 if shared_forward else n_dis
     for i in range(d_steps):
-        x = next(iterator)
+        x = next_batch()
         d_optimizer.zero_grad(set_to_none=True)
         # The last D step keeps the chains' graph: the G/E step below reuses them.
         reuse = not shared_forward and i == d_steps - 1
-        d = gali(x, role="discriminator", instance_noise_std=instance_noise,
-                 differentiable_chains=reuse)  # fmt: skip
+        d = objective(x, role="discriminator", differentiable_chains=reuse)
         _check_finite(d.loss.detach(), "discriminator loss", step)
         backward(d.loss)
         d_optimizer.step()
         d_values.append(d.loss.detach())
     if shared_forward:
-        x = next(iterator)
-        d, g = gali(x, role="shared", instance_noise_std=instance_noise)
+        x = next_batch()
+        d, g = objective(x, role="shared")
         _check_finite(d.loss.detach(), "discriminator loss", step)
         _check_finite(g.loss.detach(), "generator-encoder loss", step)
         d_optimizer.zero_grad(set_to_none=True)
@@ -171,7 +251,7 @@ def train_step(
         d_values.append(d.loss.detach())
     else:
         g_optimizer.zero_grad(set_to_none=True)
-        g = gali(x, role="generator", instance_noise_std=instance_noise, chains=d.chains)
+        g = objective(x, role="generator", chains=d.chains)
         _check_finite(g.loss.detach(), "generator-encoder loss", step)
         backward(g.loss)
         g_optimizer.step()

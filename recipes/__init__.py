@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from gali_ext.errors import ConfigError
 from gali_ext.losses import GENERATOR_CRITERIA
 from gali_ext.presets import available_presets, get_preset
 
-__all__ = ["RecipeConfig", "available", "describe", "get", "register"]
+__all__ = ["RecipeConfig", "available", "check_epochs", "describe", "get", "register"]
 
 
 @dataclass
@@ -65,23 +66,48 @@ class RecipeConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field with a bad value."""
         from gali_ext.recipes.models import available_archs
+        from gali_ext.trainer import UNSUPPORTED_OPTIMIZERS, available_optimizers
 
+        reason = UNSUPPORTED_OPTIMIZERS.get(str(self.optimizer).lower())
+        if reason is not None:
+            raise ConfigError(f"optimizer={self.optimizer!r} is invalid: {reason}")
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
         checks = [
             (self.dataset in ("digits", "svhn", "celeba"), "dataset", "digits, svhn or celeba"),
             (self.arch in available_archs(), "arch", ", ".join(available_archs())),
             (self.spec in available_presets(), "spec", ", ".join(available_presets())),
             (self.latent_dim > 0, "latent_dim", "a positive int"),
-            (self.batch_size > 0, "batch_size", "a positive int"),
-            (self.lr > 0, "lr", "a positive float"),
+            # every architecture has batch norm in E and G: batch statistics need two images
+            (self.batch_size >= 2, "batch_size", "an int >= 2 (batch norm needs two images)"),
+            (_finite(self.lr) and self.lr > 0, "lr", "a positive finite float"),
+            (
+                len(betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in betas),
+                "betas",
+                "two numbers in [0, 1), e.g. 0.5,0.999",
+            ),
+            (
+                self.optimizer.lower() in available_optimizers(),
+                "optimizer",
+                ", ".join(available_optimizers()),
+            ),
             (self.n_dis >= 1, "n_dis", "an int >= 1"),
             (self.steps >= 1, "steps", "an int >= 1"),
-            (self.instance_noise >= 0, "instance_noise", "a float >= 0"),
+            (
+                _finite(self.instance_noise) and self.instance_noise >= 0,
+                "instance_noise",
+                "a finite float >= 0",
+            ),
             (
                 self.generator_criterion in GENERATOR_CRITERIA,
                 "generator_criterion",
                 ", ".join(GENERATOR_CRITERIA),
             ),
-            (self.alice_weight >= 0, "alice_weight", "a float >= 0"),
+            (
+                _finite(self.alice_weight) and self.alice_weight >= 0,
+                "alice_weight",
+                "a finite float >= 0",
+            ),
+            (0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)"),
             (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16"),
             (self.log_every >= 1, "log_every", "an int >= 1"),
             (self.sample_every >= 1, "sample_every", "an int >= 1"),
@@ -107,6 +133,15 @@ class RecipeConfig:
                 f"recipe {self.name!r} (spec {self.spec}) needs a pretrained feature model M: "
                 "pass --set features_model=<timm model name> --set "
                 "features_weights=<local .safetensors file>; nothing is downloaded"
+            )
+
+    def check_data_size(self, num_images: int, num_processes: int = 1) -> None:
+        """Raise :class:`ConfigError` when one epoch of ``num_images`` images holds no full
+        batch for each of ``num_processes`` processes (nothing to train on)."""
+        if num_images < self.batch_size * num_processes:
+            raise ConfigError(
+                f"the {self.dataset} training set has {num_images} images, fewer than one batch "
+                f"of {self.batch_size} for each of {num_processes} process(es): lower batch_size"
             )
 
     def with_overrides(self, overrides: dict[str, str]) -> RecipeConfig:
@@ -137,6 +172,17 @@ class RecipeConfig:
             return cls(**data)
         except (OSError, ValueError, TypeError, KeyError) as error:
             raise ConfigError(f"cannot read the run config {str(path)!r}: {error}") from error
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_epochs(epochs: float) -> float:
+    """``epochs`` when it is a positive finite number (``--epochs``); else :class:`ConfigError`."""
+    if not (_finite(epochs) and epochs > 0):
+        raise ConfigError(f"--epochs must be a positive finite number, got {epochs}")
+    return float(epochs)
 
 
 def _parse(key: str, text: str, hint: Any) -> Any:

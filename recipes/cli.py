@@ -80,6 +80,10 @@ def recipe(
 
     if steps is not None and epochs is not None:
         raise ConfigError("give --steps or --epochs, not both")
+    if epochs is not None:
+        recipes.check_epochs(epochs)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ConfigError(f"--seed must be an int in [0, 2**32), got {seed}")
     out = out or Path("runs") / name
     config = recipes.get(name)
     if resume and (out / "config.json").is_file():

@@ -17,14 +17,25 @@ from .base import FeedbackProvider
 __all__ = ["PretrainedFeatures", "load_safetensors_into"]
 
 
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """``"bool"``, ``"complex"``, ``"float"`` or ``"int"``: what casting between keeps."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "int"
+
+
 def load_safetensors_into(
     module: nn.Module, path: str | Path, ignore_prefixes: Sequence[str] = ()
 ) -> None:
     """Load a safetensors file into ``module``, with one clear error per problem.
 
     Missing keys, unexpected keys (except those under ``ignore_prefixes``, e.g. a classifier the
-    feature model does not have) and shape mismatches raise :class:`CheckpointError` naming the
-    file and the key; so does a truncated or corrupted file.
+    feature model does not have), shape mismatches and values of another kind of dtype (integer
+    weights, e.g. int8, for float parameters; float for integer buffers) raise
+    :class:`CheckpointError` naming the file and the key; so does a truncated or corrupted file.
+    Floating-point weights of another precision (float16 for float32) are cast.
     """
     from safetensors.torch import load_file
 
@@ -47,6 +58,11 @@ def load_safetensors_into(
             raise CheckpointError(
                 f"{str(path)!r}: key {key!r} has shape {list(value.shape)}, the model expects "
                 f"{list(own[key].shape)}"
+            )
+        if _dtype_kind(value.dtype) != _dtype_kind(own[key].dtype):
+            raise CheckpointError(
+                f"{str(path)!r}: key {key!r} holds {value.dtype} values, the model expects "
+                f"{own[key].dtype}: weights of another kind of dtype would load as garbage"
             )
     missing = [k for k in own if k not in state]
     if missing:
