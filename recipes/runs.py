@@ -98,7 +98,7 @@ def resume_checkpoint(accelerator: Any, out: Path, ema: dict[str, Any]) -> int:
     if accelerator.is_main_process:
         for folder in (out / "checkpoints").glob("checkpoint_*"):
             if folder not in complete:
-                accelerator.print(f"deleting {folder}: incomplete (the run stopped while saving it)")
+                accelerator.print(f"deleting {folder}: incomplete (the run stopped saving it)")
                 shutil.rmtree(folder)
     accelerator.wait_for_everyone()
     if newest is None:

@@ -175,7 +175,7 @@ def check_trackers(log_with: str) -> list[str]:
 def make_accelerator(config: RecipeConfig, out: Path) -> Any:
     """The run's ``Accelerator``: checkpoints named and rotated under ``out/checkpoints``,
     trackers writing under ``out/logs``, data loaders whose shuffling depends on ``config.seed``
-    and the epoch only (the same on every process, see :func:`~gali_ext.recipes.data.training_loader`)."""
+    and the epoch only, the same on every process (:func:`.data.training_loader`)."""
     from accelerate import Accelerator
     from accelerate.utils import (
         DataLoaderConfiguration,
@@ -220,9 +220,10 @@ def launch_info(accelerator: Any) -> dict[str, Any]:
 
 def build_optimizers(config: RecipeConfig, built: BuiltModel) -> tuple[Any, Any]:
     """D's optimizer over the head, and one over E's and G's parameters together."""
-    d_optimizer = build_optimizer(config.optimizer, built.head.parameters(), config.lr, config.betas)
-    eg = itertools.chain(built.models.encoder.parameters(), built.models.generator.parameters())
-    return d_optimizer, build_optimizer(config.optimizer, eg, config.lr, config.betas)
+    models = built.models
+    eg = itertools.chain(models.encoder.parameters(), models.generator.parameters())
+    return tuple(build_optimizer(config.optimizer, params, config.lr, config.betas)
+                 for params in (built.head.parameters(), eg))  # fmt: skip
 
 
 def build_ema(models: ALIModels, decay: float) -> dict[str, Any]:
@@ -284,14 +285,22 @@ def grids(encoder, generator, images: torch.Tensor, z: torch.Tensor) -> dict[str
 
 
 class RunLog:
-    """Where a step's numbers go: ``metrics.jsonl``, the Accelerate trackers (scalars, D's
-    accuracy per tuple class, image grids) and the progress bar. Main process only."""
+    """What a run reports, from the main process: each logged step to ``metrics.jsonl`` and the
+    Accelerate trackers (scalars, D's accuracy per tuple class), grids of samples and
+    reconstructions (PNG files, and trackers that take images), ``summary.json`` at the end, and
+    the progress bar. Grids and the summary show the EMA of E and G when there is one."""
 
-    def __init__(self, accelerator, out: Path, config: RecipeConfig, step: int, progress: bool):
+    def __init__(self, accelerator, out: Path, config: RecipeConfig, step: int, progress: bool,
+                 test_data: ImageData, weights: dict[str, Any], ema: dict[str, Any]):  # fmt: skip
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.accelerator, self.out, self.config = accelerator, out, config
         self.main = accelerator.is_main_process
+        self.weights, self.ema, self.test_data = weights, ema, test_data
+        self.shown = [ema[n].module if ema else weights[n] for n in ("encoder", "generator")]
+        fixed = torch.Generator().manual_seed(1234)  # grid latents, off the training RNG stream
+        self.grid_x = first_images(test_data, 32)
+        self.grid_z = torch.randn(64, config.latent_dim, generator=fixed)
         if self.main and config.log_with:
             settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                         for k, v in dataclasses.asdict(config).items()}  # fmt: skip
@@ -303,6 +312,7 @@ class RunLog:
                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                             disable=not (progress and self.main))  # fmt: skip
         self.task = self.bar.add_task(config.name, total=config.steps, completed=step, info="")
+        self.started = time.perf_counter()
 
     def __enter__(self) -> RunLog:
         self.bar.start()
@@ -326,15 +336,36 @@ class RunLog:
         self.bar.update(self.task, info=f"D {metrics.d_loss:.3f}  G {metrics.g_loss:.3f}  "
                         f"{1 / max(metrics.seconds, 1e-9):.1f} it/s")  # fmt: skip
 
-    def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
-        """Write each grid as ``grids/NAME_stepNNNNNNN.png`` and ``NAME.png``, and send it to
-        the trackers that take images."""
-        for name, batch in images.items():
+    def grids(self, step: int) -> None:
+        """Each of :func:`grids` as ``grids/NAME_stepNNNNNNN.png`` and ``NAME.png``, and to the
+        trackers that take images."""
+        if not self.main:
+            return
+        for name, batch in grids(*self.shown, self.grid_x, self.grid_z).items():
             path = save_image_grid(batch, self.out / "grids" / f"{name}_step{step:07d}.png")
             shutil.copyfile(path, self.out / f"{name}.png")
             for tracker in self.accelerator.trackers:
                 if hasattr(tracker, "log_images"):
                     tracker.log_images({name: image_grid(batch)[None]}, step=step)
+
+    def finish(self, step: int) -> None:
+        """Last grids, and ``summary.json``: the test pixel MSE of the weights shown (the EMA's
+        when there is one, the trained weights' then as ``test_pixel_mse_raw``)."""
+        self.grids(step)
+        if not self.main:
+            return
+        x = first_images(self.test_data, 2000)
+        mse = reconstruction_mse(*self.shown, x)
+        summary = {"recipe": self.config.name, "steps": step, "test_pixel_mse": mse,
+                   "weights": "ema" if self.ema else "raw", "test_images": len(x),
+                   "seconds_this_session": time.perf_counter() - self.started}  # fmt: skip
+        if self.ema:
+            w = self.weights
+            summary["test_pixel_mse_raw"] = reconstruction_mse(w["encoder"], w["generator"], x)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        which = " (EMA weights)" if self.ema else ""
+        self.accelerator.print(f"{self.config.name}: {step} steps, test pixel MSE {mse:.4f}"
+                               f"{which}, run in {self.out}")  # fmt: skip
 
 
 def train_loop(config: RecipeConfig, out: Path, *, resume: bool, overwrite: bool,
@@ -362,12 +393,7 @@ def train_loop(config: RecipeConfig, out: Path, *, resume: bool, overwrite: bool
     step = _start_run(accelerator, out, config, replace, resume, ema)
     batches = endless_batches(loader, accelerator, step * config.n_dis, layout)
     weights = dict(zip(WEIGHT_FILES, (built.models.encoder, built.models.generator, built.head)))
-    # E and G that samples and metrics use: the moving averages when there are some.
-    shown = [ema[n].module if ema else weights[n] for n in ("encoder", "generator")]
-    fixed = torch.Generator().manual_seed(1234)  # grid latents, off the training RNG stream
-    grid_x, grid_z = first_images(test_data, 32), torch.randn(64, config.latent_dim, generator=fixed)
-    started = time.perf_counter()
-    with RunLog(accelerator, out, config, step, progress) as log:
+    with RunLog(accelerator, out, config, step, progress, test_data, weights, ema) as log:
         while step < config.steps:
             noise = instance_noise_std(step, config.steps, config.instance_noise)
             try:
@@ -381,35 +407,13 @@ def train_loop(config: RecipeConfig, out: Path, *, resume: bool, overwrite: bool
             for name, average in ema.items():
                 average.update_parameters(weights[name])
             log.step(step, noise, metrics)
-            if accelerator.is_main_process and step % config.sample_every == 0:
-                log.images(step, grids(*shown, grid_x, grid_z))
+            if step % config.sample_every == 0:
+                log.grids(step)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint(accelerator, out, step, weights, ema)
-        if accelerator.is_main_process:
-            log.images(step, grids(*shown, grid_x, grid_z))
-            _summary(out, config, step, time.perf_counter() - started, test_data, weights, ema)
+        log.finish(step)
     accelerator.end_training()
     return out
-
-
-def _summary(out: Path, config: RecipeConfig, step: int, seconds: float, test_data: ImageData,
-             weights: dict[str, Any], ema: dict[str, Any]) -> None:  # fmt: skip
-    """``summary.json``: the test pixel MSE of the EMA weights when there are some (and of the
-    trained weights as ``test_pixel_mse_raw``), else of the trained weights."""
-    x = first_images(test_data, 2000)
-    raw = reconstruction_mse(weights["encoder"], weights["generator"], x)
-    summary = {"recipe": config.name, "steps": step, "seconds_this_session": seconds,
-               "test_images": len(x), "weights": "ema" if ema else "raw"}  # fmt: skip
-    if ema:
-        summary["test_pixel_mse"] = reconstruction_mse(ema["encoder"].module,
-                                                       ema["generator"].module, x)  # fmt: skip
-        summary["test_pixel_mse_raw"] = raw
-    else:
-        summary["test_pixel_mse"] = raw
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    which = " (EMA weights)" if ema else ""
-    print(f"{config.name}: {step} steps, test pixel MSE {summary['test_pixel_mse']:.4f}{which}, "
-          f"run in {out}")  # fmt: skip
 
 
 def train(
