@@ -53,6 +53,14 @@ def test_unknown_recipe_and_bad_settings():
         recipes.get("digits-gali4").with_overrides({"n_dis": "0"}).validate()
     with pytest.raises(ConfigError, match="features_weights"):
         recipes.get("svhn-gali-pt").validate()
+    # Accelerate deletes the oldest checkpoint before writing the next: one would leave none
+    with pytest.raises(ConfigError, match="keep_checkpoints=1 is invalid: expected an int >= 2"):
+        recipes.get("digits-gali4").with_overrides({"keep_checkpoints": "1"}).validate()
+    for decay in ("1", "-0.1"):
+        with pytest.raises(ConfigError, match=r"ema_decay=.* is invalid: expected a float in \[0"):
+            recipes.get("digits-gali4").with_overrides({"ema_decay": decay}).validate()
+    with pytest.raises(ConfigError, match="num_workers=-1 is invalid"):
+        recipes.get("digits-gali4").with_overrides({"num_workers": "-1"}).validate()
 
 
 def test_train_writes_the_run_directory(tmp_path):
