@@ -1,7 +1,7 @@
 """Test pixel MSE of the trained weights and of their moving average (EMA), on the digits study
 settings (600 steps, digits-ali and digits-gali8, seeds 0, 1, 2).
 
-    python benchmarks/ema_table.py [--steps 600] [--seeds 3] [--decays 0.99,0.999]
+    python benchmarks/ema_table.py [--steps 600] [--seeds 3] [--decays 0.999,0.99]
                                    [--recipes digits-ali,digits-gali8] [--out runs/ema-table]
 
 Each recipe, seed and decay is trained by the recipe loop (``recipes.train.train``) with
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipes", default="digits-ali,digits-gali8")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--decays", default="0.99,0.999")
+    parser.add_argument("--decays", default="0.999,0.99")
     parser.add_argument("--out", type=Path, default=Path("runs/ema-table"))
     args = parser.parse_args(argv)
     names = args.recipes.split(",")
@@ -53,11 +53,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not all(0 < d < 1 for d in decays):
         raise SystemExit(f"--decays must lie in (0, 1), got {args.decays}")
 
+    seeds = range(args.seeds)
+    # one decay after the other, so that a stopped script leaves whole columns to reuse
+    summary = {(d, n, s): run(n, s, d, args.steps, args.out)
+               for d in decays for n in names for s in seeds}  # fmt: skip
     results: dict[str, dict] = {}
     for name in names:
         raw, ema = [], {d: [] for d in decays}
-        for seed in range(args.seeds):
-            summaries = {d: run(name, seed, d, args.steps, args.out) for d in decays}
+        for seed in seeds:
+            summaries = {d: summary[d, name, seed] for d in decays}
             raws = {s["test_pixel_mse_raw"] for s in summaries.values()}
             if len(raws) != 1:
                 raise SystemExit(f"{name} seed {seed}: the raw weights differ between decays "
