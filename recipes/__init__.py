@@ -53,9 +53,20 @@ class RecipeConfig:
     # images and convolution weights in channels-last (NHWC) memory format: faster
     # convolutions on tensor-core GPUs once the batch keeps the GPU busy (README, Performance)
     channels_last: bool = False
+    # DataLoader worker processes that read and convert the batches (0: in the training process;
+    # CelebA decodes JPEGs, so its recipes use workers)
+    num_workers: int = 0
+    # exponential moving average of E's and G's weights, updated after every step with
+    # ema = decay * ema + (1 - decay) * weights (BigGAN, BigBiGAN); 0 turns it off
+    ema_decay: float = 0.0
+    # Accelerate trackers the scalars and image grids also go to, comma-separated
+    # (e.g. "tensorboard"; "" for metrics.jsonl only)
+    log_with: str = ""
     log_every: int = 10
     sample_every: int = 500
     checkpoint_every: int = 1000
+    # Accelerate deletes the oldest checkpoint before it writes a new one: with 2 or more, a
+    # kill while saving still leaves a complete one
     keep_checkpoints: int = 3
 
     @property
@@ -109,10 +120,12 @@ class RecipeConfig:
             ),
             (0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)"),
             (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16"),
+            (self.num_workers >= 0, "num_workers", "an int >= 0"),
+            (0 <= self.ema_decay < 1, "ema_decay", "a float in [0, 1); 0 turns the EMA off"),
             (self.log_every >= 1, "log_every", "an int >= 1"),
             (self.sample_every >= 1, "sample_every", "an int >= 1"),
             (self.checkpoint_every >= 1, "checkpoint_every", "an int >= 1"),
-            (self.keep_checkpoints >= 1, "keep_checkpoints", "an int >= 1"),
+            (self.keep_checkpoints >= 2, "keep_checkpoints", "an int >= 2"),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -159,15 +172,20 @@ class RecipeConfig:
             changes[key] = _parse(key, text, hints[key])
         return dataclasses.replace(self, **changes)
 
-    def to_json(self) -> str:
-        """The config as JSON (``config.json`` of a run)."""
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    def to_json(self, launch: dict[str, Any] | None = None) -> str:
+        """The config as JSON (``config.json`` of a run); ``launch`` (how many processes ran
+        it, see :func:`gali_ext.recipes.train.launch_info`) is recorded under ``"launch"``."""
+        data = dataclasses.asdict(self)
+        if launch is not None:
+            data["launch"] = launch
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, path: str | Path) -> RecipeConfig:
-        """Read a run's ``config.json``."""
+        """Read a run's ``config.json`` (its ``"launch"`` record is not a setting)."""
         try:
             data = json.loads(Path(path).read_text())
+            data.pop("launch", None)
             data["betas"] = tuple(data["betas"])
             return cls(**data)
         except (OSError, ValueError, TypeError, KeyError) as error:
@@ -309,5 +327,6 @@ for _spec in ("ali", "gali4", "gali_pt", "gali_mix"):
             lr=1e-4,
             steps=100_000,
             features_model="inception_v3" if _spec == "gali_pt" else "",
+            num_workers=4,  # JPEG decoding and resizing off the training process
         )
     )

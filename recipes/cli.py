@@ -72,6 +72,9 @@ def recipe(
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace whatever --out holds."),
     set_: list[str] = typer.Option([], "--set", help="Override a setting: --set lr=2e-4."),
+    log_with: str = typer.Option(
+        None, help="Also log to these Accelerate trackers, e.g. tensorboard (run/logs/)."
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train a reference recipe (e.g. `gali-ext recipe digits-gali4`)."""
@@ -94,6 +97,7 @@ def recipe(
         ("mixed_precision", mixed_precision),
         ("seed", seed),
         ("data_dir", data_dir),
+        ("log_with", log_with),
     ):
         if value is not None:
             overrides[key] = str(value)
@@ -127,23 +131,27 @@ def list_recipes() -> None:
 def sample(
     run_dir: Path = typer.Argument(..., help="A run directory written by `gali-ext recipe`."),
     out: Path = typer.Option(None, help="Where to write the PNGs (default: RUN_DIR)."),
+    raw_weights: bool = typer.Option(
+        False, "--raw-weights", help="Use the trained weights, not their moving average (EMA)."
+    ),
 ) -> None:
-    """Write a grid of samples G(z) and of test images over their reconstructions G(E(x))."""
+    """Write grids of samples G(z) and of test images over their reconstructions G(E(x)), as
+    samples-ema.png and reconstructions-ema.png (-raw without EMA weights); the run's own
+    samples.png and reconstructions.png stay as training left them."""
     import torch
 
-    from gali_ext import recipes
-    from gali_ext.providers.pretrained import load_safetensors_into
-    from gali_ext.recipes.train import build_model, first_images, load_data, write_grids
+    from gali_ext.recipes.runs import load_run_models
+    from gali_ext.recipes.train import first_images, grids, load_data
+    from gali_ext.recipes.visual import save_image_grid
 
-    config = recipes.RecipeConfig.from_json(run_dir / "config.json")
-    test_data = load_data(config, "test")
-    built = build_model(config, test_data.channels)
-    load_safetensors_into(built.models.encoder, run_dir / "encoder.safetensors")
-    load_safetensors_into(built.models.generator, run_dir / "generator.safetensors")
-    z = torch.randn(64, built.models.latent_dim, generator=torch.Generator().manual_seed(0))
-    paths = write_grids(built, first_images(test_data, 32), z, out or run_dir, "sample")
-    for path in paths:
-        typer.echo(str(path))
+    run = load_run_models(run_dir, ema=not raw_weights)
+    z = torch.randn(64, run.latent_dim, generator=torch.Generator().manual_seed(0))
+    images = first_images(load_data(run.config, "test"), 32)
+    folder = out or run_dir
+    label = "the moving average (EMA) of the weights" if run.weights == "ema" else "the weights"
+    for name, grid in grids(run.encoder, run.generator, images, z).items():
+        path = save_image_grid(grid, folder / f"{name}-{run.weights}.png")
+        typer.echo(f"{name} of {label}: {path}")
 
 
 @app.command("train-evaluator")

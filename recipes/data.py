@@ -11,7 +11,11 @@
 Every split is an :class:`ImageData`: item ``i`` is ``(image [C, H, W] float32 in [-1, 1],
 label)``, with pixel ``p`` in 0..255 mapped to ``p / 127.5 - 1``. Digits and SVHN sit in memory as
 a uint8 tensor ``[N, C, H, W]``; CelebA is an :class:`ImageFiles` that reads its JPEGs on demand.
-:class:`BatchStream` draws shuffled batches forever and resumes exactly from its ``state_dict``.
+
+The training loop reads a split through :func:`training_loader`, a ``torch.utils.data.DataLoader``
+that Accelerate prepares (one shard of every epoch per process), and :func:`endless_batches`,
+which crosses epochs and skips, on resume, the batches already trained on. :class:`BatchStream`
+is the single-process stream the evaluator classifier trains on.
 
 Nothing is ever downloaded. Missing or malformed files raise one
 :class:`~gali_ext.errors.DataError` naming the file and the expected layout.
@@ -20,7 +24,7 @@ Nothing is ever downloaded. Missing or malformed files raise one
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from gali_ext.errors import DataError
 
@@ -38,10 +42,12 @@ __all__ = [
     "ImageData",
     "ImageFiles",
     "data_mean",
+    "endless_batches",
     "load_celeba",
     "load_dataset",
     "load_digits",
     "load_svhn",
+    "training_loader",
 ]
 
 DATASETS = ("digits", "svhn", "celeba")
@@ -152,6 +158,12 @@ class ImageData(Dataset):
         """Images ``[n, C, H, W]`` float32 in [-1, 1] and the labels of ``indices``."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         return _to_float(self.uint8_batch(indices)), self.labels[indices]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+        """Items ``indices`` read as one batch (one indexing of the uint8 tensor, or the batch's
+        files); a ``DataLoader`` calls this instead of ``__getitem__`` once per image."""
+        images, labels = self.batch(indices)
+        return list(zip(images, labels))
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         """``(image [C, H, W] float32 in [-1, 1], label)``; the label is a long scalar class
@@ -471,6 +483,75 @@ def data_mean(data: ImageData, chunk: int = 4096, limit: int | None = None) -> f
     for start in range(0, count, chunk):
         total += int(data.uint8_batch(indices[start : start + chunk]).sum(dtype=torch.int64))
     return total / (255.0 * count * data.channels * data.image_size**2)
+
+
+def training_loader(
+    dataset: ImageData,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Shuffled full batches ``[images [B, C, H, W] in [-1, 1], labels]`` of ``dataset``, for
+    ``accelerator.prepare``.
+
+    Prepared by an Accelerator with ``DataLoaderConfiguration(use_seedable_sampler=True,
+    data_seed=seed)`` (as :func:`gali_ext.recipes.train.make_accelerator` makes it), epoch ``e``
+    visits the images in the order
+    ``torch.randperm(N, generator=torch.Generator().manual_seed(seed + e))``: a function of
+    ``(seed, e)`` only, the same on every process. With ``P`` processes, process ``r`` takes the
+    batches ``r, r + P, r + 2P, ...`` of that order, so together they see each image at most once
+    per epoch; the ``N mod B`` images left over, and the batches left over when fewer than ``P``
+    remain, wait for the next epoch's order. ``num_workers`` processes read and convert the
+    batches (``persistent_workers`` keeps them across epochs); ``pin_memory`` speeds copies to a
+    GPU. The loader has its own ``torch.Generator``: making an iterator draws nothing from the
+    global RNG, so a resumed run's noise stays the uninterrupted run's.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
+    if batch_size > len(dataset):
+        raise DataError(
+            f"batch size {batch_size} exceeds the {len(dataset)} images of the "
+            f"{dataset.name} {dataset.split} split"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def endless_batches(
+    loader: DataLoader,
+    accelerator: Any,
+    start: int = 0,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Iterator[Tensor]:
+    """The images of a prepared :func:`training_loader`'s batches, epoch after epoch, from this
+    process's batch number ``start`` on (counted from the start of training).
+
+    Batch ``k`` is batch ``k mod len(loader)`` of epoch ``k // len(loader)``, so a resumed run
+    continues with the very batch the interrupted one would have drawn next; the batches before
+    it are skipped without being read (``accelerator.skip_first_batches``).
+    """
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        processes = accelerator.num_processes
+        raise DataError(
+            f"the {len(loader.dataset)} training images make fewer full batches of "
+            f"{loader.total_batch_size // processes} than there are processes ({processes})"
+        )
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        for images, _ in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            yield images.to(memory_format=memory_format)
+        epoch, skip = epoch + 1, 0
 
 
 class BatchStream:

@@ -1,13 +1,13 @@
 """The reference training loop on HF Accelerate (``gali-ext recipe NAME``).
 
-The loop stays visible, as in accelerate's examples: ``Accelerator(mixed_precision=...)``,
-``prepare``, ``backward`` (inside :func:`gali_ext.trainer.train_step`), ``save_state`` and
-``load_state``. Multi-GPU: ``accelerate launch -m gali_ext.cli recipe NAME ...``.
+:func:`train_loop` reads like Accelerate's ``examples/by_feature`` scripts: an ``Accelerator``
+(:func:`make_accelerator`), ``prepare`` of the GALI module, both optimizers and a sharded
+``DataLoader``, the steps (``backward`` is inside :func:`gali_ext.trainer.train_step`),
+``save_state`` checkpoints and ``log`` to any tracker. The helpers around it each do one job.
+Several processes: ``torchrun --nproc_per_node N -m gali_ext.cli recipe NAME`` (CPU, gloo) or
+``accelerate launch --multi_gpu --num_processes N -m gali_ext.cli recipe NAME``.
 
-A run directory holds ``config.json``, ``metrics.jsonl``, the weights as
-``encoder.safetensors``, ``generator.safetensors``, ``discriminator.safetensors``, accelerate
-state under ``checkpoints/step-NNNNNNN`` (the last ``keep_checkpoints``), PNG grids of samples
-and of real/reconstruction pairs, and ``summary.json`` at the end.
+What a run directory holds is described in :mod:`gali_ext.recipes.runs`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,17 +30,45 @@ from gali_ext.errors import ConfigError, DataError, DivergenceError
 from gali_ext.gali import build_gali
 from gali_ext.losses import build_generator_criterion
 from gali_ext.providers import PretrainedFeatures
-from gali_ext.recipes.data import BatchStream, ImageData, data_mean, load_dataset
-from gali_ext.recipes.metrics import reconstruction_mse
+from gali_ext.recipes.data import (
+    ImageData,
+    data_mean,
+    endless_batches,
+    load_dataset,
+    training_loader,
+)
+from gali_ext.recipes.metrics import eval_mode, reconstruct, reconstruction_mse
 from gali_ext.recipes.models import ALIModels, build_ali_models
-from gali_ext.recipes.visual import interleave_rows, save_image_grid
-from gali_ext.trainer import build_optimizer, instance_noise_std, train_step
+from gali_ext.recipes.runs import (
+    WEIGHT_FILES,
+    load_run_models,
+    resume_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
+from gali_ext.recipes.visual import image_grid, interleave_rows, save_image_grid
+from gali_ext.trainer import StepMetrics, build_optimizer, instance_noise_std, train_step
 
 from . import RecipeConfig
 
-__all__ = ["BuiltModel", "build_model", "load_data", "check_run_dir", "train", "save_weights"]
-
-WEIGHT_FILES = ("encoder", "generator", "discriminator")
+__all__ = [
+    "WEIGHT_FILES",
+    "BuiltModel",
+    "RunLog",
+    "build_ema",
+    "build_model",
+    "check_run_dir",
+    "check_trackers",
+    "first_images",
+    "grids",
+    "launch_info",
+    "load_data",
+    "load_run_models",
+    "make_accelerator",
+    "save_weights",
+    "train",
+    "train_loop",
+]
 
 
 @dataclass
@@ -124,102 +153,48 @@ def check_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bool
     return False
 
 
-class TrainState:
-    """The loop's own state that accelerate checkpoints beside the models and optimizers."""
+def check_trackers(log_with: str) -> list[str]:
+    """The tracker names of ``log_with`` (``"tensorboard,wandb"``), each one Accelerate knows
+    and whose package is installed."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
-    def __init__(self, stream: BatchStream) -> None:
-        self.step = 0
-        self.stream = stream
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "stream": self.stream.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.stream.load_state_dict(state["stream"])
-
-
-def first_images(data: ImageData, count: int) -> torch.Tensor:
-    """The first ``count`` images of a split, ``[N, C, H, W]`` in [-1, 1]."""
-    return torch.stack([data[i][0] for i in range(min(count, len(data)))])
-
-
-def save_weights(built: BuiltModel, out: Path) -> None:
-    """``encoder``/``generator``/``discriminator`` ``.safetensors``, each written atomically."""
-    from safetensors.torch import save_file
-
-    modules = (built.models.encoder, built.models.generator, built.head)
-    for name, module in zip(WEIGHT_FILES, modules):
-        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        temporary = out / f"{name}.safetensors.tmp"
-        save_file(state, str(temporary))
-        temporary.replace(out / f"{name}.safetensors")
+    names = [name.strip() for name in log_with.split(",") if name.strip()]
+    installed = {str(tracker) for tracker in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(
+                f"log_with={name!r} is not a tracker Accelerate knows "
+                f"({', '.join(sorted(LOGGER_TYPE_TO_CLASS))})"
+            )
+        if name not in installed:
+            extra = ' (pip install "gali-ext[tensorboard]")' if name == "tensorboard" else ""
+            raise ConfigError(f"log_with={name!r}: the {name} package is not installed{extra}")
+    return names
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*"))
-
-
-def _save_checkpoint(accelerator, built: BuiltModel, out: Path, step: int, keep: int) -> None:
-    """Accelerate state written to a temporary folder and renamed: a kill never leaves a
-    half-written checkpoint that resume would pick up."""
-    final = out / "checkpoints" / f"step-{step:07d}"
-    temporary = out / "checkpoints" / f".tmp-step-{step:07d}"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        temporary.rename(final)
-        save_weights(built, out)
-        for old in _checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-@torch.no_grad()
-def write_grids(built: BuiltModel, images: torch.Tensor, z: torch.Tensor, out: Path, tag: str):
-    """Samples ``G(z)`` and originals over their reconstructions ``G(E(x))``, as PNGs."""
-    from gali_ext.recipes.metrics import eval_mode, reconstruct
-
-    with eval_mode(built.models.generator):
-        samples = built.models.generator(z)
-    recon = reconstruct(built.models.encoder, built.models.generator, images)
-    paths = []
-    for name, grid in (("samples", samples), ("reconstructions", interleave_rows(images, recon))):
-        paths.append(save_image_grid(grid, out / "grids" / f"{name}_{tag}.png"))
-        shutil.copyfile(paths[-1], out / f"{name}.png")
-    return paths
-
-
-def _train(
-    config: RecipeConfig,
-    out_dir: str | Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    epochs: float | None = None,
-) -> Path:
-    """The body of :func:`train`, after the config was validated."""
+def make_accelerator(config: RecipeConfig, out: Path) -> Any:
+    """The run's ``Accelerator``: checkpoints named and rotated under ``out/checkpoints``,
+    trackers writing under ``out/logs``, data loaders whose shuffling depends on ``config.seed``
+    and the epoch only, the same on every process (:func:`.data.training_loader`)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-
-    out = Path(out_dir)
-    train_data = load_data(config, "train")
-    test_data = load_data(config, "test")
-    if epochs is not None:
-        if epochs <= 0:
-            raise ConfigError(f"--epochs must be positive, got {epochs}")
-        batches = epochs * (len(train_data) // config.batch_size)
-        config = dataclasses.replace(config, steps=max(1, math.ceil(batches / config.n_dis)))
-    replace = check_run_dir(out, config, resume, overwrite)
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        ProjectConfiguration,
+    )
 
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
+        log_with=check_trackers(config.log_with) or None,
+        project_config=ProjectConfiguration(
+            project_dir=str(out),
+            logging_dir=str(out / "logs"),
+            automatic_checkpoint_naming=True,
+            total_limit=config.keep_checkpoints,
+        ),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=config.seed, non_blocking=True
+        ),
         # D steps leave E and G unused; G steps freeze D's parameters.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -228,122 +203,215 @@ def _train(
             f"shared_forward=true runs on one process, this launch has "
             f"{accelerator.num_processes}: use the alternating schedule (shared_forward=false)"
         )
-    set_seed(config.seed, device_specific=True)
-    built = build_model(config, train_data.channels)
-    built.models.generator.init_output_bias(data_mean(train_data))
-    d_optimizer = build_optimizer(
-        config.optimizer, built.head.parameters(), config.lr, config.betas
-    )
-    g_optimizer = build_optimizer(
-        config.optimizer,
-        itertools.chain(built.models.encoder.parameters(), built.models.generator.parameters()),
-        config.lr,
-        config.betas,
-    )
-    layout = torch.channels_last if config.channels_last else torch.contiguous_format
-    if config.channels_last:  # in place: the optimizers keep the same parameter objects
-        built.gali.to(memory_format=layout)
-    gali, d_optimizer, g_optimizer = accelerator.prepare(built.gali, d_optimizer, g_optimizer)
-    stream = BatchStream(
-        train_data, config.batch_size, seed=config.seed + 1000 * accelerator.process_index
-    )
-    state = TrainState(stream)
-    accelerator.register_for_checkpointing(state)
+    return accelerator
 
+
+def launch_info(accelerator: Any) -> dict[str, Any]:
+    """How a run was launched, for ``config.json``: ``num_processes`` on this machine,
+    ``world_size`` (processes on all machines), the distributed type and the device."""
+    world = accelerator.num_processes
+    return {
+        "num_processes": int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+        "world_size": world,
+        "distributed_type": str(accelerator.distributed_type.value),
+        "device": accelerator.device.type,
+    }
+
+
+def build_optimizers(config: RecipeConfig, built: BuiltModel) -> tuple[Any, Any]:
+    """D's optimizer over the head, and one over E's and G's parameters together."""
+    models = built.models
+    eg = itertools.chain(models.encoder.parameters(), models.generator.parameters())
+    return tuple(build_optimizer(config.optimizer, params, config.lr, config.betas)
+                 for params in (built.head.parameters(), eg))  # fmt: skip
+
+
+def build_ema(models: ALIModels, decay: float) -> dict[str, Any]:
+    """Moving averages of E and G (``torch.optim.swa_utils.AveragedModel``): after each update,
+    ``ema = decay * ema + (1 - decay) * w`` for every weight and buffer (BatchNorm statistics
+    too), the first update copying ``w``. ``{}`` when ``decay`` is 0."""
+    if decay == 0:
+        return {}
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return {
+        name: AveragedModel(getattr(models, name), multi_avg_fn=get_ema_multi_avg_fn(decay),
+                            use_buffers=True).requires_grad_(False)
+        for name in ("encoder", "generator")
+    }  # fmt: skip
+
+
+def _steps_for_epochs(config: RecipeConfig, epochs: float | None, batches: int) -> RecipeConfig:
+    """``config`` with ``steps`` replaced by what ``epochs`` passes over the data take, each
+    process drawing ``batches`` of its shard per epoch and ``n_dis`` batches per step."""
+    if epochs is None:
+        return config
+    return dataclasses.replace(config, steps=max(1, math.ceil(epochs * batches / config.n_dis)))
+
+
+def _start_run(accelerator, out: Path, config: RecipeConfig, replace: bool, resume: bool,
+               ema: dict[str, Any]) -> int:  # fmt: skip
+    """The step to start from (a checkpoint's on resume); the main process then replaces an
+    overwritten run, writes ``config.json`` and drops the metrics logged after the checkpoint."""
+    step = resume_checkpoint(accelerator, out, ema) if resume else 0
     if accelerator.is_main_process:
         if replace:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(config.to_json())
+        (out / "config.json").write_text(config.to_json(launch_info(accelerator)))
+        metrics = out / "metrics.jsonl"
+        if metrics.exists():  # steps after the checkpoint are trained again
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]  # fmt: skip
+            metrics.write_text("".join(line + "\n" for line in kept))
     accelerator.wait_for_everyone()
-    metrics_path = out / "metrics.jsonl"
-    if resume:
-        if _checkpoints(out):
-            accelerator.load_state(str(_checkpoints(out)[-1]))
-            accelerator.print(f"resumed from {_checkpoints(out)[-1]} at step {state.step}")
-        if accelerator.is_main_process and metrics_path.exists():
-            # Steps logged after the checkpoint are trained again: drop their old records.
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= state.step]  # fmt: skip
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+    return step
 
-    # Fixed images and latents for the grids, drawn off the training RNG stream.
-    fixed = torch.Generator().manual_seed(1234)
-    grid_x = first_images(test_data, 32).to(accelerator.device)
-    grid_z = torch.randn(64, built.models.latent_dim, generator=fixed).to(accelerator.device)
 
-    def batches():
-        while True:
-            yield next(stream)[0].to(accelerator.device, non_blocking=True, memory_format=layout)
+def first_images(data: ImageData, count: int) -> torch.Tensor:
+    """The first ``count`` images of a split, ``[N, C, H, W]`` in [-1, 1]."""
+    return data.images_tensor(count)
 
-    batch_iter = batches()
-    total = config.steps
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        disable=not (progress and accelerator.is_main_process),
+@torch.no_grad()
+def grids(encoder, generator, images: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``samples`` ``G(z)``, and ``reconstructions``: rows of ``images`` each over its row of
+    ``G(E(x))``; ``[N, C, H, W]`` in [-1, 1]."""
+    device = next(generator.parameters()).device
+    with eval_mode(generator):
+        samples = generator(z.to(device))
+    recon = reconstruct(encoder, generator, images.to(device))
+    return {"samples": samples, "reconstructions": interleave_rows(images.to(device), recon)}
+
+
+class RunLog:
+    """What a run reports, from the main process: each logged step to ``metrics.jsonl`` and the
+    Accelerate trackers (scalars, D's accuracy per tuple class), grids of samples and
+    reconstructions (PNG files, and trackers that take images), ``summary.json`` at the end, and
+    the progress bar. Grids and the summary show the EMA of E and G when there is one."""
+
+    def __init__(self, accelerator, out: Path, config: RecipeConfig, step: int, progress: bool,
+                 test_data: ImageData, weights: dict[str, Any], ema: dict[str, Any]):  # fmt: skip
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.accelerator, self.out, self.config = accelerator, out, config
+        self.main = accelerator.is_main_process
+        self.weights, self.ema, self.test_data = weights, ema, test_data
+        self.shown = [ema[n].module if ema else weights[n] for n in ("encoder", "generator")]
+        fixed = torch.Generator().manual_seed(1234)  # grid latents, off the training RNG stream
+        self.grid_x = first_images(test_data, 32)
+        self.grid_z = torch.randn(64, config.latent_dim, generator=fixed)
+        if self.main and config.log_with:
+            settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                        for k, v in dataclasses.asdict(config).items()}  # fmt: skip
+            # TensorBoard hides what an interrupted run logged after the checkpoint resumed from.
+            purge = {"tensorboard": {"purge_step": step + 1}} if step else {}
+            accelerator.init_trackers(config.name, config=settings, init_kwargs=purge)
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                            disable=not (progress and self.main))  # fmt: skip
+        self.task = self.bar.add_task(config.name, total=config.steps, completed=step, info="")
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> RunLog:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def step(self, step: int, noise: float, metrics: StepMetrics) -> None:
+        """Record step ``step`` every ``log_every`` steps and at the last one."""
+        self.bar.update(self.task, completed=step)
+        if not self.main or (step % self.config.log_every and step != self.config.steps):
+            return
+        rate = self.config.batch_size * self.config.n_dis / max(metrics.seconds, 1e-9)
+        record = {"step": step, "noise_std": noise, **metrics.as_dict(), "images_per_s": rate}
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, float)}
+        scalars |= {f"d_accuracy/class_{i}": a for i, a in enumerate(metrics.class_accuracy)}
+        self.accelerator.log(scalars, step=step)
+        self.bar.update(self.task, info=f"D {metrics.d_loss:.3f}  G {metrics.g_loss:.3f}  "
+                        f"{1 / max(metrics.seconds, 1e-9):.1f} it/s")  # fmt: skip
+
+    def grids(self, step: int) -> None:
+        """Each of :func:`grids` as ``grids/NAME_stepNNNNNNN.png`` and ``NAME.png``, and to the
+        trackers that take images."""
+        if not self.main:
+            return
+        for name, batch in grids(*self.shown, self.grid_x, self.grid_z).items():
+            path = save_image_grid(batch, self.out / "grids" / f"{name}_step{step:07d}.png")
+            shutil.copyfile(path, self.out / f"{name}.png")
+            for tracker in self.accelerator.trackers:
+                if hasattr(tracker, "log_images"):
+                    tracker.log_images({name: image_grid(batch)[None]}, step=step)
+
+    def finish(self, step: int) -> None:
+        """Last grids, and ``summary.json``: the test pixel MSE of the weights shown (the EMA's
+        when there is one, the trained weights' then as ``test_pixel_mse_raw``)."""
+        self.grids(step)
+        if not self.main:
+            return
+        x = first_images(self.test_data, 2000)
+        mse = reconstruction_mse(*self.shown, x)
+        summary = {"recipe": self.config.name, "steps": step, "test_pixel_mse": mse,
+                   "weights": "ema" if self.ema else "raw", "test_images": len(x),
+                   "seconds_this_session": time.perf_counter() - self.started}  # fmt: skip
+        if self.ema:
+            w = self.weights
+            summary["test_pixel_mse_raw"] = reconstruction_mse(w["encoder"], w["generator"], x)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        which = " (EMA weights)" if self.ema else ""
+        self.accelerator.print(f"{self.config.name}: {step} steps, test pixel MSE {mse:.4f}"
+                               f"{which}, run in {self.out}")  # fmt: skip
+
+
+def train_loop(config: RecipeConfig, out: Path, *, resume: bool, overwrite: bool,
+               progress: bool, epochs: float | None) -> Path:  # fmt: skip
+    """The body of :func:`train`, after the config was validated."""
+    from accelerate.utils import set_seed
+
+    train_data, test_data = load_data(config, "train"), load_data(config, "test")
+    replace = check_run_dir(out, config, resume, overwrite)
+    accelerator = make_accelerator(config, out)
+    set_seed(config.seed, device_specific=True)
+    built = build_model(config, train_data.channels)
+    built.models.generator.init_output_bias(data_mean(train_data))
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    if config.channels_last:  # in place: the optimizers keep the same parameter objects
+        built.gali.to(memory_format=layout)
+    d_optimizer, g_optimizer = build_optimizers(config, built)
+    loader = training_loader(train_data, config.batch_size, config.seed, config.num_workers,
+                             pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+    gali, d_optimizer, g_optimizer, loader = accelerator.prepare(
+        built.gali, d_optimizer, g_optimizer, loader
     )
-    started = time.perf_counter()
-    with bar:
-        task = bar.add_task(config.name, total=total, completed=state.step, info="")
-        while state.step < total:
-            noise = instance_noise_std(state.step, total, config.instance_noise)
+    ema = build_ema(built.models, config.ema_decay)
+    config = _steps_for_epochs(config, epochs, len(loader))
+    step = _start_run(accelerator, out, config, replace, resume, ema)
+    batches = endless_batches(loader, accelerator, step * config.n_dis, layout)
+    weights = dict(zip(WEIGHT_FILES, (built.models.encoder, built.models.generator, built.head)))
+    with RunLog(accelerator, out, config, step, progress, test_data, weights, ema) as log:
+        while step < config.steps:
+            noise = instance_noise_std(step, config.steps, config.instance_noise)
             try:
-                result = train_step(
-                    gali,
-                    batch_iter,
-                    d_optimizer,
-                    g_optimizer,
-                    n_dis=config.n_dis,
-                    instance_noise=noise,
-                    accelerator=accelerator,
-                    step=state.step,
-                    shared_forward=config.shared_forward,
-                )
+                metrics = train_step(gali, batches, d_optimizer, g_optimizer, n_dis=config.n_dis,
+                                     instance_noise=noise, accelerator=accelerator, step=step,
+                                     shared_forward=config.shared_forward)  # fmt: skip
             except DivergenceError:
-                _save_checkpoint(accelerator, built, out, state.step, config.keep_checkpoints)
+                save_checkpoint(accelerator, out, step, weights, ema)
                 raise
-            state.step += 1
-            rate = config.batch_size * config.n_dis / max(result.seconds, 1e-9)
-            if accelerator.is_main_process and (
-                state.step % config.log_every == 0 or state.step == total
-            ):
-                record = {"step": state.step, "noise_std": noise, **result.as_dict()}
-                record["images_per_s"] = rate
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.update(
-                    task,
-                    info=f"D {result.d_loss:.3f}  G {result.g_loss:.3f}  "
-                    f"{1 / max(result.seconds, 1e-9):.1f} it/s",
-                )
-            bar.update(task, completed=state.step)
-            if accelerator.is_main_process and state.step % config.sample_every == 0:
-                write_grids(built, grid_x, grid_z, out, f"step{state.step:07d}")
-            if state.step % config.checkpoint_every == 0 or state.step == total:
-                _save_checkpoint(accelerator, built, out, state.step, config.keep_checkpoints)
-
-    if accelerator.is_main_process:
-        write_grids(built, grid_x, grid_z, out, f"step{state.step:07d}")
-        mse = reconstruction_mse(
-            built.models.encoder, built.models.generator, first_images(test_data, 2000)
-        )
-        summary = {
-            "recipe": config.name,
-            "steps": state.step,
-            "seconds_this_session": time.perf_counter() - started,
-            "test_pixel_mse": mse,
-            "test_images": min(len(test_data), 2000),
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        accelerator.print(
-            f"{config.name}: {state.step} steps, test pixel MSE {mse:.4f}, run in {out}"
-        )
+            step += 1
+            for name, average in ema.items():
+                average.update_parameters(weights[name])
+            log.step(step, noise, metrics)
+            if step % config.sample_every == 0:
+                log.grids(step)
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save_checkpoint(accelerator, out, step, weights, ema)
+        log.finish(step)
     accelerator.end_training()
     return out
 
@@ -359,18 +427,23 @@ def train(
 ) -> Path:
     """Train a recipe into ``out_dir``; returns the run directory.
 
-    Everything is validated (config, data files, image shapes, run directory) before anything
-    is written. ``epochs`` replaces ``config.steps`` by the steps that many passes over the
-    training data take.
+    Everything is validated (config, trackers, data files, image shapes, run directory) before
+    anything is written. ``epochs`` replaces ``config.steps`` by the steps that many passes over
+    the training data take (with ``N`` processes each pass is split ``N`` ways).
     """
     from accelerate.state import AcceleratorState, PartialState
 
     config.validate()
+    check_trackers(config.log_with)
+    if epochs is not None and not (epochs > 0 and math.isfinite(epochs)):
+        raise ConfigError(f"--epochs must be a positive number, got {epochs}")
     try:
-        return _train(config, out_dir, resume=resume, overwrite=overwrite, progress=progress,
-                      epochs=epochs)  # fmt: skip
+        return train_loop(config, Path(out_dir), resume=resume, overwrite=overwrite,
+                          progress=progress, epochs=epochs)  # fmt: skip
     finally:
         if PartialState._shared_state and PartialState().num_processes == 1:
-            # Accelerate keeps one global state per process; forget it so that the next run in
-            # this process (a study, a test) may choose another mixed precision.
+            # Accelerate keeps one AcceleratorState per process and refuses a second
+            # Accelerator with another mixed precision; it has no public reset. Like
+            # Accelerate's own test scripts, forget the state after a one-process run, so that a
+            # study or a test suite may train runs of different precision one after another.
             AcceleratorState._reset_state(reset_partial_state=True)

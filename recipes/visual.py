@@ -1,4 +1,8 @@
-"""Image grids as PNG files: samples, and real images beside their reconstructions."""
+"""Image grids as PNG files: samples, and real images beside their reconstructions.
+
+The layout is torchvision's ``make_grid`` and the file its ``save_image``; what this module adds is
+the [-1, 1] pixel range of the recipes, pixel-block enlargement and a label left of each row.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,54 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["save_image_grid", "interleave_rows"]
+__all__ = ["image_grid", "interleave_rows", "save_image_grid"]
+
+
+def image_grid(
+    images: Tensor,
+    columns: int = 8,
+    padding: int = 2,
+    scale: int = 1,
+    row_labels: list[str] | None = None,
+) -> Tensor:
+    """``[N, C, H, W]`` images in [-1, 1] as one RGB grid ``[3, H', W']`` in [0, 1].
+
+    ``torchvision.utils.make_grid`` lays the images out ``columns`` per row on white padding;
+    ``scale`` enlarges every pixel to a ``scale x scale`` block (small images stay sharp);
+    ``row_labels`` puts one label left of each row.
+    """
+    from torchvision.utils import make_grid
+
+    from gali_ext.errors import ShapeError
+
+    images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    grid = make_grid(images, nrow=columns, padding=padding, pad_value=1.0)
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    if row_labels is None:
+        return grid
+    rows = -(-images.shape[0] // min(columns, images.shape[0]))
+    if len(row_labels) != rows:
+        raise ShapeError(f"expected {rows} row labels, got {len(row_labels)}")
+    height = images.shape[2] * scale
+    labels = _label_column(row_labels, grid.shape[1], height, padding * scale)
+    return torch.cat([labels, grid], dim=2)
+
+
+def _label_column(labels: list[str], total_height: int, height: int, padding: int) -> Tensor:
+    """White ``[3, total_height, W]`` with ``labels[r]`` written level with row ``r`` of a grid
+    whose cells are ``height`` high with ``padding`` between them."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.transforms.functional import pil_to_tensor
+
+    font = ImageFont.load_default(size=max(10, height // 3))
+    width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font))
+                for t in labels)  # fmt: skip
+    canvas = Image.new("RGB", (width + 2 * padding, total_height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, label in enumerate(labels):
+        middle = padding + r * (height + padding) + height // 2
+        draw.text((padding, middle), label, fill="black", anchor="lm", font=font)
+    return pil_to_tensor(canvas).float() / 255
 
 
 def save_image_grid(
@@ -18,47 +69,18 @@ def save_image_grid(
     scale: int = 1,
     row_labels: list[str] | None = None,
 ) -> Path:
-    """Write ``[N, C, H, W]`` images in [-1, 1] as one PNG grid, ``columns`` per row.
+    """Write :func:`image_grid` of ``[N, C, H, W]`` images in [-1, 1] as a PNG
+    (``torchvision.utils.save_image``: pixel ``p`` in [-1, 1] becomes ``round((p + 1) / 2 * 255)``).
 
-    ``scale`` enlarges every pixel to a ``scale x scale`` block (small images stay sharp);
-    ``row_labels`` writes one label left of each row. Written to a temporary file and renamed,
-    so a crash never leaves a half-written PNG.
+    Written to a temporary file and renamed, so a crash never leaves a half-written PNG.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import save_image
 
-    from gali_ext.errors import ShapeError
-
-    images = images.detach().float().cpu().clamp(-1, 1)
-    n, c, h, w = images.shape
-    rows = (n + columns - 1) // columns
-    grid = torch.ones(c, rows * (h + padding) + padding, columns * (w + padding) + padding)
-    for i in range(n):
-        r, col = divmod(i, columns)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[:, top : top + h, left : left + w] = images[i]
-    pixels = ((grid + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    image = Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    if row_labels:
-        if len(row_labels) != rows:
-            raise ShapeError(f"expected {rows} row labels, got {len(row_labels)}")
-        font = ImageFont.load_default(size=max(10, h * scale // 3))
-        draw = ImageDraw.Draw(image)
-        width = max(int(draw.textlength(label, font=font)) for label in row_labels)
-        margin = width + 2 * padding * scale
-        labelled = Image.new(image.mode, (image.width + margin, image.height), "white")
-        labelled.paste(image, (margin, 0))
-        draw = ImageDraw.Draw(labelled)
-        row_height = (h + padding) * scale
-        for r, label in enumerate(row_labels):
-            middle = padding * scale + r * row_height + h * scale // 2
-            draw.text((padding * scale, middle), label, fill="black", anchor="lm", font=font)
-        image = labelled
+    grid = image_grid(images, columns, padding, scale, row_labels)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    image.save(temporary, format="PNG")
+    save_image(grid, temporary, format="png")
     temporary.replace(path)
     return path
 

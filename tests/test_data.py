@@ -16,10 +16,12 @@ from gali_ext.recipes.data import (
     ImageData,
     ImageFiles,
     data_mean,
+    endless_batches,
     load_celeba,
     load_dataset,
     load_digits,
     load_svhn,
+    training_loader,
 )
 
 # ---------------------------------------------------------------- digits
@@ -513,6 +515,66 @@ def test_batch_stream_over_lazy_celeba(tmp_path):
     assert images.shape == (2, 3, 64, 64) and labels.shape == (2, 40)
     assert torch.equal(labels, data.labels[order])
     torch.testing.assert_close(images, data.images_tensor()[order], rtol=0, atol=0)
+
+
+# ------------------------------------------------- training_loader, endless_batches
+
+
+@pytest.fixture
+def accelerator(tmp_path):
+    """The recipe loop's Accelerator (seed 5), on one CPU process."""
+    from accelerate.state import AcceleratorState
+
+    from gali_ext import recipes
+    from gali_ext.recipes.train import make_accelerator
+
+    yield make_accelerator(recipes.get("digits-ali").with_overrides({"seed": "5"}), tmp_path)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def indices(batch):
+    """The image indices of a toy_data batch (image i is filled with the value i)."""
+    return ((batch[:, 0, 0, 0] + 1) * 127.5).round().long().tolist()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_epochs_follow_the_seeded_permutations(accelerator, workers):
+    loader = accelerator.prepare(training_loader(toy_data(10), 3, seed=5, num_workers=workers))
+    assert len(loader) == 3  # 10 // 3 full batches; the last image of each epoch waits
+    batches = endless_batches(loader, accelerator)
+    for epoch in range(3):
+        order = torch.randperm(10, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+        for step in range(3):
+            assert indices(next(batches)) == order[3 * step : 3 * step + 3]
+
+
+@pytest.mark.parametrize("start", [1, 3, 4, 8])  # mid-epoch and exactly at epoch ends
+def test_endless_batches_resume_at_any_batch(accelerator, start):
+    loader = accelerator.prepare(training_loader(toy_data(10), 3, seed=5, num_workers=2))
+    whole = endless_batches(loader, accelerator)
+    uninterrupted = [indices(next(whole)) for _ in range(10)]
+    resumed = endless_batches(loader, accelerator, start=start)
+    assert [indices(next(resumed)) for _ in range(start, 10)] == uninterrupted[start:]
+
+
+def test_loader_reads_whole_batches_and_draws_nothing_from_the_global_rng(accelerator):
+    data = toy_data(10)
+    calls = []
+    data.batch = lambda i, batch=data.batch: calls.append(list(i)) or batch(i)
+    loader = accelerator.prepare(training_loader(data, 4, seed=0))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    batch = next(endless_batches(loader, accelerator))
+    assert batch.shape == (4, 1, 2, 2) and calls[0] == indices(batch)  # one read per batch
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_loader_rejects_batches_larger_than_the_data(accelerator):
+    with pytest.raises(DataError, match="batch size 11 exceeds the 10 images"):
+        training_loader(toy_data(10), 11, seed=0)
+    with pytest.raises(DataError, match="positive int"):
+        training_loader(toy_data(10), 0, seed=0)
 
 
 # -------------------------------------------------------------- data_mean

@@ -1,13 +1,16 @@
-"""Two processes under DDP (gloo on the CPU) stay in step: the G/E step's gradients, which flow
-through the chains made in the D step, are all-reduced like D's."""
+"""Two processes under DDP (gloo on the CPU): the G/E step's gradients, which flow through the
+chains made in the D step, are all-reduced like D's; and the recipe's data loader gives each
+process its own shard of every epoch."""
 
 import json
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def free_port() -> int:
@@ -30,3 +33,37 @@ def test_two_cpu_processes_keep_identical_parameters(tmp_path, n_dis):
     rank0, rank1 = result["sums"]
     # Each rank saw other data: only all-reduced gradients keep E, G and D equal on both.
     assert rank0 == pytest.approx(rank1, rel=1e-6)
+
+
+def test_two_processes_share_each_epoch_and_one_epoch_is_one_pass(tmp_path):
+    worker = Path(__file__).with_name("_ddp_data_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(worker), str(tmp_path)]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["processes"] for r in ranks] == [2, 2]
+    # 64 toy images in batches of 8: 8 batches per epoch, 4 for each process
+    assert [r["batches_per_epoch"] for r in ranks] == [4, 4]
+    for epoch in (0, 1):
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
+        batches = [order[i : i + 8] for i in range(0, 64, 8)]
+        for rank in (0, 1):  # process r takes batches r, r + 2, ... of the epoch's order
+            assert ranks[rank]["epochs"][epoch] == sum(batches[rank::2], [])
+        assert sorted(ranks[0]["epochs"][epoch] + ranks[1]["epochs"][epoch]) == list(range(64))
+    for rank in (0, 1):  # a resume at batch 5 continues with batch 1 of epoch 1
+        assert ranks[rank]["after_resume"] == ranks[rank]["epochs"][1][8:]
+
+    # train(digits-ali, epochs=1) on 2 processes: 1297 // 64 = 20 batches, 10 per process,
+    # so 10 steps that together train on 1280 different images, each at most once
+    from gali_ext.recipes.data import load_digits
+
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["steps"] == 10
+    assert (saved["launch"]["num_processes"], saved["launch"]["world_size"]) == (2, 2)
+    digits = load_digits("train").images
+    available = Counter(image.numpy().tobytes().hex() for image in digits)
+    trained = Counter(ranks[0]["trained"] + ranks[1]["trained"])
+    assert sum(trained.values()) == 1280
+    assert all(count <= available[image] for image, count in trained.items())

@@ -53,6 +53,14 @@ def test_unknown_recipe_and_bad_settings():
         recipes.get("digits-gali4").with_overrides({"n_dis": "0"}).validate()
     with pytest.raises(ConfigError, match="features_weights"):
         recipes.get("svhn-gali-pt").validate()
+    # Accelerate deletes the oldest checkpoint before writing the next: one would leave none
+    with pytest.raises(ConfigError, match="keep_checkpoints=1 is invalid: expected an int >= 2"):
+        recipes.get("digits-gali4").with_overrides({"keep_checkpoints": "1"}).validate()
+    for decay in ("1", "-0.1"):
+        with pytest.raises(ConfigError, match=r"ema_decay=.* is invalid: expected a float in \[0"):
+            recipes.get("digits-gali4").with_overrides({"ema_decay": decay}).validate()
+    with pytest.raises(ConfigError, match="num_workers=-1 is invalid"):
+        recipes.get("digits-gali4").with_overrides({"num_workers": "-1"}).validate()
 
 
 def test_train_writes_the_run_directory(tmp_path):
@@ -65,10 +73,14 @@ def test_train_writes_the_run_directory(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(len(r["d_accuracy"]) == 4 and np.isfinite(r["g_loss"]) for r in records)
     assert records[0]["noise_std"] == pytest.approx(0.1) and records[-1]["noise_std"] < 0.1
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "step-0000002",
-        "step-0000004",
-    ]
+    # Accelerate names the checkpoints; train_state.json, written last, holds the step
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["checkpoint_0", "checkpoint_1"]
+    states = [json.loads((p / "train_state.json").read_text()) for p in checkpoints]
+    assert states == [{"step": 2, "world_size": 1}, {"step": 4, "world_size": 1}]
+    launch = json.loads((out / "config.json").read_text())["launch"]
+    assert (launch["num_processes"], launch["world_size"]) == (1, 1)
+    assert recipes.RecipeConfig.from_json(out / "config.json") == tiny()
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["test_pixel_mse"] < 1
     weights = load_file(str(out / "encoder.safetensors"))
@@ -88,7 +100,10 @@ def test_existing_run_directory_is_refused(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
-    config = tiny("digits-gali8", steps=6, checkpoint_every=3)
+    # batches of 256: 5 per epoch, so the run resumes mid-epoch (step 3) and crosses into the
+    # next epoch; two DataLoader workers; the EMA is resumed too
+    config = tiny("digits-gali8", steps=6, checkpoint_every=3, batch_size=256, num_workers=2,
+                  ema_decay=0.9)  # fmt: skip
     train(config, tmp_path / "whole", progress=False)
 
     import gali_ext.recipes.train as loop
@@ -106,7 +121,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
         train(config, tmp_path / "resumed", progress=False)
     monkeypatch.setattr(loop, "train_step", real_step)
     train(config, tmp_path / "resumed", progress=False, resume=True)
-    for name in ("encoder", "generator", "discriminator"):
+    for name in ("encoder", "generator", "discriminator", "encoder_ema", "generator_ema"):
         a = load_file(str(tmp_path / "whole" / f"{name}.safetensors"))
         b = load_file(str(tmp_path / "resumed" / f"{name}.safetensors"))
         assert a.keys() == b.keys()
@@ -184,7 +199,95 @@ def test_cli_svhn_gali8_on_tiny_mat_files(tmp_path):
     result = CliRunner().invoke(app, ["sample", str(tmp_path / "run"), "--out",
                                       str(tmp_path / "s")])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "s" / "samples.png").is_file()
+    assert (tmp_path / "s" / "samples-raw.png").is_file()
+    assert str(tmp_path / "s" / "reconstructions-raw.png") in result.output
+
+
+def test_sample_keeps_the_training_grids_and_uses_the_ema(tmp_path):
+    from typer.testing import CliRunner
+
+    run = train(tiny("digits-ali", steps=2, ema_decay=0.5), tmp_path / "run", progress=False)
+    before = (run / "samples.png").read_bytes()
+    result = CliRunner().invoke(app, ["sample", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "moving average (EMA)" in result.output and str(run / "samples-ema.png") in result.output
+    assert (run / "samples.png").read_bytes() == before  # training's grid is left alone
+    result = CliRunner().invoke(app, ["sample", str(run), "--raw-weights"])
+    assert result.exit_code == 0, result.output
+    assert "moving average" not in result.output and (run / "samples-raw.png").is_file()
+
+
+def test_ema_is_the_moving_average_of_the_weights(tmp_path, monkeypatch):
+    import gali_ext.recipes.train as loop
+    from gali_ext.recipes.runs import load_run_models
+
+    real_step, seen = loop.train_step, []
+
+    def recording(gali, *args, **kwargs):
+        result = real_step(gali, *args, **kwargs)
+        seen.append({f"{name}.{k}": v.detach().clone()
+                     for name in ("encoder", "generator")
+                     for k, v in getattr(gali, name).state_dict().items()})  # fmt: skip
+        return result
+
+    monkeypatch.setattr(loop, "train_step", recording)
+    d = 0.75
+    out = train(tiny("digits-ali", steps=3, ema_decay=d), tmp_path / "run", progress=False)
+    # w1 after the first step is copied, then ema = d * ema + (1 - d) * w
+    w1, w2, w3 = seen
+    checked = 0
+    for name in ("encoder", "generator"):
+        ema = load_file(str(out / f"{name}_ema.safetensors"))
+        raw = load_file(str(out / f"{name}.safetensors"))
+        for key, value in ema.items():
+            full = f"{name}.{key}"
+            assert torch.equal(raw[key], w3[full])
+            if value.is_floating_point():
+                expected = d * d * w1[full] + d * (1 - d) * w2[full] + (1 - d) * w3[full]
+                torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
+                checked += 1
+        assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    assert checked > 10
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights"] == "ema" and 0 < summary["test_pixel_mse_raw"] < 1
+    assert summary["test_pixel_mse"] != summary["test_pixel_mse_raw"]
+    assert load_run_models(out).weights == "ema"
+    raw_models = load_run_models(out, ema=False)
+    assert raw_models.weights == "raw"
+    saved = load_file(str(out / "encoder.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in raw_models.encoder.state_dict().items())
+
+
+def test_tensorboard_gets_scalars_class_accuracy_and_grids(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = train(tiny(log_with="tensorboard"), tmp_path / "run", progress=False)
+    events = EventAccumulator(str(out / "logs" / "digits-gali4"), size_guidance={"images": 0})
+    events.Reload()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    d_loss = events.Scalars("d_loss")
+    assert [e.step for e in d_loss] == [1, 2, 3, 4]
+    assert [e.value for e in d_loss] == pytest.approx([r["d_loss"] for r in records], rel=1e-6)
+    for k in range(4):  # GALI-4: D's accuracy on each of its 4 tuple classes
+        accuracy = [e.value for e in events.Scalars(f"d_accuracy/class_{k}")]
+        assert accuracy == pytest.approx([r["d_accuracy"][k] for r in records], rel=1e-6)
+    samples = events.Images("samples")
+    assert [e.step for e in samples] == [2, 4, 4]  # sample_every=2, and at the end
+    from PIL import Image
+
+    png = Image.open(out / "samples.png")
+    assert (samples[-1].width, samples[-1].height) == png.size
+
+
+def test_unknown_or_missing_tracker_is_a_config_error(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="log_with='tensorbored' is not a tracker"):
+        train(tiny(log_with="tensorbored"), tmp_path / "run", progress=False)
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    with pytest.raises(ConfigError, match=r"pip install \"gali-ext\[tensorboard\]\""):
+        train(tiny(log_with="tensorboard"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_lists_recipes_and_reports_errors_in_one_line(tmp_path):

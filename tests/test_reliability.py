@@ -19,7 +19,14 @@ from gali_ext.recipes.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "batch_size=16", "--set", "checkpoint_every=5", "--set", "log_every=1",
-        "--set", "sample_every=1000", "--no-progress"]  # fmt: skip
+        "--set", "sample_every=1000", "--set", "num_workers=2", "--no-progress"]  # fmt: skip
+
+
+def checkpoint_steps(run):
+    """``{checkpoint folder name: step}`` of the complete checkpoints of a run."""
+    return {p.name: json.loads((p / "train_state.json").read_text())["step"]
+            for p in (run / "checkpoints").glob("checkpoint_*")
+            if (p / "train_state.json").is_file()}  # fmt: skip
 
 
 def gali_ext(*args):
@@ -37,30 +44,35 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
                                         str(run), *TINY),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 240
-    while not (run / "checkpoints" / "step-0000010").exists():
+    while 10 not in checkpoint_steps(run).values():
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.005)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (run / "checkpoints" / "step-0000040").exists()
-    # a kill while saving leaves only a temporary folder, which resume must ignore
-    (run / "checkpoints" / ".tmp-step-9999999").mkdir()
-    (run / "checkpoints" / ".tmp-step-9999999" / "model.safetensors").write_bytes(b"half")
+    assert 40 not in checkpoint_steps(run).values()
+    # a kill while saving leaves a checkpoint without train_state.json, which resume must skip
+    numbers = [int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir()]
+    half = run / "checkpoints" / f"checkpoint_{max(numbers) + 1}"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"half")
     resumed = subprocess.run(gali_ext("recipe", "digits-gali4", "--steps", steps, "--out",
                                       str(run), "--resume", *TINY),
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
-    assert re.search(r"resumed from .*step-00000[1-3]\d", resumed.stdout + resumed.stderr)
+    output = resumed.stdout + resumed.stderr
+    assert re.search(r"resumed from .*checkpoint_\d+ at step [1-3]\d\b", output)
+    assert f"deleting {half}: incomplete" in output and not half.exists()
     for name in ("encoder", "generator", "discriminator"):
         a = load_file(str(tmp_path / "whole" / f"{name}.safetensors"))
         b = load_file(str(run / f"{name}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
     steps_logged = [json.loads(x)["step"] for x in (run / "metrics.jsonl").open()]
     assert steps_logged == list(range(1, 41))  # no step logged twice after the resume
-    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
-    assert len(kept) == recipes.get("digits-gali4").keep_checkpoints
-    assert kept[-1] == "step-0000040"
+    kept = checkpoint_steps(run)
+    assert len(list((run / "checkpoints").iterdir())) == len(kept)
+    assert sorted(kept.values()) == [30, 35, 40]  # keep_checkpoints=3
+    assert recipes.get("digits-gali4").keep_checkpoints == 3
 
 
 def test_nan_loss_stops_with_step_and_loss_after_a_checkpoint(tmp_path, monkeypatch):
@@ -79,7 +91,7 @@ def test_nan_loss_stops_with_step_and_loss_after_a_checkpoint(tmp_path, monkeypa
     config = recipes.get("digits-ali").with_overrides({"steps": "10", "batch_size": "16"})
     with pytest.raises(DivergenceError, match="generator-encoder loss became nan at step 2"):
         train(config, tmp_path / "run", progress=False)
-    assert (tmp_path / "run" / "checkpoints" / "step-0000002").is_dir()
+    assert max(checkpoint_steps(tmp_path / "run").values()) == 2
     weights = load_file(str(tmp_path / "run" / "generator.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
 

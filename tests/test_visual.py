@@ -13,8 +13,11 @@ def test_grid_layout_and_pixel_values(tmp_path):
     images = torch.stack([torch.full((1, 2, 3), v) for v in (-1.0, 0.0, 1.0)])
     path = save_image_grid(images, tmp_path / "g.png", columns=2, padding=1)
     pixels = np.asarray(Image.open(path))
-    # 2 rows of 2 cells, each 2 x 3 pixels, 1 pixel of white padding around each
-    assert pixels.shape == (2 * 3 + 1, 2 * 4 + 1)
+    # 2 rows of 2 cells, each 2 x 3 pixels, 1 pixel of white padding around each; grey images
+    # are written as RGB with three equal channels
+    assert pixels.shape == (2 * 3 + 1, 2 * 4 + 1, 3)
+    assert (pixels == pixels[..., :1]).all()
+    pixels = pixels[..., 0]
     assert pixels[1, 1] == 0 and pixels[1, 5] == 128 and pixels[4, 1] == 255  # -1, 0, 1
     assert pixels[0].min() == 255  # padding is white
 
@@ -23,13 +26,16 @@ def test_scale_enlarges_every_pixel_and_labels_widen_the_image(tmp_path):
     images = torch.rand(4, 1, 4, 4) * 2 - 1
     small = np.asarray(Image.open(save_image_grid(images, tmp_path / "a.png", columns=2)))
     big = np.asarray(Image.open(save_image_grid(images, tmp_path / "b.png", columns=2, scale=3)))
-    assert big.shape == (3 * small.shape[0], 3 * small.shape[1])
+    assert big.shape == (3 * small.shape[0], 3 * small.shape[1], 3)
     np.testing.assert_array_equal(big[::3, ::3], small)
     labelled = Image.open(save_image_grid(images, tmp_path / "c.png", columns=2, scale=3,
                                           row_labels=["originals", "model"]))  # fmt: skip
     assert labelled.height == big.shape[0] and labelled.width > big.shape[1]
-    # the images sit right of the labels, unchanged
+    # the images sit right of the labels, unchanged; the labels are dark text on white
     np.testing.assert_array_equal(np.asarray(labelled)[:, -big.shape[1] :], big)
+    margin = np.asarray(labelled)[:, : labelled.width - big.shape[1]]
+    assert margin.max() == 255 and margin.min() < 100
+    assert margin[: margin.shape[0] // 2].min() < 100 and margin[margin.shape[0] // 2 :].min() < 100
     with pytest.raises(ShapeError, match="2 row labels, got 1"):
         save_image_grid(images, tmp_path / "d.png", columns=2, row_labels=["one"])
 
