@@ -27,7 +27,7 @@ import torch
 from gali_ext import GALI, MultiClassJointDiscriminatorHead
 from gali_ext.errors import ConfigError, DataError, DivergenceError
 from gali_ext.gali import build_gali
-from gali_ext.losses import build_generator_criterion
+from gali_ext.losses import build_discriminator_criterion, build_generator_criterion
 from gali_ext.providers import PretrainedFeatures
 from gali_ext.recipes.data import BatchStream, ImageData, data_mean, load_dataset
 from gali_ext.recipes.metrics import reconstruction_mse
@@ -69,13 +69,18 @@ def _features(config: RecipeConfig) -> PretrainedFeatures | None:
 
 def build_model(config: RecipeConfig, channels: int) -> BuiltModel:
     """Encoder, generator, discriminator head and :class:`GALI` objective for a recipe."""
-    models = build_ali_models(config.arch, latent_dim=config.latent_dim, channels=channels)
+    models = build_ali_models(config.arch, latent_dim=config.latent_dim, channels=channels,
+                              num_classes=config.conditions or None)  # fmt: skip
     gali = build_gali(
         config.spec,
         models,
         _features(config),
         alice_weight=config.alice_weight,
         generator_criterion=build_generator_criterion(config.generator_criterion),
+        discriminator_criterion=build_discriminator_criterion(config.discriminator_criterion),
+        prior=config.prior,
+        unary=config.unary_weight > 0,
+        unary_weights=config.unary_weight,
     )
     return BuiltModel(models, gali.head, gali)
 
@@ -181,13 +186,16 @@ def _save_checkpoint(accelerator, built: BuiltModel, out: Path, step: int, keep:
 
 
 @torch.no_grad()
-def write_grids(built: BuiltModel, images: torch.Tensor, z: torch.Tensor, out: Path, tag: str):
-    """Samples ``G(z)`` and originals over their reconstructions ``G(E(x))``, as PNGs."""
+def write_grids(built: BuiltModel, images: torch.Tensor, z: torch.Tensor, out: Path, tag: str,
+                labels: tuple[torch.Tensor, torch.Tensor] | None = None):  # fmt: skip
+    """Samples ``G(z)`` and originals over their reconstructions ``G(E(x))``, as PNGs
+    (``labels``: the images' and the samples' classes, for a class-conditional G)."""
     from gali_ext.recipes.metrics import eval_mode, reconstruct
 
     with eval_mode(built.models.generator):
-        samples = built.models.generator(z)
-    recon = reconstruct(built.models.encoder, built.models.generator, images)
+        samples = built.models.generator(z, *labels[1:]) if labels else built.models.generator(z)
+    recon = reconstruct(built.models.encoder, built.models.generator, images,
+                        labels=labels[0] if labels else None)  # fmt: skip
     paths = []
     for name, grid in (("samples", samples), ("reconstructions", interleave_rows(images, recon))):
         paths.append(save_image_grid(grid, out / "grids" / f"{name}_{tag}.png"))
@@ -271,10 +279,16 @@ def _train(
     fixed = torch.Generator().manual_seed(1234)
     grid_x = first_images(test_data, 32).to(accelerator.device)
     grid_z = torch.randn(64, built.models.latent_dim, generator=fixed).to(accelerator.device)
+    grid_labels = None  # a class-conditional run: the images' labels, a row of each class
+    if config.conditions:
+        grid_labels = (test_data.labels_tensor()[: len(grid_x)].to(grid_x.device),
+                       torch.arange(64, device=grid_x.device) % config.conditions)  # fmt: skip
 
     def batches():
         while True:
-            yield next(stream)[0].to(accelerator.device, non_blocking=True, memory_format=layout)
+            x, y = next(stream)
+            x = x.to(accelerator.device, non_blocking=True, memory_format=layout)
+            yield (x, y.to(accelerator.device)) if config.conditions else x
 
     batch_iter = batches()
     total = config.steps
@@ -324,14 +338,16 @@ def _train(
                 )
             bar.update(task, completed=state.step)
             if accelerator.is_main_process and state.step % config.sample_every == 0:
-                write_grids(built, grid_x, grid_z, out, f"step{state.step:07d}")
+                write_grids(built, grid_x, grid_z, out, f"step{state.step:07d}", grid_labels)
             if state.step % config.checkpoint_every == 0 or state.step == total:
                 _save_checkpoint(accelerator, built, out, state.step, config.keep_checkpoints)
 
     if accelerator.is_main_process:
-        write_grids(built, grid_x, grid_z, out, f"step{state.step:07d}")
+        write_grids(built, grid_x, grid_z, out, f"step{state.step:07d}", grid_labels)
+        test_x = first_images(test_data, 2000)
+        test_y = test_data.labels_tensor()[: len(test_x)] if config.conditions else None
         mse = reconstruction_mse(
-            built.models.encoder, built.models.generator, first_images(test_data, 2000)
+            built.models.encoder, built.models.generator, test_x, labels=test_y
         )
         summary = {
             "recipe": config.name,
