@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, GaliError, ProviderError, ShapeError
+from .errors import ConfigError, ProviderError, ShapeError
 from .priors import resolve_prior
 from .spec import Node, parse_node
 
@@ -261,33 +261,24 @@ class Chains:
         """The tensors of the given nodes, by canonical name."""
         return {parse_node(n).name: self[n] for n in names}
 
-    def _encode(self, x: Tensor, node: str) -> Tensor:
+    def _encode(self, x: Tensor) -> Tensor:
         self.calls["E"] += 1
-        try:
-            out = self.encode(x)
-        except (GaliError, torch.cuda.OutOfMemoryError):
-            raise
-        except Exception as error:
-            raise _user_failure("encoder", node, x, error, "") from error
-        return sample_latent(out, self.rng)
+        return sample_latent(self.encode(x), self.rng)
 
     def _generate(self, z: Tensor, node: str) -> Tensor:
         self.calls["G"] += 1
         condition = self.condition_of(node)
+        if condition is None:
+            return self.generate(z)
         try:
-            return self.generate(z) if condition is None else self.generate(z, condition)
-        except (GaliError, torch.cuda.OutOfMemoryError):
-            raise
-        except Exception as error:
-            hint = ""
-            if condition is not None:
-                hint = (
-                    "; the step is conditional, so the generator is called generator(z, y): if "
-                    "it takes the condition under another name, wrap it as "
-                    "gali_ext.adapters.LatentGenerator(G, condition='name'), and if it takes "
-                    "none, LatentGenerator(G, condition=False)"
-                )
-            raise _user_failure("generator", node, z, error, hint) from error
+            return self.generate(z, condition)
+        except TypeError as error:
+            raise ConfigError(
+                f"the generator failed computing node {node!r}: TypeError: {error}; the step is "
+                "conditional, so the generator is called generator(z, y): if it takes the "
+                "condition under another name, wrap it as gali_ext.adapters.LatentGenerator(G, "
+                "condition='name'), and if it takes none, LatentGenerator(G, condition=False)"
+            ) from error
 
     def _compute(self, node: Node) -> Tensor:
         name = node.name
@@ -295,17 +286,17 @@ class Chains:
             prefix = name.rstrip("0123456789")
             index = int(name[len(prefix) :])
             if prefix == "z":
-                return self._encode(self[f"x{index}"], name)
+                return self._encode(self[f"x{index}"])
             if prefix == "x":  # x0 is always present, so index >= 1
                 return self._generate(self[f"z{index - 1}"], name)
             if prefix == "xp":
                 return self._generate(self[f"zp{index}"], name)
             if index > 0:  # zp{i} = E(xp{i-1})
-                return self._encode(self[f"xp{index - 1}"], name)
+                return self._encode(self[f"xp{index - 1}"])
             return self._prior_sample()
         assert node.arg is not None
         if node.fn == "E":
-            return self._encode(self[node.arg.name], name)
+            return self._encode(self[node.arg.name])
         if node.fn == "G":
             return self._generate(self[node.arg.name], name)
         function = self.functions.get(node.fn)
@@ -324,11 +315,3 @@ class Chains:
             shape = tuple(self["z0"].shape[1:])
         x = self._values["x0"]
         return self.prior((self.batch_size, *shape), x.device, x.dtype, self.rng)
-
-
-def _user_failure(what: str, node: str, given: Tensor, error: Exception, hint: str) -> GaliError:
-    cls = ShapeError if isinstance(error, RuntimeError) else ConfigError
-    return cls(
-        f"the {what} failed computing node {node!r} from input of shape {list(given.shape)}: "
-        f"{type(error).__name__}: {error}{hint}"
-    )

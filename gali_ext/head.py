@@ -366,6 +366,13 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                 f"feature_pass must be one of {', '.join(map(repr, FEATURE_PASSES))}, got "
                 f"{feature_pass!r}"
             )
+        if conditions is not None and (
+            isinstance(conditions, bool) or not isinstance(conditions, int) or conditions < 1
+        ):
+            raise ConfigError(
+                "conditions must be None or a positive int (the number of classes of the "
+                f"condition, or the width of a float condition), got {conditions!r}"
+            )
         self.spec = spec
         self.feature_pass = feature_pass
         self.conditions = conditions
@@ -664,7 +671,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                 out = net(inputs[0])
         except (GaliError, torch.cuda.OutOfMemoryError):
             raise
-        except Exception as error:
+        except (TypeError, AttributeError, RuntimeError, ValueError, IndexError, KeyError) as error:
             adapter = "JointNetwork" if joint else "FeatureNetwork"
             if isinstance(error, TypeError):
                 hint = (

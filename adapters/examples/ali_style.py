@@ -137,7 +137,9 @@ def gali_objective(preset: str, encoder, generator, discriminator) -> GALI:
     return GALI(*pair, head, get_preset(preset).providers())
 
 
-def train_gali(preset: str = "gali8", steps: int = 2, seed: int = 0) -> list[float]:
+def train_gali(
+    preset: str = "gali8", steps: int = 2, seed: int = 0, batch_size: int = 32
+) -> list[float]:
     """The project's loop on GALI: the D step, then the E/G step on the same chains."""
     torch.manual_seed(seed)
     pairs = 2 if get_preset(preset).spec.arity == 4 else 1
@@ -147,7 +149,7 @@ def train_gali(preset: str = "gali8", steps: int = 2, seed: int = 0) -> list[flo
     eg = [*encoder.parameters(), *generator.parameters()]
     opt_eg = torch.optim.Adam(eg, 1e-4, betas=(0.5, 1e-3))
     losses = []
-    for x, _ in digits_batches(steps, seed=seed):
+    for x, _ in digits_batches(steps, batch_size, seed):
         d = gali.discriminator_objective(x, differentiable_chains=True)
         opt_d.zero_grad()
         d.loss.backward()

@@ -194,7 +194,9 @@ def gali_objective(preset: str, encoder, generator, discriminator) -> GALI:
                 generator_criterion=HingeGeneratorLoss(), prior="truncated_normal:2.0")  # fmt: skip
 
 
-def train_gali(preset: str = "gali8", steps: int = 2, seed: int = 0) -> list[float]:
+def train_gali(
+    preset: str = "gali8", steps: int = 2, seed: int = 0, batch_size: int = 32
+) -> list[float]:
     """The project's loop on GALI: the D step, then the E/G step on the same chains."""
     torch.manual_seed(seed)
     pairs = 2 if get_preset(preset).spec.arity == 4 else 1
@@ -204,7 +206,7 @@ def train_gali(preset: str = "gali8", steps: int = 2, seed: int = 0) -> list[flo
     eg = [*encoder.parameters(), *generator.parameters()]
     opt_eg = torch.optim.Adam(eg, 1e-4, betas=(0.0, 0.999))
     losses = []
-    for x, y in digits_batches(steps, seed=seed):
+    for x, y in digits_batches(steps, batch_size, seed):
         d = gali.discriminator_objective((x, y), differentiable_chains=True)
         opt_d.zero_grad()
         d.loss.backward()

@@ -111,7 +111,9 @@ def gali_objective(preset: str, encoder, generator, discriminator) -> GALI:
     return GALI(encoder, generator, head, get_preset(preset).providers())
 
 
-def train_gali(preset: str = "gali4", steps: int = 2, seed: int = 0) -> list[float]:
+def train_gali(
+    preset: str = "gali4", steps: int = 2, seed: int = 0, batch_size: int = 32
+) -> list[float]:
     """The project's loop on GALI: the D step, then the E/G step on the same chains."""
     torch.manual_seed(seed)
     encoder, generator, discriminator = Encoder(), Generator(), BiGANDiscriminator()
@@ -120,7 +122,7 @@ def train_gali(preset: str = "gali4", steps: int = 2, seed: int = 0) -> list[flo
     eg = [*encoder.parameters(), *generator.parameters()]
     opt_eg = torch.optim.Adam(eg, 2e-4, betas=(0.5, 0.999))
     losses = []
-    for x, _ in digits_batches(steps, seed=seed):
+    for x, _ in digits_batches(steps, batch_size, seed):
         d = gali.discriminator_objective(x, differentiable_chains=True)
         opt_d.zero_grad()
         d.loss.backward()
