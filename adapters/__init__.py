@@ -11,19 +11,26 @@ adapters bring other conventions to that contract:
 - :class:`StochasticEncoder`: a Gaussian encoder returning ``(mu, s)``, log_sigma clamped below;
 - :class:`LatentGenerator`: generators taking extra arguments (a class vector per batch) or
   another input shape, with their output checked to be ``[B, C, H, W]`` images;
-- :class:`EncoderGenerator`: the pair, with ``hidden_features`` for representation evaluation.
+- :class:`EncoderGenerator`: the pair, with ``hidden_features`` for representation evaluation;
+- :class:`FeatureNetwork`, :class:`JointNetwork`, :func:`monolithic_head`: discriminator
+  networks of other shapes (tuple or dict outputs, the condition, ``J(F, H)``, ``[B, C, 1, 1]``
+  maps, a monolithic ``D(x, z)``, a separate score layer).
 
 See ``adapters/README.md`` for plugging gali-ext into an existing BiGAN loop.
 """
 
+from .discriminators import FeatureNetwork, JointNetwork, monolithic_head
 from .encoders import LatentEncoder, LatentOutput, StochasticEncoder
 from .generators import LatentGenerator
 from .pair import EncoderGenerator
 
 __all__ = [
     "EncoderGenerator",
+    "FeatureNetwork",
+    "JointNetwork",
     "LatentEncoder",
     "LatentGenerator",
     "LatentOutput",
     "StochasticEncoder",
+    "monolithic_head",
 ]

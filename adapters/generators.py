@@ -17,7 +17,8 @@ __all__ = ["LatentGenerator"]
 
 
 class LatentGenerator(nn.Module):
-    """A user generator called as ``module(z, *extra_args, **extra_kwargs)``.
+    """A user generator called as ``module(z, *extra_args, **extra_kwargs)``; in a conditional
+    step, with the condition ``y`` of the chain it works on as ``condition`` says.
 
     Args:
         module: the user's generator.
@@ -30,6 +31,11 @@ class LatentGenerator(nn.Module):
             vector ``{"y": lambda b: torch.zeros(b, dtype=torch.long)}``.
         input_shape: the shape of one latent as the generator takes it; ``z`` is viewed as
             ``[B, *input_shape]`` (``[B, 120] -> [B, 120, 1, 1]``).
+        condition: how the generator takes the per-sample condition of a conditional step
+            (docs/design.md, section 9.3): a keyword name (``"y"``: ``module(z, y=y)``), True
+            (``module(z, y, *extra_args)``), or False (it takes none: only D reads it). None
+            (default): the generator is unconditional, and a condition reaching it is an error
+            naming these choices, never silently dropped.
 
     Shapes: ``forward(z: [B, *latent_shape]) -> x: [B, C, H, W]``, floating point; anything else
     from the generator raises :class:`~gali_ext.errors.ShapeError`.
@@ -42,10 +48,19 @@ class LatentGenerator(nn.Module):
         extra_args: Sequence[Any] | None = None,
         extra_kwargs: Mapping[str, Any] | None = None,
         input_shape: Sequence[int] | int | None = None,
+        condition: bool | str | None = None,
     ) -> None:
         super().__init__()
         if not callable(module):
             raise ConfigError(f"expected the generator to be callable, got {type(module).__name__}")
+        if not (condition is None or isinstance(condition, bool) or (
+            isinstance(condition, str) and condition.isidentifier()
+        )):  # fmt: skip
+            raise ConfigError(
+                "condition must be a keyword name (e.g. 'y'), True (positional, after z), False "
+                f"(the generator takes none) or None, got {condition!r}"
+            )
+        self.condition = condition
         if extra_kwargs is not None and not isinstance(extra_kwargs, Mapping):
             raise ConfigError(f"extra_kwargs must be a mapping, got {type(extra_kwargs).__name__}")
         self.module = module
@@ -70,9 +85,13 @@ class LatentGenerator(nn.Module):
             parts.append(f"extra_args={len(self.extra_args)}")
         if self.extra_kwargs:
             parts.append(f"extra_kwargs={sorted(self.extra_kwargs)}")
+        if self.condition is not None:
+            parts.append(f"condition={self.condition!r}")
         return ", ".join(parts)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        """``x = module(z, ...)``: ``[B, *latent_shape] -> [B, C, H, W]``; ``condition``: the
+        per-sample condition ``[B, ...]`` of a conditional step."""
         if not isinstance(z, Tensor) or z.dim() < 2:
             got = list(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise ShapeError(f"expected latents z of shape [B, ...], got {got}")
@@ -84,7 +103,20 @@ class LatentGenerator(nn.Module):
             )
         z = view_as(z, self.input_shape, "the latent z", "the generator's input_shape")
         kwargs = {k: self._per_call(v, batch, z.device) for k, v in self.extra_kwargs.items()}
-        x = self.module(z, *self.extra_args, **kwargs)
+        args = list(self.extra_args)
+        if condition is not None:
+            if self.condition is None:
+                raise ConfigError(
+                    "the step is conditional but this LatentGenerator was not told how the "
+                    "generator takes the condition: pass condition='name' (its keyword "
+                    "argument), condition=True (positional, after z) or condition=False (it "
+                    "takes none; only D reads the condition)"
+                )
+            if self.condition is True:
+                args.insert(0, condition)
+            elif isinstance(self.condition, str):
+                kwargs[self.condition] = condition
+        x = self.module(z, *args, **kwargs)
         if (
             not isinstance(x, Tensor)
             or x.dim() != 4

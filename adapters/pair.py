@@ -31,6 +31,7 @@ class EncoderGenerator(nn.Module):
             whatever the encoder returns.
         generator_input_shape: see :class:`LatentGenerator` ``input_shape``.
         generator_kwargs: see :class:`LatentGenerator` ``extra_kwargs``.
+        generator_condition: see :class:`LatentGenerator` ``condition``.
         feature_layers: dotted names of sub-modules of the user's encoder (as in
             ``encoder.named_modules()``) whose outputs make :meth:`hidden_features`.
 
@@ -49,6 +50,7 @@ class EncoderGenerator(nn.Module):
         latent_shape: Sequence[int] | int | None = None,
         generator_input_shape: Sequence[int] | int | None = None,
         generator_kwargs: Mapping[str, Any] | None = None,
+        generator_condition: bool | str | None = None,
         feature_layers: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
@@ -59,6 +61,7 @@ class EncoderGenerator(nn.Module):
             latent_shape=self.latent_shape,
             extra_kwargs=generator_kwargs,
             input_shape=generator_input_shape,
+            condition=generator_condition,
         )
         self.feature_layers = _check_layer_names(feature_layers)
         self._layers = [_find_layer(encoder, name) for name in self.feature_layers]

@@ -21,18 +21,29 @@ from .errors import (
     SpecError,
 )
 from .gali import GALI, ObjectiveValue, build_gali
-from .head import MultiClassJointDiscriminatorHead, SpectralMLP, add_instance_noise
+from .head import (
+    ClassScores,
+    DiscriminatorOutput,
+    MultiClassJointDiscriminatorHead,
+    SpectralMLP,
+    add_instance_noise,
+)
 from .losses import (
+    DISCRIMINATOR_CRITERIA,
     GENERATOR_CRITERIA,
     AliceReconstructionLoss,
     DiscriminatorLoss,
+    HingeDiscriminatorLoss,
+    HingeGeneratorLoss,
     MinimaxLoss,
     MisclassificationLoss,
     ProductOfTermsLoss,
+    build_discriminator_criterion,
     build_generator_criterion,
     tuple_class_accuracy,
 )
 from .presets import Preset, available_presets, build_spec, get_preset, register_preset
+from .priors import resolve_prior
 from .spec import TupleClass, TupleSpec, parse_node
 from .trainer import StepMetrics, train_step
 
@@ -42,12 +53,17 @@ __all__ = [
     "AliceReconstructionLoss",
     "Chains",
     "CheckpointError",
+    "ClassScores",
     "ConfigError",
+    "DISCRIMINATOR_CRITERIA",
     "DataError",
     "DiscriminatorLoss",
+    "DiscriminatorOutput",
     "DivergenceError",
     "GALI",
     "GaliError",
+    "HingeDiscriminatorLoss",
+    "HingeGeneratorLoss",
     "MinimaxLoss",
     "MisclassificationLoss",
     "MultiClassJointDiscriminatorHead",
@@ -64,12 +80,14 @@ __all__ = [
     "add_instance_noise",
     "StepMetrics",
     "available_presets",
+    "build_discriminator_criterion",
     "build_gali",
     "build_generator_criterion",
     "build_spec",
     "get_preset",
     "parse_node",
     "register_preset",
+    "resolve_prior",
     "sample_latent",
     "train_step",
     "tuple_class_accuracy",

@@ -1,4 +1,9 @@
-"""The GALI objective: an encoder, a generator, a multi-class joint head and feedback providers."""
+"""The GALI objective: an encoder, a generator, a multi-class joint head and feedback providers.
+
+A batch is a tensor of images, or a pair ``(x, y)`` with a per-sample condition ``y`` for a
+conditional objective (docs/design.md, section 9.3); the prior of ``zp0`` is any of
+:mod:`gali_ext.priors` (section 9.4).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .chains import Chains
+from .chains import Chains, ConditionSampler, split_batch
 from .errors import ConfigError, ShapeError, SpecError
-from .head import MultiClassJointDiscriminatorHead, SpectralMLP
+from .head import DiscriminatorOutput, MultiClassJointDiscriminatorHead, SpectralMLP
 from .losses import DiscriminatorLoss, ProductOfTermsLoss
 from .presets import get_preset
+from .priors import resolve_prior
 from .providers.base import FeedbackProvider, resolve_node_functions
 
 __all__ = ["GALI", "ObjectiveValue", "build_gali"]
@@ -23,12 +29,15 @@ __all__ = ["GALI", "ObjectiveValue", "build_gali"]
 @dataclass
 class ObjectiveValue:
     """The value of one objective on one batch: ``loss`` (the scalar to back-propagate), the
-    ``logits [K, B, K]`` it was computed from, its named parts and the step's chains."""
+    joint ``logits [K, B, K]`` it was computed from, its named parts, the step's chains (pass
+    them to :meth:`GALI.generator_objective` to reuse them) and the head's whole ``output``
+    (unary logits included)."""
 
     loss: Tensor
     logits: Tensor
     parts: dict[str, Tensor] = field(default_factory=dict)
     chains: Chains | None = None
+    output: DiscriminatorOutput | None = None
 
 
 @contextmanager
@@ -53,24 +62,38 @@ class GALI(nn.Module):
     checked against the providers when the objective is built: a class naming a variable no
     provider makes raises :class:`~gali_ext.errors.ProviderError`.
 
-    Use it from any training loop::
+    Use it from any training loop; the generator-encoder step reuses the chains of the D step
+    on the same batch, so that E and G run once per step (the loop of
+    :func:`~gali_ext.trainer.train_step`)::
 
-        d_loss = gali.discriminator_loss(x)   # E and G run without gradients
-        g_loss = gali.generator_loss(x)       # D's parameters take no gradient
+        d = gali.discriminator_objective(batch, differentiable_chains=True)
+        d.loss.backward()  # E and G take no gradient from it
+        d_optimizer.step()
+        g = gali.generator_objective(chains=d.chains)  # D's parameters take no gradient
+        g.loss.backward()
+        g_optimizer.step()
+
+    ``batch`` is ``x`` or ``(x, y)`` with a per-sample condition ``y`` (a conditional head).
 
     Args:
         encoder: ``x -> z`` (a tensor, ``(mu, log_sigma)`` or a distribution; see
             :func:`~gali_ext.chains.sample_latent` and the ``adapters`` package).
-        generator: ``z -> x``.
+        generator: ``z -> x``; ``(z, y) -> x`` when the head is conditional.
         head: the :class:`MultiClassJointDiscriminatorHead`.
         providers: feedback providers (e.g. ``[ReconstructionChain(), MaskMix()]``).
         generator_criterion: the generator-encoder loss on the logits (default
             :class:`ProductOfTermsLoss`; :class:`MinimaxLoss` and :class:`MisclassificationLoss`
-            reproduce the paper's ablations).
-        discriminator_criterion: D's loss on the logits (default :class:`DiscriminatorLoss`).
+            reproduce the paper's ablations, :class:`HingeGeneratorLoss` is BigBiGAN's).
+        discriminator_criterion: D's loss on the logits (default :class:`DiscriminatorLoss`;
+            :class:`HingeDiscriminatorLoss` is BigBiGAN's).
         latent_shape: the shape of one latent, for prior samples; read off ``E(x)`` if omitted.
         image_shape: ``(C, H, W)`` of the images E takes; a batch of another shape raises
             :class:`~gali_ext.errors.ShapeError` before E runs.
+        prior: the prior of ``zp0``: a name (``"normal"``, ``"truncated_normal:2"``,
+            ``"uniform"``), a ``torch.distributions.Distribution`` or a callable
+            ``(shape, device, dtype, rng) -> Tensor`` (:func:`gali_ext.priors.resolve_prior`).
+        condition_sampler: draws the prior chain's condition from the batch's,
+            ``(y, rng) -> y_p`` (default: ``y`` shuffled).
 
     Each batch is checked where it enters (:meth:`chains`): at least one image, on the
     encoder's device, of its dtype (outside autocast), of ``image_shape``; a prior sample of
@@ -81,7 +104,7 @@ class GALI(nn.Module):
     def __init__(
         self,
         encoder: Callable[[Tensor], Any],
-        generator: Callable[[Tensor], Tensor],
+        generator: Callable[..., Tensor],
         head: MultiClassJointDiscriminatorHead,
         providers: Iterable[FeedbackProvider] = (),
         *,
@@ -89,6 +112,8 @@ class GALI(nn.Module):
         discriminator_criterion: nn.Module | None = None,
         latent_shape: Sequence[int] | None = None,
         image_shape: Sequence[int] | None = None,
+        prior: Any = None,
+        condition_sampler: ConditionSampler | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(head, MultiClassJointDiscriminatorHead):
@@ -112,6 +137,8 @@ class GALI(nn.Module):
             for m in net.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
+        self.prior = resolve_prior(prior)
+        self.condition_sampler = condition_sampler
 
     @property
     def spec(self):
@@ -119,11 +146,26 @@ class GALI(nn.Module):
         return self.head.spec
 
     def chains(
-        self, x: Tensor, z: Tensor | None = None, rng: torch.Generator | None = None
+        self,
+        batch: Tensor | Sequence[Tensor],
+        z: Tensor | None = None,
+        rng: torch.Generator | None = None,
+        *,
+        prior_condition: Tensor | None = None,
     ) -> Chains:
-        """The step's :class:`Chains` over data ``x`` (and prior sample ``z``), with the
-        providers' node functions."""
+        """The step's :class:`Chains` over a batch ``x`` or ``(x, y)`` (and prior sample ``z``,
+        prior condition ``prior_condition``), with the providers' node functions."""
+        x, y = split_batch(batch)
         self._check_batch(x, z)
+        if y is not None and not self.head.conditional:
+            raise ConfigError(
+                "the batch carries a condition (x, y) but the head is unconditional: pass the "
+                "images alone (gali(x)), or build the head with conditions=<number of classes>"
+            )
+        if y is None and self.head.conditional:
+            raise ConfigError(
+                "the head is conditional: pass batches (x, y) with the per-sample condition y"
+            )
         return Chains(
             x,
             self.encoder,
@@ -132,6 +174,10 @@ class GALI(nn.Module):
             latent_shape=self.latent_shape,
             functions=self.functions,
             rng=rng,
+            y=y,
+            prior_condition=prior_condition,
+            prior=self.prior,
+            condition_sampler=self.condition_sampler,
         )
 
     def _check_batch(self, x: Tensor, z: Tensor | None) -> None:
@@ -172,32 +218,38 @@ class GALI(nn.Module):
                 "(its batch statistics need at least two): use batch_size >= 2"
             )
 
+    def _head(
+        self, chains: Chains, variables: dict[str, Tensor], noise: float, rng: Any
+    ) -> DiscriminatorOutput:
+        return self.head(variables, noise, rng, conditions=chains.conditions)
+
     def discriminator_objective(
         self,
-        x: Tensor,
+        x: Tensor | Sequence[Tensor],
         z: Tensor | None = None,
         instance_noise_std: float = 0.0,
         rng: torch.Generator | None = None,
         *,
         differentiable_chains: bool = False,
     ) -> ObjectiveValue:
-        """D's loss (eq. 3) on one batch; D sees the chain nodes detached from E and G.
+        """D's loss (eq. 3) on one batch ``x`` or ``(x, y)``; D sees the chain nodes detached
+        from E and G.
 
         The chains run without gradients unless ``differentiable_chains=True``: then they keep
         their graph, so that the generator-encoder step on the same batch reuses them
-        (``generator_objective(x, chains=d.chains)``) instead of running E and G again.
+        (``generator_objective(chains=d.chains)``) instead of running E and G again.
         """
         with torch.set_grad_enabled(differentiable_chains and torch.is_grad_enabled()):
             chains = self.chains(x, z, rng)
             variables = chains.compute(self.spec.nodes)
         variables = {name: value.detach() for name, value in variables.items()}
-        logits = self.head(variables, instance_noise_std, rng)
-        loss = self.discriminator_criterion(logits)
-        return ObjectiveValue(loss, logits, {"discriminator": loss.detach()}, chains)
+        output = self._head(chains, variables, instance_noise_std, rng)
+        loss = self.discriminator_criterion(output)
+        return ObjectiveValue(loss, output.joint, {"discriminator": loss.detach()}, chains, output)
 
     def generator_objective(
         self,
-        x: Tensor,
+        x: Tensor | Sequence[Tensor] | None = None,
         z: Tensor | None = None,
         instance_noise_std: float = 0.0,
         rng: torch.Generator | None = None,
@@ -208,11 +260,16 @@ class GALI(nn.Module):
 
         D's parameters take no gradient from it. ``chains``: the chains of a discriminator
         step on this batch, made with ``differentiable_chains=True``; their nodes (the same
-        prior sample and encoder noise) are reused, so E and G do not run again. ``x`` and
-        ``z`` are then ignored.
+        prior sample, encoder noise and conditions) are reused, so E and G do not run again,
+        and ``x`` may be omitted (it is ignored, as is ``z``).
         """
         reused = chains is not None
         if chains is None:
+            if x is None:
+                raise ConfigError(
+                    "generator_objective needs a batch x, or the chains of a discriminator step "
+                    "(chains=d.chains)"
+                )
             chains = self.chains(x, z, rng)
         variables = chains.compute(self.spec.nodes)
         differentiable = any(v.requires_grad for v in variables.values())
@@ -222,12 +279,12 @@ class GALI(nn.Module):
                 "them with discriminator_objective(..., differentiable_chains=True)"
             )
         with _frozen(self.head):
-            logits = self.head(variables, instance_noise_std, rng)
-        return self._generator_terms(logits, chains)
+            output = self._head(chains, variables, instance_noise_std, rng)
+        return self._generator_terms(output, chains)
 
     def shared_objectives(
         self,
-        x: Tensor,
+        x: Tensor | Sequence[Tensor],
         z: Tensor | None = None,
         instance_noise_std: float = 0.0,
         rng: torch.Generator | None = None,
@@ -245,13 +302,13 @@ class GALI(nn.Module):
         """
         chains = self.chains(x, z, rng)
         variables = chains.compute(self.spec.nodes)
-        logits = self.head(variables, instance_noise_std, rng)
-        d_loss = self.discriminator_criterion(logits)
-        d = ObjectiveValue(d_loss, logits, {"discriminator": d_loss.detach()}, chains)
-        return d, self._generator_terms(logits, chains)
+        output = self._head(chains, variables, instance_noise_std, rng)
+        d_loss = self.discriminator_criterion(output)
+        d = ObjectiveValue(d_loss, output.joint, {"discriminator": d_loss.detach()}, chains, output)
+        return d, self._generator_terms(output, chains)
 
-    def _generator_terms(self, logits: Tensor, chains: Chains) -> ObjectiveValue:
-        adversarial = self.generator_criterion(logits)
+    def _generator_terms(self, output: DiscriminatorOutput, chains: Chains) -> ObjectiveValue:
+        adversarial = self.generator_criterion(output)
         parts = {"adversarial": adversarial.detach()}
         loss = adversarial
         for i, p in enumerate(self.providers):
@@ -259,11 +316,11 @@ class GALI(nn.Module):
             if extra is not None:
                 parts[f"{type(p).__name__.lower()}{i}"] = extra.detach()
                 loss = loss + extra
-        return ObjectiveValue(loss, logits, parts, chains)
+        return ObjectiveValue(loss, output.joint, parts, chains, output)
 
     def forward(
         self,
-        x: Tensor,
+        x: Tensor | Sequence[Tensor] | None = None,
         z: Tensor | None = None,
         *,
         role: str = "generator",
@@ -280,20 +337,28 @@ class GALI(nn.Module):
         ``chains`` to :meth:`generator_objective`.
         """
         if role == "discriminator":
+            if x is None:
+                raise ConfigError("the discriminator objective needs a batch")
             return self.discriminator_objective(
                 x, z, instance_noise_std, rng, differentiable_chains=differentiable_chains
             )
         if role == "generator":
             return self.generator_objective(x, z, instance_noise_std, rng, chains=chains)
         if role == "shared":
+            if x is None:
+                raise ConfigError("the shared objectives need a batch")
             return self.shared_objectives(x, z, instance_noise_std, rng)
         raise ConfigError(f"role must be 'discriminator', 'generator' or 'shared', got {role!r}")
 
-    def discriminator_loss(self, x: Tensor, z: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def discriminator_loss(
+        self, x: Tensor | Sequence[Tensor], z: Tensor | None = None, **kwargs: Any
+    ) -> Tensor:
         """The scalar of :meth:`discriminator_objective`."""
         return self.discriminator_objective(x, z, **kwargs).loss
 
-    def generator_loss(self, x: Tensor, z: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def generator_loss(
+        self, x: Tensor | Sequence[Tensor] | None = None, z: Tensor | None = None, **kwargs: Any
+    ) -> Tensor:
         """The scalar of :meth:`generator_objective`."""
         return self.generator_objective(x, z, **kwargs).loss
 
@@ -317,16 +382,22 @@ def build_gali(
     *,
     alice_weight: float = 1.0,
     generator_criterion: nn.Module | None = None,
+    discriminator_criterion: nn.Module | None = None,
     extra_hidden: int = 512,
+    prior: Any = None,
+    unary: bool = False,
+    unary_weights: float = 1.0,
 ) -> GALI:
     """The :class:`GALI` objective of a registered preset (:mod:`gali_ext.presets`) over
     ALI-style networks.
 
     ``models`` is any object with the attributes ``encoder``, ``generator``, ``image_features``,
     ``latent_features``, ``joint_hidden``, ``negative_slope``, ``image_shape`` and
-    ``latent_dim`` (the reference architectures of ``gali_ext.recipes.models`` are one). An
-    extra kind such as ``M`` gets a spectrally normalised MLP feature network of width
-    ``extra_hidden``.
+    ``latent_dim`` (the reference architectures of ``gali_ext.recipes.models`` are one), and
+    optionally ``num_classes``: a class-conditional generator ``G(z, y)``, and a head with
+    projection terms of ``y`` (docs/design.md, section 9.3). An extra kind such as ``M`` gets a
+    spectrally normalised MLP feature network of width ``extra_hidden``. ``prior`` and the
+    criteria go to :class:`GALI`, ``unary`` and ``unary_weights`` to the head.
     """
     registered = get_preset(preset)
     spec = registered.spec
@@ -346,6 +417,9 @@ def build_gali(
         extras,
         joint_hidden=models.joint_hidden,
         negative_slope=models.negative_slope,
+        unary=unary,
+        unary_weights=unary_weights,
+        conditions=getattr(models, "num_classes", None),
     )
     return GALI(
         models.encoder,
@@ -353,6 +427,8 @@ def build_gali(
         head,
         providers,
         generator_criterion=generator_criterion,
+        discriminator_criterion=discriminator_criterion,
         latent_shape=(models.latent_dim,),
         image_shape=getattr(models, "image_shape", None),
+        prior=prior,
     )

@@ -1,18 +1,25 @@
-"""GALI's objectives on the discriminator's logits (docs/design.md, section 3; paper eqs. 2-4).
+"""GALI's objectives on the discriminator's logits (docs/design.md, section 3, paper eqs. 2-4;
+the hinge family, section 9.2).
 
 Every loss takes ``logits: [K, B, K]``, where ``logits[i]`` are the discriminator's logits on the
-B tuples of class i, computes ``log_p = log_softmax(logits, -1)`` in float32 (also under
-autocast), sums its per-sample values over the classes and averages over the batch. An objective
-with T log terms is weighted by ``2 / T`` so that every preset trains on ALI's scale (the paper,
-"Architecture and Setup"); ``weighted=False`` turns that off. Logits holding NaN or inf raise
+B tuples of class i, computes its per-sample values in float32 (also under autocast), sums them
+over the classes and averages over the batch. An objective with T terms is weighted by ``2 / T``
+so that every preset trains on ALI's scale (the paper, "Architecture and Setup");
+``weighted=False`` turns that off. Logits holding NaN or inf raise
 :class:`~gali_ext.errors.DivergenceError` naming the loss, instead of a NaN loss.
 
-| loss                           | minimised by | per-sample value, class i        | T      |
-|--------------------------------|--------------|----------------------------------|--------|
-| :class:`DiscriminatorLoss`     | D            | ``-log_p[i, b, i]``              | K      |
-| :class:`ProductOfTermsLoss`    | G and E      | ``-sum_{j != i} log_p[i, b, j]`` | K(K-1) |
-| :class:`MinimaxLoss`           | G and E      | ``+log_p[i, b, i]``              | K      |
-| :class:`MisclassificationLoss` | G and E      | ``-log(1 - p[i, b, i])``         | K      |
+| loss                           | minimised by | per-sample value, class i             | T      |
+|--------------------------------|--------------|---------------------------------------|--------|
+| :class:`DiscriminatorLoss`     | D            | ``-log_p[i, b, i]``                   | K      |
+| :class:`HingeDiscriminatorLoss`| D            | ``sum_{j != i} h(l_i - l_j)``         | K(K-1) |
+| :class:`ProductOfTermsLoss`    | G and E      | ``-sum_{j != i} log_p[i, b, j]``      | K(K-1) |
+| :class:`MinimaxLoss`           | G and E      | ``+log_p[i, b, i]``                   | K      |
+| :class:`MisclassificationLoss` | G and E      | ``-log(1 - p[i, b, i])``              | K      |
+| :class:`HingeGeneratorLoss`    | G and E      | ``sum_{j != i} (l_i - l_j)``          | K(K-1) |
+
+with ``log_p = log_softmax(logits, -1)``, ``l = logits[i, b]`` and ``h(t) = max(0, 1 - t)``.
+The loss modules also take a :class:`~gali_ext.head.DiscriminatorOutput`: the joint term plus
+each unary term times its weight, each by the same per-logits loss (section 9.1, eq. 9.2).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, DivergenceError, ShapeError
+from .head import DiscriminatorOutput
 
 __all__ = [
     "log_probabilities",
@@ -28,13 +36,19 @@ __all__ = [
     "product_of_terms_loss",
     "minimax_loss",
     "misclassification_loss",
+    "hinge_discriminator_loss",
+    "hinge_generator_loss",
     "tuple_class_accuracy",
     "DiscriminatorLoss",
     "ProductOfTermsLoss",
     "MinimaxLoss",
     "MisclassificationLoss",
+    "HingeDiscriminatorLoss",
+    "HingeGeneratorLoss",
     "AliceReconstructionLoss",
+    "DISCRIMINATOR_CRITERIA",
     "GENERATOR_CRITERIA",
+    "build_discriminator_criterion",
     "build_generator_criterion",
 ]
 
@@ -126,8 +140,50 @@ def misclassification_loss(logits: Tensor, weighted: bool = True) -> Tensor:
     return loss * (2.0 / k) if weighted else loss
 
 
-def tuple_class_accuracy(logits: Tensor) -> Tensor:
-    """``[K]``: the fraction of each class's tuples that D assigns to their own class."""
+def _pairwise_margins(logits: Tensor) -> Tensor:
+    """``[K, B, K]``: ``t[i, b, j] = l_i - l_j`` with ``l = logits[i, b]`` in float32, zero at
+    ``j = i``."""
+    k = _check_logits(logits)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits32 = logits.float()
+        own = logits32.diagonal(dim1=0, dim2=2).t().unsqueeze(-1)  # [K, B, 1]: l_i
+        margins = own - logits32
+    return margins.masked_fill(_own_class_mask(k, logits.device), 0.0)
+
+
+def hinge_discriminator_loss(logits: Tensor, weighted: bool = True) -> Tensor:
+    """D's multi-class hinge (Weston-Watkins), docs/design.md eq. 9.4:
+    ``(1/B) sum_b sum_i sum_{j != i} max(0, 1 - (l_i - l_j))``, times ``2/(K(K-1))`` when
+    weighted.
+
+    At K = 2, with ``s = l_0 - l_1``, it is BigBiGAN's (and BigGAN's) hinge
+    ``h(s) + h(-s)``: ``h(y s)`` with y = +1 on class 0 (encoder pairs) and -1 on class 1.
+    """
+    k = _check_logits(logits)
+    hinge = torch.relu(1.0 - _pairwise_margins(logits))
+    hinge = hinge.masked_fill(_own_class_mask(k, logits.device), 0.0)
+    loss = hinge.sum(dim=(0, 2)).mean()
+    return loss * (2.0 / (k * (k - 1))) if weighted else loss
+
+
+def hinge_generator_loss(logits: Tensor, weighted: bool = True) -> Tensor:
+    """The generator-encoder loss of the hinge family, docs/design.md eq. 9.5:
+    ``(1/B) sum_b sum_i sum_{j != i} (l_i - l_j)``, times ``2/(K(K-1))`` when weighted.
+
+    E and G lower each tuple's own-class logit against every other class's, the margins D's
+    hinge raises. At K = 2, with ``s = l_0 - l_1``, it is BigBiGAN's ``y s``: ``s`` on class 0
+    and ``-s`` on class 1. Per sample it equals ``K l_i - sum_j l_j``.
+    """
+    k = _check_logits(logits)
+    loss = _pairwise_margins(logits).sum(dim=(0, 2)).mean()
+    return loss * (2.0 / (k * (k - 1))) if weighted else loss
+
+
+def tuple_class_accuracy(logits: Tensor | DiscriminatorOutput) -> Tensor:
+    """``[K]``: the fraction of each class's tuples that D assigns to their own class (the joint
+    logits of a :class:`~gali_ext.head.DiscriminatorOutput`)."""
+    if isinstance(logits, DiscriminatorOutput):
+        logits = logits.joint
     k = _check_logits(logits)
     truth = torch.arange(k, device=logits.device).unsqueeze(1)
     return (logits.argmax(-1) == truth).float().mean(1)
@@ -140,8 +196,17 @@ class _LogitsLoss(nn.Module):
         super().__init__()
         self.weighted = weighted
 
-    def forward(self, logits: Tensor) -> Tensor:
-        return type(self)._fn(logits, self.weighted)
+    def forward(self, logits: Tensor | DiscriminatorOutput) -> Tensor:
+        """The loss of ``logits [K, B, K]``; of a :class:`~gali_ext.head.DiscriminatorOutput`,
+        the joint term plus each unary term times its weight (docs/design.md, eq. 9.2)."""
+        fn = type(self)._fn
+        if not isinstance(logits, DiscriminatorOutput):
+            return fn(logits, self.weighted)
+        total = fn(logits.joint, self.weighted)
+        for weight, unary in logits.terms()[1:]:
+            if weight != 0:
+                total = total + weight * fn(unary, self.weighted)
+        return total
 
     def extra_repr(self) -> str:
         return f"weighted={self.weighted}"
@@ -172,22 +237,50 @@ class MisclassificationLoss(_LogitsLoss):
     _fn = staticmethod(misclassification_loss)
 
 
+class HingeDiscriminatorLoss(_LogitsLoss):
+    """D's multi-class hinge, eq. 9.4 (see :func:`hinge_discriminator_loss`); BigBiGAN's hinge
+    at K = 2. ``logits: [K, B, K]``."""
+
+    _fn = staticmethod(hinge_discriminator_loss)
+
+
+class HingeGeneratorLoss(_LogitsLoss):
+    """The generator-encoder loss of the hinge family, eq. 9.5 (see
+    :func:`hinge_generator_loss`); BigBiGAN's ``y s`` at K = 2."""
+
+    _fn = staticmethod(hinge_generator_loss)
+
+
+DISCRIMINATOR_CRITERIA: dict[str, type[nn.Module]] = {
+    "cross_entropy": DiscriminatorLoss,
+    "hinge": HingeDiscriminatorLoss,
+}
+"""D's losses by name (the recipe setting ``discriminator_criterion``)."""
+
 GENERATOR_CRITERIA: dict[str, type[nn.Module]] = {
     "product_of_terms": ProductOfTermsLoss,
     "minimax": MinimaxLoss,
     "misclassification": MisclassificationLoss,
+    "hinge": HingeGeneratorLoss,
 }
 """The generator-encoder losses by name (the recipe setting ``generator_criterion``)."""
 
 
+def _build(registry: dict[str, type[nn.Module]], what: str, name: str, weighted: bool):
+    cls = registry.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown {what} criterion {name!r}; known: {', '.join(registry)}")
+    return cls(weighted)
+
+
+def build_discriminator_criterion(name: str, weighted: bool = True) -> nn.Module:
+    """D's loss ``name`` of :data:`DISCRIMINATOR_CRITERIA`."""
+    return _build(DISCRIMINATOR_CRITERIA, "discriminator", name, weighted)
+
+
 def build_generator_criterion(name: str, weighted: bool = True) -> nn.Module:
     """The generator-encoder loss ``name`` of :data:`GENERATOR_CRITERIA`."""
-    cls = GENERATOR_CRITERIA.get(name)
-    if cls is None:
-        raise ConfigError(
-            f"unknown generator criterion {name!r}; known: {', '.join(GENERATOR_CRITERIA)}"
-        )
-    return cls(weighted)
+    return _build(GENERATOR_CRITERIA, "generator", name, weighted)
 
 
 class AliceReconstructionLoss(nn.Module):

@@ -65,6 +65,13 @@ class Node:
         return int(self.atom.name.lstrip("xzp"))
 
     @property
+    def root(self) -> str:
+        """The start of this node's chain: ``"x0"`` for the real chain (``x{i}``, ``z{i}`` and
+        what is computed from them), ``"zp0"`` for the prior chain. A conditional step gives
+        every node the condition of its root (docs/design.md, section 9.3)."""
+        return "zp0" if self.atom.name.startswith(("xp", "zp")) else "x0"
+
+    @property
     def functions(self) -> frozenset[str]:
         """Every function name applied anywhere inside this node."""
         if self.fn is None:

@@ -157,7 +157,7 @@ def _parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 def train_step(
     gali: nn.Module,
-    batches: Iterator[Tensor] | Sequence[Tensor],
+    batches: Iterator[Any] | Sequence[Any],
     d_optimizer: torch.optim.Optimizer,
     g_optimizer: torch.optim.Optimizer,
     *,
@@ -176,7 +176,9 @@ def train_step(
     Args:
         gali: a :class:`~gali_ext.GALI` (or it wrapped by ``accelerator.prepare``); called as
             ``gali(x, role="discriminator" | "generator" | "shared", instance_noise_std=...)``.
-        batches: at least ``n_dis`` image batches (an iterator is advanced ``n_dis`` times).
+        batches: at least ``n_dis`` batches, each images ``x`` or a pair ``(x, y)`` with a
+            per-sample condition ``y`` (a conditional head); an iterator is advanced ``n_dis``
+            times.
         d_optimizer: over the head's parameters; g_optimizer: over E's and G's.
         accelerator: an ``accelerate.Accelerator``; its ``backward`` is used when given.
         step: the global step, named in the error if a loss becomes NaN or infinite.

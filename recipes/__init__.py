@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from gali_ext.errors import ConfigError
-from gali_ext.losses import GENERATOR_CRITERIA
+from gali_ext.losses import DISCRIMINATOR_CRITERIA, GENERATOR_CRITERIA
 from gali_ext.presets import available_presets, get_preset
+from gali_ext.priors import resolve_prior
 
 __all__ = ["RecipeConfig", "available", "check_epochs", "describe", "get", "register"]
 
@@ -43,6 +44,12 @@ class RecipeConfig:
     steps: int = 10_000
     instance_noise: float = 0.1
     generator_criterion: str = "product_of_terms"  # a name in gali_ext.GENERATOR_CRITERIA
+    discriminator_criterion: str = "cross_entropy"  # a name in gali_ext.DISCRIMINATOR_CRITERIA
+    prior: str = "normal"  # normal | truncated_normal[:BOUND] | uniform[:BOUND] (gali_ext.priors)
+    # class-conditional G(z, y) and projection D over this many classes of the data's labels
+    # (0: unconditional); batches are (x, y)
+    conditions: int = 0
+    unary_weight: float = 0.0  # > 0: a unary head per slot, its loss term with this weight
     alice_weight: float = 1.0
     features_model: str = ""  # pretrained feature model M: a timm model name, or "evaluator"
     features_weights: str = ""  # local .safetensors file (evaluator: its folder); no download
@@ -119,6 +126,17 @@ class RecipeConfig:
                 "a finite float >= 0",
             ),
             (0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)"),
+            (
+                self.discriminator_criterion in DISCRIMINATOR_CRITERIA,
+                "discriminator_criterion",
+                ", ".join(DISCRIMINATOR_CRITERIA),
+            ),
+            (self.conditions >= 0, "conditions", "an int >= 0 (0: unconditional)"),
+            (
+                _finite(self.unary_weight) and self.unary_weight >= 0,
+                "unary_weight",
+                "a finite float >= 0 (0: no unary heads)",
+            ),
             (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "no, fp16 or bf16"),
             (self.num_workers >= 0, "num_workers", "an int >= 0"),
             (0 <= self.ema_decay < 1, "ema_decay", "a float in [0, 1); 0 turns the EMA off"),
@@ -130,6 +148,12 @@ class RecipeConfig:
         for ok, key, expected in checks:
             if not ok:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is invalid: expected {expected}")
+        resolve_prior(self.prior)  # a ConfigError naming the known priors
+        if self.conditions and self.dataset == "celeba":
+            raise ConfigError(
+                "conditions: a class-conditional recipe needs class labels (digits, svhn); "
+                "CelebA's labels are 40 attributes"
+            )
         if self.shared_forward and self.mixed_precision == "fp16":
             raise ConfigError(
                 "shared_forward=true does not work with fp16 loss scaling: use "
@@ -292,6 +316,24 @@ register(
         lr=2e-4,
         steps=1500,
         features_model="evaluator",
+        log_every=10,
+        sample_every=250,
+        checkpoint_every=500,
+    )
+)
+
+register(
+    RecipeConfig(
+        name="digits-gali8-cond",
+        dataset="digits",
+        arch="digits",
+        spec="gali8",
+        description=f"{_title('gali8')} on digits, class-conditional G(z, y) and projection D",
+        latent_dim=32,
+        batch_size=64,
+        lr=2e-4,
+        steps=1500,
+        conditions=10,
         log_every=10,
         sample_every=250,
         checkpoint_every=500,

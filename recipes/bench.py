@@ -12,7 +12,9 @@ Reports median times (warm-up excluded) and the ratios
 3. on CUDA only: bf16 autocast over fp32 step time, and the memory a step of each allocates
    above the resident weights and optimizer state; and both again with images and
    convolution weights in channels-last (NHWC) memory format (recipe setting
-   ``channels_last``), all over the NCHW fp32 step.
+   ``channels_last``), all over the NCHW fp32 step;
+4. the README's loop (a D step, then the G/E step on its chains) over :func:`train_step`, for
+   ``ali`` and ``gali8``.
 
 All step variants are timed in one loop, one call of each per round, so that a machine whose
 speed drifts during the run moves every median alike.
@@ -111,13 +113,16 @@ def _build(preset: str, arch: str, device: torch.device, seed: int = 0):
 def step_functions(
     arch: str, batch: int, device: torch.device, specs: tuple[str, ...] = SPECS, *,
     n_dis: int = 1, autocast_dtype: torch.dtype | None = None, shared_forward: bool = False,
-    compiled: bool = False, channels_last: bool = False,
+    compiled: bool = False, channels_last: bool = False, documented_loop: bool = False,
 ) -> dict[str, Callable[[], None]]:  # fmt: skip
     """One full training step per spec, each on its own networks and optimizers, ready to time.
 
     ``compiled``: E, G and each network of the head go through ``torch.compile`` first (the
     compilation happens in the first calls, the warm-up). ``channels_last``: the networks and
     the batch in channels-last memory format, as the recipe setting ``channels_last`` does.
+    ``documented_loop``: the step is the README's loop (``discriminator_objective(x,
+    differentiable_chains=True)``, then ``generator_objective(chains=d.chains)``) instead of
+    :func:`train_step`.
     """
     steps = {}
     for name in specs:
@@ -132,11 +137,26 @@ def step_functions(
             with torch.autocast(
                 device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
             ):
-                train_step(gali, [x] * n_dis, d_opt, g_opt, n_dis=n_dis, instance_noise=0.05,
-                           shared_forward=shared_forward)  # fmt: skip
+                if documented_loop:
+                    _documented_step(gali, x, d_opt, g_opt)
+                else:
+                    train_step(gali, [x] * n_dis, d_opt, g_opt, n_dis=n_dis,
+                               instance_noise=0.05, shared_forward=shared_forward)  # fmt: skip
 
         steps[name] = step
     return steps
+
+
+def _documented_step(gali: nn.Module, x: torch.Tensor, d_opt, g_opt) -> None:
+    """The README's loop: one D step, then the G/E step on the D step's chains."""
+    d = gali.discriminator_objective(x, instance_noise_std=0.05, differentiable_chains=True)
+    d_opt.zero_grad()
+    d.loss.backward()
+    d_opt.step()
+    g = gali.generator_objective(chains=d.chains, instance_noise_std=0.05)
+    g_opt.zero_grad()
+    g.loss.backward()
+    g_opt.step()
 
 
 def _compile_networks(gali: nn.Module) -> None:
@@ -269,6 +289,7 @@ def run_benchmark(
     variants = {
         "alternating": step_functions(arch, batch, dev, specs),
         "shared": step_functions(arch, batch, dev, specs, shared_forward=True),
+        "documented": step_functions(arch, batch, dev, ("ali", "gali8"), documented_loop=True),
     }
     compile_error = None
     if torch_compile:
@@ -312,6 +333,7 @@ def run_benchmark(
         "shared_step_seconds": shared,
         "shared_ratio_vs_ali": {k: v / shared["ali"] for k, v in shared.items() if k != "ali"},
         "shared_speedup": {k: steps[k] / shared[k] for k in specs},
+        "documented_loop_ratio": {k: v / steps[k] for k, v in timed["documented"].items()},
         "head": heads,
         "fused_speedup": {k: v["per_class_s"] / v["fused_s"] for k, v in heads.items()},
     }
@@ -364,6 +386,9 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {seconds * 1e3:.1f} | {ratio:.2f} | {shared * 1e3:.1f} "
             f"| {shared_ratio:.2f} | {result['shared_speedup'][name]:.2f}x |"
         )
+    if "documented_loop_ratio" in result:
+        ratios = ", ".join(f"{k} {v:.2f}" for k, v in result["documented_loop_ratio"].items())
+        lines += ["", f"documented loop / train_step step time: {ratios}"]
     lines += ["", "| head | K | fused (ms) | per-class (ms) | speed-up |", "|---|---|---|---|---|"]
     for name, h in result["head"].items():
         speedup = result["fused_speedup"][name]

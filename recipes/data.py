@@ -531,9 +531,11 @@ def endless_batches(
     accelerator: Any,
     start: int = 0,
     memory_format: torch.memory_format = torch.contiguous_format,
-) -> Iterator[Tensor]:
+    with_labels: bool = False,
+) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
     """The images of a prepared :func:`training_loader`'s batches, epoch after epoch, from this
-    process's batch number ``start`` on (counted from the start of training).
+    process's batch number ``start`` on (counted from the start of training); with
+    ``with_labels``, ``(images, labels)`` pairs, as a class-conditional objective takes them.
 
     Batch ``k`` is batch ``k mod len(loader)`` of epoch ``k // len(loader)``, so a resumed run
     continues with the very batch the interrupted one would have drawn next; the batches before
@@ -549,8 +551,9 @@ def endless_batches(
     epoch, skip = divmod(start, per_epoch)
     while True:
         loader.set_epoch(epoch)
-        for images, _ in accelerator.skip_first_batches(loader, skip) if skip else loader:
-            yield images.to(memory_format=memory_format)
+        for images, labels in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            images = images.to(memory_format=memory_format)
+            yield (images, labels) if with_labels else images
         epoch, skip = epoch + 1, 0
 
 

@@ -153,6 +153,11 @@ def evaluate_run(
     """
     run = Path(run_dir)
     config = RecipeConfig.from_json(run / "config.json")
+    if config.conditions:
+        raise ConfigError(
+            f"run {str(run)!r} is class-conditional ({config.name}); its generator needs the "
+            "labels, which the evaluation protocol does not pass yet"
+        )
     test, train, val = (load_data(config, s) for s in ("test", "train", "val"))
     built = build_model(config, test.channels)
     encoder, generator = built.models.encoder, built.models.generator

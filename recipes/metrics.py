@@ -72,31 +72,37 @@ def _batches(images: Tensor, batch_size: int, device: torch.device | None = None
 @torch.no_grad()
 def reconstruct(
     encoder: Callable[[Tensor], Any],
-    generator: Callable[[Tensor], Tensor],
+    generator: Callable[..., Tensor],
     images: Tensor,
     batch_size: int = 500,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """``G(E(x))`` with E's mean for a stochastic encoder (a deterministic reconstruction), on
-    the device of ``images`` whichever device E and G run on."""
+    the device of ``images`` whichever device E and G run on. ``labels``: the images'
+    conditions, for a class-conditional generator ``G(E(x), y)``."""
     to_generator = model_device(generator)
     parts = []
+    label_batches = _batches(labels, batch_size, to_generator) if labels is not None else None
     with eval_mode(encoder, generator):
         for x in _batches(images, batch_size, model_device(encoder)):
             z = latent_mean(encoder(x))
             z = z if to_generator is None else z.to(to_generator)
-            parts.append(generator(z).to(images.device))
+            condition = () if label_batches is None else (next(label_batches).to(z.device),)
+            parts.append(generator(z, *condition).to(images.device))
     return torch.cat(parts)
 
 
 @torch.no_grad()
 def reconstruction_mse(
     encoder: Callable[[Tensor], Any],
-    generator: Callable[[Tensor], Tensor],
+    generator: Callable[..., Tensor],
     images: Tensor,
     batch_size: int = 500,
+    labels: Tensor | None = None,
 ) -> float:
-    """Pixel MSE ``mean(((x - G(E(x))) / 2)^2)``: images in [-1, 1] mapped to [0, 1]."""
-    recon = reconstruct(encoder, generator, images, batch_size)
+    """Pixel MSE ``mean(((x - G(E(x))) / 2)^2)``: images in [-1, 1] mapped to [0, 1].
+    ``labels``: the images' conditions, for a class-conditional generator."""
+    recon = reconstruct(encoder, generator, images, batch_size, labels)
     return ((images.float() - recon.float()) / 2).pow(2).mean().item()
 
 

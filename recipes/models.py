@@ -329,7 +329,12 @@ class Generator(nn.Module):
         negative_slope: the leaky ReLUs' slope.
         init_std: the standard deviation of the initial weights.
 
-    Shapes: ``forward(z: [B, latent_dim]) -> [B, C, H, W]`` (``[B, latent_dim, 1, 1]`` works too).
+        num_classes: a class-conditional generator ``G(z, y)`` (docs/design.md, section 9.3):
+            the condition, one-hot class ids ``y: [B]`` or float vectors ``[B, num_classes]``,
+            is concatenated to ``z`` as ``num_classes`` more input channels.
+
+    Shapes: ``forward(z: [B, latent_dim]) -> [B, C, H, W]`` (``[B, latent_dim, 1, 1]`` works too);
+    ``forward(z, y)`` when conditional.
     """
 
     def __init__(
@@ -339,6 +344,7 @@ class Generator(nn.Module):
         latent_dim: int,
         negative_slope: float = 0.2,
         init_std: float = 0.02,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         out_channels, height, width = image_shape
@@ -347,7 +353,7 @@ class Generator(nn.Module):
             raise ConfigError(f"generator layers map 1 x 1 to {side} x {side}, "
                               f"expected {height} x {width}")  # fmt: skip
         blocks: list[nn.Module] = []
-        channels = latent_dim
+        channels = latent_dim + (num_classes or 0)
         for layer in layers:
             blocks += [
                 layer.build(channels, bias=False),
@@ -359,13 +365,33 @@ class Generator(nn.Module):
         self.output = nn.Conv2d(channels, out_channels, 1)
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
+        self.num_classes = num_classes
         init_weights(self, init_std)
 
-    def forward(self, z: Tensor) -> Tensor:
-        """``tanh(a(z))``: ``[B, latent_dim] -> [B, C, H, W]``."""
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """``tanh(a(z))`` (``tanh(a(z, y))`` when conditional): ``[B, latent_dim] -> [B, C, H,
+        W]``."""
         _check_latents(type(self).__name__, z, self.latent_dim)
-        x = self.body(z.reshape(z.shape[0], self.latent_dim, 1, 1))
-        return torch.tanh(self.output(x))
+        z = z.reshape(z.shape[0], self.latent_dim, 1, 1)
+        if self.num_classes is not None:
+            z = torch.cat([z, self._condition(y, z)], 1)
+        elif y is not None:
+            raise ShapeError("this generator is unconditional (num_classes=None); it takes no y")
+        return torch.tanh(self.output(self.body(z)))
+
+    def _condition(self, y: Tensor | None, z: Tensor) -> Tensor:
+        """The condition as ``[B, num_classes, 1, 1]`` input channels."""
+        n = self.num_classes
+        assert n is not None
+        if y is None:
+            raise ShapeError(f"this generator is class-conditional: call it as generator(z, y) "
+                             f"with y class ids [B] or vectors [B, {n}]")  # fmt: skip
+        if not y.is_floating_point():
+            y = torch.nn.functional.one_hot(y.long(), n)
+        if y.shape != (z.shape[0], n):
+            raise ShapeError(f"expected the condition y as [{z.shape[0]}] class ids or "
+                             f"[{z.shape[0]}, {n}] vectors, got {list(y.shape)}")  # fmt: skip
+        return y.to(z.dtype).view(z.shape[0], n, 1, 1)
 
     def init_output_bias(self, data_mean: float) -> None:
         """Start the output near the data's mean pixel (the authors' code does this).
@@ -492,6 +518,8 @@ class ALIModels:
         image_shape: ``(C, H, W)``.
         latent_dim: the size of ``z``.
         negative_slope: the leaky ReLU slope of the architecture's table.
+        num_classes: the classes of a class-conditional generator ``G(z, y)``, and of the
+            head's projection terms (``build_gali`` reads it); None when unconditional.
     """
 
     encoder: GaussianEncoder
@@ -502,6 +530,7 @@ class ALIModels:
     image_shape: tuple[int, int, int]
     latent_dim: int
     negative_slope: float = 0.2
+    num_classes: int | None = None
 
 
 def build_ali_models(
@@ -509,6 +538,7 @@ def build_ali_models(
     latent_dim: int | None = None,
     channels: int | None = None,
     deterministic: bool = False,
+    num_classes: int | None = None,
 ) -> ALIModels:
     """The encoder, generator, ``D(x)`` and ``D(z)`` of architecture ``arch``.
 
@@ -518,6 +548,8 @@ def build_ali_models(
         channels: image channels, e.g. 1 for grayscale; the architecture's when omitted.
         deterministic: a deterministic (BiGAN) encoder returning ``z`` instead of
             ``(mu, log_sigma)``.
+        num_classes: a class-conditional generator over this many classes (and, through
+            ``build_gali``, a head with projection terms); None: unconditional.
 
     Raises:
         ConfigError: an unknown ``arch`` (the message lists the available ones), or a
@@ -527,13 +559,16 @@ def build_ali_models(
     latent = spec.latent_dim if latent_dim is None else _positive_int("latent_dim", latent_dim)
     image_shape = arch_image_shape(arch, channels)
     slope, std = spec.negative_slope, spec.init_std
+    if num_classes is not None:
+        num_classes = _positive_int("num_classes", num_classes)
     return ALIModels(
         encoder=GaussianEncoder(image_shape, spec.encoder, latent, slope, deterministic, std),
-        generator=Generator(image_shape, spec.generator, latent, slope, std),
+        generator=Generator(image_shape, spec.generator, latent, slope, std, num_classes),
         image_features=ImageFeatures(image_shape, spec.image_features, slope, std),
         latent_features=LatentFeatures(latent, spec.latent_features, slope, std),
         joint_hidden=spec.joint_hidden,
         image_shape=image_shape,
         latent_dim=latent,
         negative_slope=slope,
+        num_classes=num_classes,
     )

@@ -28,7 +28,7 @@ import torch
 from gali_ext import GALI, MultiClassJointDiscriminatorHead
 from gali_ext.errors import ConfigError, DataError, DivergenceError
 from gali_ext.gali import build_gali
-from gali_ext.losses import build_generator_criterion
+from gali_ext.losses import build_discriminator_criterion, build_generator_criterion
 from gali_ext.providers import PretrainedFeatures
 from gali_ext.recipes.data import (
     ImageData,
@@ -98,13 +98,18 @@ def _features(config: RecipeConfig) -> PretrainedFeatures | None:
 
 def build_model(config: RecipeConfig, channels: int) -> BuiltModel:
     """Encoder, generator, discriminator head and :class:`GALI` objective for a recipe."""
-    models = build_ali_models(config.arch, latent_dim=config.latent_dim, channels=channels)
+    models = build_ali_models(config.arch, latent_dim=config.latent_dim, channels=channels,
+                              num_classes=config.conditions or None)  # fmt: skip
     gali = build_gali(
         config.spec,
         models,
         _features(config),
         alice_weight=config.alice_weight,
         generator_criterion=build_generator_criterion(config.generator_criterion),
+        discriminator_criterion=build_discriminator_criterion(config.discriminator_criterion),
+        prior=config.prior,
+        unary=config.unary_weight > 0,
+        unary_weights=config.unary_weight,
     )
     return BuiltModel(models, gali.head, gali)
 
@@ -274,13 +279,22 @@ def first_images(data: ImageData, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def grids(encoder, generator, images: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+def grids(
+    encoder: Any,
+    generator: Any,
+    images: torch.Tensor,
+    z: torch.Tensor,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """``samples`` ``G(z)``, and ``reconstructions``: rows of ``images`` each over its row of
-    ``G(E(x))``; ``[N, C, H, W]`` in [-1, 1]."""
+    ``G(E(x))``; ``[N, C, H, W]`` in [-1, 1]. ``labels``: for a class-conditional G, the
+    images' classes and the samples' (``G(z, y)``)."""
     device = next(generator.parameters()).device
     with eval_mode(generator):
-        samples = generator(z.to(device))
-    recon = reconstruct(encoder, generator, images.to(device))
+        extra = (labels[1].to(device),) if labels is not None else ()
+        samples = generator(z.to(device), *extra)
+    image_labels = labels[0] if labels is not None else None
+    recon = reconstruct(encoder, generator, images.to(device), labels=image_labels)
     return {"samples": samples, "reconstructions": interleave_rows(images.to(device), recon)}
 
 
@@ -301,6 +315,11 @@ class RunLog:
         fixed = torch.Generator().manual_seed(1234)  # grid latents, off the training RNG stream
         self.grid_x = first_images(test_data, 32)
         self.grid_z = torch.randn(64, config.latent_dim, generator=fixed)
+        # a class-conditional run: the test images' labels, and each class in turn for samples
+        self.grid_labels = None
+        if config.conditions:
+            self.grid_labels = (test_data.labels_tensor()[: len(self.grid_x)],
+                                torch.arange(64) % config.conditions)  # fmt: skip
         if self.main and config.log_with:
             settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                         for k, v in dataclasses.asdict(config).items()}  # fmt: skip
@@ -341,7 +360,7 @@ class RunLog:
         trackers that take images."""
         if not self.main:
             return
-        for name, batch in grids(*self.shown, self.grid_x, self.grid_z).items():
+        for name, batch in grids(*self.shown, self.grid_x, self.grid_z, self.grid_labels).items():
             path = save_image_grid(batch, self.out / "grids" / f"{name}_step{step:07d}.png")
             shutil.copyfile(path, self.out / f"{name}.png")
             for tracker in self.accelerator.trackers:
@@ -355,13 +374,16 @@ class RunLog:
         if not self.main:
             return
         x = first_images(self.test_data, 2000)
-        mse = reconstruction_mse(*self.shown, x)
+        y = self.test_data.labels_tensor()[: len(x)] if self.config.conditions else None
+        mse = reconstruction_mse(*self.shown, x, labels=y)
         summary = {"recipe": self.config.name, "steps": step, "test_pixel_mse": mse,
                    "weights": "ema" if self.ema else "raw", "test_images": len(x),
                    "seconds_this_session": time.perf_counter() - self.started}  # fmt: skip
         if self.ema:
             w = self.weights
-            summary["test_pixel_mse_raw"] = reconstruction_mse(w["encoder"], w["generator"], x)
+            summary["test_pixel_mse_raw"] = reconstruction_mse(
+                w["encoder"], w["generator"], x, labels=y
+            )
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         which = " (EMA weights)" if self.ema else ""
         self.accelerator.print(f"{self.config.name}: {step} steps, test pixel MSE {mse:.4f}"
@@ -391,7 +413,8 @@ def train_loop(config: RecipeConfig, out: Path, *, resume: bool, overwrite: bool
     ema = build_ema(built.models, config.ema_decay)
     config = _steps_for_epochs(config, epochs, len(loader))
     step = _start_run(accelerator, out, config, replace, resume, ema)
-    batches = endless_batches(loader, accelerator, step * config.n_dis, layout)
+    batches = endless_batches(loader, accelerator, step * config.n_dis, layout,
+                              with_labels=config.conditions > 0)  # fmt: skip
     weights = dict(zip(WEIGHT_FILES, (built.models.encoder, built.models.generator, built.head)))
     with RunLog(accelerator, out, config, step, progress, test_data, weights, ema) as log:
         while step < config.steps:

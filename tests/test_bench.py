@@ -21,6 +21,8 @@ def test_benchmark_reports_ratios(tmp_path):
     assert all(v > 0 for v in saved["fused_speedup"].values())
     assert saved["shared_step_seconds"].keys() == set(SPECS)
     assert all(v > 0 for v in saved["shared_speedup"].values())
+    assert saved["documented_loop_ratio"].keys() == {"ali", "gali8"}
+    assert "documented loop / train_step" in lines[0]
     assert {h["K"] for h in saved["head"].values()} == {4, 8}
     assert saved["batch_size"] == 4 and saved["image_size"] == [1, 16, 16]
     assert "| gali8 |" in lines[0] and result["device"] == "cpu"

@@ -20,8 +20,8 @@ SPECS = [build_spec(n) for n in ("ali", "gali4", "gali8", "gali_pt", "gali_mix")
 def test_fused_head_equals_per_class_head(spec, seeded):
     head = make_head(spec).eval()
     variables = random_variables(spec)
-    fused = head(variables)
-    naive = head.forward_per_class(variables)
+    fused = head(variables).joint
+    naive = head.forward_per_class(variables).joint
     k = spec.num_classes
     assert fused.shape == (k, 5, k)
     torch.testing.assert_close(fused, naive, rtol=1e-5, atol=1e-6)
@@ -46,9 +46,9 @@ def test_gradients_match_between_fused_and_per_class(seeded):
     spec = build_spec("gali8")
     head = make_head(spec).eval()
     variables = {k: v.requires_grad_(True) for k, v in random_variables(spec).items()}
-    g1 = torch.autograd.grad(head(variables).square().sum(), list(variables.values()))
+    g1 = torch.autograd.grad(head(variables).joint.square().sum(), list(variables.values()))
     g2 = torch.autograd.grad(
-        head.forward_per_class(variables).square().sum(), list(variables.values())
+        head.forward_per_class(variables).joint.square().sum(), list(variables.values())
     )
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -65,8 +65,8 @@ def test_instance_noise_drawn_once_per_distinct_image():
     assert 0.07 < diff.std().item() < 0.13
     # The same generator state gives the same noise in both forward paths.
     head = make_head(spec).eval()
-    a = head(variables, 0.1, torch.Generator().manual_seed(3))
-    b = head.forward_per_class(variables, 0.1, torch.Generator().manual_seed(3))
+    a = head(variables, 0.1, torch.Generator().manual_seed(3)).joint
+    b = head.forward_per_class(variables, 0.1, torch.Generator().manual_seed(3)).joint
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -122,7 +122,7 @@ def test_feature_width_must_be_known():
         feature_dims={"image": 64, "latent": 6},
         joint_hidden=(8,),
     )
-    assert head(random_variables(build_spec("ali"))).shape == (2, 5, 2)
+    assert head(random_variables(build_spec("ali"))).joint.shape == (2, 5, 2)
 
 
 def test_no_batch_norm_or_dropout_and_spectral_norm_in_joint():

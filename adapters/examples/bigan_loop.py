@@ -101,14 +101,15 @@ def main(steps: int = 3, seed: int = 0) -> list[float]:
     opt_d = torch.optim.Adam(head.parameters(), lr=2e-4, betas=(0.5, 0.999))  # was: D's params
     g_losses = []
     for x in loader:
+        d = gali.discriminator_objective(x, differentiable_chains=True)  # gali-ext
         opt_d.zero_grad()
-        gali.discriminator_loss(x).backward()  # gali-ext: was the BiGAN D loss
+        d.loss.backward()  # gali-ext: was the BiGAN D loss
         opt_d.step()
+        g = gali.generator_objective(chains=d.chains)  # gali-ext: the D step's chains
         opt_eg.zero_grad()
-        g_loss = gali.generator_loss(x)  # gali-ext: was the BiGAN E-G loss
-        g_loss.backward()
+        g.loss.backward()  # gali-ext: was the BiGAN E-G loss
         opt_eg.step()
-        g_losses.append(g_loss.item())
+        g_losses.append(g.loss.item())
     return g_losses
 
 

@@ -1,0 +1,403 @@
+"""Discriminator adapters: call a user's discriminator networks the way they were written.
+
+:class:`~gali_ext.MultiClassJointDiscriminatorHead` calls a feature network as ``net(x)`` and a
+joint network on the concatenated slot features ``net([N, sum of widths])``, each returning a
+tensor. These adapters (:class:`~gali_ext.head.NetworkAdapter` subclasses) bring other
+conventions to that contract (docs/design.md, section 9.5):
+
+- :class:`FeatureNetwork`: a feature network (or a unary score layer) that returns a tuple or a
+  dict (``output=`` selects the tensor), or takes the condition (``condition=``);
+- :class:`JointNetwork`: a joint network that takes the slots separately (``D(F, H)``), works on
+  ``[B, C, 1, 1]`` maps (``input_shape=``), takes the condition, returns several outputs, ends in
+  a separate score layer (BigBiGAN's ``theta_xz``, ``score=``), or ends in features on which
+  the head adds the K-way layer (``returns="features"``);
+- :func:`monolithic_head`: a head over a monolithic ``D(x, z)``, for specs of two slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gali_ext.errors import ConfigError, ShapeError, SpecError
+from gali_ext.head import MultiClassJointDiscriminatorHead, NetworkAdapter, _declared_width
+from gali_ext.spec import IMAGE, LATENT, TupleSpec
+
+from .pair import _find_layer
+
+__all__ = ["FeatureNetwork", "JointNetwork", "monolithic_head"]
+
+OutputSelector = int | str | Callable[[Any], Tensor] | None
+
+
+def _check_condition_arg(condition: Any) -> bool | str | None:
+    if condition is None or condition is False:
+        return None
+    if condition is True or (isinstance(condition, str) and condition.isidentifier()):
+        return condition
+    raise ConfigError(
+        "condition must be None (the network takes no condition), True (passed positionally "
+        f"after the inputs) or the name of its keyword argument (e.g. 'y'), got {condition!r}"
+    )
+
+
+def _call_with_condition(module: Any, args: list[Tensor], condition: Tensor | None,
+                         how: bool | str | None, what: str) -> Any:  # fmt: skip
+    if how is None:
+        return module(*args)
+    if condition is None:
+        raise ConfigError(
+            f"the {what} takes the condition (condition={how!r}) but the step has none: pass "
+            "batches (x, y)"
+        )
+    if how is True:
+        return module(*args, condition)
+    return module(*args, **{how: condition})
+
+
+def _select(raw: Any, output: OutputSelector, what: str) -> Tensor:
+    """The tensor ``output`` picks from a network's raw output."""
+    if output is None:
+        value = raw
+    elif callable(output):
+        value = output(raw)
+    else:
+        try:
+            value = raw[output]
+        except (IndexError, KeyError, TypeError) as error:
+            keys = list(raw) if isinstance(raw, Mapping) else None
+            have = f"keys {keys}" if keys is not None else (
+                f"{len(raw)} elements" if isinstance(raw, (tuple, list)) else type(raw).__name__
+            )  # fmt: skip
+            raise ConfigError(
+                f"output={output!r} cannot be read from the {what}'s output ({have})"
+            ) from error
+    if not isinstance(value, Tensor):
+        kind = type(value).__name__
+        raise ShapeError(
+            f"the {what} gave a {kind}, expected a tensor: select it with output= (an index "
+            "for a tuple, a key for a dict, or a callable)"
+        )
+    return value
+
+
+def _width(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class FeatureNetwork(NetworkAdapter):
+    """A user's feature network (``Dx``, ``Dz``) or unary score layer, called as written.
+
+    Args:
+        module: the user's network, ``module(x)``.
+        output: what to read from its output: None (a tensor), an index (a tuple or list), a
+            key (a dict) or a callable ``raw -> tensor``.
+        condition: None: the network takes no condition; a name: it takes it as that keyword
+            argument (``module(x, y=y)``); True: as the second positional argument.
+        out_features: the width of the (flattened) output; read from the module when omitted.
+        input_shape: how the network takes its input, without the batch dimension (``-1``
+            allowed once): ``(256, 1, 1)`` for ALI's ``D(z)`` on ``[B, 256, 1, 1]`` latents.
+
+    The head calls ``adapter([x], y)`` and gets ``[N, out_features]`` (``[N, C, 1, 1]`` maps are
+    flattened by the head).
+    """
+
+    def __init__(
+        self,
+        module: Callable[..., Any],
+        *,
+        output: OutputSelector = None,
+        condition: bool | str | None = None,
+        out_features: int | None = None,
+        input_shape: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(module):
+            raise ConfigError(f"expected a callable network, got {type(module).__name__}")
+        self.module = module
+        self.input_shape = (_shapes(input_shape) or [None])[0]
+        self.output = output
+        self.condition = _check_condition_arg(condition)
+        self.takes_condition = self.condition is not None
+        self.out_features = _width(out_features, "out_features") or _declared_width(module)
+
+    def forward(self, inputs: Sequence[Tensor], condition: Tensor | None = None) -> Tensor:
+        x = inputs[0]
+        if self.input_shape is not None:
+            x = _view(x, self.input_shape)
+        raw = _call_with_condition(self.module, [x], condition, self.condition, "feature network")
+        return _select(raw, self.output, "feature network")
+
+    def extra_repr(self) -> str:
+        parts = [f"out_features={self.out_features}"]
+        if self.condition is not None:
+            parts.append(f"condition={self.condition!r}")
+        if self.output is not None:
+            parts.append(f"output={getattr(self.output, '__name__', self.output)!r}")
+        return ", ".join(parts)
+
+
+class JointNetwork(NetworkAdapter):
+    """A user's joint network, called as written, on the slot features of N tuples.
+
+    Args:
+        module: the user's network.
+        inputs: ``"concat"``: one argument, the slot features concatenated along dim 1
+            (``[N, C, 1, 1]`` maps stay maps when the slots are maps of one spatial size);
+            ``"separate"``: one argument per slot, ``module(f_1, ..., f_m)`` (``J(F, H)``).
+        order: the slots in the order ``module`` takes them (default: the spec's).
+        input_shape: how to view each argument, without the batch dimension (``-1`` allowed
+            once): one shape for every argument (``(-1, 1, 1)``: ALI's 1x1-convolution joint on
+            ``[B, C, 1, 1]`` maps), or a list with one shape (or None: as is) per argument.
+        condition: None, True (positional, after the inputs) or a keyword name (as
+            :class:`FeatureNetwork`).
+        output: what to read from ``module``'s output (as :class:`FeatureNetwork`).
+        out_features: the output width: K logits, or 1 for a single score; read from the
+            module (or ``score``) when omitted.
+        returns: ``"logits"`` (K logits or one score) or ``"features"`` (the head adds a
+            K-way layer, with the projection term when the head has ``conditions``).
+        features: a dotted sub-module name of ``module`` (as in ``named_modules()``) whose
+            output the head reads as the tuples' features: for the K-way layer it puts on a
+            network that ends in one score (K > 2), and for its projection term.
+        feature_dim: the width of those features (or of the output, with
+            ``returns="features"``); read from the named layer when it has ``out_features``.
+        score: a score layer applied to ``module``'s output (BigBiGAN's ``theta_xz`` on
+            ``J(F(x), H(z))``): the module's output becomes the features and the score layer's
+            the output; a :class:`FeatureNetwork` when the score layer takes the condition.
+    """
+
+    def __init__(
+        self,
+        module: Callable[..., Any],
+        *,
+        inputs: str = "concat",
+        order: Sequence[int] | None = None,
+        input_shape: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
+        condition: bool | str | None = None,
+        output: OutputSelector = None,
+        out_features: int | None = None,
+        returns: str = "logits",
+        features: str | None = None,
+        feature_dim: int | None = None,
+        score: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(module):
+            raise ConfigError(f"expected a callable network, got {type(module).__name__}")
+        if inputs not in ("concat", "separate"):
+            raise ConfigError(f"inputs must be 'concat' or 'separate', got {inputs!r}")
+        if returns not in ("logits", "features"):
+            raise ConfigError(f"returns must be 'logits' or 'features', got {returns!r}")
+        if features is not None and score is not None:
+            raise ConfigError(
+                "pass either features= (a layer inside the network) or score= (a score layer "
+                "after it, whose input is the features), not both"
+            )
+        if returns == "features" and score is not None:
+            raise ConfigError("returns='features' takes no score layer: the head adds it")
+        self.module = module
+        self.inputs = inputs
+        self.order = tuple(order) if order is not None else None
+        self.input_shape = _shapes(input_shape)
+        self.condition = _check_condition_arg(condition)
+        self.output = output
+        self.returns = returns
+        self.score = score
+        self.feature_layer = features
+        self._layer = _find_layer(module, features) if features is not None else None
+        if score is not None:
+            self.out_features = _width(out_features, "out_features") or _declared_width(score)
+            self.feature_dim = _width(feature_dim, "feature_dim") or _declared_width(module)
+        else:
+            self.out_features = _width(out_features, "out_features") or (
+                None if returns == "features" else _declared_width(module)
+            )
+            named = getattr(self._layer, "out_features", None) if self._layer else None
+            self.feature_dim = _width(feature_dim, "feature_dim") or (
+                named if isinstance(named, int) else None
+            )
+        score_takes = isinstance(score, NetworkAdapter) and score.takes_condition
+        self.takes_condition = self.condition is not None or score_takes
+
+    def _arguments(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        slots = list(inputs)
+        if self.order is not None:
+            if sorted(self.order) != list(range(len(slots))):
+                raise ConfigError(
+                    f"order={list(self.order)} must list each of the {len(slots)} slots once"
+                )
+            slots = [slots[i] for i in self.order]
+        if self.inputs == "concat":
+            same = len({tuple(t.shape[1:]) for t in slots}) == 1 or all(
+                t.dim() > 2 and t.shape[2:] == slots[0].shape[2:] for t in slots
+            )
+            if same and slots[0].dim() > 2:
+                arguments = [torch.cat(slots, 1)]
+            else:
+                arguments = [torch.cat([t.flatten(1) for t in slots], 1)]
+        else:
+            arguments = slots
+        shapes = self.input_shape
+        if shapes is None:
+            return arguments
+        if len(shapes) == 1:
+            shapes = shapes * len(arguments)
+        if len(shapes) != len(arguments):
+            raise ConfigError(
+                f"input_shape lists {len(shapes)} shapes for the joint's {len(arguments)} arguments"
+            )
+        return [t if shape is None else _view(t, shape) for t, shape in zip(arguments, shapes)]
+
+    def forward(
+        self, inputs: Sequence[Tensor], condition: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        seen: list[Any] = []
+        handle = None
+        if self._layer is not None:
+            handle = self._layer.register_forward_hook(lambda m, i, out: seen.append(out))
+        try:
+            raw = _call_with_condition(
+                self.module, self._arguments(inputs), condition, self.condition, "joint network"
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        out = _select(raw, self.output, "joint network")
+        if self.score is not None:
+            if isinstance(self.score, NetworkAdapter):
+                score = self.score([out], condition)
+            else:
+                score = self.score(out)
+            return score, out.flatten(1)
+        if self._layer is not None:
+            if len(seen) != 1 or not isinstance(seen[0], Tensor):
+                raise ConfigError(
+                    f"the feature layer {self.feature_layer!r} ran {len(seen)} times in one call "
+                    "of the joint network (or gave no tensor); name a layer that runs once"
+                )
+            return out, seen[0].flatten(1)
+        return out
+
+    def extra_repr(self) -> str:
+        parts = [f"inputs={self.inputs!r}", f"out_features={self.out_features}"]
+        if self.returns != "logits":
+            parts.append(f"returns={self.returns!r}")
+        if self.feature_layer is not None:
+            parts.append(f"features={self.feature_layer!r}")
+        if self.feature_dim is not None:
+            parts.append(f"feature_dim={self.feature_dim}")
+        if self.condition is not None:
+            parts.append(f"condition={self.condition!r}")
+        return ", ".join(parts)
+
+
+def _view(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    try:
+        return t.reshape(t.shape[0], *shape)
+    except RuntimeError as error:
+        raise ShapeError(
+            f"input_shape {list(shape)}: an input of shape {list(t.shape)} cannot be viewed as "
+            f"[{t.shape[0]}, {', '.join(map(str, shape))}]"
+        ) from error
+
+
+def _shapes(value: Any) -> list[tuple[int, ...] | None] | None:
+    if value is None:
+        return None
+    items = list(value)
+    if items and all(isinstance(d, int) and not isinstance(d, bool) for d in items):
+        return [tuple(items)]
+    shapes = []
+    for item in items:
+        if item is None:
+            shapes.append(None)
+        elif all(isinstance(d, int) and not isinstance(d, bool) for d in item):
+            shapes.append(tuple(item))
+        else:
+            raise ConfigError(
+                f"input_shape must be a shape such as (-1, 1, 1) or a list of shapes (or None) "
+                f"per argument, got {value!r}"
+            )
+    return shapes
+
+
+class _Inputs(nn.Identity):
+    """The head's feature network for a monolithic D: the variable itself."""
+
+
+def monolithic_head(
+    spec: TupleSpec,
+    discriminator: Callable[..., Any],
+    *,
+    condition: bool | str | None = None,
+    output: OutputSelector = None,
+    out_features: int | None = None,
+    features: str | None = None,
+    feature_dim: int | None = None,
+    latent_shape: Sequence[int] | None = None,
+    conditions: int | None = None,
+    feature_pass: str = "fused",
+) -> MultiClassJointDiscriminatorHead:
+    """A head over a monolithic ``D(x, z)``, for a spec whose tuples have two slots, an image
+    and a latent (``ali``, ``gali4``, ``alice`` or one of your own; any K).
+
+    The head calls ``discriminator(x, z)`` once on all ``K * B`` pairs (``feature_pass=
+    "per_node"``: once per class, for a D with batch norm). A D that ends in one score ``s``
+    gives the logits ``(s, 0)`` at K = 2 (BiGAN's loss exactly, docs/design.md eq. 9.3); for
+    K > 2 name the layer whose output is its features (``features="joint.3"``): the head adds a
+    K-way layer on those features and ``s``, so D's own layers all keep training.
+
+    Args:
+        spec: the tuple classes; two slots, one image and one latent.
+        discriminator: the user's ``D(x, z)``.
+        condition, output, out_features, features, feature_dim: as :class:`JointNetwork`.
+        latent_shape: how ``D`` takes ``z`` (``(256, 1, 1)`` for ALI's maps); default: as the
+            chains give it.
+        conditions, feature_pass: as :class:`~gali_ext.MultiClassJointDiscriminatorHead`.
+
+    A spec of more than two slots is refused: its tuples (GALI-8's ``(x0, z0, x1, z1)``) do not
+    fit ``D(x, z)`` without dropping slots. Split D into feature networks and a joint network
+    (``MultiClassJointDiscriminatorHead(spec, image_features=F, latent_features=H,
+    joint=JointNetwork(J, inputs="separate"))``) to train it on such specs.
+    """
+    if not isinstance(spec, TupleSpec):
+        raise SpecError(f"expected a TupleSpec, got {type(spec).__name__}")
+    if spec.arity != 2 or set(spec.slot_kinds) != {IMAGE, LATENT}:
+        raise SpecError(
+            f"a monolithic D(x, z) reads one image and one latent per tuple, but spec "
+            f"{spec.name!r} has {spec.arity} slots of kinds {list(spec.slot_kinds)}: it cannot "
+            "be given the whole tuple without dropping slots. Use a spec of two slots "
+            "(ali, gali4, alice, or your own), or split your D into an image network F, a "
+            "latent network H and a joint J: MultiClassJointDiscriminatorHead(spec, "
+            "image_features=F, latent_features=H, joint=JointNetwork(J, inputs='separate'))"
+        )
+    order = [spec.slot_kinds.index(IMAGE), spec.slot_kinds.index(LATENT)]
+    shapes = None
+    if latent_shape is not None:
+        shapes = [None, tuple(latent_shape)]
+    joint = JointNetwork(
+        discriminator,
+        inputs="separate",
+        order=order,
+        input_shape=shapes,
+        condition=condition,
+        output=output,
+        out_features=out_features,
+        features=features,
+        feature_dim=feature_dim,
+    )
+    return MultiClassJointDiscriminatorHead(
+        spec,
+        _Inputs(),
+        _Inputs(),
+        joint=joint,
+        conditions=conditions,
+        feature_pass=feature_pass,
+    )

@@ -1,0 +1,168 @@
+"""An ALI-style project (Dumoulin et al. 2017) switched to GALI-4 and GALI-8.
+
+The project (everything down to :func:`train_ali`) is the user's own, shaped like public ALI
+code: a stochastic encoder whose last 1x1 convolution outputs ``mu`` and ``log sigma`` stacked on
+the channel axis (``[B, 2d, 1, 1]``), a generator of ``[B, d, 1, 1]`` latents, and a
+discriminator of three parts as in ALI's appendix: ``D(x)`` (convolutions with batch norm and
+dropout), ``D(z)`` (1x1 convolutions with dropout on ``[B, d, 1, 1]``) and ``D(x, z)`` (1x1
+convolutions on their channel concatenation, ending in one score), trained with ALI's binary
+cross-entropy.
+
+:func:`gali_objective` is the switch: the encoder's stacked output read as ``(mu, log_sigma)``,
+the generator's and ``D(z)``'s ``[B, d, 1, 1]`` inputs, ``D(x, z)``'s penultimate layer named
+as the features the head's K-way layer reads (its own score is kept), and ``feature_pass=
+"per_node"`` so that ``D(x)``'s batch norm sees each node's batch alone, as in ALI's loop. GALI-8's
+four-slot tuples give ``D(x, z)`` twice the input channels (``ALIDiscriminator(pairs=2)``).
+
+Run it: ``python -m gali_ext.adapters.examples.ali_style``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gali_ext import GALI, MultiClassJointDiscriminatorHead, get_preset
+from gali_ext.adapters import FeatureNetwork, JointNetwork, LatentEncoder, LatentGenerator
+
+from .digits import digits_batches
+
+LATENT_DIM = 16
+CHANNELS = 64  # D(x) and D(z) output [B, 64, 1, 1]
+
+
+def block(a: int, b: int, kernel: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
+    """A convolution, batch norm and a leaky ReLU (ALI's building block)."""
+    return [nn.Conv2d(a, b, kernel, stride, padding, bias=False), nn.BatchNorm2d(b),
+            nn.LeakyReLU(0.2)]  # fmt: skip
+
+
+class ALIEncoder(nn.Module):
+    """``G_z(x)``: ``[B, 1, 16, 16] -> [B, 2d, 1, 1]``, mu and log sigma on the channel axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            *block(1, 32, 4, 2, 1), *block(32, 64, 4, 2, 1), *block(64, 128, 4),
+            nn.Conv2d(128, 2 * LATENT_DIM, 1),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ALIGenerator(nn.Module):
+    """``G_x(z)``: ``[B, d, 1, 1] -> [B, 1, 16, 16]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(LATENT_DIM, 64, 4, bias=False), nn.BatchNorm2d(64),
+            nn.LeakyReLU(0.2), nn.ConvTranspose2d(64, 32, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(32), nn.LeakyReLU(0.2), nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Tanh(),
+        )  # fmt: skip
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
+class ALIDiscriminator(nn.Module):
+    """``D(x)``, ``D(z)`` and ``D(x, z)`` as in ALI's appendix; ``pairs`` image-latent pairs per
+    joint input (1 for ALI; 2 for GALI-8's four-slot tuples)."""
+
+    def __init__(self, pairs: int = 1) -> None:
+        super().__init__()
+        self.dx = nn.Sequential(
+            nn.Dropout(0.2), nn.Conv2d(1, 32, 4, 2, 1), nn.LeakyReLU(0.2), nn.Dropout(0.2),
+            *block(32, 64, 4, 2, 1), nn.Dropout(0.2), nn.Conv2d(64, CHANNELS, 4), nn.LeakyReLU(0.2),
+        )  # fmt: skip
+        self.dz = nn.Sequential(
+            nn.Dropout(0.2), nn.Conv2d(LATENT_DIM, CHANNELS, 1), nn.LeakyReLU(0.2),
+            nn.Dropout(0.2), nn.Conv2d(CHANNELS, CHANNELS, 1), nn.LeakyReLU(0.2),
+        )  # fmt: skip
+        self.dxz = nn.Sequential(
+            nn.Dropout(0.2), nn.Conv2d(pairs * 2 * CHANNELS, 128, 1), nn.LeakyReLU(0.2),
+            nn.Dropout(0.2), nn.Conv2d(128, 128, 1), nn.LeakyReLU(0.2),
+            nn.Dropout(0.2), nn.Conv2d(128, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        """One logit per pair, ``[B, 1, 1, 1]``."""
+        return self.dxz(torch.cat([self.dx(x), self.dz(z)], 1))
+
+
+def ali_losses(discriminator, encoder, generator, x: Tensor) -> tuple[Tensor, Tensor]:
+    """ALI's D loss and its non-saturating generator-encoder loss on one batch."""
+    mu, log_sigma = encoder(x).chunk(2, 1)
+    z_hat = mu + log_sigma.exp() * torch.randn_like(mu)
+    z = torch.randn(len(x), LATENT_DIM, 1, 1)
+    real, fake = discriminator(x, z_hat), discriminator(generator(z), z)
+    bce = F.binary_cross_entropy_with_logits
+    d_loss = bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))
+    g_loss = bce(real, torch.zeros_like(real)) + bce(fake, torch.ones_like(fake))
+    return d_loss, g_loss
+
+
+def train_ali(steps: int = 2, seed: int = 0) -> list[float]:
+    """The project's own loop."""
+    torch.manual_seed(seed)
+    encoder, generator, discriminator = ALIEncoder(), ALIGenerator(), ALIDiscriminator()
+    opt_d = torch.optim.Adam(discriminator.parameters(), 1e-4, betas=(0.5, 1e-3))
+    eg = [*encoder.parameters(), *generator.parameters()]
+    opt_eg = torch.optim.Adam(eg, 1e-4, betas=(0.5, 1e-3))
+    losses = []
+    for x, _ in digits_batches(steps, seed=seed):
+        d_loss, g_loss = ali_losses(discriminator, encoder, generator, x)
+        opt_d.zero_grad()
+        opt_eg.zero_grad()
+        d_loss.backward(inputs=list(discriminator.parameters()), retain_graph=True)
+        g_loss.backward(inputs=eg)
+        opt_d.step()
+        opt_eg.step()
+        losses.append(d_loss.item())
+    return losses
+
+
+def gali_objective(preset: str, encoder, generator, discriminator) -> GALI:
+    """The switch: the project's networks as a GALI objective of ``preset``."""
+    d = discriminator  # every line below is the glue
+    head = MultiClassJointDiscriminatorHead(
+        get_preset(preset).spec, image_features=FeatureNetwork(d.dx),
+        latent_features=FeatureNetwork(d.dz, input_shape=(LATENT_DIM, 1, 1)),
+        joint=JointNetwork(d.dxz, features="5", feature_dim=128), feature_pass="per_node",
+    )  # fmt: skip
+    pair = (LatentEncoder(encoder, output=lambda out: out.flatten(1).chunk(2, 1)),
+            LatentGenerator(generator, input_shape=(LATENT_DIM, 1, 1)))  # fmt: skip
+    return GALI(*pair, head, get_preset(preset).providers())
+
+
+def train_gali(
+    preset: str = "gali8", steps: int = 2, seed: int = 0, batch_size: int = 32
+) -> list[float]:
+    """The project's loop on GALI: the D step, then the E/G step on the same chains."""
+    torch.manual_seed(seed)
+    pairs = 2 if get_preset(preset).spec.arity == 4 else 1
+    encoder, generator = ALIEncoder(), ALIGenerator()
+    gali = gali_objective(preset, encoder, generator, ALIDiscriminator(pairs))
+    opt_d = torch.optim.Adam(gali.head.parameters(), 1e-4, betas=(0.5, 1e-3))
+    eg = [*encoder.parameters(), *generator.parameters()]
+    opt_eg = torch.optim.Adam(eg, 1e-4, betas=(0.5, 1e-3))
+    losses = []
+    for x, _ in digits_batches(steps, batch_size, seed):
+        d = gali.discriminator_objective(x, differentiable_chains=True)
+        opt_d.zero_grad()
+        d.loss.backward()
+        opt_d.step()
+        g = gali.generator_objective(chains=d.chains)
+        opt_eg.zero_grad()
+        g.loss.backward()
+        opt_eg.step()
+        losses.append(d.loss.item())
+    return losses
+
+
+if __name__ == "__main__":
+    print("ALI D losses:", train_ali())
+    for name in ("gali4", "gali8"):
+        print(f"{name} D losses:", train_gali(name))
