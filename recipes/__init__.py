@@ -199,7 +199,7 @@ def _title(spec: str) -> str:
 # digits: a small net that trains in minutes on a CPU (embedded data, no download). Batch 32 for
 # 3000 steps (about 3 min for GALI-4 and GALI-8 on two idle CPU cores): at the same wall time,
 # more and smaller steps gave higher reconstruction class agreement and more confident samples
-# than batch 64 for 2400 steps, in the search of docs/fragments/study.md, section 6.z.
+# than batch 64 for 2400 steps, in the first-run search of docs/design.md, section 6.
 DIGITS_DEFAULTS: dict[str, Any] = dict(
     dataset="digits",
     arch="digits",

@@ -192,7 +192,7 @@ def _default_jobs() -> int:
 def study_command(
     dataset: str = typer.Argument("digits", help="Only digits: the study runs on the CPU."),
     out: Path = typer.Option(Path("runs/study-digits"), help="Study folder."),
-    steps: int = typer.Option(None, help="Training steps per run (default: 1500)."),
+    steps: int = typer.Option(None, help="Training steps per run (default: 2000)."),
     seeds: int = typer.Option(None, help="Seeds per recipe, 0 .. N-1 (default: 5)."),
     jobs: int = typer.Option(
         None, help="Runs trained at once, each in its own process (default: 2 on 2+ cores)."

@@ -316,7 +316,7 @@ def format_table(summary: dict[str, dict[str, Any]], markdown: bool = True) -> s
 
 STUDY_RECIPES = ["digits-ali", "digits-alice", "digits-gali4", "digits-gali8", "digits-gali-pt",
                  "digits-gali-mix"]  # fmt: skip
-STUDY_STEPS = 1500  # per run: where ALI has learned (docs/fragments/study.md)
+STUDY_STEPS = 2000  # per run: where ALI has learned (docs/design.md, section 6)
 STUDY_SEEDS = 5
 
 
