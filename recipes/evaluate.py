@@ -83,6 +83,7 @@ def summary_metrics(
     evaluator: torch.nn.Module | None = None,
     max_test_images: int = 2000,
     samples: int = SAMPLE_COUNT,
+    latent_dim: int | None = None,
 ) -> dict[str, float]:
     """The metrics a run's ``summary.json`` and tracker report at the end of training.
 
@@ -90,6 +91,11 @@ def summary_metrics(
     classifier (class-labelled data only): ``class_agreement`` (eq. 6.1), and, over
     ``samples`` samples ``G(z)`` drawn with seed 0, ``sample_confidence`` (eq. 6.2),
     ``sample_entropy_bits`` (eq. 6.3) and ``sample_classes_covered`` (eq. 6.4).
+    ``latent_dim`` defaults to ``generator.latent_dim`` (the recipes' generators have it).
+
+    The training loop calls it once at the end, with the weights it saves (the EMA weights
+    when it keeps them) and the evaluator when one is at hand, e.g.
+    ``summary_metrics(E, G, load_data(config, "test"), load_evaluator(folder))``.
     """
     x = first_images(test_data, max_test_images)
     result = {"pixel_mse": reconstruction_mse(encoder, generator, x)}
@@ -99,7 +105,10 @@ def summary_metrics(
     result["class_agreement"] = reconstruction_class_agreement(
         encoder, generator, evaluator, x, labels
     )
-    quality = sample_quality(generator, evaluator, generator.latent_dim, count=samples)
+    latent_dim = latent_dim or getattr(generator, "latent_dim", None)
+    if latent_dim is None:
+        raise ConfigError("summary_metrics needs latent_dim: the generator has no .latent_dim")
+    quality = sample_quality(generator, evaluator, latent_dim, count=samples)
     result["sample_confidence"] = quality["confidence"]
     result["sample_entropy_bits"] = quality["class_entropy_bits"]
     result["sample_classes_covered"] = quality["classes_covered"]
