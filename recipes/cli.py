@@ -163,10 +163,14 @@ def train_evaluator_command(
     data_dir: Path = typer.Option(None, help="Folder with SVHN or CelebA."),
     epochs: int = typer.Option(10, help="Training epochs."),
 ) -> None:
-    """Train the evaluator classifier M_eval behind the feature MSE; prints its test accuracy."""
+    """Train the evaluator classifier M_eval behind the feature MSE, the reconstruction class
+    agreement and the sample metrics; prints its test accuracy."""
+    from .evaluate import default_evaluator_dir
     from .evaluator import train_evaluator
 
-    folder = out or Path("runs") / f"evaluator-{dataset}"
+    folder = out or default_evaluator_dir(dataset)
+    typer.echo(f"training the {dataset} evaluator classifier for {epochs} epochs "
+               "(digits: about 1 min on 2 CPU cores)")  # fmt: skip
     info = train_evaluator(dataset, folder, data_dir, epochs=epochs)
     typer.echo(
         f"evaluator for {dataset}: test accuracy {info['test_accuracy']:.4f}, saved in {folder}"
@@ -177,10 +181,14 @@ def train_evaluator_command(
 def eval_command(
     run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
     evaluator: Path = typer.Option(
-        None, help="Evaluator folder (default: runs/evaluator-DATASET)."
+        None,
+        help="Evaluator folder (default: evaluator-DATASET in --out; for digits it is trained "
+        "there when missing, about 1 min).",
     ),
     markdown: bool = typer.Option(False, help="Print the table as Markdown."),
-    out: Path = typer.Option(Path("eval.json"), help="Where to write all results as JSON."),
+    out: Path = typer.Option(
+        None, help="Folder for eval.json and the evaluator (default: the first run's folder)."
+    ),
     svm_samples: int = typer.Option(None, help="Labelled images per SVM draw (paper: 1000)."),
     svm_draws: int = typer.Option(None, help="SVM draws to average (paper: 100)."),
     inception_weights: Path = typer.Option(
@@ -188,44 +196,89 @@ def eval_command(
         help="A local .safetensors file of timm's inception_v3 (e.g. inception_v3.tv_in1k): "
         "adds FID on Inception features.",
     ),
+    raw_weights: bool = typer.Option(
+        False, help="Score the trained weights, not their moving average (EMA) when a run has one."
+    ),
 ) -> None:
-    """The paper's metrics for trained runs, as a table (mean ± std over seeds of a recipe)."""
+    """The paper's metrics and the evaluator's (reconstruction class agreement, confident
+    samples, class coverage) for trained runs: mean ± std over the seeds of a recipe."""
     import json
 
-    from gali_ext.recipes.evaluate import evaluate_run, format_table, inception_features, summarise
+    from gali_ext.recipes import RecipeConfig
+    from gali_ext.recipes.evaluate import (
+        default_evaluator_dir,
+        evaluate_run,
+        format_table,
+        inception_features,
+        summarise,
+    )
 
+    for run in run_dirs:
+        if not (run / "config.json").is_file():
+            raise ConfigError(f"{str(run)!r} is not a run directory (no config.json)")
+    folder = out or run_dirs[0].resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
     inception = inception_features(inception_weights) if inception_weights else None
-    results = [
-        evaluate_run(r, evaluator, svm_samples, svm_draws, inception=inception) for r in run_dirs
-    ]
+    results = []
+    for run in run_dirs:
+        dataset = RecipeConfig.from_json(run / "config.json").dataset
+        results.append(
+            evaluate_run(
+                run,
+                evaluator or default_evaluator_dir(dataset, folder),
+                svm_samples,
+                svm_draws,
+                inception=inception,
+                echo=typer.echo,
+                ema=not raw_weights,
+            )  # fmt: skip
+        )
     summary = summarise(results)
-    out.write_text(json.dumps({"results": results, "summary": summary}, indent=2))
+    path = folder / "eval.json"
+    path.write_text(json.dumps({"results": results, "summary": summary}, indent=2))
     typer.echo(format_table(summary, markdown=markdown))
     protocols = sorted({r["svm_protocol"] for r in results if "svm_protocol" in r})
     if protocols:
-        typer.echo(f"SVM: {'; '.join(protocols)}. Results in {out}")
+        typer.echo(f"SVM: {'; '.join(protocols)}.")
+    typer.echo(f"Results in {path}")
+
+
+def _default_jobs() -> int:
+    import os
+
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 @app.command("study")
 def study_command(
     dataset: str = typer.Argument("digits", help="Only digits: the study runs on the CPU."),
     out: Path = typer.Option(Path("runs/study-digits"), help="Study folder."),
-    steps: int = typer.Option(600, help="Training steps per run."),
-    seeds: int = typer.Option(3, help="Seeds per recipe."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    steps: int = typer.Option(None, help="Training steps per run (default: 2000)."),
+    seeds: int = typer.Option(None, help="Seeds per recipe, 0 .. N-1 (default: 5)."),
+    jobs: int = typer.Option(
+        None, help="Runs trained at once, each in its own process (default: 2 on 2+ cores)."
+    ),
+    threads: int = typer.Option(
+        None, help="Torch threads per run (default: cores // jobs); results depend on it."
+    ),
+    progress: bool = typer.Option(True, help="Show progress bars (one job only)."),
     svm_samples: int = typer.Option(None, help="Labelled images per SVM draw (digits: 500)."),
     svm_draws: int = typer.Option(None, help="SVM draws to average (digits: 10)."),
-    recipes: str = typer.Option(None, help="Comma-separated recipes (default: all five)."),
+    recipes: str = typer.Option(None, help="Comma-separated recipes (default: all six)."),
     set_: list[str] = typer.Option([], "--set", help="Override a setting in every recipe."),
 ) -> None:
-    """Train digits-ali, -alice, -gali4, -gali8, -gali-pt over seeds and compare them."""
-    from gali_ext.recipes.evaluate import study
+    """Train digits-ali, -alice, -gali4, -gali8, -gali-pt, -gali-mix over seeds, compare them,
+    and test the paper's claims seed by seed (paired.md)."""
+    from gali_ext.recipes.evaluate import STUDY_SEEDS, STUDY_STEPS, study
 
     if dataset != "digits":
         raise ConfigError(f"the study runs on digits only, got {dataset!r}")
     names = [r.strip() for r in recipes.split(",")] if recipes else None
-    study(out, steps=steps, seeds=seeds, recipes=names, progress=progress, echo=typer.echo,
-          svm_samples=svm_samples, svm_draws=svm_draws, overrides=_parse_sets(set_))  # fmt: skip
+    study(out, steps=STUDY_STEPS if steps is None else steps,
+          seeds=STUDY_SEEDS if seeds is None else seeds, recipes=names, progress=progress,
+          echo=typer.echo, svm_samples=svm_samples, svm_draws=svm_draws,
+          overrides=_parse_sets(set_), jobs=_default_jobs() if jobs is None else jobs,
+          threads=threads)  # fmt: skip
 
 
 @app.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,17 @@ from gali_ext.recipes.metrics import (
     inpainting_errors,
     model_device,
     reconstruct,
+    reconstruction_class_agreement,
     reconstruction_mse,
+    sample_class_statistics,
+    sample_quality,
 )
 from gali_ext.recipes.models import build_ali_models
 from gali_ext.recipes.visual import save_image_grid
 
 from . import RecipeConfig
+from .data import ImageData
+from .runs import EMA_FILES
 from .train import build_model, first_images, load_data
 
 __all__ = [
@@ -45,11 +51,17 @@ __all__ = [
     "inception_features",
     "study",
     "summarise",
+    "summary_metrics",
     "svm_references",
+    "test_data_reference",
 ]
 
 # (key, column title, digits after the point)
 METRICS = [
+    ("class_agreement", "recon. class agreement", 3),
+    ("sample_confidence", "confident samples", 3),
+    ("sample_entropy_bits", "sample class entropy (bits)", 2),
+    ("sample_classes_covered", "classes >= 5 % of samples", 1),
     ("pixel_mse", "pixel MSE", 4),
     ("feature_mse", "feature MSE", 4),
     ("svm_error", "SVM misclassification %", 2),
@@ -62,13 +74,62 @@ METRICS = [
 SVM_DEFAULTS = {"digits": (500, 10), "svhn": (1000, 100), "celeba": (1000, 100)}
 
 
-def default_evaluator_dir(dataset: str) -> Path:
-    """Where ``gali-ext train-evaluator DATASET`` puts the evaluator by default."""
-    return Path("runs") / f"evaluator-{dataset}"
+SAMPLE_COUNT = 1000  # samples G(z) scored by the evaluator for confidence and coverage
 
 
-def ensure_evaluator(dataset: str, folder: Path | None, data_dir: str | None = None) -> Path:
-    """The evaluator folder; for digits one is trained (seconds) when none exists yet."""
+def summary_metrics(
+    encoder: torch.nn.Module,
+    generator: torch.nn.Module,
+    test_data: ImageData,
+    evaluator: torch.nn.Module | None = None,
+    max_test_images: int = 2000,
+    samples: int = SAMPLE_COUNT,
+    latent_dim: int | None = None,
+) -> dict[str, float]:
+    """The metrics a run's ``summary.json`` and tracker report at the end of training.
+
+    ``pixel_mse`` on the first ``max_test_images`` test images always; with the evaluator
+    classifier (class-labelled data only): ``class_agreement`` (eq. 6.1), and, over
+    ``samples`` samples ``G(z)`` drawn with seed 0, ``sample_confidence`` (eq. 6.2),
+    ``sample_entropy_bits`` (eq. 6.3) and ``sample_classes_covered`` (eq. 6.4).
+    ``latent_dim`` defaults to ``generator.latent_dim`` (the recipes' generators have it).
+
+    The training loop calls it once at the end, with the weights it saves (the EMA weights
+    when it keeps them) and the evaluator when one is at hand, e.g.
+    ``summary_metrics(E, G, load_data(config, "test"), load_evaluator(folder))``.
+    """
+    x = first_images(test_data, max_test_images)
+    result = {"pixel_mse": reconstruction_mse(encoder, generator, x)}
+    labels = test_data.labels_tensor()[: len(x)]
+    if evaluator is None or labels.ndim != 1:
+        return result
+    result["class_agreement"] = reconstruction_class_agreement(
+        encoder, generator, evaluator, x, labels
+    )
+    latent_dim = latent_dim or getattr(generator, "latent_dim", None)
+    if latent_dim is None:
+        raise ConfigError("summary_metrics needs latent_dim: the generator has no .latent_dim")
+    quality = sample_quality(generator, evaluator, latent_dim, count=samples)
+    result["sample_confidence"] = quality["confidence"]
+    result["sample_entropy_bits"] = quality["class_entropy_bits"]
+    result["sample_classes_covered"] = quality["classes_covered"]
+    return result
+
+
+def default_evaluator_dir(dataset: str, beside: Path | None = None) -> Path:
+    """Where the evaluator of ``dataset`` lives by default: ``evaluator-DATASET`` in the folder
+    ``beside`` (the runs' folder, or ``--out``), else under ``runs/``."""
+    return (beside if beside is not None else Path("runs")) / f"evaluator-{dataset}"
+
+
+def ensure_evaluator(
+    dataset: str,
+    folder: Path | None,
+    data_dir: str | None = None,
+    echo: Callable[[str], Any] | None = print,
+) -> Path:
+    """The evaluator folder; for digits one is trained when none exists yet, and ``echo`` says
+    so first (about a minute on two CPU cores)."""
     folder = folder or default_evaluator_dir(dataset)
     if not (folder / "evaluator.json").is_file():
         if dataset != "digits":
@@ -76,7 +137,14 @@ def ensure_evaluator(dataset: str, folder: Path | None, data_dir: str | None = N
                 f"no evaluator for {dataset} in {str(folder)!r}: train one with "
                 f"`gali-ext train-evaluator {dataset} --data-dir D --out {folder}`"
             )
-        train_evaluator(dataset, folder, data_dir)
+        if echo is not None:
+            echo(
+                f"no evaluator classifier in {folder}: training one on the digits labels first "
+                "(about 1 min on 2 CPU cores; reused afterwards)"
+            )
+        info = train_evaluator(dataset, folder, data_dir)
+        if echo is not None:
+            echo(f"evaluator: test accuracy {info['test_accuracy']:.4f}, saved in {folder}")
     return folder
 
 
@@ -144,12 +212,20 @@ def evaluate_run(
     svm_draws: int | None = None,
     max_test_images: int = 2000,
     inception: PretrainedFeatures | None = None,
+    echo: Callable[[str], Any] | None = print,
+    ema: bool = True,
 ) -> dict[str, Any]:
-    """Every metric of docs/design.md, section 6, for one run directory, plus the linear SVM on the
-    encoder's output alone (``svm_latent_error``).
+    """Every metric of docs/design.md, section 6, for one run directory: those of
+    :func:`summary_metrics` (pixel MSE, reconstruction class agreement, confident samples and
+    class coverage, eqs. 6.1-6.4), feature MSE, the linear SVM on the paper's representation
+    and on the encoder's output alone (``svm_latent_error``), FID and inpainting errors.
 
     FID is computed on the evaluator classifier's features (``fid_evaluator``) and, when
     ``inception`` is given (:func:`inception_features`), on Inception's (``fid_inception``).
+    Without ``evaluator_dir`` the evaluator is looked up (for digits: trained) in
+    ``evaluator-DATASET`` beside the run directory. E and G are the run's moving averages
+    (``*_ema.safetensors``) when it has them and ``ema`` is true, else its trained weights;
+    ``result["weights"]`` says which.
     """
     run = Path(run_dir)
     config = RecipeConfig.from_json(run / "config.json")
@@ -161,18 +237,27 @@ def evaluate_run(
     test, train, val = (load_data(config, s) for s in ("test", "train", "val"))
     built = build_model(config, test.channels)
     encoder, generator = built.models.encoder, built.models.generator
-    load_safetensors_into(encoder, run / "encoder.safetensors")
-    load_safetensors_into(generator, run / "generator.safetensors")
-    evaluator = load_evaluator(
-        ensure_evaluator(
-            config.dataset, evaluator_dir and Path(evaluator_dir), config.data_dir or None
-        )
+    use_ema = ema and all((run / f"{f}.safetensors").is_file() for f in EMA_FILES.values())
+    for name, module in (("encoder", encoder), ("generator", generator)):
+        load_safetensors_into(module, run / f"{EMA_FILES[name] if use_ema else name}.safetensors")
+    folder = (
+        Path(evaluator_dir)
+        if evaluator_dir
+        else default_evaluator_dir(config.dataset, run.resolve().parent)
     )
+    evaluator = load_evaluator(ensure_evaluator(config.dataset, folder, config.data_dir or None,
+                                                echo))  # fmt: skip
 
     x = first_images(test, max_test_images)
     result: dict[str, Any] = {"run": str(run), "recipe": config.name, "seed": config.seed,
-                              "steps": config.steps, "test_images": len(x)}  # fmt: skip
-    result["pixel_mse"] = reconstruction_mse(encoder, generator, x)
+                              "steps": config.steps, "test_images": len(x),
+                              "weights": "ema" if use_ema else "raw"}  # fmt: skip
+    summary = run / "summary.json"
+    if summary.is_file():
+        seconds = json.loads(summary.read_text()).get("seconds_this_session")
+        if seconds is not None:
+            result["train_seconds"] = seconds
+    result.update(summary_metrics(encoder, generator, test, evaluator, max_test_images))
     result["feature_mse"] = feature_mse(encoder, generator, evaluator.features, x)
 
     samples, draws = SVM_DEFAULTS[config.dataset]
@@ -192,8 +277,24 @@ def evaluate_run(
     return result
 
 
+def test_data_reference(
+    evaluator: torch.nn.Module, test_data: ImageData, max_test_images: int = 2000
+) -> dict[str, Any]:
+    """The sample metrics (eqs. 6.2-6.4) of the real test images themselves, the row
+    ``(test digits)``: what a generator whose samples look like the data would score (the
+    evaluator is not certain of every real digit either)."""
+    x = first_images(test_data, max_test_images)
+    with torch.no_grad():
+        logits = torch.cat([evaluator(x[i : i + 500]) for i in range(0, len(x), 500)])
+    stats = sample_class_statistics(logits)
+    return {"recipe": f"(test {test_data.name})", "sample_confidence": stats["confidence"],
+            "sample_entropy_bits": stats["class_entropy_bits"],
+            "sample_classes_covered": stats["classes_covered"]}  # fmt: skip
+
+
 def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per recipe: each metric's mean and std over the runs (seeds) of that recipe."""
+    """Per recipe: each metric's mean over the runs (seeds) of that recipe and, with two runs or
+    more, its standard deviation (``KEY_std``, population form as the paper's ± columns)."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in results:
         groups[r["recipe"]].append(r)
@@ -204,22 +305,27 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             values = [r[key] for r in runs if key in r]
             if values:
                 row[key] = statistics.fmean(values)
-                row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+                if len(values) > 1:
+                    row[f"{key}_std"] = statistics.pstdev(values)
         summary[recipe] = row
     return summary
 
 
 def format_table(summary: dict[str, dict[str, Any]], markdown: bool = True) -> str:
-    """The paper-style table: rows are recipes, columns metrics, mean ± std over seeds."""
+    """The paper-style table: rows are recipes, columns metrics, mean ± std over seeds (the mean
+    alone for a recipe with one run)."""
     keys = [(k, t, d) for k, t, d in METRICS if any(k in row for row in summary.values())]
     header = ["recipe", "runs", *(t for _, t, _ in keys)]
     rows = []
     for recipe, row in summary.items():
         cells = [recipe, str(row["runs"])]
         for key, _, digits in keys:
-            cells.append(
-                f"{row[key]:.{digits}f} ± {row[key + '_std']:.{digits}f}" if key in row else ""
-            )
+            if key not in row:
+                cells.append("")
+            elif f"{key}_std" in row:
+                cells.append(f"{row[key]:.{digits}f} ± {row[key + '_std']:.{digits}f}")
+            else:
+                cells.append(f"{row[key]:.{digits}f}")
         rows.append(cells)
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -228,58 +334,138 @@ def format_table(summary: dict[str, dict[str, Any]], markdown: bool = True) -> s
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows])
 
 
-STUDY_RECIPES = ["digits-ali", "digits-alice", "digits-gali4", "digits-gali8", "digits-gali-pt"]
+STUDY_RECIPES = ["digits-ali", "digits-alice", "digits-gali4", "digits-gali8", "digits-gali-pt",
+                 "digits-gali-mix"]  # fmt: skip
+STUDY_STEPS = 2000  # per run: where ALI has learned (docs/design.md, section 6)
+STUDY_SEEDS = 5
+
+
+def _train_and_evaluate(
+    name: str,
+    seed: int,
+    settings: dict[str, str],
+    run: Path,
+    evaluator: Path,
+    svm_samples: int | None,
+    svm_draws: int | None,
+    progress: bool,
+    threads: int | None,
+) -> dict[str, Any]:
+    """One study run: train (unless ``run`` already holds a finished run) and evaluate. Runs in
+    the study's process or in a worker process; ``threads`` sets torch's intra-op threads."""
+    from gali_ext import recipes as registry
+    from gali_ext.recipes.train import train
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if not (run / "summary.json").is_file():
+        config = registry.get(name).with_overrides({**settings, "seed": str(seed)})
+        train(config, run, progress=progress, overwrite=True)
+    return evaluate_run(run, evaluator, svm_samples, svm_draws, echo=None)
 
 
 def study(
     out_dir: str | Path,
-    steps: int = 600,
-    seeds: int = 3,
+    steps: int = STUDY_STEPS,
+    seeds: int = STUDY_SEEDS,
     recipes: list[str] | None = None,
     progress: bool = True,
     echo=print,
     svm_samples: int | None = None,
     svm_draws: int | None = None,
     overrides: dict[str, str] | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Train each digits recipe for ``steps`` steps over ``seeds`` seeds, evaluate all, and
-    write ``study.json``, ``study.md`` and ``study.png`` (test digits, then each recipe's
+    """Train each digits recipe for ``steps`` steps on seeds ``0 .. seeds-1``, evaluate all, and
+    write ``study.json``, ``study.md`` (the table), ``paired.md`` and ``paired.json`` (the paired
+    claims, :mod:`gali_ext.recipes.stats`) and ``study.png`` (test digits, then each recipe's
     reconstructions, row by row, as the paper's Figure 3). Finished runs are reused.
 
-    ``overrides`` (``{"lr": "4e-5"}``) apply to every recipe. The table ends with two reference
-    rows for the SVM columns: the raw pixels and the untrained encoder (one per seed), the
-    floor any learned representation should beat.
+    ``jobs`` runs that many trainings at once, each in its own process (spawned), with
+    ``threads`` torch threads per run (default ``cores // jobs``). Every run is seeded by its
+    config alone: at the same ``threads`` the weights and scores are bit for bit those of a
+    sequential study (``jobs=1``); another thread count changes float rounding only (about
+    1e-7 in the weights after a few steps). ``overrides`` (``{"lr": "4e-5"}``) apply to every
+    recipe. The table ends with reference rows: the raw pixels and the untrained encoder (one
+    per seed) for the SVM columns, the test digits for the sample columns.
     """
-    from gali_ext import recipes as registry
-    from gali_ext.recipes.train import train
+    import os
+    import time
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
 
+    from gali_ext import recipes as registry
+
+    from .stats import format_paired_table, paired_table
+
+    if jobs < 1 or seeds < 1 or steps < 1:
+        raise ConfigError(f"jobs, seeds and steps must be >= 1, got {jobs}, {seeds}, {steps}")
+    started = time.perf_counter()
     out = Path(out_dir)
     names = recipes or STUDY_RECIPES
     for name in names:  # a bad recipe name or --set key fails here, before any training
         registry.get(name).with_overrides({**(overrides or {}), "steps": str(steps)})
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = ensure_evaluator("digits", out / "evaluator")
-    results = []
+    evaluator = ensure_evaluator("digits", default_evaluator_dir("digits", out), echo=echo)
+    tasks = []
     for name in names:
         for seed in range(seeds):
-            run = out / f"{name}-seed{seed}"
-            settings = {**(overrides or {}), "steps": str(steps), "seed": str(seed)}
+            settings = {**(overrides or {}), "steps": str(steps)}
             if registry.get(name).uses_features:
                 settings["features_weights"] = str(evaluator)
-            config = registry.get(name).with_overrides(settings)
-            if not (run / "summary.json").is_file():
-                echo(f"training {name} seed {seed} for {steps} steps")
-                train(config, run, progress=progress, overwrite=True)
-            results.append(evaluate_run(run, evaluator, svm_samples, svm_draws))
-            echo(f"{name} seed {seed}: pixel MSE {results[-1]['pixel_mse']:.4f}, "
-                 f"SVM error {results[-1].get('svm_error', float('nan')):.2f}%")  # fmt: skip
-    results += svm_references(registry.get(names[0]), seeds, svm_samples, svm_draws)
-    summary = summarise(results)
+            tasks.append((name, seed, settings, out / f"{name}-seed{seed}", evaluator,
+                          svm_samples, svm_draws))  # fmt: skip
+    echo(f"study: {len(tasks)} runs ({len(names)} recipes x {seeds} seeds, {steps} steps each), "
+         f"{jobs} at a time")  # fmt: skip
+
+    def report(result: dict[str, Any]) -> None:
+        echo(f"{result['recipe']} seed {result['seed']}: recon. class agreement "
+             f"{result.get('class_agreement', float('nan')):.3f}, confident samples "
+             f"{result.get('sample_confidence', float('nan')):.3f}, pixel MSE "
+             f"{result['pixel_mse']:.4f}")  # fmt: skip
+
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    results = []
+    if jobs == 1:
+        previous = torch.get_num_threads()
+        try:
+            for task in tasks:
+                echo(f"training {task[0]} seed {task[1]} for {steps} steps")
+                results.append(_train_and_evaluate(*task, progress, threads))
+                report(results[-1])
+        finally:
+            torch.set_num_threads(previous)
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_train_and_evaluate, *task, False, threads): task
+                       for task in tasks}  # fmt: skip
+            for future in as_completed(futures):
+                results.append(future.result())
+                report(results[-1])
+        order = {(t[0], t[1]): i for i, t in enumerate(tasks)}
+        results.sort(key=lambda r: order[(r["recipe"], r["seed"])])
+    references = svm_references(registry.get(names[0]), seeds, svm_samples, svm_draws)
+    references.append(test_data_reference(load_evaluator(evaluator),
+                                          load_data(registry.get(names[0]), "test")))  # fmt: skip
+    summary = summarise(results + references)
     table = format_table(summary)
-    (out / "study.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2))
+    paired = paired_table(results)
+    paired_md = format_paired_table(paired)
+    seconds = time.perf_counter() - started
+    (out / "study.json").write_text(json.dumps(
+        {"results": results + references, "summary": summary, "paired": paired,
+         "settings": {"steps": steps, "seeds": seeds, "recipes": names, "jobs": jobs,
+                      "threads_per_run": threads, "overrides": overrides or {}},
+         "seconds": seconds}, indent=2))  # fmt: skip
     (out / "study.md").write_text(table + "\n")
+    (out / "paired.md").write_text(paired_md + "\n")
+    (out / "paired.json").write_text(json.dumps(paired, indent=2))
     _figure(out, names)
     echo(table)
+    echo("")
+    echo(paired_md)
+    echo(f"study written to {out} in {seconds:.0f} s")
     return summary
 
 

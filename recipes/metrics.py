@@ -6,7 +6,12 @@
 - :func:`svm_misclassification`: a linear SVM on encoder features from N labelled images, C
   chosen on a validation split, test misclassification averaged over R random draws;
 - :func:`frechet_distance` and :func:`fid`: Frechet distance between Gaussian fits of features;
-- :func:`inpainting_errors`: pixel MSE on the masked region and feature MSE of ``Mix(x, M)``.
+- :func:`inpainting_errors`: pixel MSE on the masked region and feature MSE of ``Mix(x, M)``;
+- :func:`reconstruction_class_agreement`: how often the evaluator classifier gives ``G(E(x))``
+  the label of x (docs/design.md, section 6, eq. 6.1);
+- :func:`sample_class_statistics` (on logits) and :func:`sample_quality` (on a generator):
+  the share of samples ``G(z)`` the evaluator classifies with confidence (eq. 6.2), and how
+  the samples cover the classes (eqs. 6.3 and 6.4).
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ __all__ = [
     "inpainting_errors",
     "model_device",
     "reconstruct",
+    "reconstruction_class_agreement",
     "reconstruction_mse",
+    "sample_class_statistics",
+    "sample_quality",
     "svm_misclassification",
 ]
 
@@ -269,3 +277,87 @@ def inpainting_errors(
         c = _features(features, mixed, batch_size)
         result["feature_mse"] = (a - c).pow(2).mean().item()
     return result
+
+
+@torch.no_grad()
+def _logits(classifier: Callable[[Tensor], Tensor], images: Tensor, batch_size: int) -> Tensor:
+    device = model_device(classifier)
+    with eval_mode(classifier):
+        return torch.cat([classifier(x).float().to(images.device)
+                          for x in _batches(images, batch_size, device)])  # fmt: skip
+
+
+@torch.no_grad()
+def reconstruction_class_agreement(
+    encoder: Callable[[Tensor], Any],
+    generator: Callable[[Tensor], Tensor],
+    classifier: Callable[[Tensor], Tensor],
+    images: Tensor,
+    labels: Tensor,
+    batch_size: int = 500,
+) -> float:
+    """Reconstruction class agreement (eq. 6.1): the fraction of images x whose reconstruction
+    ``G(E(x))`` the classifier assigns to x's label, ``mean_i [argmax_k C(G(E(x_i)))_k = y_i]``.
+
+    ``classifier`` returns class logits ``[B, K]`` (the evaluator classifier's ``forward``);
+    ``labels`` are class indices ``[B]``. Chance is ``1/K`` for balanced classes.
+    """
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ShapeError(
+            f"expected one class index per image, labels of shape [{len(images)}], "
+            f"got {list(labels.shape)}"
+        )
+    recon = reconstruct(encoder, generator, images, batch_size)
+    predicted = _logits(classifier, recon, batch_size).argmax(1)
+    return (predicted == labels.to(predicted.device)).float().mean().item()
+
+
+def sample_class_statistics(
+    logits: Tensor, threshold: float = 0.9, min_share: float = 0.05
+) -> dict[str, Any]:
+    """What a classifier says about N samples, from its logits ``[N, K]``:
+
+    - ``confidence`` (eq. 6.2): the fraction of samples whose top softmax probability is at
+      least ``threshold``, ``mean_i [max_k p_ik >= threshold]``;
+    - ``class_entropy_bits`` (eq. 6.3): the entropy ``-sum_k h_k log2 h_k`` of the histogram
+      ``h_k`` of predicted classes ``argmax_k p_ik`` over all samples (``log2 K`` when every
+      class holds as many samples, 0 when all samples fall in one class);
+    - ``classes_covered`` (eq. 6.4): the number of classes with ``h_k >= min_share``;
+    - ``class_histogram``: ``h`` itself, a list of K shares summing to 1.
+    """
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ShapeError(f"expected logits of shape [N, K] with N >= 1, got {list(logits.shape)}")
+    if not 0 < threshold <= 1 or not 0 < min_share <= 1:
+        raise ShapeError(
+            f"expected threshold and min_share in (0, 1], got {threshold} and {min_share}"
+        )
+    p = logits.double().softmax(1)
+    top, predicted = p.max(1)
+    shares = torch.bincount(predicted, minlength=logits.shape[1]).double() / len(predicted)
+    nonzero = shares[shares > 0]
+    return {
+        "confidence": (top >= threshold).double().mean().item(),
+        "class_entropy_bits": float(-(nonzero * nonzero.log2()).sum().item()) + 0.0,
+        "classes_covered": int((shares >= min_share).sum().item()),
+        "class_histogram": shares.tolist(),
+    }
+
+
+@torch.no_grad()
+def sample_quality(
+    generator: Callable[[Tensor], Tensor],
+    classifier: Callable[[Tensor], Tensor],
+    latent_dim: int,
+    count: int = 1000,
+    seed: int = 0,
+    threshold: float = 0.9,
+    min_share: float = 0.05,
+    batch_size: int = 500,
+) -> dict[str, Any]:
+    """:func:`sample_class_statistics` of ``count`` samples ``G(z)``, ``z ~ N(0, I)`` drawn from a
+    CPU generator seeded with ``seed`` (the same latents for every model of a study)."""
+    z = torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(seed))
+    device = model_device(generator)
+    with eval_mode(generator):
+        samples = torch.cat([generator(b).float().cpu() for b in _batches(z, batch_size, device)])
+    return sample_class_statistics(_logits(classifier, samples, batch_size), threshold, min_share)

@@ -367,9 +367,26 @@ class RunLog:
                 if hasattr(tracker, "log_images"):
                     tracker.log_images({name: image_grid(batch)[None]}, step=step)
 
+    def evaluator_metrics(self) -> dict[str, float]:
+        """The evaluator's metrics of the weights shown (reconstruction class agreement,
+        confident samples, class coverage: docs/design.md, section 6), when an evaluator of the
+        data set is at hand beside the run (``evaluator-DATASET``, as `gali-ext eval` and the
+        study keep it); none for a class-conditional run."""
+        from .evaluate import default_evaluator_dir, summary_metrics
+        from .evaluator import load_evaluator
+
+        folder = default_evaluator_dir(self.config.dataset, self.out.resolve().parent)
+        if self.config.conditions or not (folder / "evaluator.json").is_file():
+            return {}
+        metrics = summary_metrics(*self.shown, self.test_data, load_evaluator(folder),
+                                  latent_dim=self.config.latent_dim)  # fmt: skip
+        metrics.pop("pixel_mse", None)  # already there, as test_pixel_mse
+        return metrics
+
     def finish(self, step: int) -> None:
         """Last grids, and ``summary.json``: the test pixel MSE of the weights shown (the EMA's
-        when there is one, the trained weights' then as ``test_pixel_mse_raw``)."""
+        when there is one, the trained weights' then as ``test_pixel_mse_raw``) and
+        :meth:`evaluator_metrics`; the float ones go to the trackers too."""
         self.grids(step)
         if not self.main:
             return
@@ -384,6 +401,9 @@ class RunLog:
             summary["test_pixel_mse_raw"] = reconstruction_mse(
                 w["encoder"], w["generator"], x, labels=y
             )
+        summary.update(self.evaluator_metrics())
+        self.accelerator.log({f"summary/{k}": v for k, v in summary.items()
+                              if isinstance(v, float)}, step=step)  # fmt: skip
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         which = " (EMA weights)" if self.ema else ""
         self.accelerator.print(f"{self.config.name}: {step} steps, test pixel MSE {mse:.4f}"

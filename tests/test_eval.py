@@ -1,12 +1,17 @@
 """Evaluation metrics against hand-computed values (docs/design.md, section 6)."""
 
 import json
+import math
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from gali_ext.errors import ShapeError
 from gali_ext.recipes.metrics import (
     feature_mse,
     fid,
@@ -111,34 +116,133 @@ def test_evaluator_trains_and_reports_accuracy(tmp_path):
     assert not model.training and model.features(torch.zeros(2, 1, 16, 16)).shape == (2, 128)
 
 
+def _evaluator(folder):
+    """A 1-epoch evaluator for tests (a real one takes 10 epochs), copied into ``folder``."""
+    import shutil
+
+    from gali_ext.recipes.evaluator import train_evaluator
+
+    cache = Path(tempfile.gettempdir()) / f"gali-ext-test-evaluator-{os.getpid()}"
+    if not (cache / "evaluator.json").is_file():
+        train_evaluator("digits", cache, epochs=1)
+    shutil.copytree(cache, folder, dirs_exist_ok=True)
+    return folder
+
+
 def test_eval_and_study_commands(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from gali_ext.recipes.cli import app
-    from gali_ext.recipes.evaluator import train_evaluator
 
     monkeypatch.chdir(tmp_path)
-    train_evaluator("digits", tmp_path / "study" / "evaluator", epochs=1)  # reused by the study
+    _evaluator(tmp_path / "study" / "evaluator-digits")  # reused by the study and by eval
     runner = CliRunner()
     result = runner.invoke(app, ["study", "digits", "--steps", "2", "--seeds", "2", "--out",
                                  "study", "--no-progress", "--svm-samples", "100",
-                                 "--svm-draws", "1", "--recipes", "digits-gali-pt"])  # fmt: skip
+                                 "--svm-draws", "1", "--recipes", "digits-gali-pt",
+                                 "--jobs", "1"])  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "training one" not in result.output  # the evaluator in the study folder is reused
     table = (tmp_path / "study" / "study.md").read_text()
     assert "| digits-gali-pt | 2 |" in table
-    # the SVM reference rows: raw pixels, and the untrained encoder once per seed
+    # the SVM reference rows: raw pixels, and the untrained encoder once per seed; the sample
+    # columns' reference: the real test digits
     assert "| (raw pixels) | 1 |" in table and "| (untrained encoder) | 2 |" in table
+    assert "| (test digits) | 1 |" in table
     saved = json.loads((tmp_path / "study" / "study.json").read_text())
     run = saved["results"][0]
     assert 0 <= run["svm_latent_error"] <= 100 and 0 <= run["svm_error"] <= 100
+    assert 0 <= run["class_agreement"] <= 1 and 0 <= run["sample_confidence"] <= 1
+    assert 1 <= run["sample_classes_covered"] <= 10 and run["train_seconds"] > 0
     assert (tmp_path / "study" / "study.png").is_file()
     runs = [str(tmp_path / "study" / f"digits-gali-pt-seed{s}") for s in (0, 1)]
     options = ["--markdown", "--svm-samples", "100", "--svm-draws", "1"]
-    result = runner.invoke(app, ["eval", *runs, "--evaluator", "study/evaluator", *options])
+    result = runner.invoke(app, ["eval", *runs, *options])
     assert result.exit_code == 0, result.output
     assert "| digits-gali-pt | 2 |" in result.output and "N=100" in result.output
-    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert "training one" not in result.output  # found beside the runs
+    # eval.json goes beside the runs, not into the current folder
+    assert not (tmp_path / "eval.json").exists()
+    saved = json.loads((tmp_path / "study" / "eval.json").read_text())
     assert len(saved["results"]) == 2 and 0 < saved["summary"]["digits-gali-pt"]["pixel_mse"] < 1
+    # one run: its values, no spread
+    result = runner.invoke(app, ["eval", runs[0], *options, "--out", "one"])
+    assert result.exit_code == 0, result.output
+    assert "| digits-gali-pt | 1 |" in result.output and "±" not in result.output
+    assert (tmp_path / "one" / "eval.json").is_file()
+
+
+def test_eval_announces_the_evaluator_it_trains_beside_the_runs(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from gali_ext import recipes
+    from gali_ext.recipes import evaluate
+    from gali_ext.recipes.cli import app
+    from gali_ext.recipes.train import train
+
+    monkeypatch.chdir(tmp_path)
+    train(recipes.get("digits-ali").with_overrides({"steps": "1"}), tmp_path / "runs" / "a",
+          progress=False)  # fmt: skip
+    trained = []
+
+    def fake_train_evaluator(dataset, folder, data_dir=None):
+        trained.append(Path(folder))
+        _evaluator(folder)
+        return json.loads((Path(folder) / "evaluator.json").read_text())
+
+    monkeypatch.setattr(evaluate, "train_evaluator", fake_train_evaluator)
+    args = ["eval", "runs/a", "--svm-samples", "100", "--svm-draws", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    first_line = result.output.splitlines()[0]
+    assert "training one" in first_line and "about 1 min" in first_line
+    assert trained == [(tmp_path / "runs" / "evaluator-digits").resolve()]
+    assert (tmp_path / "runs" / "eval.json").is_file() and not (tmp_path / "eval.json").exists()
+    result = CliRunner().invoke(app, args)  # the second time it is found and reused
+    assert result.exit_code == 0 and "training one" not in result.output and len(trained) == 1
+
+
+def test_study_in_parallel_equals_sequential_and_writes_the_paired_table(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from gali_ext.recipes.cli import app
+    from gali_ext.recipes.evaluate import study
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("parallel", "sequential"):
+        _evaluator(tmp_path / name / "evaluator-digits")
+    recipes = "digits-ali,digits-gali-mix"
+    svm = ["--svm-samples", "100", "--svm-draws", "1"]
+    result = CliRunner().invoke(app, ["study", "digits", "--steps", "3", "--seeds", "2",
+                                      "--jobs", "2", "--threads", "1", "--recipes", recipes,
+                                      "--out", "parallel", *svm])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    study(tmp_path / "sequential", steps=3, seeds=1, recipes=recipes.split(","), progress=False,
+          echo=lambda *_: None, svm_samples=100, svm_draws=1, jobs=1, threads=1)  # fmt: skip
+    # seed 0 of each recipe: the same weights and scores whether trained two at a time or alone
+    saved = {name: {(r["recipe"], r["seed"]): r for r in json.loads(
+        (tmp_path / name / "study.json").read_text())["results"] if "seed" in r}
+        for name in ("parallel", "sequential")}  # fmt: skip
+    for recipe in recipes.split(","):
+        run = f"{recipe}-seed0"
+        for weights in ("encoder", "generator", "discriminator"):
+            a = (tmp_path / "parallel" / run / f"{weights}.safetensors").read_bytes()
+            assert a == (tmp_path / "sequential" / run / f"{weights}.safetensors").read_bytes()
+        a, b = saved["parallel"][(recipe, 0)], saved["sequential"][(recipe, 0)]
+        ignore = {"run", "train_seconds"}
+        assert {k: v for k, v in a.items() if k not in ignore} == {
+            k: v for k, v in b.items() if k not in ignore
+        }
+    # GALI-mix's inpainting claim, paired over the two seeds
+    paired = json.loads((tmp_path / "parallel" / "paired.json").read_text())
+    rows = {r["metric"]: r for r in paired if r["claim"] == "GALI-mix beats ALI on inpainting"}
+    assert set(rows) == {"inpaint_pixel_mse", "inpaint_feature_mse"}
+    assert all(r["n"] == 2 and r["seeds"] == [0, 1] and r["lower_is_better"] for r in rows.values())
+    markdown = (tmp_path / "parallel" / "paired.md").read_text()
+    assert "| GALI-mix beats ALI on inpainting | inpaint_pixel_mse | lower |" in markdown
+    assert "| digits-gali-mix | 2 |" in (tmp_path / "parallel" / "study.md").read_text()
+    settings = json.loads((tmp_path / "parallel" / "study.json").read_text())["settings"]
+    assert settings["jobs"] == 2 and settings["threads_per_run"] == 1
 
 
 def test_study_refuses_a_bad_setting_before_training(tmp_path, monkeypatch):
@@ -258,3 +362,99 @@ def test_metrics_feed_each_network_on_its_own_device():
     assert model_device(nn.Identity()) is None and model_device(lambda x: x) is None
     buffered = nn.BatchNorm1d(2, affine=False)
     assert model_device(buffered) == torch.device("cpu")
+
+
+class _FirstPixelsClassifier(nn.Module):
+    """A fake evaluator: the logits of an image are its first K pixel values."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x):
+        return x.flatten(1)[:, : self.classes]
+
+
+def test_reconstruction_class_agreement_by_hand():
+    from gali_ext.recipes.metrics import reconstruction_class_agreement
+
+    # four 1 x 2 x 2 images; the classifier reads the first 3 pixels as logits of 3 classes
+    x = torch.tensor([[5.0, 0, 0, 0], [0, 5, 0, 0], [0, 0, 5, 0], [5, 0, 0, 0]]).view(4, 1, 2, 2)
+    labels = torch.tensor([0, 1, 2, 2])  # the last image's label disagrees with its content
+    classifier = _FirstPixelsClassifier(3)
+    # a perfect reconstruction keeps the classes of x: 3 of 4 labels match
+    assert (
+        reconstruction_class_agreement(nn.Identity(), nn.Identity(), classifier, x, labels) == 0.75
+    )
+    # G(E(x)) = the same image for all: (1, 0, 0, 0) is class 0, which one label of four has
+    to_class0 = lambda z: torch.tensor([1.0, 0, 0, 0]).view(1, 1, 2, 2).expand(len(z), 1, 2, 2)  # noqa: E731
+    assert reconstruction_class_agreement(nn.Identity(), to_class0, classifier, x, labels) == 0.25
+    # a stochastic encoder is read at its mean
+    stochastic = lambda v: (v, torch.full_like(v, 9.0))  # noqa: E731
+    assert reconstruction_class_agreement(stochastic, nn.Identity(), classifier, x, labels) == 0.75
+    with pytest.raises(ShapeError, match=r"labels of shape \[4\]"):
+        reconstruction_class_agreement(nn.Identity(), nn.Identity(), classifier, x, labels[:3])
+
+
+def test_sample_class_statistics_by_hand():
+    from gali_ext.recipes.metrics import sample_class_statistics
+
+    # softmax of (a, 0, 0, 0) puts e^a / (e^a + 3) on the first class: a = ln 27 gives 0.9
+    # exactly, a = ln 18 gives 18/21 = 0.857; four samples of K = 4 classes
+    logits = torch.zeros(4, 4, dtype=torch.float64)
+    logits[0, 0] = math.log(27)  # class 0, p = 0.9: confident (>= 0.9)
+    logits[1, 0] = math.log(18)  # class 0, p = 0.857: not
+    logits[2, 1] = 10.0  # class 1, p = e^10 / (e^10 + 3) > 0.9
+    logits[3, 2] = math.log(18)  # class 2, not confident
+    stats = sample_class_statistics(logits, threshold=0.9 - 1e-12)
+    assert stats["confidence"] == pytest.approx(0.5)
+    # histogram (1/2, 1/4, 1/4, 0): entropy 1/2 * 1 + 2 * 1/4 * 2 = 1.5 bits
+    assert stats["class_histogram"] == pytest.approx([0.5, 0.25, 0.25, 0.0])
+    assert stats["class_entropy_bits"] == pytest.approx(1.5)
+    assert stats["classes_covered"] == 3
+    assert sample_class_statistics(logits, min_share=0.3)["classes_covered"] == 1
+    # every sample in one class: entropy 0 (not -0), one class covered
+    one = sample_class_statistics(torch.tensor([[3.0, 0.0]] * 5))
+    assert str(one["class_entropy_bits"]) == "0.0" and one["classes_covered"] == 1
+    # uniform over K = 8 classes: log2(8) = 3 bits
+    assert sample_class_statistics(torch.eye(8) * 5)["class_entropy_bits"] == pytest.approx(3.0)
+    with pytest.raises(ShapeError, match=r"\[N, K\]"):
+        sample_class_statistics(torch.zeros(4))
+
+
+def test_sample_quality_scores_the_generator_samples():
+    from gali_ext.recipes.metrics import sample_quality
+
+    # G(z) = z as a 1 x 1 x 2 "image", the classifier's logits are (100 z_0, 100 z_1): each
+    # sample falls in the class of its larger coordinate, almost always with p > 0.9
+    generator = lambda z: z.view(-1, 1, 1, 2)  # noqa: E731
+    classifier = lambda x: 100 * x.flatten(1)  # noqa: E731
+    stats = sample_quality(generator, classifier, latent_dim=2, count=400, seed=3)
+    z = torch.randn(400, 2, generator=torch.Generator().manual_seed(3))
+    share0 = (z[:, 0] > z[:, 1]).double().mean().item()
+    assert stats["class_histogram"] == pytest.approx([share0, 1 - share0])
+    # p < 0.9 only where |100 (z_0 - z_1)| < ln 9
+    assert stats["confidence"] == pytest.approx(
+        ((100 * (z[:, 0] - z[:, 1])).abs() >= math.log(9)).double().mean().item()
+    )
+    assert stats["classes_covered"] == 2
+
+
+def test_summary_metrics_on_a_trained_pair_and_a_one_run_table():
+    from gali_ext.recipes.data import load_dataset
+    from gali_ext.recipes.evaluate import format_table, summarise, summary_metrics
+    from gali_ext.recipes.models import build_ali_models
+
+    test = load_dataset("digits", "test")
+    models = build_ali_models("digits", latent_dim=32, channels=1)
+    classifier = _FirstPixelsClassifier(10)
+    result = summary_metrics(models.encoder, models.generator, test, classifier, samples=50)
+    assert set(result) == {"pixel_mse", "class_agreement", "sample_confidence",
+                           "sample_entropy_bits", "sample_classes_covered"}  # fmt: skip
+    assert set(summary_metrics(models.encoder, models.generator, test)) == {"pixel_mse"}
+    table = format_table(summarise([{"recipe": "r", **result}]))
+    assert "±" not in table and f"| {result['class_agreement']:.3f} |" in table
+    two = format_table(
+        summarise([{"recipe": "r", "pixel_mse": 0.1}, {"recipe": "r", "pixel_mse": 0.3}])
+    )
+    assert "| r | 2 | 0.2000 ± 0.1000 |" in two
