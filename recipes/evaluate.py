@@ -89,9 +89,9 @@ def summary_metrics(
     """The metrics a run's ``summary.json`` and tracker report at the end of training.
 
     ``pixel_mse`` on the first ``max_test_images`` test images always; with the evaluator
-    classifier (class-labelled data only): ``class_agreement`` (eq. 6.1), and, over
-    ``samples`` samples ``G(z)`` drawn with seed 0, ``sample_confidence`` (eq. 6.2),
-    ``sample_entropy_bits`` (eq. 6.3) and ``sample_classes_covered`` (eq. 6.4).
+    classifier (class-labelled data only): ``class_agreement`` (eq. 6.6), and, over
+    ``samples`` samples ``G(z)`` drawn with seed 0, ``sample_confidence`` (eq. 6.7),
+    ``sample_entropy_bits`` (eq. 6.8) and ``sample_classes_covered`` (eq. 6.9).
     ``latent_dim`` defaults to ``generator.latent_dim`` (the recipes' generators have it).
 
     The training loop calls it once at the end, with the weights it saves (the EMA weights
@@ -217,7 +217,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Every metric of docs/design.md, section 6, for one run directory: those of
     :func:`summary_metrics` (pixel MSE, reconstruction class agreement, confident samples and
-    class coverage, eqs. 6.1-6.4), feature MSE, the linear SVM on the paper's representation
+    class coverage, eqs. 6.6-6.9), feature MSE, the linear SVM on the paper's representation
     and on the encoder's output alone (``svm_latent_error``), FID and inpainting errors.
 
     FID is computed on the evaluator classifier's features (``fid_evaluator``) and, when
@@ -280,7 +280,7 @@ def evaluate_run(
 def test_data_reference(
     evaluator: torch.nn.Module, test_data: ImageData, max_test_images: int = 2000
 ) -> dict[str, Any]:
-    """The sample metrics (eqs. 6.2-6.4) of the real test images themselves, the row
+    """The sample metrics (eqs. 6.12-6.14) of the real test images themselves, the row
     ``(test digits)``: what a generator whose samples look like the data would score (the
     evaluator is not certain of every real digit either)."""
     x = first_images(test_data, max_test_images)

@@ -8,10 +8,10 @@
 - :func:`frechet_distance` and :func:`fid`: Frechet distance between Gaussian fits of features;
 - :func:`inpainting_errors`: pixel MSE on the masked region and feature MSE of ``Mix(x, M)``;
 - :func:`reconstruction_class_agreement`: how often the evaluator classifier gives ``G(E(x))``
-  the label of x (docs/design.md, section 6, eq. 6.1);
+  the label of x (docs/design.md, section 6, eq. 6.6);
 - :func:`sample_class_statistics` (on logits) and :func:`sample_quality` (on a generator):
-  the share of samples ``G(z)`` the evaluator classifies with confidence (eq. 6.2), and how
-  the samples cover the classes (eqs. 6.3 and 6.4).
+  the share of samples ``G(z)`` the evaluator classifies with confidence (eq. 6.7), and how
+  the samples cover the classes (eqs. 6.8 and 6.9).
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def reconstruction_class_agreement(
     labels: Tensor,
     batch_size: int = 500,
 ) -> float:
-    """Reconstruction class agreement (eq. 6.1): the fraction of images x whose reconstruction
+    """Reconstruction class agreement (eq. 6.6): the fraction of images x whose reconstruction
     ``G(E(x))`` the classifier assigns to x's label, ``mean_i [argmax_k C(G(E(x_i)))_k = y_i]``.
 
     ``classifier`` returns class logits ``[B, K]`` (the evaluator classifier's ``forward``);
@@ -317,12 +317,12 @@ def sample_class_statistics(
 ) -> dict[str, Any]:
     """What a classifier says about N samples, from its logits ``[N, K]``:
 
-    - ``confidence`` (eq. 6.2): the fraction of samples whose top softmax probability is at
+    - ``confidence`` (eq. 6.7): the fraction of samples whose top softmax probability is at
       least ``threshold``, ``mean_i [max_k p_ik >= threshold]``;
-    - ``class_entropy_bits`` (eq. 6.3): the entropy ``-sum_k h_k log2 h_k`` of the histogram
+    - ``class_entropy_bits`` (eq. 6.8): the entropy ``-sum_k h_k log2 h_k`` of the histogram
       ``h_k`` of predicted classes ``argmax_k p_ik`` over all samples (``log2 K`` when every
       class holds as many samples, 0 when all samples fall in one class);
-    - ``classes_covered`` (eq. 6.4): the number of classes with ``h_k >= min_share``;
+    - ``classes_covered`` (eq. 6.9): the number of classes with ``h_k >= min_share``;
     - ``class_histogram``: ``h`` itself, a list of K shares summing to 1.
     """
     if logits.ndim != 2 or logits.shape[0] == 0:

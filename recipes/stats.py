@@ -1,4 +1,4 @@
-"""Paired statistics over seeds for the study's claims (docs/design.md, section 6, eqs. 6.5-6.7).
+"""Paired statistics over seeds for the study's claims (docs/design.md, section 6, eqs. 6.10-6.12).
 
 Every recipe of a study trains on the same seeds, so two recipes are compared seed by seed:
 for a claim "A is better than B on metric m" the per-seed differences ``d_s = m(A, s) - m(B, s)``
@@ -41,7 +41,7 @@ LOWER_IS_BETTER = {
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """The paired comparison of two recipes on one metric over n seeds (eqs. 6.5-6.7).
+    """The paired comparison of two recipes on one metric over n seeds (eqs. 6.10-6.12).
 
     ``mean`` is the mean paired difference ``d̄`` (A minus B), ``low``/``high`` the bounds of its
     ``confidence`` t-interval (NaN with fewer than two seeds), ``agree`` the number of seeds
@@ -67,11 +67,11 @@ def paired_difference(
 ) -> PairedDifference:
     """Compare ``a`` (the recipe claimed better) with ``b``, seed by seed.
 
-    With ``d_s = a_s - b_s`` over ``n`` seeds: ``d̄ = mean_s d_s`` (eq. 6.5), the sample standard
+    With ``d_s = a_s - b_s`` over ``n`` seeds: ``d̄ = mean_s d_s`` (eq. 6.10), the sample standard
     deviation ``s_d`` (n - 1 in the denominator), and the interval
-    ``d̄ ± t_{(1+c)/2, n-1} s_d / sqrt(n)`` (eq. 6.6) with Student's t quantile (scipy). The claim
+    ``d̄ ± t_{(1+c)/2, n-1} s_d / sqrt(n)`` (eq. 6.11) with Student's t quantile (scipy). The claim
     "a better than b" is supported when the interval's upper end is below zero
-    (``lower_is_better``) or its lower end above zero (eq. 6.7).
+    (``lower_is_better``) or its lower end above zero (eq. 6.12).
     """
     from scipy.stats import t
 

@@ -29,7 +29,7 @@ RETIRED = "DESIGN" + ".md"
 HISTORY = {"CHANGELOG.md"}
 # Markdown files the programs write (e.g. `gali-ext study` writes study.md): names, not
 # repository documents.
-OUTPUT_NAMES = {"study.md"}
+OUTPUT_NAMES = {"study.md", "paired.md"}
 
 _PATH = r"(?<![\w./-])(?P<path>[\w][\w./-]*\.md)(?![\w-])"
 _NUMBER = r"\d+(?:\.\d+)*"
