@@ -48,16 +48,21 @@ class SpectralMLP(nn.Sequential):
 def add_instance_noise(
     variables: Mapping[str, Tensor],
     spec: TupleSpec,
-    std: float,
+    std: float | Tensor,
     rng: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """Every image node of the spec plus Gaussian noise of standard deviation ``std``.
 
     One draw per distinct image node, so the fused and the per-class discriminator see the same
     noisy images (DESIGN.md section 4). Other variables are passed through.
+
+    ``std`` is a float (no noise is drawn when it is 0) or a 0-dim tensor on the images' device,
+    read when the step runs: noise is then always drawn and scaled by it, so that a step
+    captured in a CUDA graph (:class:`gali_ext.capture.CapturedStep`) follows a std that
+    changes from step to step without a host sync.
     """
     noisy = dict(variables)
-    if std > 0:
+    if isinstance(std, Tensor) or std > 0:
         for name in spec.nodes_of_kind(IMAGE):
             image = noisy[name]
             noise = torch.randn(image.shape, generator=rng, device=image.device, dtype=image.dtype)
@@ -157,7 +162,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
     def _prepare(
         self,
         variables: Mapping[str, Tensor],
-        instance_noise_std: float,
+        instance_noise_std: float | Tensor,
         rng: torch.Generator | None,
     ) -> tuple[dict[str, Tensor], int]:
         """Canonical names, checked tensors, instance noise; and the batch size."""
@@ -193,7 +198,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
     def forward(
         self,
         variables: Mapping[str, Tensor],
-        instance_noise_std: float = 0.0,
+        instance_noise_std: float | Tensor = 0.0,
         rng: torch.Generator | None = None,
     ) -> Tensor:
         """Logits ``[K, B, K]``: ``logits[i]`` are D's logits on the B tuples of class i.
@@ -224,7 +229,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
     def forward_per_class(
         self,
         variables: Mapping[str, Tensor],
-        instance_noise_std: float = 0.0,
+        instance_noise_std: float | Tensor = 0.0,
         rng: torch.Generator | None = None,
     ) -> Tensor:
         """The same logits as :meth:`forward`, computed as the authors' code does.

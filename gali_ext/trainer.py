@@ -11,7 +11,7 @@ authors' GALI-4 script. The reference loop that calls it is ``recipes.train``
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from .errors import ConfigError, DivergenceError
 from .losses import tuple_class_accuracy
 
 __all__ = [
+    "DivergenceGuard",
     "StepMetrics",
     "build_optimizer",
     "instance_noise_std",
@@ -37,32 +38,57 @@ def instance_noise_std(step: int, total_steps: int, initial: float = 0.1) -> flo
 
 
 def build_optimizer(
-    name: str, params: Iterable[nn.Parameter], lr: float, betas: Sequence[float] = (0.5, 0.999)
+    name: str,
+    params: Iterable[nn.Parameter],
+    lr: float,
+    betas: Sequence[float] = (0.5, 0.999),
+    *,
+    device: torch.device | str | None = None,
+    capturable: bool = False,
 ) -> torch.optim.Optimizer:
     """An optimizer by name: any of ``torch.optim`` (``"Adam"``, ``"adam"``, ``"RMSprop"``)
     or of ``torch_optimizer`` (``"RAdam"``, ``"Lookahead"`` is not one: it wraps another).
 
-    Adam-like optimizers get ``betas`` (the paper's (0.5, 0.999)).
+    Adam-like optimizers get ``betas`` (the paper's (0.5, 0.999)). ``device``: where the
+    parameters will train (default: where they are now). On CUDA an optimizer that has a fused
+    implementation (Adam, AdamW, SGD, Adagrad) gets ``fused=True``: one kernel per step instead of
+    a few per parameter, and the device-side NaN guard of :func:`train_step` can skip its update
+    without a host sync. ``capturable=True``: an optimizer whose step can be captured in a CUDA
+    graph (:class:`gali_ext.capture.CapturedStep`); one without that option is refused.
     """
     import inspect
 
-    import torch_optimizer
-
     lookup = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)}
-    for n in dir(torch_optimizer):
-        lookup.setdefault(n.lower(), getattr(torch_optimizer, n))
+    if name.lower() not in lookup or not _is_optimizer(lookup[name.lower()]):
+        import torch_optimizer  # only for names torch.optim does not have
+
+        for n in dir(torch_optimizer):
+            lookup.setdefault(n.lower(), getattr(torch_optimizer, n))
     cls = lookup.get(name.lower())
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        known = sorted(
-            k
-            for k, v in lookup.items()
-            if isinstance(v, type) and issubclass(v, torch.optim.Optimizer)
-        )
+    if not _is_optimizer(cls):
+        known = sorted(k for k, v in lookup.items() if _is_optimizer(v))
         raise ConfigError(f"unknown optimizer {name!r}; known: {', '.join(known)}")
+    params = list(params)
+    if device is None:
+        device = params[0].device if params else "cpu"
+    accepted = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = {"lr": lr}
-    if "betas" in inspect.signature(cls.__init__).parameters:
+    if "betas" in accepted:
         kwargs["betas"] = tuple(betas)
-    return cls(list(params), **kwargs)
+    if torch.device(device).type == "cuda" and "fused" in accepted:
+        kwargs["fused"] = True
+    if capturable:
+        if "capturable" not in accepted:
+            raise ConfigError(
+                f"optimizer {name!r} cannot be captured in a CUDA graph (it has no capturable "
+                "option): use adam or adamw, or turn cuda_graphs off"
+            )
+        kwargs["capturable"] = True
+    return cls(params, **kwargs)
+
+
+def _is_optimizer(cls: Any) -> bool:
+    return isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
 
 
 @dataclass
@@ -87,6 +113,7 @@ class StepMetrics:
 
 
 def _check_finite(value: Tensor, name: str, step: int | None) -> None:
+    """The host-side guard (one sync): for optimizers that cannot skip an update on the device."""
     if not torch.isfinite(value):
         where = f" at step {step}" if step is not None else ""
         raise DivergenceError(f"the {name} became {value.item()}{where}")
@@ -96,6 +123,190 @@ def _parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside an ``accelerate`` ``AcceleratedOptimizer`` (or itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class DivergenceGuard:
+    """The NaN guard of a training loop, kept on the device: no host sync until :meth:`check`.
+
+    :meth:`watch` records whether a loss is finite. From the first non-finite one on,
+    :attr:`skip` is 1, and :meth:`step` skips an optimizer's update on the device, through the
+    ``found_inf`` protocol that ``torch.amp.GradScaler`` uses (optimizers with
+    ``_step_supports_amp_scaling``: torch's fused Adam, AdamW, SGD and Adagrad, which
+    :func:`build_optimizer` gives on CUDA). The weights therefore stay those from before the
+    divergence, as with the host-side check, which stops before the optimizer steps.
+    :meth:`check` reads the flag (one sync) and raises :class:`~gali_ext.errors.DivergenceError`
+    naming the first non-finite loss, its value and its step.
+
+    One guard serves a whole run when host syncs are deferred to logging steps
+    (``train_step(..., sync=False, guard=guard)``, :class:`~gali_ext.capture.CapturedStep`):
+    a divergence in an unsynced step is raised at the next check, and every update after it is
+    skipped.
+    """
+
+    def __init__(self) -> None:
+        self._healthy: Tensor | None = None  # float 1 until a watched value is non-finite
+        self._skip: Tensor | None = None  # 1 - healthy: GradScaler's found_inf
+        self._record: Tensor | None = None  # float64 [step, what, value] of the first one
+        self._step: Tensor | None = None
+        self._names: list[str] = []
+        self._pending_step = -1.0
+
+    @staticmethod
+    def can_skip(optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the guard can skip ``optimizer``'s update on the device (``found_inf``)."""
+        return bool(getattr(_unwrapped(optimizer), "_step_supports_amp_scaling", False))
+
+    @property
+    def skip(self) -> Tensor | None:
+        """``[]`` float tensor on the device, 1 once a watched value was non-finite, else 0
+        (None before the first :meth:`watch`)."""
+        return self._skip
+
+    def at_step(self, step: int | None) -> None:
+        """The step the next watched values belong to (written on the device, no sync)."""
+        self._pending_step = -1.0 if step is None else float(step)
+        if self._step is not None:
+            self._step.fill_(self._pending_step)
+
+    def watch(self, value: Tensor, what: str) -> None:
+        """Record whether the scalar ``value`` (a loss) is finite; ``what`` names it."""
+        value = value.detach()
+        if self._healthy is None:
+            device = value.device
+            self._healthy = torch.ones((), device=device)
+            self._skip = torch.zeros((), device=device)
+            self._record = torch.zeros(3, dtype=torch.float64, device=device)
+            self._step = torch.full((), self._pending_step, dtype=torch.float64, device=device)
+        if what not in self._names:
+            self._names.append(what)
+        value = value.double().sum()
+        bad = ~torch.isfinite(value)
+        first = bad & (self._healthy > 0)
+        code = self._step.new_full((), float(self._names.index(what)))
+        record = torch.stack([self._step, code, value])
+        self._record.copy_(torch.where(first, record, self._record))
+        self._healthy.mul_(~bad)
+        self._skip.copy_(1 - self._healthy)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()``, skipped on the device once a watched value was non-finite
+        (when :meth:`can_skip`; otherwise a plain step)."""
+        inner = _unwrapped(optimizer)
+        if self._skip is None or not self.can_skip(optimizer) or hasattr(inner, "found_inf"):
+            optimizer.step()
+            return
+        inner.found_inf = self._skip
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+
+    def packed(self) -> Tensor | None:
+        """``[healthy, step, what, value]`` as one float64 device tensor, to be read together
+        with a step's metrics in one transfer (:meth:`raise_if_diverged`)."""
+        if self._healthy is None:
+            return None
+        return torch.cat([self._healthy.double().view(1), self._record])
+
+    def raise_if_diverged(self, packed: Sequence[float]) -> None:
+        """Raise :class:`DivergenceError` if the host copy of :meth:`packed` says so."""
+        healthy, step, what, value = packed
+        if healthy == 0:
+            where = f" at step {int(step)}" if step >= 0 else ""
+            name = self._names[int(what)]
+            raise DivergenceError(f"the {name} became {value}{where}")
+
+    def check(self) -> None:
+        """Read the flag (one host sync); raise :class:`DivergenceError` if it is set."""
+        packed = self.packed()
+        if packed is not None:
+            self.raise_if_diverged(packed.tolist())
+
+
+def _run_step(
+    call: Callable[..., Any],
+    batches: Iterator[Tensor],
+    d_optimizer: torch.optim.Optimizer,
+    g_optimizer: torch.optim.Optimizer,
+    *,
+    n_dis: int,
+    instance_noise: float | Tensor,
+    backward: Callable[..., None],
+    shared_forward: bool,
+    guard: DivergenceGuard | None,
+    step: int | None,
+) -> tuple[Tensor, list[str]]:
+    """The work of one step, with no host sync when ``guard`` is given (else the host-side
+    check before each optimizer step): returns ``[mean D loss, G/E loss, *parts, *accuracy]``
+    as one float32 device tensor, and the names of the parts. ``call`` runs the objective
+    (``gali(x, role=..., ...)``); :func:`train_step` and
+    :class:`~gali_ext.capture.CapturedStep` share this function, so that the captured step
+    computes what the eager one does."""
+
+    def finite(value: Tensor, name: str) -> None:
+        if guard is None:
+            _check_finite(value.detach(), name, step)
+        else:
+            guard.watch(value, name)
+
+    def update(optimizer: torch.optim.Optimizer) -> None:
+        if guard is None:
+            optimizer.step()
+        else:
+            guard.step(optimizer)
+
+    d_values = []
+    d_steps = n_dis - 1 if shared_forward else n_dis
+    for i in range(d_steps):
+        x = next(batches)
+        d_optimizer.zero_grad(set_to_none=True)
+        # The last D step keeps the chains' graph: the G/E step below reuses them.
+        reuse = not shared_forward and i == d_steps - 1
+        d = call(x, role="discriminator", instance_noise_std=instance_noise,
+                 differentiable_chains=reuse)  # fmt: skip
+        finite(d.loss, "discriminator loss")
+        backward(d.loss)
+        update(d_optimizer)
+        d_values.append(d.loss.detach())
+    if shared_forward:
+        x = next(batches)
+        d, g = call(x, role="shared", instance_noise_std=instance_noise)
+        finite(d.loss, "discriminator loss")
+        finite(g.loss, "generator-encoder loss")
+        d_optimizer.zero_grad(set_to_none=True)
+        g_optimizer.zero_grad(set_to_none=True)
+        # Both backward passes before either step: an optimizer step changes D's weights in
+        # place, which the second pass still needs.
+        backward(d.loss, inputs=_parameters(d_optimizer), retain_graph=True)
+        backward(g.loss, inputs=_parameters(g_optimizer))
+        update(d_optimizer)
+        update(g_optimizer)
+        d_values.append(d.loss.detach())
+    else:
+        g_optimizer.zero_grad(set_to_none=True)
+        g = call(x, role="generator", instance_noise_std=instance_noise, chains=d.chains)
+        finite(g.loss, "generator-encoder loss")
+        backward(g.loss)
+        update(g_optimizer)
+    losses = torch.stack([torch.stack(d_values).mean(), g.loss.detach(), *g.parts.values()])
+    accuracy = tuple_class_accuracy(d.logits.detach())
+    return torch.cat([losses.float(), accuracy.float()]), list(g.parts)
+
+
+def _metrics(values: Sequence[float], parts: list[str], seconds: float) -> StepMetrics:
+    """:class:`StepMetrics` from the host copy of :func:`_run_step`'s tensor."""
+    return StepMetrics(
+        d_loss=values[0],
+        g_loss=values[1],
+        parts=dict(zip(parts, values[2 : 2 + len(parts)])),
+        class_accuracy=list(values[2 + len(parts) :]),
+        seconds=seconds,
+    )
+
+
 def train_step(
     gali: nn.Module,
     batches: Iterator[Tensor] | Sequence[Tensor],
@@ -103,11 +314,13 @@ def train_step(
     g_optimizer: torch.optim.Optimizer,
     *,
     n_dis: int = 1,
-    instance_noise: float = 0.0,
+    instance_noise: float | Tensor = 0.0,
     accelerator: Any = None,
     step: int | None = None,
     shared_forward: bool = False,
-) -> StepMetrics:
+    sync: bool = True,
+    guard: DivergenceGuard | None = None,
+) -> StepMetrics | None:
     """One GALI step: ``n_dis`` D steps on fresh batches, then one G/E step on the last batch.
 
     The G/E step reuses the chains of the last D step (made with
@@ -119,6 +332,8 @@ def train_step(
             ``gali(x, role="discriminator" | "generator" | "shared", instance_noise_std=...)``.
         batches: at least ``n_dis`` image batches (an iterator is advanced ``n_dis`` times).
         d_optimizer: over the head's parameters; g_optimizer: over E's and G's.
+        instance_noise: the std of the instance noise (:func:`~gali_ext.add_instance_noise`),
+            a float or a 0-dim tensor on the device.
         accelerator: an ``accelerate.Accelerator``; its ``backward`` is used when given.
         step: the global step, named in the error if a loss becomes NaN or infinite.
         shared_forward: the last D step and the G/E step share one forward pass
@@ -128,61 +343,56 @@ def train_step(
             just updated. One process only, and not with fp16 loss scaling
             (bf16 is fine): DDP reduces gradients once per backward, and the scaler's update
             after the D step would change the scale the G/E gradients were made with.
+        sync: read the step's metrics on the host (one sync, at the end) and return them;
+            ``False`` returns None without waiting for the device, so that a loop syncs only at
+            its logging steps. It needs ``guard``.
+        guard: a :class:`DivergenceGuard` kept across steps; the NaN check of an unsynced step
+            is then raised at the next synced one.
 
-    Raises :class:`~gali_ext.errors.DivergenceError` on a NaN or infinite loss, before any
-    optimizer applies it.
+    Raises :class:`~gali_ext.errors.DivergenceError` on a NaN or infinite loss, and no optimizer
+    applies it. When both optimizers can skip an update on the device
+    (:meth:`DivergenceGuard.can_skip`: torch's fused optimizers, which
+    :func:`build_optimizer` gives on CUDA) and no fp16 loss scaler is active, the check costs no
+    host sync inside the step: the updates are skipped on the device and the error is raised
+    when the step's metrics are read. Otherwise each loss is checked on the host before its
+    optimizer steps (a sync each). ``StepMetrics.seconds`` is the wall time of the call,
+    including the wait for the device.
     """
     if n_dis < 1:
         raise ConfigError(f"n_dis must be >= 1, got {n_dis}")
+    if not sync and guard is None:
+        raise ConfigError(
+            "train_step(sync=False) needs a DivergenceGuard kept across steps (guard=...), so "
+            "that a NaN loss of an unsynced step is reported at the next synced one"
+        )
+    scaler = getattr(accelerator, "scaler", None) if accelerator is not None else None
     if shared_forward and accelerator is not None:
         if accelerator.num_processes > 1:
             raise ConfigError("shared_forward runs on one process; use the alternating schedule")
-        if getattr(accelerator, "scaler", None) is not None:
+        if scaler is not None:
             raise ConfigError("shared_forward does not work with fp16 loss scaling; use bf16")
     start = time.perf_counter()
     backward = accelerator.backward if accelerator is not None else Tensor.backward
-    iterator = iter(batches)
-    d_values = []
-    d_steps = n_dis - 1 if shared_forward else n_dis
-    for i in range(d_steps):
-        x = next(iterator)
-        d_optimizer.zero_grad(set_to_none=True)
-        # The last D step keeps the chains' graph: the G/E step below reuses them.
-        reuse = not shared_forward and i == d_steps - 1
-        d = gali(x, role="discriminator", instance_noise_std=instance_noise,
-                 differentiable_chains=reuse)  # fmt: skip
-        _check_finite(d.loss.detach(), "discriminator loss", step)
-        backward(d.loss)
-        d_optimizer.step()
-        d_values.append(d.loss.detach())
-    if shared_forward:
-        x = next(iterator)
-        d, g = gali(x, role="shared", instance_noise_std=instance_noise)
-        _check_finite(d.loss.detach(), "discriminator loss", step)
-        _check_finite(g.loss.detach(), "generator-encoder loss", step)
-        d_optimizer.zero_grad(set_to_none=True)
-        g_optimizer.zero_grad(set_to_none=True)
-        # Both backward passes before either step: an optimizer step changes D's weights in
-        # place, which the second pass still needs.
-        backward(d.loss, inputs=_parameters(d_optimizer), retain_graph=True)
-        backward(g.loss, inputs=_parameters(g_optimizer))
-        d_optimizer.step()
-        g_optimizer.step()
-        d_values.append(d.loss.detach())
-    else:
-        g_optimizer.zero_grad(set_to_none=True)
-        g = gali(x, role="generator", instance_noise_std=instance_noise, chains=d.chains)
-        _check_finite(g.loss.detach(), "generator-encoder loss", step)
-        backward(g.loss)
-        g_optimizer.step()
-    # One host sync for everything logged.
-    logged = torch.stack([torch.stack(d_values).mean(), g.loss.detach(), *g.parts.values()])
-    values = logged.float().cpu().tolist()
-    accuracy = tuple_class_accuracy(d.logits.detach()).cpu().tolist()
-    return StepMetrics(
-        d_loss=values[0],
-        g_loss=values[1],
-        parts=dict(zip(g.parts, values[2:])),
-        class_accuracy=accuracy,
-        seconds=time.perf_counter() - start,
+    on_device = scaler is None and all(
+        DivergenceGuard.can_skip(o) for o in (d_optimizer, g_optimizer)
     )
+    if on_device:
+        guard = guard if guard is not None else DivergenceGuard()
+        guard.at_step(step)
+    logged, parts = _run_step(
+        gali, iter(batches), d_optimizer, g_optimizer, n_dis=n_dis,
+        instance_noise=instance_noise, backward=backward, shared_forward=shared_forward,
+        guard=guard if on_device else None, step=step,
+    )  # fmt: skip
+    if not sync:
+        return None
+    # One host sync for everything logged and the device-side NaN flag.
+    packed = guard.packed() if on_device else None
+    read = logged.double() if packed is None else torch.cat([logged.double(), packed])
+    values = read.cpu().tolist()
+    if packed is not None:
+        guard.raise_if_diverged(values[-4:])
+        values = values[:-4]
+    elif guard is not None:
+        guard.check()  # a guard passed in from earlier device-checked steps
+    return _metrics(values, parts, time.perf_counter() - start)

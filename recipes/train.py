@@ -13,6 +13,7 @@ and of real/reconstruction pairs, and ``summary.json`` at the end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from gali_ext import GALI, MultiClassJointDiscriminatorHead
+from gali_ext.capture import CapturedStep, tf32_mode
 from gali_ext.errors import ConfigError, DataError, DivergenceError
 from gali_ext.gali import build_gali
 from gali_ext.losses import build_generator_criterion
@@ -231,19 +233,31 @@ def _train(
     set_seed(config.seed, device_specific=True)
     built = build_model(config, train_data.channels)
     built.models.generator.init_output_bias(data_mean(train_data))
+    placement = {"device": accelerator.device, "capturable": config.cuda_graphs}
     d_optimizer = build_optimizer(
-        config.optimizer, built.head.parameters(), config.lr, config.betas
+        config.optimizer, built.head.parameters(), config.lr, config.betas, **placement
     )
     g_optimizer = build_optimizer(
         config.optimizer,
         itertools.chain(built.models.encoder.parameters(), built.models.generator.parameters()),
         config.lr,
         config.betas,
+        **placement,
     )
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last:  # in place: the optimizers keep the same parameter objects
         built.gali.to(memory_format=layout)
     gali, d_optimizer, g_optimizer = accelerator.prepare(built.gali, d_optimizer, g_optimizer)
+    step_fn = functools.partial(
+        train_step, gali, d_optimizer=d_optimizer, g_optimizer=g_optimizer, n_dis=config.n_dis,
+        accelerator=accelerator, shared_forward=config.shared_forward,
+    )  # fmt: skip
+    if config.cuda_graphs:  # refused off CUDA here, before the run directory is touched
+        step_fn = CapturedStep(
+            accelerator.unwrap_model(gali, keep_fp32_wrapper=False), d_optimizer, g_optimizer,
+            n_dis=config.n_dis, shared_forward=config.shared_forward, capture=True,
+            autocast_dtype={"bf16": torch.bfloat16}.get(config.mixed_precision),
+        )  # fmt: skip
     stream = BatchStream(
         train_data, config.batch_size, seed=config.seed + 1000 * accelerator.process_index
     )
@@ -294,17 +308,7 @@ def _train(
         while state.step < total:
             noise = instance_noise_std(state.step, total, config.instance_noise)
             try:
-                result = train_step(
-                    gali,
-                    batch_iter,
-                    d_optimizer,
-                    g_optimizer,
-                    n_dis=config.n_dis,
-                    instance_noise=noise,
-                    accelerator=accelerator,
-                    step=state.step,
-                    shared_forward=config.shared_forward,
-                )
+                result = step_fn(batch_iter, instance_noise=noise, step=state.step)
             except DivergenceError:
                 _save_checkpoint(accelerator, built, out, state.step, config.keep_checkpoints)
                 raise
@@ -367,8 +371,9 @@ def train(
 
     config.validate()
     try:
-        return _train(config, out_dir, resume=resume, overwrite=overwrite, progress=progress,
-                      epochs=epochs)  # fmt: skip
+        with tf32_mode(config.tf32):
+            return _train(config, out_dir, resume=resume, overwrite=overwrite, progress=progress,
+                          epochs=epochs)  # fmt: skip
     finally:
         if PartialState._shared_state and PartialState().num_processes == 1:
             # Accelerate keeps one global state per process; forget it so that the next run in
