@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                     measured = {"error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
                 print(f"  {json.dumps(measured)}", flush=True)
                 results.setdefault(name, {}).setdefault(str(size), {})[variant] = measured
+                _write(args.out, results, steps, warmups, skipped)  # a run cut short keeps these
     device = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\nRecipe throughput on stand-in SVHN, {device}, torch {torch.__version__}, "
           f"images/s: median of the steps after the warm-up "
@@ -168,9 +169,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {name} | {size} | " + " | ".join(cells) + " |")
     if skipped:
         print(f"\nskipped (CUDA graphs need a CUDA device): {', '.join(skipped)}")
+    return _write(args.out, results, steps, warmups, skipped)
+
+
+def _write(out: Path, results: dict, steps: list, warmups: list, skipped: list) -> dict:
+    """``throughput.json``: the device, torch version and every measurement so far."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     summary = {"device": device, "torch": torch.__version__, "steps": steps,
                "warmup": warmups, "results": results, "skipped": skipped}  # fmt: skip
-    (args.out / "throughput.json").write_text(json.dumps(summary, indent=2))
+    (out / "throughput.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -297,7 +298,9 @@ class CapturedStep:
         """An eager warm-up step on a side stream, as capture requires."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), warnings.catch_warnings():
+            # capturable optimizers warn when they step outside a capture, as here by design
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
             self._step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
 

@@ -6,6 +6,12 @@ Accelerate objects or plain ones, so a user's own loop can call it. With
 ``shared_forward=True`` the last D step and the G/E step come from one forward pass, as in the
 authors' GALI-4 script. The reference loop that calls it is ``recipes.train``
 (``--set shared_forward=true``).
+
+Its NaN guard reads no loss on the host when the optimizers can skip an update on the device
+(:class:`DivergenceGuard`; torch's fused optimizers, which :func:`build_optimizer` gives on
+CUDA): the step's one host sync is then the read of its metrics, and ``sync=False`` defers that
+to the loop's logging steps. :class:`gali_ext.capture.CapturedStep` runs the same step as a
+CUDA graph.
 """
 
 from __future__ import annotations

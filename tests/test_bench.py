@@ -229,3 +229,23 @@ def test_bench_graphs_refuses_bad_options():
     run = subprocess.run([sys.executable, "-m", "gali_ext.cli", "bench", "--graphs", "--modes",
                           "eager,fast"], capture_output=True, text=True, cwd=root)  # fmt: skip
     assert run.returncode == 2 and "error: --modes takes baseline, eager" in run.stderr
+
+
+def test_device_intervals_read_only_gpu_activities():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from gali_ext.recipes.bench import _device_intervals, busy_seconds
+
+    def event(device, start_ns, duration_ns):
+        return SimpleNamespace(device_type=lambda: device, start_ns=lambda: start_ns,
+                               duration_ns=lambda: duration_ns)  # fmt: skip
+
+    events = [event(DeviceType.CPU, 0, 10**9), event(DeviceType.CUDA, 10**6, 2 * 10**6),
+              event(DeviceType.CUDA, 2 * 10**6, 2 * 10**6)]  # fmt: skip
+    profiler = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(
+        events=lambda: events)))  # fmt: skip
+    intervals = _device_intervals(profiler)
+    assert intervals == [(1e-3, 3e-3), (2e-3, 4e-3)]  # the CPU event is left out
+    assert busy_seconds(intervals) == pytest.approx(3e-3)
