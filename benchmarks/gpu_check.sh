@@ -73,12 +73,11 @@ if "$PY" -c "import gali_ext, sys; sys.exit(not gali_ext.__file__.startswith('$P
   echo "gali_ext already imports from this checkout"
 elif ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/pip.log" 2>&1; then
   tail -5 "$WORK/pip.log"
-  echo "pip install failed: importing gali_ext from a folder on PYTHONPATH instead"
-  mkdir -p "$WORK/site"
-  cp -r gali_ext "$WORK/site/gali_ext"
-  ln -s "$PWD/recipes" "$WORK/site/gali_ext/recipes"
-  ln -s "$PWD/adapters" "$WORK/site/gali_ext/adapters"
-  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  echo "pip install failed: importing gali_ext from this checkout (PYTHONPATH) instead"
+  # the installed layout: recipes/ and adapters/ as gali_ext.recipes and gali_ext.adapters
+  ln -sfn "$PWD/recipes" gali_ext/recipes
+  ln -sfn "$PWD/adapters" gali_ext/adapters
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" -c "import gali_ext, gali_ext.capture, gali_ext.recipes.bench; print('gali_ext', gali_ext.__version__, gali_ext.__file__)"
 

@@ -176,6 +176,7 @@ class CapturedStep:
         self._logged: Tensor | None = None
         self._parts: list[str] = []
         self._graph: Any = None
+        self._side_stream: Any = None
 
     @property
     def captured(self) -> bool:
@@ -296,7 +297,9 @@ class CapturedStep:
 
     def _on_side_stream(self) -> None:
         """An eager warm-up step on a side stream, as capture requires."""
-        stream = torch.cuda.Stream(self.device)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        stream = self._side_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), warnings.catch_warnings():
             # capturable optimizers warn when they step outside a capture, as here by design

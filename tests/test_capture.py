@@ -352,3 +352,21 @@ def test_tf32_setting_holds_during_the_run_and_is_recorded(tmp_path, monkeypatch
     assert seen == [("high", True)] and torch.get_float32_matmul_precision() == before
     saved = json.loads((run / "config.json").read_text())
     assert saved["tf32"] is True and saved["cuda_graphs"] is False
+
+
+def test_eager_step_with_a_device_guard_raises_after_skipping_the_update():
+    gali = make("ali")
+    d_opt, g_opt = adam_pair(gali)  # fused: checked on the device, read once at the end
+    real = gali.generator_objective
+
+    def poisoned(*args, **kwargs):
+        objective = real(*args, **kwargs)
+        objective.loss = objective.loss * float("inf")  # inf * a positive loss = inf
+        return objective
+
+    gali.generator_objective = poisoned
+    eg = [p.detach().clone() for p in g_opt.param_groups[0]["params"]]
+    with pytest.raises(DivergenceError, match="generator-encoder loss became inf at step 4"):
+        train_step(gali, batches(1)[0], d_opt, g_opt, step=4)
+    assert all(torch.equal(a, b) for a, b in zip(eg, g_opt.param_groups[0]["params"]))
+    assert all(s["step"].item() == 0 for s in g_opt.state.values())  # Adam's count undone too
