@@ -1,14 +1,16 @@
-"""Training throughput of whole recipes on stand-in data sized like SVHN, fp32 against bf16.
+"""Training throughput of whole recipes on stand-in data sized like SVHN: fp32, bf16, CUDA graphs.
 
     python benchmarks/recipe_throughput.py [--recipes svhn-ali,svhn-gali8] [--steps 300]
+        [--precisions no,bf16,no+graphs,bf16+graphs] [--batch 100,1000 --steps 300,100]
 
 Real SVHN cannot be downloaded where this project is tested, so the script writes random
 ``train_32x32.mat`` and ``test_32x32.mat`` files in SVHN's own format and size (73,257 and
 26,032 images), then trains each recipe through the real recipe loop (``recipes.train.train``:
-HF Accelerate, checkpoints, logging) once per mixed-precision mode (``bf16+nhwc``: with the
-recipe setting ``channels_last``). It reports the median
-images/s of the logged steps after the first ``--warmup`` steps, and the ratios bf16 / fp32 and
-recipe / first recipe, all measured in this one run. The images are noise: the numbers are
+HF Accelerate, checkpoints, logging) once per variant: a mixed-precision mode, optionally with
+the recipe settings ``channels_last`` (``+nhwc``), ``cuda_graphs`` (``+graphs``, CUDA only:
+skipped with a note on the CPU) and ``tf32`` (``+tf32``). It reports the median
+images/s of the logged steps after the first ``--warmup`` steps, and each variant's ratio to the
+first one, all measured in this one run. The images are noise: the numbers are
 throughput only, never quality. bf16 needs CUDA (or a CPU with bf16 support; slow there).
 """
 
@@ -39,29 +41,49 @@ def write_standin_svhn(folder: Path, train: int, test: int, seed: int = 0) -> Pa
     return folder
 
 
+OPTIONS = {"nhwc": "channels_last", "graphs": "cuda_graphs", "tf32": "tf32"}
+"""Variant suffixes and the recipe setting each turns on (``bf16+nhwc+graphs``)."""
+
+
+def parse_variant(variant: str) -> tuple[str, dict[str, bool]]:
+    """``"bf16+graphs"`` -> ``("bf16", {"cuda_graphs": True})``: Accelerate's mixed precision
+    (``no``, ``fp16``, ``bf16``) and recipe settings turned on by ``+nhwc`` (channels-last),
+    ``+graphs`` (CUDA graphs) and ``+tf32``."""
+    precision, *options = variant.split("+")
+    if precision not in ("no", "fp16", "bf16") or any(o not in OPTIONS for o in options):
+        raise SystemExit(f"--precisions: {variant!r} is not no, fp16 or bf16, optionally followed "
+                         f"by +{', +'.join(OPTIONS)} (e.g. bf16+nhwc+graphs)")  # fmt: skip
+    return precision, {OPTIONS[o]: True for o in options}
+
+
+def label(variant: str) -> str:
+    """The variant's column name: ``no`` reads ``fp32``."""
+    return "fp32" + variant[2:] if variant.startswith("no") else variant
+
+
 def measure(recipe: str, variant: str, steps: int, warmup: int, data_dir: Path, out: Path,
             batch: int | None) -> dict:  # fmt: skip
     """Train ``recipe`` for ``steps`` steps; the median images/s of the steps after ``warmup``.
 
-    ``variant``: Accelerate's mixed precision (``no``, ``bf16``, ``fp16``), ``+nhwc`` for
-    channels-last memory format.
+    ``variant``: see :func:`parse_variant`.
     """
     from gali_ext import recipes
     from gali_ext.recipes.train import train
 
-    precision, _, layout = variant.partition("+")
+    precision, settings = parse_variant(variant)
     config = dataclasses.replace(
         recipes.get(recipe),
         steps=steps,
         mixed_precision=precision,
-        channels_last=layout == "nhwc",
         data_dir=str(data_dir),
         log_every=1,
         sample_every=10**9,
         checkpoint_every=10**9,
+        **settings,
         **({"batch_size": batch} if batch else {}),
     )
-    run = train(config, out / f"{recipe}-{variant}", overwrite=True, progress=False)
+    run = train(config, out / f"{recipe}-{config.batch_size}-{variant}", overwrite=True,
+                progress=False)  # fmt: skip
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     timed = [r["images_per_s"] for r in records if r["step"] > warmup]
     if not timed:
@@ -70,15 +92,28 @@ def measure(recipe: str, variant: str, steps: int, warmup: int, data_dir: Path, 
             "batch_size": config.batch_size, "n_dis": config.n_dis}  # fmt: skip
 
 
+def _per_batch(text: str, batches: list, name: str) -> list[int]:
+    values = [int(v) for v in text.split(",")]
+    if len(values) == 1:
+        values *= len(batches)
+    if len(values) != len(batches):
+        raise SystemExit(f"--{name}: give one value or one per batch size ({len(batches)})")
+    return values
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", default="svhn-ali,svhn-gali8")
     parser.add_argument(
-        "--precisions", default="no,bf16", help="no, fp16 or bf16, each optionally +nhwc"
+        "--precisions",
+        default="no,bf16",
+        help="no, fp16 or bf16, each optionally +nhwc, +graphs (CUDA graphs), +tf32",
     )
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=50, help="steps left out of the median")
-    parser.add_argument("--batch", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--steps", default="300", help="one count, or one per --batch")
+    parser.add_argument("--warmup", default="50", help="steps left out of the median (each "
+                        "batch size's, like --steps)")  # fmt: skip
+    parser.add_argument("--batch", default=None, help="batch sizes, e.g. 100,1000 "
+                        "(default: the recipe's)")  # fmt: skip
     parser.add_argument("--train-images", type=int, default=SVHN_TRAIN)
     parser.add_argument("--test-images", type=int, default=SVHN_TEST)
     parser.add_argument("--out", type=Path, default=Path("runs/recipe-throughput"))
@@ -89,39 +124,69 @@ def main(argv: list[str] | None = None) -> dict:
     names = args.recipes.split(",")
     precisions = args.precisions.split(",")
     for variant in precisions:
-        precision, _, layout = variant.partition("+")
-        if precision not in ("no", "fp16", "bf16") or layout not in ("", "nhwc"):
-            raise SystemExit(f"--precisions: {variant!r} is not no, fp16 or bf16, optionally "
-                             "followed by +nhwc (e.g. bf16+nhwc)")  # fmt: skip
+        parse_variant(variant)
+    batches: list[int | None] = [int(b) for b in args.batch.split(",")] if args.batch else [None]
+    steps = _per_batch(args.steps, batches, "steps")
+    warmups = _per_batch(args.warmup, batches, "warmup")
+    cuda = torch.cuda.is_available()
     print(f"writing stand-in SVHN ({args.train_images} + {args.test_images} random images)")
     data_dir = write_standin_svhn(args.out / "standin-svhn", args.train_images, args.test_images)
-    results: dict[str, dict[str, dict]] = {}
-    for name in names:
-        for precision in precisions:
-            print(f"training {name} ({precision}) for {args.steps} steps", flush=True)
-            results.setdefault(name, {})[precision] = measure(
-                name, precision, args.steps, args.warmup, data_dir, args.out, args.batch
-            )
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results: dict[str, dict[str, dict[str, dict]]] = {}
+    skipped = []
+    for batch, count, warmup in zip(batches, steps, warmups):
+        for name in names:
+            for variant in precisions:
+                size = batch or _recipe_batch(name)
+                if "graphs" in variant.split("+") and not cuda:
+                    skipped.append(f"{name} {variant}")
+                    print(f"{name} batch {size} {variant}: skipped (CUDA graphs need a CUDA "
+                          "device)", flush=True)  # fmt: skip
+                    continue
+                print(f"training {name} batch {size} ({variant}) for {count} steps", flush=True)
+                try:
+                    measured = measure(name, variant, count, warmup, data_dir, args.out, batch)
+                except Exception as error:  # one variant must not cost the others
+                    measured = {"error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
+                print(f"  {json.dumps(measured)}", flush=True)
+                results.setdefault(name, {}).setdefault(str(size), {})[variant] = measured
+                _write(args.out, results, steps, warmups, skipped)  # a run cut short keeps these
+    device = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\nRecipe throughput on stand-in SVHN, {device}, torch {torch.__version__}, "
-          f"median of {args.steps - args.warmup} steps after {args.warmup}\n")  # fmt: skip
-    base = precisions[0]
-    label = {p: p.replace("no", "fp32", 1) if p.startswith("no") else p for p in precisions}
-    header = "| recipe | " + " | ".join(f"{label[p]} images/s" for p in precisions)
-    header += "".join(f" | {label[p]} / {label[base]}" for p in precisions[1:])
-    header += f" | {label[base]} throughput / {names[0]}'s |"
+          f"images/s: median of the steps after the warm-up "
+          f"(steps {args.steps}, warm-up {args.warmup})\n")  # fmt: skip
+    shown = [p for p in precisions if not ("graphs" in p.split("+") and not cuda)]
+    base = shown[0]
+    header = "| recipe | batch | " + " | ".join(f"{label(p)} images/s" for p in shown)
+    header += "".join(f" | {label(p)} / {label(base)}" for p in shown[1:]) + " |"
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
-    for name in names:
-        rates = {p: results[name][p]["images_per_s"] for p in precisions}
-        cells = [f"{rates[p]:.0f}" for p in precisions]
-        cells += [f"{rates[p] / rates[base]:.2f}x" for p in precisions[1:]]
-        cells.append(f"{rates[base] / results[names[0]][base]['images_per_s']:.2f}")
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    summary = {"device": device, "torch": torch.__version__, "steps": args.steps,
-               "warmup": args.warmup, "results": results}  # fmt: skip
-    (args.out / "throughput.json").write_text(json.dumps(summary, indent=2))
+    for name, by_batch in results.items():
+        for size, measured in by_batch.items():
+            rates = {p: measured.get(p, {}).get("images_per_s") for p in shown}
+            cells = [f"{rates[p]:.0f}" if rates[p] else "failed" for p in shown]
+            cells += [f"{rates[p] / rates[base]:.2f}x" if rates[p] and rates[base] else "-"
+                      for p in shown[1:]]  # fmt: skip
+            print(f"| {name} | {size} | " + " | ".join(cells) + " |")
+    if skipped:
+        print(f"\nskipped (CUDA graphs need a CUDA device): {', '.join(skipped)}")
+    return _write(args.out, results, steps, warmups, skipped)
+
+
+def _write(out: Path, results: dict, steps: list, warmups: list, skipped: list) -> dict:
+    """``throughput.json``: the device, torch version and every measurement so far."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    summary = {"device": device, "torch": torch.__version__, "steps": steps,
+               "warmup": warmups, "results": results, "skipped": skipped}  # fmt: skip
+    (out / "throughput.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _recipe_batch(name: str) -> int:
+    from gali_ext import recipes
+
+    return recipes.get(name).batch_size
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@
 registry (:mod:`gali_ext.presets`), the chains (:mod:`gali_ext.chains`), the fused
 :class:`MultiClassJointDiscriminatorHead`, the losses (above all the non-saturating
 :class:`ProductOfTermsLoss`, eq. 4 of Dandi et al., AAAI 2021), the feedback providers, the
-:class:`GALI` objective and the training step (:mod:`gali_ext.trainer`). The adapters
+:class:`GALI` objective and the training step (:mod:`gali_ext.trainer`; replayed as a CUDA graph:
+:mod:`gali_ext.capture`). The adapters
 (:mod:`gali_ext.adapters`) and the application (:mod:`gali_ext.recipes`: data, reference
 architectures, evaluation, the recipe loop, the benchmark, the CLI) are imported on demand.
 """
 
+from .capture import CapturedStep
 from .chains import Chains, sample_latent
 from .errors import (
     CheckpointError,
@@ -45,12 +47,13 @@ from .losses import (
 from .presets import Preset, available_presets, build_spec, get_preset, register_preset
 from .priors import resolve_prior
 from .spec import TupleClass, TupleSpec, parse_node
-from .trainer import StepMetrics, train_step
+from .trainer import DivergenceGuard, StepMetrics, train_step
 
 __version__ = "0.2.0"
 
 __all__ = [
     "AliceReconstructionLoss",
+    "CapturedStep",
     "Chains",
     "CheckpointError",
     "ClassScores",
@@ -60,6 +63,7 @@ __all__ = [
     "DiscriminatorLoss",
     "DiscriminatorOutput",
     "DivergenceError",
+    "DivergenceGuard",
     "GALI",
     "GaliError",
     "HingeDiscriminatorLoss",

@@ -73,19 +73,24 @@ class SpectralMLP(nn.Sequential):
 def add_instance_noise(
     variables: Mapping[str, Tensor],
     spec: TupleSpec,
-    std: float,
+    std: float | Tensor,
     rng: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """Every image node of the spec plus Gaussian noise of standard deviation ``std``.
 
     One draw per distinct image node, so the fused and the per-class discriminator see the same
-    noisy images (docs/design.md, section 4). Other variables are passed through. A negative,
-    NaN or infinite ``std`` raises :class:`~gali_ext.errors.ConfigError`.
+    noisy images (docs/design.md, section 4). Other variables are passed through.
+
+    ``std`` is a float (no noise is drawn when it is 0; a negative, NaN or infinite one raises
+    :class:`~gali_ext.errors.ConfigError`) or a 0-dim tensor on the images' device, read when
+    the step runs: noise is then always drawn and scaled by it, so that a step captured in a
+    CUDA graph (:class:`gali_ext.capture.CapturedStep`) follows a std that changes from step to
+    step without a host sync.
     """
-    if not math.isfinite(float(std)) or std < 0:
+    if not isinstance(std, Tensor) and (not math.isfinite(float(std)) or std < 0):
         raise ConfigError(f"expected an instance-noise std >= 0 (finite), got {float(std)}")
     noisy = dict(variables)
-    if std > 0:
+    if isinstance(std, Tensor) or std > 0:
         for name in spec.nodes_of_kind(IMAGE):
             image = noisy[name]
             noise = torch.randn(image.shape, generator=rng, device=image.device, dtype=image.dtype)
@@ -663,7 +668,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
     def _prepare(
         self,
         variables: Mapping[str, Tensor],
-        instance_noise_std: float,
+        instance_noise_std: float | Tensor,
         rng: torch.Generator | None,
         conditions: Mapping[str, Tensor] | None,
     ) -> tuple[dict[str, Tensor], int, dict[str, Tensor] | None]:
@@ -873,7 +878,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
     def forward(
         self,
         variables: Mapping[str, Tensor],
-        instance_noise_std: float = 0.0,
+        instance_noise_std: float | Tensor = 0.0,
         rng: torch.Generator | None = None,
         *,
         conditions: Mapping[str, Tensor] | None = None,
@@ -893,7 +898,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
     def forward_per_class(
         self,
         variables: Mapping[str, Tensor],
-        instance_noise_std: float = 0.0,
+        instance_noise_std: float | Tensor = 0.0,
         rng: torch.Generator | None = None,
         *,
         conditions: Mapping[str, Tensor] | None = None,

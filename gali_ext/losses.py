@@ -24,6 +24,9 @@ each unary term times its weight, each by the same per-logits loss (section 9.1,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -53,6 +56,22 @@ __all__ = [
 ]
 
 
+_finite_check = True
+
+
+@contextmanager
+def finite_logits_check(enabled: bool) -> Iterator[None]:
+    """Turn the losses' check for NaN or inf logits (a host sync per loss) on or off inside the
+    block. :func:`~gali_ext.trainer.train_step` turns it off when its device-side guard watches
+    the losses instead; it is always off while a CUDA graph is being captured."""
+    global _finite_check
+    previous, _finite_check = _finite_check, enabled
+    try:
+        yield
+    finally:
+        _finite_check = previous
+
+
 def _check_logits(logits: Tensor, loss: str | None = None) -> int:
     """K of ``logits: [K, B, K]``; ``loss`` names the loss for which they must be finite."""
     if not isinstance(logits, Tensor):
@@ -66,7 +85,12 @@ def _check_logits(logits: Tensor, loss: str | None = None) -> int:
         raise ShapeError(f"expected floating-point logits, got dtype {logits.dtype}")
     # One reduction and host sync per loss (train_step syncs on the loss right after anyway);
     # skipped while torch.compile traces, where it would break the graph.
-    if loss is not None and not torch.compiler.is_compiling():
+    if (
+        loss is not None
+        and _finite_check
+        and not torch.compiler.is_compiling()
+        and not (logits.is_cuda and torch.cuda.is_current_stream_capturing())
+    ):
         if not bool(torch.isfinite(logits).all()):
             nan, inf = int(torch.isnan(logits).sum()), int(torch.isinf(logits).sum())
             raise DivergenceError(

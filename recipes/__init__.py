@@ -69,6 +69,13 @@ class RecipeConfig:
     # Accelerate trackers the scalars and image grids also go to, comma-separated
     # (e.g. "tensorboard"; "" for metrics.jsonl only)
     log_with: str = ""
+    # the whole training step captured once and replayed as a CUDA graph (one launch per step
+    # instead of thousands): for small batches, where launching kernels bounds the step.
+    # CUDA only (refused on the CPU), one process, fp32 or bf16 (README, Performance)
+    cuda_graphs: bool = False
+    # float32 matrix products (and convolutions, which PyTorch already runs so) in TF32 on
+    # tensor-core GPUs: faster, about 3 significant digits per product (gali_ext.capture.tf32_mode)
+    tf32: bool = False
     log_every: int = 10
     sample_every: int = 500
     checkpoint_every: int = 1000
@@ -158,6 +165,10 @@ class RecipeConfig:
             raise ConfigError(
                 "shared_forward=true does not work with fp16 loss scaling: use "
                 "mixed_precision=bf16, or the alternating schedule (shared_forward=false)"
+            )
+        if self.cuda_graphs and self.mixed_precision == "fp16":
+            raise ConfigError(
+                "cuda_graphs=true does not work with fp16 loss scaling: use mixed_precision=bf16"
             )
         if self.uses_features and self.features_model == "evaluator" and not self.features_weights:
             raise ConfigError(

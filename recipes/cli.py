@@ -296,12 +296,41 @@ def bench(
     specs: str = typer.Option(
         None, help="Comma-separated presets to time (default: ali,gali4,gali8,gali_mix,gali_pt)."
     ),
+    graphs: bool = typer.Option(
+        False,
+        "--graphs",
+        help="Instead: images/s of ALI and GALI-8 steps, eager vs captured in a CUDA graph, "
+        "fp32 vs bf16, with the GPU-busy fraction from torch.profiler (CUDA; on the CPU the "
+        "captured variants are skipped).",
+    ),
+    batches: str = typer.Option(
+        None, help="--graphs: comma-separated batch sizes, e.g. 100,1000 (default: --batch)."
+    ),
+    modes: str = typer.Option(
+        "baseline,eager,eager-async,captured", help="--graphs: the step variants to time."
+    ),
+    seconds: float = typer.Option(1.0, help="--graphs: seconds of timed steps per variant."),
 ) -> None:
     """Step cost of K classes, fused vs per-class head, and mixed precision, as ratios."""
-    from .bench import PRESETS, SPECS, run_benchmark
+    from .bench import GRAPH_MODES, PRESETS, SPECS, graph_benchmark, run_benchmark
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown benchmark preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if graphs:
+        sizes = batches or str(batch or PRESETS[preset]["batch"])
+        try:
+            sizes_list = tuple(int(b) for b in sizes.split(","))
+        except ValueError:
+            raise ConfigError(f"--batches: expected sizes like 100,1000, got {sizes!r}") from None
+        chosen = tuple(m for m in modes.split(",") if m)
+        unknown = [m for m in chosen if m not in GRAPH_MODES]
+        if unknown or min(sizes_list) < 1:
+            raise ConfigError(f"--modes takes {', '.join(GRAPH_MODES)}; --batches positive "
+                              f"sizes; got {modes!r}, {sizes!r}")  # fmt: skip
+        graph_benchmark(PRESETS[preset]["arch"], sizes_list, device, modes=chosen,
+                        seconds=seconds, warmup=max(warmup, 5), out=out,
+                        print_fn=typer.echo)  # fmt: skip
+        return
     names = tuple(n.strip() for n in specs.split(",")) if specs else SPECS
     run_benchmark(preset, device, repeats, warmup, batch, out, print_fn=typer.echo,
                   profile=profile, torch_compile=torch_compile, specs=names)  # fmt: skip

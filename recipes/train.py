@@ -13,12 +13,14 @@ What a run directory holds is described in :mod:`gali_ext.recipes.runs`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from gali_ext import GALI, MultiClassJointDiscriminatorHead
+from gali_ext.capture import CapturedStep, tf32_mode
 from gali_ext.errors import ConfigError, DataError, DivergenceError
 from gali_ext.gali import build_gali
 from gali_ext.losses import build_discriminator_criterion, build_generator_criterion
@@ -223,12 +226,31 @@ def launch_info(accelerator: Any) -> dict[str, Any]:
     }
 
 
-def build_optimizers(config: RecipeConfig, built: BuiltModel) -> tuple[Any, Any]:
-    """D's optimizer over the head, and one over E's and G's parameters together."""
+def build_optimizers(config: RecipeConfig, built: BuiltModel, device: Any) -> tuple[Any, Any]:
+    """D's optimizer over the head, and one over E's and G's parameters together (fused on
+    CUDA; capturable when the step is replayed as a CUDA graph)."""
     models = built.models
     eg = itertools.chain(models.encoder.parameters(), models.generator.parameters())
-    return tuple(build_optimizer(config.optimizer, params, config.lr, config.betas)
+    return tuple(build_optimizer(config.optimizer, params, config.lr, config.betas,
+                                 device=device, capturable=config.cuda_graphs)
                  for params in (built.head.parameters(), eg))  # fmt: skip
+
+
+def make_step(config: RecipeConfig, accelerator: Any, gali: Any, d_optimizer: Any,
+              g_optimizer: Any) -> Callable[..., StepMetrics]:  # fmt: skip
+    """The training step the loop calls, ``step_fn(batches, instance_noise=, step=)``:
+    :func:`~gali_ext.trainer.train_step`, or with ``cuda_graphs`` a
+    :class:`~gali_ext.capture.CapturedStep` (refused off CUDA, before anything is written)."""
+    if config.cuda_graphs:
+        return CapturedStep(
+            accelerator.unwrap_model(gali, keep_fp32_wrapper=False), d_optimizer, g_optimizer,
+            n_dis=config.n_dis, shared_forward=config.shared_forward, capture=True,
+            autocast_dtype={"bf16": torch.bfloat16}.get(config.mixed_precision),
+        )  # fmt: skip
+    return functools.partial(
+        train_step, gali, d_optimizer=d_optimizer, g_optimizer=g_optimizer, n_dis=config.n_dis,
+        accelerator=accelerator, shared_forward=config.shared_forward,
+    )  # fmt: skip
 
 
 def build_ema(models: ALIModels, decay: float) -> dict[str, Any]:
@@ -424,12 +446,13 @@ def train_loop(config: RecipeConfig, out: Path, *, resume: bool, overwrite: bool
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last:  # in place: the optimizers keep the same parameter objects
         built.gali.to(memory_format=layout)
-    d_optimizer, g_optimizer = build_optimizers(config, built)
+    d_optimizer, g_optimizer = build_optimizers(config, built, accelerator.device)
     loader = training_loader(train_data, config.batch_size, config.seed, config.num_workers,
                              pin_memory=accelerator.device.type == "cuda")  # fmt: skip
     gali, d_optimizer, g_optimizer, loader = accelerator.prepare(
         built.gali, d_optimizer, g_optimizer, loader
     )
+    step_fn = make_step(config, accelerator, gali, d_optimizer, g_optimizer)
     ema = build_ema(built.models, config.ema_decay)
     config = _steps_for_epochs(config, epochs, len(loader))
     step = _start_run(accelerator, out, config, replace, resume, ema)
@@ -440,9 +463,7 @@ def train_loop(config: RecipeConfig, out: Path, *, resume: bool, overwrite: bool
         while step < config.steps:
             noise = instance_noise_std(step, config.steps, config.instance_noise)
             try:
-                metrics = train_step(gali, batches, d_optimizer, g_optimizer, n_dis=config.n_dis,
-                                     instance_noise=noise, accelerator=accelerator, step=step,
-                                     shared_forward=config.shared_forward)  # fmt: skip
+                metrics = step_fn(batches, instance_noise=noise, step=step)
             except DivergenceError:
                 save_checkpoint(accelerator, out, step, weights, ema)
                 raise
@@ -481,8 +502,9 @@ def train(
     if epochs is not None and not (epochs > 0 and math.isfinite(epochs)):
         raise ConfigError(f"--epochs must be a positive number, got {epochs}")
     try:
-        return train_loop(config, Path(out_dir), resume=resume, overwrite=overwrite,
-                          progress=progress, epochs=epochs)  # fmt: skip
+        with tf32_mode(config.tf32):
+            return train_loop(config, Path(out_dir), resume=resume, overwrite=overwrite,
+                              progress=progress, epochs=epochs)  # fmt: skip
     finally:
         if PartialState._shared_state and PartialState().num_processes == 1:
             # Accelerate keeps one AcceleratorState per process and refuses a second

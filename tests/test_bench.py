@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gali_ext.recipes.bench import SPECS, run_benchmark
 
 
@@ -136,14 +138,116 @@ def test_recipe_throughput_script_on_a_tiny_standin(tmp_path):
     spec = importlib.util.spec_from_file_location("recipe_throughput", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    summary = script.main(["--recipes", "svhn-ali,svhn-gali8", "--precisions", "no",
+    summary = script.main(["--recipes", "svhn-ali,svhn-gali8", "--precisions", "no,no+graphs",
                            "--steps", "3", "--warmup", "1", "--batch", "4", "--train-images",
                            "16", "--test-images", "8", "--out", str(tmp_path)])  # fmt: skip
     mat = loadmat(tmp_path / "standin-svhn" / "train_32x32.mat")
     assert mat["X"].shape == (32, 32, 3, 16) and mat["X"].dtype == "uint8"
     assert 1 <= mat["y"].min() and mat["y"].max() <= 10
     for name in ("svhn-ali", "svhn-gali8"):
-        measured = summary["results"][name]["no"]
-        assert measured["images_per_s"] > 0 and measured["timed_steps"] == 2
+        measured = summary["results"][name]["4"]
+        assert measured["no"]["images_per_s"] > 0 and measured["no"]["timed_steps"] == 2
+        assert "no+graphs" not in measured  # CUDA graphs: skipped on the CPU, with a note
+    assert summary["skipped"] == ["svhn-ali no+graphs", "svhn-gali8 no+graphs"]
     saved = json.loads((tmp_path / "throughput.json").read_text())
     assert saved["results"].keys() == {"svhn-ali", "svhn-gali8"}
+
+
+def test_recipe_throughput_variants_parse_to_settings():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "recipe_throughput.py"
+    spec = importlib.util.spec_from_file_location("recipe_throughput", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.parse_variant("bf16+nhwc+graphs") == (
+        "bf16",
+        {"channels_last": True, "cuda_graphs": True},
+    )
+    assert script.parse_variant("no+tf32") == ("no", {"tf32": True})
+    assert script.label("no+graphs") == "fp32+graphs"
+    with pytest.raises(SystemExit, match="bf16\\+fast"):
+        script.parse_variant("bf16+fast")
+
+
+def test_graph_benchmark_on_the_cpu_skips_the_captured_step(tmp_path):
+    from gali_ext.recipes.bench import graph_benchmark
+
+    lines = []
+    result = graph_benchmark("digits", (2,), "cpu", specs=("ali",), precisions=("fp32",),
+                             seconds=0.0, min_steps=1, warmup=1, out=tmp_path / "g.json",
+                             print_fn=lines.append)  # fmt: skip
+    assert [r["mode"] for r in result["rows"]] == ["baseline", "eager", "eager-async"]
+    assert all(r["images_per_s"] > 0 and r["d_loss"] > 0 for r in result["rows"])
+    assert lines[0].startswith("captured: skipped (CUDA graphs need a CUDA device)")
+    assert "eager / baseline" in result["speedups"]["modes"]["ali/2/fp32"]
+    table = lines[-1]
+    assert "| spec | batch | precision | baseline images/s | eager images/s" in table
+    assert "GPU busy" not in table.split("note:")[0]
+    assert json.loads((tmp_path / "g.json").read_text())["rows"][0]["spec"] == "ali"
+
+
+def test_gpu_busy_time_is_the_union_of_activity_intervals():
+    from gali_ext.recipes.bench import busy_seconds
+
+    # [0, 3] covered by two overlapping kernels, [5, 6] by one containing another
+    assert busy_seconds([(1, 3), (0, 2), (5, 6), (5.5, 5.7)]) == pytest.approx(4.0)
+    assert busy_seconds([]) == 0
+
+
+def test_graph_table_reports_speedups_and_gpu_busy():
+    from gali_ext.recipes.bench import _graph_speedups, format_graph_table
+
+    def row(mode, precision, rate, gpu_ms):
+        return {"spec": "gali8", "batch": 100, "precision": precision, "mode": mode,
+                "images_per_s": rate, "step_ms": 1e5 / rate, "gpu_busy": gpu_ms * rate / 1e5,
+                "gpu_seconds_per_step": gpu_ms / 1e3}  # fmt: skip
+
+    rows = [row("baseline", "fp32", 1600, 16), row("eager", "fp32", 2000, 16),
+            row("captured", "fp32", 5000, 16), row("captured", "bf16", 7000, 12)]  # fmt: skip
+    result = {"device": "NVIDIA H100", "torch": "2.11", "arch": "svhn", "rows": rows,
+              "notes": [], "speedups": _graph_speedups(rows)}  # fmt: skip
+    table = format_graph_table(result)
+    assert result["speedups"]["modes"]["gali8/100/fp32"] == {
+        "eager / baseline": 1.25, "captured / baseline": 3.125, "captured / eager": 2.5
+    }  # fmt: skip
+    assert "| gali8 | 100 | fp32 | 1600 | 2000 | 5000 | 1.25x | 3.12x | 2.50x |" in table
+    # GPU busy: 16 ms of GPU time in a 20 ms captured step
+    busy = "| gali8 | 100 | fp32 | 26% (16.0 / 62.5) | 32% (16.0 / 50.0) | 80% (16.0 / 20.0) |"
+    assert busy in table
+    assert "| gali8 | 100 | - | - | 1.40x |" in table
+
+
+def test_graph_equality_check_runs_on_the_cpu():
+    from gali_ext.recipes.bench import graph_equality
+
+    result = graph_equality("digits", batch=3, device="cpu", specs=("ali",), steps=2)
+    assert result["ali"]["allclose"] and result["ali"]["max_loss_rel_diff"] == 0.0
+    assert result["ali"]["max_param_abs_diff"] == 0.0 and len(result["ali"]["eager_losses"]) == 2
+
+
+def test_bench_graphs_refuses_bad_options():
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-m", "gali_ext.cli", "bench", "--graphs", "--modes",
+                          "eager,fast"], capture_output=True, text=True, cwd=root)  # fmt: skip
+    assert run.returncode == 2 and "error: --modes takes baseline, eager" in run.stderr
+
+
+def test_device_intervals_read_only_gpu_activities():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from gali_ext.recipes.bench import _device_intervals, busy_seconds
+
+    def event(device, start_ns, duration_ns):
+        return SimpleNamespace(device_type=lambda: device, start_ns=lambda: start_ns,
+                               duration_ns=lambda: duration_ns)  # fmt: skip
+
+    events = [event(DeviceType.CPU, 0, 10**9), event(DeviceType.CUDA, 10**6, 2 * 10**6),
+              event(DeviceType.CUDA, 2 * 10**6, 2 * 10**6)]  # fmt: skip
+    profiler = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(
+        events=lambda: events)))  # fmt: skip
+    intervals = _device_intervals(profiler)
+    assert intervals == [(1e-3, 3e-3), (2e-3, 4e-3)]  # the CPU event is left out
+    assert busy_seconds(intervals) == pytest.approx(3e-3)
