@@ -559,10 +559,16 @@ def test_adapters_readme_discriminator_blocks_run():
     blocks = re.findall(r"```python\n(.+?)```", readme, re.S)
     cases = {"BigBiGANDiscriminator(": "gali8", "ALIDiscriminator(": "gali4",
              "monolithic_head(build_spec": "gali4"}  # fmt: skip
-    for marker, preset in cases.items():
-        (block,) = [b for b in blocks if marker in b]
-        namespace: dict = {}
+    namespace: dict = {}  # the blocks run in order, as a reader pastes them
+    checked = set()
+    for block in blocks:
         exec(compile(block, "adapters/README.md", "exec"), namespace)
+        marker = next((m for m in cases if m in block), None)
+        if marker is None:
+            continue
+        checked.add(marker)
+        preset = cases[marker]
         head, d = namespace["head"], namespace["d"]
         assert head.spec.name == preset
         assert {id(p) for p in d.parameters()} <= {id(p) for p in head.parameters()}
+    assert checked == set(cases)

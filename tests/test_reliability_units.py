@@ -607,11 +607,11 @@ def test_resume_decisions(tmp_path, accelerator):
 
 
 def test_resume_overrides_apply_or_refuse_each_setting():
-    saved = get_recipe("digits-gali4")
+    saved = get_recipe("digits-gali4").with_overrides({"batch_size": "64", "steps": "1500"})
     new = saved.with_overrides({"lr": "1e-3", "steps": "3000", "betas": "0.5,0.999"})
     assert rundir.check_resume_overrides(saved, new) == {
         "lr": (saved.lr, 1e-3),
-        "steps": (saved.steps, 3000),
+        "steps": (1500, 3000),
     }
     refused = saved.with_overrides({"batch_size": "32", "spec": "gali8", "lr": "1e-3"})
     with pytest.raises(ConfigError, match=r"cannot change batch_size \(64 -> 32\), spec "
@@ -825,7 +825,7 @@ def test_check_epochs_and_data_size():
     for bad in (math.nan, math.inf, 0, -1):
         with pytest.raises(ConfigError, match="--epochs must be a positive finite number"):
             check_epochs(bad)
-    config: RecipeConfig = get_recipe("digits-ali")  # batch 64
+    config: RecipeConfig = get_recipe("digits-ali").with_overrides({"batch_size": "64"})
     config.check_data_size(128, num_processes=2)
     with pytest.raises(ConfigError, match="has 100 images, fewer than one batch of 64 for each "
                                           "of 2 process"):  # fmt: skip
