@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -116,26 +114,31 @@ def test_evaluator_trains_and_reports_accuracy(tmp_path):
     assert not model.training and model.features(torch.zeros(2, 1, 16, 16)).shape == (2, 128)
 
 
-def _evaluator(folder):
-    """A 1-epoch evaluator for tests (a real one takes 10 epochs), copied into ``folder``."""
+@pytest.fixture(scope="module")
+def evaluator_copy(tmp_path_factory):
+    """Copies a 1-epoch evaluator (a real one takes 10 epochs), trained once per module, into a
+    folder: ``evaluator_copy(folder)``."""
     import shutil
 
     from gali_ext.recipes.evaluator import train_evaluator
 
-    cache = Path(tempfile.gettempdir()) / f"gali-ext-test-evaluator-{os.getpid()}"
-    if not (cache / "evaluator.json").is_file():
-        train_evaluator("digits", cache, epochs=1)
-    shutil.copytree(cache, folder, dirs_exist_ok=True)
-    return folder
+    cache = tmp_path_factory.mktemp("evaluator")
+    train_evaluator("digits", cache, epochs=1)
+
+    def copy(folder):
+        shutil.copytree(cache, folder, dirs_exist_ok=True)
+        return folder
+
+    return copy
 
 
-def test_eval_and_study_commands(tmp_path, monkeypatch):
+def test_eval_and_study_commands(tmp_path, monkeypatch, evaluator_copy):
     from typer.testing import CliRunner
 
     from gali_ext.recipes.cli import app
 
     monkeypatch.chdir(tmp_path)
-    _evaluator(tmp_path / "study" / "evaluator-digits")  # reused by the study and by eval
+    evaluator_copy(tmp_path / "study" / "evaluator-digits")  # reused by the study and by eval
     runner = CliRunner()
     result = runner.invoke(app, ["study", "digits", "--steps", "2", "--seeds", "2", "--out",
                                  "study", "--no-progress", "--svm-samples", "100",
@@ -172,7 +175,9 @@ def test_eval_and_study_commands(tmp_path, monkeypatch):
     assert (tmp_path / "one" / "eval.json").is_file()
 
 
-def test_eval_announces_the_evaluator_it_trains_beside_the_runs(tmp_path, monkeypatch):
+def test_eval_announces_the_evaluator_it_trains_beside_the_runs(
+    tmp_path, monkeypatch, evaluator_copy
+):
     from typer.testing import CliRunner
 
     from gali_ext import recipes
@@ -187,7 +192,7 @@ def test_eval_announces_the_evaluator_it_trains_beside_the_runs(tmp_path, monkey
 
     def fake_train_evaluator(dataset, folder, data_dir=None):
         trained.append(Path(folder))
-        _evaluator(folder)
+        evaluator_copy(folder)
         return json.loads((Path(folder) / "evaluator.json").read_text())
 
     monkeypatch.setattr(evaluate, "train_evaluator", fake_train_evaluator)
@@ -202,7 +207,9 @@ def test_eval_announces_the_evaluator_it_trains_beside_the_runs(tmp_path, monkey
     assert result.exit_code == 0 and "training one" not in result.output and len(trained) == 1
 
 
-def test_study_in_parallel_equals_sequential_and_writes_the_paired_table(tmp_path, monkeypatch):
+def test_study_in_parallel_equals_sequential_and_writes_the_paired_table(
+    tmp_path, monkeypatch, evaluator_copy
+):
     from typer.testing import CliRunner
 
     from gali_ext.recipes.cli import app
@@ -210,7 +217,7 @@ def test_study_in_parallel_equals_sequential_and_writes_the_paired_table(tmp_pat
 
     monkeypatch.chdir(tmp_path)
     for name in ("parallel", "sequential"):
-        _evaluator(tmp_path / name / "evaluator-digits")
+        evaluator_copy(tmp_path / name / "evaluator-digits")
     recipes = "digits-ali,digits-gali-mix"
     svm = ["--svm-samples", "100", "--svm-draws", "1"]
     result = CliRunner().invoke(app, ["study", "digits", "--steps", "3", "--seeds", "2",
