@@ -42,8 +42,12 @@ def main(out: Path) -> None:
         return real_step(gali, iter(drawn), *args, **kwargs)
 
     loop.train_step = recording
-    settings = {"batch_size": "64", "log_every": "1", "sample_every": "1000",
-                "checkpoint_every": "1000"}
+    settings = {
+        "batch_size": "64",
+        "log_every": "1",
+        "sample_every": "1000",
+        "checkpoint_every": "1000",
+    }
     loop.train(config.with_overrides(settings), out / "run", progress=False, epochs=1)
     result = {"processes": accelerator.num_processes, "batches_per_epoch": len(loader),
               "epochs": epochs, "after_resume": after_resume, "trained": trained}  # fmt: skip
