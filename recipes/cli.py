@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -336,8 +337,23 @@ def bench(
                   profile=profile, torch_compile=torch_compile, specs=names)  # fmt: skip
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """``warning: ...`` for what a run directory reports (a skipped checkpoint, a dropped
+    metrics line); Python's usual format for the rest."""
+    from gali_ext.recipes.rundir import RunDirectoryWarning
+
+    if issubclass(category, RunDirectoryWarning):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main() -> None:
-    """Entry point of the ``gali-ext`` script: bad input ends in one line on stderr, exit 2."""
+    """Entry point of the ``gali-ext`` script: bad input ends in one line on stderr, exit 2;
+    repairs of a run directory are one ``warning: ...`` line each."""
+    warnings.formatwarning = _format_warning
     try:
         app()
     except GaliError as error:

@@ -966,11 +966,14 @@ RESUME_APPLIED = frozenset(
         "data_dir",
         "channels_last",
         "description",
+        "num_workers",
+        "log_with",
     }
 )
 """Settings a resume may change: each takes effect from the resumed step on (``lr`` and
-``betas`` through :func:`apply_optimizer_settings`). Every other setting is fixed by the
-checkpoint (model, data, batch, objective, optimizer, precision, seed)."""
+``betas`` through :func:`apply_optimizer_settings`; ``num_workers`` and ``log_with`` change
+how data is read and where metrics go, not what is trained). Every other setting is fixed by
+the checkpoint (model, data, batch, objective, optimizer, precision, seed, ``ema_decay``)."""
 
 
 def _settings(config: Any) -> dict[str, Any]:

@@ -10,8 +10,11 @@
     encoder_ema.safetensors      the moving averages of E and G (ema_decay > 0)
     generator_ema.safetensors
     checkpoints/checkpoint_N/    Accelerate's save_state (models, optimizers, RNG states), the
-                                 EMA, and train_state.json, written last: a folder without it
-                                 was cut short by a kill and is never resumed from
+                                 EMA, train_state.json, and manifest.json (sizes and SHA-256 of
+                                 the files), written last: a folder whose manifest does not
+                                 verify is never resumed from
+    damaged-checkpoints/         checkpoints a resume passed over (kept for inspection)
+    .lock                        the lock of the process training into the directory
     logs/RECIPE/                 tracker files (--log-with tensorboard)
     samples.png, reconstructions.png, grids/   image grids; summary.json at the end
 
@@ -19,13 +22,12 @@ Checkpoints are named and rotated by Accelerate (``ProjectConfiguration(
 automatic_checkpoint_naming=True, total_limit=keep_checkpoints)``); weights are written with
 ``safetensors.torch.save_model`` and read with
 :func:`~gali_ext.providers.pretrained.load_safetensors_into`, which names the file and the key of
-any mismatch.
+any mismatch. Every file is written to a temporary name and renamed
+(:mod:`gali_ext.recipes.rundir`, docs/design.md, section 10).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,19 @@ from gali_ext.errors import ConfigError
 from gali_ext.providers.pretrained import load_safetensors_into
 
 from . import RecipeConfig
+from .rundir import (
+    CHECKPOINTS_NAME,
+    TRAIN_STATE_NAME,
+    atomic_output,
+    checkpoint_number,
+    list_checkpoints,
+    load_state_safely,
+    load_train_state_json,
+    save_train_state_json,
+    storage_errors,
+    verify_checkpoint,
+    write_manifest,
+)
 
 __all__ = [
     "EMA_FILES",
@@ -51,70 +66,72 @@ __all__ = [
 
 WEIGHT_FILES = ("encoder", "generator", "discriminator")
 EMA_FILES = {"encoder": "encoder_ema", "generator": "generator_ema"}
-TRAIN_STATE = "train_state.json"
+TRAIN_STATE = TRAIN_STATE_NAME
 
 
 def save_weights(modules: dict[str, nn.Module], out: Path) -> None:
     """Each module as ``out/NAME.safetensors`` (``safetensors.torch.save_model``; channels-last
-    weights are stored contiguous), written to a temporary name and renamed."""
+    weights are stored contiguous), written atomically (:func:`.rundir.atomic_output`)."""
     from safetensors.torch import save_model
 
     for name, module in modules.items():
-        temporary = out / f"{name}.safetensors.tmp"
-        save_model(module, str(temporary), force_contiguous=True)
-        temporary.replace(out / f"{name}.safetensors")
+        with atomic_output(out / f"{name}.safetensors") as temporary:
+            save_model(module, str(temporary), force_contiguous=True)
 
 
-def complete_checkpoints(out: Path) -> list[Path]:
-    """The checkpoints of run ``out`` that hold ``train_state.json``, oldest first."""
-    folders = (out / "checkpoints").glob("checkpoint_*")
-    numbered = [(int(f.name.rpartition("_")[2]), f) for f in folders if f.name[11:].isdigit()]
-    return [f for _, f in sorted(numbered) if (f / TRAIN_STATE).is_file()]
+def complete_checkpoints(out: Path, num_processes: int = 1) -> list[Path]:
+    """The checkpoints of run ``out`` whose manifest verifies (:func:`.rundir.verify_checkpoint`),
+    oldest first, sorted by number."""
+    found = list_checkpoints(out / CHECKPOINTS_NAME)
+    return [f for f in found if not verify_checkpoint(f, num_processes)]
 
 
 def save_checkpoint(
     accelerator: Any, out: Path, step: int, weights: dict[str, nn.Module], ema: dict[str, Any]
 ) -> Path:
-    """Accelerate's state (``checkpoints/checkpoint_N``, the oldest beyond ``keep_checkpoints``
-    deleted), the EMA models, then ``train_state.json``; ``weights`` (name to module) and the EMA
-    of E and G are also exported to the run directory. Returns the checkpoint folder."""
-    folder = Path(accelerator.save_state())
-    accelerator.wait_for_everyone()  # every process's RNG state is on disk
-    if accelerator.is_main_process:
-        save_weights({EMA_FILES[name]: average for name, average in ema.items()}, folder)
-        state = {"step": step, "world_size": accelerator.num_processes}
-        (folder / TRAIN_STATE).write_text(json.dumps(state))
+    """One checkpoint ``checkpoints/checkpoint_N`` (docs/design.md, section 10.4): Accelerate's
+    ``save_state`` (models, optimizers, random states of every process; the oldest checkpoint
+    beyond ``keep_checkpoints`` deleted first), then the EMA models and ``train_state.json``,
+    then ``manifest.json`` last: a folder without a verifying manifest is never resumed from.
+    ``weights`` (name to module) and the EMA of E and G are then exported to the run directory.
+
+    A full disk or a read-only folder becomes one :class:`~gali_ext.errors.CheckpointError` or
+    :class:`~gali_ext.errors.ConfigError`; the half-written folder is removed and the previous
+    checkpoint stays the newest. Returns the checkpoint folder."""
+    name = f"checkpoint_{accelerator.project_configuration.iteration}"
+    folder = out / CHECKPOINTS_NAME / name
+    main = accelerator.is_main_process
+    with storage_errors(f"checkpoint {name}", folder, cleanup=folder if main else None):
+        folder = Path(accelerator.save_state())
+        accelerator.wait_for_everyone()  # every process's random states are on disk
+        if main:
+            save_weights({EMA_FILES[n]: average for n, average in ema.items()}, folder)
+            save_train_state_json(folder, {"step": step, "world_size": accelerator.num_processes})
+            write_manifest(folder, step)
+    if main:
         save_weights({**weights, **{EMA_FILES[n]: a.module for n, a in ema.items()}}, out)
     accelerator.wait_for_everyone()
     return folder
 
 
-def resume_checkpoint(accelerator: Any, out: Path, ema: dict[str, Any]) -> int:
-    """Load the newest complete checkpoint of ``out`` into the prepared models, optimizers, RNGs
-    and ``ema``; returns its step (0 when there is none). Checkpoints cut short by a kill are
-    deleted, and Accelerate's checkpoint numbering continues after the one loaded."""
-    complete = complete_checkpoints(out)
-    newest = complete[-1] if complete else None
-    if accelerator.is_main_process:
-        for folder in (out / "checkpoints").glob("checkpoint_*"):
-            if folder not in complete:
-                accelerator.print(f"deleting {folder}: incomplete (the run stopped saving it)")
-                shutil.rmtree(folder)
-    accelerator.wait_for_everyone()
-    if newest is None:
-        return 0
-    state = json.loads((newest / TRAIN_STATE).read_text())
-    if state["world_size"] != accelerator.num_processes:
+def resume_checkpoint(accelerator: Any, out: Path, ema: dict[str, Any], checkpoint: Path) -> int:
+    """Load ``checkpoint`` (chosen by :func:`.rundir.resume_decision`) into the prepared models,
+    optimizers, random generators and ``ema``, without unpickling anything but tensors
+    (:func:`.rundir.load_state_safely`); returns its step. Accelerate's checkpoint numbering
+    continues after it."""
+    state = load_train_state_json(checkpoint)
+    world = state.get("world_size")
+    if world != accelerator.num_processes:
         raise ConfigError(
-            f"--resume: {str(out)!r} was trained by {state['world_size']} process(es), this "
-            f"launch has {accelerator.num_processes}; resume it with {state['world_size']} "
-            "so that each process reads the same shard of the data"
+            f"--resume: {str(out)!r} was trained by {world} process(es), this launch has "
+            f"{accelerator.num_processes}; resume it with {world} so that each process reads "
+            "the same shard of the data"
         )
-    accelerator.load_state(str(newest))
+    state = load_state_safely(accelerator, checkpoint)
     for name, average in ema.items():
-        load_safetensors_into(average, newest / f"{EMA_FILES[name]}.safetensors")
-    accelerator.project_configuration.iteration = int(newest.name.rpartition("_")[2]) + 1
-    accelerator.print(f"resumed from {newest} at step {state['step']}")
+        load_safetensors_into(average, checkpoint / f"{EMA_FILES[name]}.safetensors")
+    accelerator.project_configuration.iteration = checkpoint_number(checkpoint) + 1
+    accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
     return int(state["step"])
 
 

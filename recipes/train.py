@@ -18,8 +18,8 @@ import itertools
 import json
 import math
 import os
-import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch
 
 from gali_ext import GALI, MultiClassJointDiscriminatorHead
 from gali_ext.capture import CapturedStep, tf32_mode
-from gali_ext.errors import ConfigError, DataError, DivergenceError
+from gali_ext.errors import ConfigError, DataError, DivergenceError, GaliError
 from gali_ext.gali import build_gali
 from gali_ext.losses import build_discriminator_criterion, build_generator_criterion
 from gali_ext.providers import PretrainedFeatures
@@ -42,6 +42,27 @@ from gali_ext.recipes.data import (
 )
 from gali_ext.recipes.metrics import eval_mode, reconstruct, reconstruction_mse
 from gali_ext.recipes.models import ALIModels, build_ali_models
+from gali_ext.recipes.rundir import (
+    CHECKPOINTS_NAME,
+    CONFIG_NAME,
+    LOCK_NAME,
+    METRICS_NAME,
+    ResumeDecision,
+    RunDirectoryWarning,
+    RunLock,
+    append_metrics,
+    apply_optimizer_settings,
+    check_overwrite,
+    check_resume_overrides,
+    clear_run_directory,
+    list_checkpoints,
+    remove_temporaries,
+    resume_decision,
+    set_aside_checkpoint,
+    truncate_metrics,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from gali_ext.recipes.runs import (
     WEIGHT_FILES,
     load_run_models,
@@ -52,12 +73,13 @@ from gali_ext.recipes.runs import (
 from gali_ext.recipes.visual import image_grid, interleave_rows, save_image_grid
 from gali_ext.trainer import StepMetrics, build_optimizer, instance_noise_std, train_step
 
-from . import RecipeConfig
+from . import RecipeConfig, check_epochs
 
 __all__ = [
     "WEIGHT_FILES",
     "BuiltModel",
     "RunLog",
+    "StartPlan",
     "build_ema",
     "build_model",
     "check_run_dir",
@@ -68,6 +90,7 @@ __all__ = [
     "load_data",
     "load_run_models",
     "make_accelerator",
+    "plan_start",
     "save_weights",
     "train",
     "train_loop",
@@ -135,30 +158,80 @@ def load_data(config: RecipeConfig, split: str) -> ImageData:
 def check_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bool) -> bool:
     """Refuse to mix runs: an existing run directory is resumed, overwritten, or left alone.
 
-    Returns whether ``out`` holds something to replace (the caller deletes it once everything
-    else has been validated, so a failed start never destroys the previous run).
+    Read-only; called before the lock is taken and again under it. Returns whether ``out``
+    holds something to replace (the caller empties it once everything else has been validated,
+    so a failed start never destroys the previous run). ``--overwrite`` empties run
+    directories only, never through a symbolic link (:func:`.rundir.check_overwrite`).
     """
-    saved = out / "config.json"
+    saved = out / CONFIG_NAME
     if resume:
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {str(out)!r} holds no run (no config.json)")
-        previous = RecipeConfig.from_json(saved)
-        if previous.name != config.name:
-            raise ConfigError(
-                f"--resume: {str(out)!r} holds a run of {previous.name!r}, not {config.name!r}"
-            )
+        if out.is_dir() and saved.is_file():
+            previous = RecipeConfig.from_json(saved)
+            if previous.name != config.name:
+                raise ConfigError(
+                    f"--resume: {str(out)!r} holds a run of {previous.name!r}, not {config.name!r}"
+                )
         return False
+    if overwrite:
+        return check_overwrite(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{str(out)!r} is a file, not a run directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = "a run" if saved.is_file() else "files"
-            raise ConfigError(
-                f"{str(out)!r} already holds {what}; pass --resume to continue it or "
-                "--overwrite to replace it"
-            )
-        return True
+    if out.is_dir() and _entries(out):
+        what = "a run" if saved.is_file() else "files"
+        raise ConfigError(
+            f"{str(out)!r} already holds {what}; pass --resume to continue it or "
+            "--overwrite to replace it"
+        )
     return False
+
+
+def _entries(out: Path) -> list[str]:
+    """What ``out`` holds besides the lock file and temporaries of killed writers."""
+    return [e.name for e in out.iterdir() if e.name != LOCK_NAME and not
+            (e.name.startswith(".") and e.name.endswith(".tmp"))]  # fmt: skip
+
+
+def _saved_world_size(out: Path) -> int | None:
+    """The processes that trained the run in ``out`` (``config.json``'s "launch"), if recorded."""
+    try:
+        return int(json.loads((out / CONFIG_NAME).read_text())["launch"]["world_size"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """How a run starts (:func:`plan_start`): ``replace`` the directory's contents first, and
+    ``decision`` (``--resume`` only): continue from a checkpoint or start fresh."""
+
+    replace: bool
+    decision: ResumeDecision | None
+
+
+def plan_start(out: Path, config: RecipeConfig, resume: bool, overwrite: bool,
+               num_processes: int) -> StartPlan:  # fmt: skip
+    """Decide, holding the run's lock, how the run starts; reads and writes nothing else.
+
+    Without ``--resume``: :func:`check_run_dir`. With it: :func:`.rundir.resume_decision`
+    (continue from the newest intact checkpoint, or start fresh a run stopped before its first
+    checkpoint, or a clear error), the processes of the saved run, and the settings a resume
+    may change (:func:`.rundir.check_resume_overrides`).
+    """
+    replace = check_run_dir(out, config, resume, overwrite)
+    if not resume:
+        return StartPlan(replace, None)
+    world = _saved_world_size(out) if out.is_dir() else None
+    if world is not None and world != num_processes and list_checkpoints(out / CHECKPOINTS_NAME):
+        raise ConfigError(
+            f"--resume: {str(out)!r} was trained by {world} process(es), this launch has "
+            f"{num_processes}; resume it with {world} so that each process reads the same "
+            "shard of the data"
+        )
+    decision = resume_decision(out, num_processes)
+    if decision.action == "continue":
+        check_resume_overrides(RecipeConfig.from_json(out / CONFIG_NAME), config)
+    return StartPlan(decision.action == "fresh" and out.is_dir() and bool(_entries(out)),
+                     decision)  # fmt: skip
 
 
 def check_trackers(log_with: str) -> list[str]:
@@ -276,21 +349,54 @@ def _steps_for_epochs(config: RecipeConfig, epochs: float | None, batches: int) 
     return dataclasses.replace(config, steps=max(1, math.ceil(epochs * batches / config.n_dis)))
 
 
-def _start_run(accelerator, out: Path, config: RecipeConfig, replace: bool, resume: bool,
-               ema: dict[str, Any]) -> int:  # fmt: skip
-    """The step to start from (a checkpoint's on resume); the main process then replaces an
-    overwritten run, writes ``config.json`` and drops the metrics logged after the checkpoint."""
-    step = resume_checkpoint(accelerator, out, ema) if resume else 0
+def _shared(accelerator: Any, make: Any) -> Any:
+    """``make()`` on the main process, its result (or the :class:`GaliError` it raised) given
+    to every process, so that all of them go on or all stop."""
+    result: list[Any] = [None, None]
     if accelerator.is_main_process:
-        if replace:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(config.to_json(launch_info(accelerator)))
-        metrics = out / "metrics.jsonl"
-        if metrics.exists():  # steps after the checkpoint are trained again
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]  # fmt: skip
-            metrics.write_text("".join(line + "\n" for line in kept))
+        try:
+            result[0] = make()
+        except GaliError as error:
+            result[1] = error
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result = broadcast_object_list(result)
+    if result[1] is not None:
+        raise result[1]
+    return result[0]
+
+
+def _start_run(accelerator, out: Path, config: RecipeConfig, plan: StartPlan,
+               ema: dict[str, Any], optimizers: tuple[Any, Any]) -> int:  # fmt: skip
+    """The step to start from (a checkpoint's on resume). Everything was validated and built
+    before: the main process now empties a replaced run, sets the skipped damaged checkpoints
+    aside (with a warning each), the checkpoint is loaded and changed ``lr``/``betas`` are put
+    into the optimizers (and printed), and only then ``config.json`` is written (atomically) and
+    the metrics logged after the checkpoint are dropped."""
+    decision = plan.decision
+    if accelerator.is_main_process:
+        if plan.replace:
+            clear_run_directory(out)
+        if decision is not None and decision.action == "continue":
+            for checkpoint, reason in decision.skipped:
+                moved = set_aside_checkpoint(checkpoint, out)
+                warnings.warn(f"--resume: skipped {checkpoint.name} ({reason}); moved it to "
+                              f"{moved}", RunDirectoryWarning, stacklevel=2)  # fmt: skip
+        elif decision is not None:
+            accelerator.print(f"--resume: starting {out} from step 0 ({decision.reason})")
+    accelerator.wait_for_everyone()
+    step = 0
+    if decision is not None and decision.action == "continue":
+        step = resume_checkpoint(accelerator, out, ema, decision.checkpoint)
+        changes = []
+        for optimizer in optimizers:
+            changes += apply_optimizer_settings(optimizer, config.lr, config.betas)
+        for change in sorted(set(changes)):
+            accelerator.print(f"--resume: {change} from step {step} on")
+    if accelerator.is_main_process:
+        write_text_atomic(out / CONFIG_NAME, config.to_json(launch_info(accelerator)) + "\n")
+        truncate_metrics(out / METRICS_NAME, step)  # steps after the checkpoint are trained again
     accelerator.wait_for_everyone()
     return step
 
@@ -369,8 +475,7 @@ class RunLog:
             return
         rate = self.config.batch_size * self.config.n_dis / max(metrics.seconds, 1e-9)
         record = {"step": step, "noise_std": noise, **metrics.as_dict(), "images_per_s": rate}
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(self.out / METRICS_NAME, record)
         scalars = {k: v for k, v in record.items() if isinstance(v, float)}
         scalars |= {f"d_accuracy/class_{i}": a for i, a in enumerate(metrics.class_accuracy)}
         self.accelerator.log(scalars, step=step)
@@ -384,7 +489,7 @@ class RunLog:
             return
         for name, batch in grids(*self.shown, self.grid_x, self.grid_z, self.grid_labels).items():
             path = save_image_grid(batch, self.out / "grids" / f"{name}_step{step:07d}.png")
-            shutil.copyfile(path, self.out / f"{name}.png")
+            write_bytes_atomic(self.out / f"{name}.png", path.read_bytes())
             for tracker in self.accelerator.trackers:
                 if hasattr(tracker, "log_images"):
                     tracker.log_images({name: image_grid(batch)[None]}, step=step)
@@ -426,7 +531,7 @@ class RunLog:
         summary.update(self.evaluator_metrics())
         self.accelerator.log({f"summary/{k}": v for k, v in summary.items()
                               if isinstance(v, float)}, step=step)  # fmt: skip
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         which = " (EMA weights)" if self.ema else ""
         self.accelerator.print(f"{self.config.name}: {step} steps, test pixel MSE {mse:.4f}"
                                f"{which}, run in {self.out}")  # fmt: skip
@@ -434,12 +539,33 @@ class RunLog:
 
 def train_loop(config: RecipeConfig, out: Path, *, resume: bool, overwrite: bool,
                progress: bool, epochs: float | None) -> Path:  # fmt: skip
-    """The body of :func:`train`, after the config was validated."""
+    """The body of :func:`train`, after the config was validated: checks the run directory,
+    takes its lock (main process), builds, starts or resumes, trains."""
+    train_data, test_data = load_data(config, "train"), load_data(config, "test")
+    check_run_dir(out, config, resume, overwrite)  # read-only: refuse before locking anything
+    accelerator = make_accelerator(config, out)
+    config.check_data_size(len(train_data), accelerator.num_processes)
+    lock = RunLock(out)
+    try:
+
+        def locked_plan() -> StartPlan:
+            lock.acquire()
+            remove_temporaries(out)
+            return plan_start(out, config, resume, overwrite, accelerator.num_processes)
+
+        plan = _shared(accelerator, locked_plan)
+        return _train_locked(accelerator, config, out, plan, train_data, test_data,
+                             progress=progress, epochs=epochs)  # fmt: skip
+    finally:
+        lock.release()
+
+
+def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: StartPlan,
+                  train_data: ImageData, test_data: ImageData, *, progress: bool,
+                  epochs: float | None) -> Path:  # fmt: skip
+    """Build, start (:func:`_start_run`) and train, holding the run's lock."""
     from accelerate.utils import set_seed
 
-    train_data, test_data = load_data(config, "train"), load_data(config, "test")
-    replace = check_run_dir(out, config, resume, overwrite)
-    accelerator = make_accelerator(config, out)
     set_seed(config.seed, device_specific=True)
     built = build_model(config, train_data.channels)
     built.models.generator.init_output_bias(data_mean(train_data))
@@ -455,7 +581,7 @@ def train_loop(config: RecipeConfig, out: Path, *, resume: bool, overwrite: bool
     step_fn = make_step(config, accelerator, gali, d_optimizer, g_optimizer)
     ema = build_ema(built.models, config.ema_decay)
     config = _steps_for_epochs(config, epochs, len(loader))
-    step = _start_run(accelerator, out, config, replace, resume, ema)
+    step = _start_run(accelerator, out, config, plan, ema, (d_optimizer, g_optimizer))
     batches = endless_batches(loader, accelerator, step * config.n_dis, layout,
                               with_labels=config.conditions > 0)  # fmt: skip
     weights = dict(zip(WEIGHT_FILES, (built.models.encoder, built.models.generator, built.head)))
@@ -491,16 +617,18 @@ def train(
 ) -> Path:
     """Train a recipe into ``out_dir``; returns the run directory.
 
-    Everything is validated (config, trackers, data files, image shapes, run directory) before
-    anything is written. ``epochs`` replaces ``config.steps`` by the steps that many passes over
-    the training data take (with ``N`` processes each pass is split ``N`` ways).
+    Everything is validated (config, trackers, data files and their size, image shapes, run
+    directory, the settings a resume changes) before anything is written; the main process
+    holds the run directory's lock (:class:`.rundir.RunLock`) for the whole run. ``epochs``
+    replaces ``config.steps`` by the steps that many passes over the training data take (with
+    ``N`` processes each pass is split ``N`` ways).
     """
     from accelerate.state import AcceleratorState, PartialState
 
     config.validate()
     check_trackers(config.log_with)
-    if epochs is not None and not (epochs > 0 and math.isfinite(epochs)):
-        raise ConfigError(f"--epochs must be a positive number, got {epochs}")
+    if epochs is not None:
+        check_epochs(epochs)
     try:
         with tf32_mode(config.tf32):
             return train_loop(config, Path(out_dir), resume=resume, overwrite=overwrite,

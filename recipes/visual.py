@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gali_ext.recipes.rundir import atomic_output
+
 __all__ = ["image_grid", "interleave_rows", "save_image_grid"]
 
 
@@ -72,16 +74,16 @@ def save_image_grid(
     """Write :func:`image_grid` of ``[N, C, H, W]`` images in [-1, 1] as a PNG
     (``torchvision.utils.save_image``: pixel ``p`` in [-1, 1] becomes ``round((p + 1) / 2 * 255)``).
 
-    Written to a temporary file and renamed, so a crash never leaves a half-written PNG.
+    Written to a temporary file and renamed (:func:`.rundir.atomic_output`), so a crash never
+    leaves a half-written PNG.
     """
     from torchvision.utils import save_image
 
     grid = image_grid(images, columns, padding, scale, row_labels)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    save_image(grid, temporary, format="png")
-    temporary.replace(path)
+    with atomic_output(path) as temporary:
+        save_image(grid, temporary, format="png")
     return path
 
 

@@ -73,11 +73,17 @@ def test_train_writes_the_run_directory(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(len(r["d_accuracy"]) == 4 and np.isfinite(r["g_loss"]) for r in records)
     assert records[0]["noise_std"] == pytest.approx(0.1) and records[-1]["noise_std"] < 0.1
-    # Accelerate names the checkpoints; train_state.json, written last, holds the step
+    # Accelerate names the checkpoints; train_state.json holds the step, and manifest.json,
+    # written last, the sizes and hashes of every other file
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == ["checkpoint_0", "checkpoint_1"]
     states = [json.loads((p / "train_state.json").read_text()) for p in checkpoints]
     assert states == [{"step": 2, "world_size": 1}, {"step": 4, "world_size": 1}]
+    manifests = [json.loads((p / "manifest.json").read_text()) for p in checkpoints]
+    assert [m["step"] for m in manifests] == [2, 4]
+    assert set(manifests[0]["files"]) == {p.name for p in checkpoints[0].iterdir()} - {
+        "manifest.json"
+    }
     launch = json.loads((out / "config.json").read_text())["launch"]
     assert (launch["num_processes"], launch["world_size"]) == (1, 1)
     assert recipes.RecipeConfig.from_json(out / "config.json") == tiny()

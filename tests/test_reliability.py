@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from gali_ext import recipes
-from gali_ext.errors import CheckpointError, ConfigError, DataError, DivergenceError
+from gali_ext.errors import CheckpointError, DataError, DivergenceError
 from gali_ext.recipes.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,10 +23,11 @@ TINY = ["--set", "batch_size=16", "--set", "checkpoint_every=5", "--set", "log_e
 
 
 def checkpoint_steps(run):
-    """``{checkpoint folder name: step}`` of the complete checkpoints of a run."""
+    """``{checkpoint folder name: step}`` of the complete checkpoints of a run (those whose
+    manifest, written last, is there)."""
     return {p.name: json.loads((p / "train_state.json").read_text())["step"]
             for p in (run / "checkpoints").glob("checkpoint_*")
-            if (p / "train_state.json").is_file()}  # fmt: skip
+            if (p / "manifest.json").is_file()}  # fmt: skip
 
 
 def gali_ext(*args):
@@ -51,7 +52,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert 40 not in checkpoint_steps(run).values()
-    # a kill while saving leaves a checkpoint without train_state.json, which resume must skip
+    # a kill while saving leaves a checkpoint without a manifest, which resume must set aside
     numbers = [int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir()]
     half = run / "checkpoints" / f"checkpoint_{max(numbers) + 1}"
     half.mkdir()
@@ -62,7 +63,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     output = resumed.stdout + resumed.stderr
     assert re.search(r"resumed from .*checkpoint_\d+ at step [1-3]\d\b", output)
-    assert f"deleting {half}: incomplete" in output and not half.exists()
+    assert f"warning: --resume: skipped {half.name} (no manifest.json" in output
+    assert not half.exists() and (run / "damaged-checkpoints" / half.name).is_dir()
     for name in ("encoder", "generator", "discriminator"):
         a = load_file(str(tmp_path / "whole" / f"{name}.safetensors"))
         b = load_file(str(run / f"{name}.safetensors"))
@@ -138,5 +140,6 @@ def test_failed_start_keeps_the_previous_run(tmp_path):
     with pytest.raises(CheckpointError, match="none.safetensors"):
         train(broken, tmp_path / "run", progress=False, overwrite=True)
     assert (tmp_path / "run" / "generator.safetensors").is_file()
-    with pytest.raises(ConfigError, match="holds no run"):
-        train(config, tmp_path / "empty", progress=False, resume=True)
+    # --resume of a run that does not exist yet starts it (issue 17)
+    train(config, tmp_path / "new", progress=False, resume=True)
+    assert [json.loads(x)["step"] for x in (tmp_path / "new" / "metrics.jsonl").open()] == [1]
