@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -368,6 +369,24 @@ def truncate_metrics(path: str | Path, step: int) -> int:
 # The lock
 
 
+def _alive(pid: int | None) -> bool:
+    """Whether a process ``pid`` exists (True when it cannot be told)."""
+    if not pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+ORPHAN_WAIT_S = 30.0
+"""How long :class:`RunLock` waits for a lock whose holder has ended: processes it forked
+(``DataLoader`` workers) share the lock and exit within seconds of their parent's death."""
+
+
 def _read_pid(fd: int) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         os.lseek(fd, 0, os.SEEK_SET)
@@ -382,8 +401,11 @@ class RunLock:
     needed) and writes the holder's PID into the file. A second process (a second resume, a
     second fresh run, a second ``--overwrite``) gets a :class:`~gali_ext.errors.ConfigError`
     naming that PID. The kernel drops the lock when its holder exits or is killed, so a crashed
-    run never leaves a stale lock. If this lock created ``out`` and nothing but the lock file is
-    in it on release (a start that failed validation), ``out`` is removed again.
+    run never leaves a stale lock. Processes the holder forked (``DataLoader`` workers) share
+    the lock until they exit: when the PID in the file has ended, a second process waits up to
+    :data:`ORPHAN_WAIT_S` seconds for them instead of failing at once. If this lock created
+    ``out`` and nothing but the lock file is in it on release (a start that failed validation),
+    ``out`` is removed again.
 
     Take it on the main process only (``accelerator.is_main_process``): every rank of a
     multi-process run shares the directory. Platforms without ``fcntl`` (Windows) get a
@@ -427,6 +449,7 @@ class RunLock:
         return self
 
     def _lock(self, fcntl: Any) -> int:
+        deadline = time.monotonic() + ORPHAN_WAIT_S
         with storage_errors("the run lock", self.path):
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -435,11 +458,18 @@ class RunLock:
                 except BlockingIOError:
                     holder = _read_pid(fd)
                     os.close(fd)
+                    # A killed holder's forked children (DataLoader workers) keep the lock
+                    # until they notice and exit: wait for them, not for a live holder.
+                    if not _alive(holder) and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                        continue
+                    ended = "" if _alive(holder) else ", which has ended; processes it started"
+                    ended += " still hold the lock" if ended else ""
                     raise ConfigError(
                         f"{str(self.run_dir)!r} is in use by another process (PID "
-                        f"{holder if holder else 'unknown'}, lock {str(self.path)!r}): wait for "
-                        "it to end or stop it; two processes must not train into one run "
-                        "directory"
+                        f"{holder if holder else 'unknown'}{ended}, lock {str(self.path)!r}): "
+                        "wait for it to end or stop it; two processes must not train into one "
+                        "run directory"
                     ) from None
                 # A releasing holder may have removed the file between our open and flock:
                 # the lock counts only on the file that is at the path now.

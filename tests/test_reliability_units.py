@@ -279,6 +279,28 @@ def test_a_second_process_is_refused_with_the_holders_pid_until_it_dies(tmp_path
     again.release()
 
 
+LOCK_HOLDER_WITH_WORKER = """
+import os, sys, time
+from gali_ext.recipes.rundir import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+if os.fork() == 0:  # a DataLoader worker: it shares the lock and outlives its parent briefly
+    time.sleep(1.5)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_holders_forked_workers_are_waited_for(tmp_path):
+    run = tmp_path / "run"
+    holder = child(LOCK_HOLDER_WITH_WORKER, str(run))
+    wait_for(holder, "locked")
+    kill(holder)  # the worker still holds the lock for about a second
+    lock = rundir.RunLock(run).acquire()  # waits for it, where it used to fail at once
+    assert lock.held
+    lock.release()
+
+
 def test_a_lock_that_made_the_folder_removes_it_when_nothing_was_written(tmp_path):
     with rundir.RunLock(tmp_path / "new"):
         assert (tmp_path / "new" / ".lock").is_file()
