@@ -141,12 +141,13 @@ def sample(
     samples.png and reconstructions.png stay as training left them."""
     import torch
 
+    from gali_ext.priors import resolve_prior
     from gali_ext.recipes.runs import load_run_models
     from gali_ext.recipes.train import first_images, grids, load_data
     from gali_ext.recipes.visual import save_image_grid
 
     run = load_run_models(run_dir, ema=not raw_weights)
-    z = torch.randn(64, run.latent_dim, generator=torch.Generator().manual_seed(0))
+    z = resolve_prior(run.config.prior)((64, run.latent_dim), rng=torch.Generator().manual_seed(0))
     images = first_images(load_data(run.config, "test"), 32)
     folder = out or run_dir
     label = "the moving average (EMA) of the weights" if run.weights == "ema" else "the weights"

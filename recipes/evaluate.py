@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from gali_ext.errors import ConfigError
+from gali_ext.priors import resolve_prior
 from gali_ext.providers import PretrainedFeatures
 from gali_ext.providers.pretrained import load_safetensors_into
 from gali_ext.recipes.evaluator import load_evaluator, train_evaluator
@@ -85,12 +86,14 @@ def summary_metrics(
     max_test_images: int = 2000,
     samples: int = SAMPLE_COUNT,
     latent_dim: int | None = None,
+    prior: Any = "normal",
 ) -> dict[str, float]:
     """The metrics a run's ``summary.json`` and tracker report at the end of training.
 
     ``pixel_mse`` on the first ``max_test_images`` test images always; with the evaluator
     classifier (class-labelled data only): ``class_agreement`` (eq. 6.6), and, over
-    ``samples`` samples ``G(z)`` drawn with seed 0, ``sample_confidence`` (eq. 6.7),
+    ``samples`` samples ``G(z)``, ``z`` drawn from ``prior`` (the run's) with seed 0,
+    ``sample_confidence`` (eq. 6.7),
     ``sample_entropy_bits`` (eq. 6.8) and ``sample_classes_covered`` (eq. 6.9).
     ``latent_dim`` defaults to ``generator.latent_dim`` (the recipes' generators have it).
 
@@ -109,7 +112,7 @@ def summary_metrics(
     latent_dim = latent_dim or getattr(generator, "latent_dim", None)
     if latent_dim is None:
         raise ConfigError("summary_metrics needs latent_dim: the generator has no .latent_dim")
-    quality = sample_quality(generator, evaluator, latent_dim, count=samples)
+    quality = sample_quality(generator, evaluator, latent_dim, count=samples, prior=prior)
     result["sample_confidence"] = quality["confidence"]
     result["sample_entropy_bits"] = quality["class_entropy_bits"]
     result["sample_classes_covered"] = quality["classes_covered"]
@@ -257,7 +260,8 @@ def evaluate_run(
         seconds = json.loads(summary.read_text()).get("seconds_this_session")
         if seconds is not None:
             result["train_seconds"] = seconds
-    result.update(summary_metrics(encoder, generator, test, evaluator, max_test_images))
+    result.update(summary_metrics(encoder, generator, test, evaluator, max_test_images,
+                                  prior=config.prior))  # fmt: skip
     result["feature_mse"] = feature_mse(encoder, generator, evaluator.features, x)
 
     samples, draws = SVM_DEFAULTS[config.dataset]
@@ -266,7 +270,8 @@ def evaluate_run(
         result.update(_svm_scores(encoder, [train, val, test], x, samples, draws))
 
     with torch.no_grad(), eval_mode(generator):
-        z = torch.randn(len(x), built.models.latent_dim, generator=torch.Generator().manual_seed(0))
+        rng = torch.Generator().manual_seed(0)
+        z = resolve_prior(config.prior)((len(x), built.models.latent_dim), rng=rng)
         generated = torch.cat([generator(z[i : i + 500]) for i in range(0, len(z), 500)])
     result["fid_evaluator"] = fid(evaluator.features, x, generated)
     if inception is not None:

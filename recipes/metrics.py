@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from gali_ext.chains import latent_mean
 from gali_ext.errors import ShapeError
+from gali_ext.priors import resolve_prior
 
 __all__ = [
     "eval_mode",
@@ -353,10 +354,13 @@ def sample_quality(
     threshold: float = 0.9,
     min_share: float = 0.05,
     batch_size: int = 500,
+    prior: Any = "normal",
 ) -> dict[str, Any]:
-    """:func:`sample_class_statistics` of ``count`` samples ``G(z)``, ``z ~ N(0, I)`` drawn from a
-    CPU generator seeded with ``seed`` (the same latents for every model of a study)."""
-    z = torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(seed))
+    """:func:`sample_class_statistics` of ``count`` samples ``G(z)``, ``z`` drawn from ``prior``
+    (anything :func:`gali_ext.priors.resolve_prior` takes: the run's prior) with a CPU generator
+    seeded with ``seed`` (the same latents for every model of a study)."""
+    rng = torch.Generator().manual_seed(seed)
+    z = resolve_prior(prior)((count, latent_dim), rng=rng)
     device = model_device(generator)
     with eval_mode(generator):
         samples = torch.cat([generator(b).float().cpu() for b in _batches(z, batch_size, device)])

@@ -32,6 +32,7 @@ from gali_ext.capture import CapturedStep, tf32_mode
 from gali_ext.errors import ConfigError, DataError, DivergenceError, GaliError
 from gali_ext.gali import build_gali
 from gali_ext.losses import build_discriminator_criterion, build_generator_criterion
+from gali_ext.priors import resolve_prior
 from gali_ext.providers import PretrainedFeatures
 from gali_ext.recipes.data import (
     ImageData,
@@ -442,7 +443,7 @@ class RunLog:
         self.shown = [ema[n].module if ema else weights[n] for n in ("encoder", "generator")]
         fixed = torch.Generator().manual_seed(1234)  # grid latents, off the training RNG stream
         self.grid_x = first_images(test_data, 32)
-        self.grid_z = torch.randn(64, config.latent_dim, generator=fixed)
+        self.grid_z = resolve_prior(config.prior)((64, config.latent_dim), rng=fixed)
         # a class-conditional run: the test images' labels, and each class in turn for samples
         self.grid_labels = None
         if config.conditions:
@@ -506,7 +507,8 @@ class RunLog:
         if self.config.conditions or not (folder / "evaluator.json").is_file():
             return {}
         metrics = summary_metrics(*self.shown, self.test_data, load_evaluator(folder),
-                                  latent_dim=self.config.latent_dim)  # fmt: skip
+                                  latent_dim=self.config.latent_dim,
+                                  prior=self.config.prior)  # fmt: skip
         metrics.pop("pixel_mse", None)  # already there, as test_pixel_mse
         return metrics
 

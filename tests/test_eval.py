@@ -447,6 +447,23 @@ def test_sample_quality_scores_the_generator_samples():
     assert stats["classes_covered"] == 2
 
 
+def test_sample_quality_draws_from_the_runs_prior():
+    from gali_ext.recipes.metrics import sample_quality
+
+    # class 1 when a coordinate leaves [-1, 1]: never under U(-1, 1), which a run trained with
+    # prior=uniform samples from; often (1 - P(|z| <= 1)^2 = 0.534) under N(0, I)
+    generator = lambda z: z.view(-1, 1, 1, 2)  # noqa: E731
+
+    def classifier(x):
+        return 100 * torch.stack([torch.zeros(len(x)), x.flatten(1).abs().amax(1) - 1], 1)
+
+    uniform = sample_quality(generator, classifier, latent_dim=2, count=2000, prior="uniform:1")
+    assert uniform["class_histogram"] == [1.0, 0.0]
+    normal = sample_quality(generator, classifier, latent_dim=2, count=2000)
+    outside = 1 - math.erf(1 / math.sqrt(2)) ** 2
+    assert normal["class_histogram"][1] == pytest.approx(outside, abs=0.04)
+
+
 def test_summary_metrics_on_a_trained_pair_and_a_one_run_table():
     from gali_ext.recipes.data import load_dataset
     from gali_ext.recipes.evaluate import format_table, summarise, summary_metrics
