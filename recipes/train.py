@@ -83,6 +83,7 @@ __all__ = [
     "StartPlan",
     "build_ema",
     "build_model",
+    "refresh_ema_statistics",
     "check_run_dir",
     "check_trackers",
     "first_images",
@@ -329,17 +330,77 @@ def make_step(config: RecipeConfig, accelerator: Any, gali: Any, d_optimizer: An
 
 def build_ema(models: ALIModels, decay: float) -> dict[str, Any]:
     """Moving averages of E and G (``torch.optim.swa_utils.AveragedModel``): after each update,
-    ``ema = decay * ema + (1 - decay) * w`` for every weight and buffer (BatchNorm statistics
-    too), the first update copying ``w``. ``{}`` when ``decay`` is 0."""
+    ``ema = decay * ema + (1 - decay) * w`` for every weight (eq. 10.2), the first update copying
+    ``w``. Buffers are not averaged: :func:`refresh_ema_statistics` recomputes the batch-norm
+    statistics before the averages are shown or saved. ``{}`` when ``decay`` is 0."""
     if decay == 0:
         return {}
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return {
         name: AveragedModel(getattr(models, name), multi_avg_fn=get_ema_multi_avg_fn(decay),
-                            use_buffers=True).requires_grad_(False)
+                            use_buffers=False).requires_grad_(False)
         for name in ("encoder", "generator")
     }  # fmt: skip
+
+
+# Inputs the EMA's batch-norm statistics are recomputed from (BigGAN's "standing statistics").
+EMA_STATISTICS_INPUTS = 1024
+
+
+class _Unpack(torch.nn.Module):
+    """``module(*inputs)`` from one argument: ``update_bn`` calls its model with one."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        return self.module(*inputs)
+
+
+def refresh_ema_statistics(
+    ema: dict[str, Any],
+    images: torch.Tensor,
+    latents: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> None:
+    """Recompute the batch-norm running statistics of the EMA of E from ``images`` and of G from
+    ``latents`` (with ``labels`` for a class-conditional G), in batches of ``batch_size``, as the
+    equal-weight mean of the batches' statistics (eq. 10.3, ``torch.optim.swa_utils.update_bn``).
+
+    Averaged weights give other activations than any of the weights averaged, so averaging the
+    running statistics too (or keeping the trained network's) leaves E's and G's normalisation
+    wrong: on digits such an EMA reconstructs barely above chance. Networks without batch norm
+    are left as they are."""
+    from torch.optim.swa_utils import update_bn
+
+    for name, inputs in (("encoder", images), ("generator", latents)):
+        if name not in ema:
+            continue
+        module = ema[name].module
+        device = next(module.parameters()).device
+        batches = []
+        for start in range(0, len(inputs), batch_size):
+            args = [inputs[start : start + batch_size].to(device)]
+            if name == "generator" and labels is not None:
+                args.append(labels[start : start + batch_size].to(device))
+            batches.append([tuple(args)])  # update_bn passes batch[0], the tuple, to _Unpack
+        update_bn(batches, _Unpack(module))
+
+
+def _ema_statistics_inputs(
+    config: RecipeConfig, train_data: ImageData
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What :func:`refresh_ema_statistics` runs E and G on in a run: the first
+    ``EMA_STATISTICS_INPUTS`` training images, as many latents from the run's prior (seeded,
+    off the training RNG stream) and, for a class-conditional run, those images' labels."""
+    images = first_images(train_data, EMA_STATISTICS_INPUTS)
+    rng = torch.Generator().manual_seed(4321)
+    latents = resolve_prior(config.prior)((len(images), config.latent_dim), rng=rng)
+    labels = train_data.labels_tensor()[: len(images)] if config.conditions else None
+    return images, latents, labels
 
 
 def _steps_for_epochs(config: RecipeConfig, epochs: float | None, batches: int) -> RecipeConfig:
@@ -587,21 +648,31 @@ def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: Start
     batches = endless_batches(loader, accelerator, step * config.n_dis, layout,
                               with_labels=config.conditions > 0)  # fmt: skip
     weights = dict(zip(WEIGHT_FILES, (built.models.encoder, built.models.generator, built.head)))
+    if ema:
+        refresh = functools.partial(refresh_ema_statistics, ema,
+                                    *_ema_statistics_inputs(config, train_data),
+                                    batch_size=config.batch_size)  # fmt: skip
     with RunLog(accelerator, out, config, step, progress, test_data, weights, ema) as log:
         while step < config.steps:
             noise = instance_noise_std(step, config.steps, config.instance_noise)
             try:
                 metrics = step_fn(batches, instance_noise=noise, step=step)
             except DivergenceError:
+                if ema:
+                    refresh()
                 save_checkpoint(accelerator, out, step, weights, ema)
                 raise
             step += 1
             for name, average in ema.items():
                 average.update_parameters(weights[name])
             log.step(step, noise, metrics)
-            if step % config.sample_every == 0:
+            shown = step % config.sample_every == 0
+            saved = step % config.checkpoint_every == 0 or step == config.steps
+            if ema and (shown or saved):
+                refresh()
+            if shown:
                 log.grids(step)
-            if step % config.checkpoint_every == 0 or step == config.steps:
+            if saved:
                 save_checkpoint(accelerator, out, step, weights, ema)
         log.finish(step)
     accelerator.end_training()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from gali_ext import recipes
 from gali_ext.errors import ConfigError, DataError
 from gali_ext.recipes.cli import app
-from gali_ext.recipes.train import train
+from gali_ext.recipes.train import load_data, train
 
 REQUIRED = [
     "digits-ali", "digits-alice", "digits-gali4", "digits-gali8",
@@ -248,12 +248,20 @@ def test_ema_is_the_moving_average_of_the_weights(tmp_path, monkeypatch):
         for key, value in ema.items():
             full = f"{name}.{key}"
             assert torch.equal(raw[key], w3[full])
-            if value.is_floating_point():
+            if value.is_floating_point() and "running_" not in key:
                 expected = d * d * w1[full] + d * (1 - d) * w2[full] + (1 - d) * w3[full]
                 torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
                 checked += 1
         assert any(not torch.equal(ema[k], raw[k]) for k in ema)
     assert checked > 10
+    # E's first batch norm: the statistics of the averaged first convolution on the first 1024
+    # training images, batch by batch (16 each), not an average of the trained statistics
+    ema = load_file(str(out / "encoder_ema.safetensors"))
+    x = load_data(tiny("digits-ali"), "train").images_tensor(1024)
+    h = torch.nn.functional.conv2d(x, ema["blocks.0.0.weight"], stride=2, padding=1)
+    per_batch = h.view(64, 16, *h.shape[1:]).transpose(1, 2).flatten(2)  # [batch, C, 16 * H * W]
+    torch.testing.assert_close(ema["blocks.0.1.running_mean"], per_batch.mean(2).mean(0))
+    torch.testing.assert_close(ema["blocks.0.1.running_var"], per_batch.var(2).mean(0))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["weights"] == "ema" and 0 < summary["test_pixel_mse_raw"] < 1
     assert summary["test_pixel_mse"] != summary["test_pixel_mse_raw"]
@@ -262,6 +270,38 @@ def test_ema_is_the_moving_average_of_the_weights(tmp_path, monkeypatch):
     assert raw_models.weights == "raw"
     saved = load_file(str(out / "encoder.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in raw_models.encoder.state_dict().items())
+
+
+def test_refresh_ema_statistics_recomputes_batch_norm_from_the_averaged_weights():
+    from torch import nn
+    from torch.optim.swa_utils import AveragedModel
+
+    from gali_ext.recipes.train import refresh_ema_statistics
+
+    class ConditionalG(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.norm = nn.Linear(3, 2), nn.BatchNorm1d(2)
+
+        def forward(self, z, y):
+            return self.norm(self.linear(z) + 10 * y[:, None].float())
+
+    encoder = nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2))
+    ema = {"encoder": AveragedModel(encoder), "generator": AveragedModel(ConditionalG())}
+    images, latents = torch.randn(12, 4), torch.randn(12, 3)
+    labels = torch.tensor([0, 1, 2] * 4)
+    refresh_ema_statistics(ema, images, latents, labels, batch_size=6)
+    # each statistic is the mean of the two batches': batch means average to the mean over all
+    # 12 inputs; variances are each batch's unbiased one
+    linear = ema["encoder"].module[0]
+    h = images @ linear.weight.T + linear.bias
+    norm = ema["encoder"].module[1]
+    torch.testing.assert_close(norm.running_mean, h.mean(0))
+    torch.testing.assert_close(norm.running_var, (h[:6].var(0) + h[6:].var(0)) / 2)
+    g = ema["generator"].module
+    hg = latents @ g.linear.weight.T + g.linear.bias + 10 * labels[:, None].float()
+    torch.testing.assert_close(g.norm.running_mean, hg.mean(0))
+    torch.testing.assert_close(g.norm.running_var, (hg[:6].var(0) + hg[6:].var(0)) / 2)
 
 
 def test_tensorboard_gets_scalars_class_accuracy_and_grids(tmp_path):
