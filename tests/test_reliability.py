@@ -107,9 +107,14 @@ def test_corrupted_or_mismatched_weights_name_file_and_key(tmp_path):
     run = train(config, tmp_path / "run", progress=False)
     data = (run / "generator.safetensors").read_bytes()
     (run / "generator.safetensors").write_bytes(data[: len(data) // 2])
-    result = CliRunner().invoke(app, ["sample", str(run)])
+    result = CliRunner().invoke(app, ["sample", str(run), "--raw-weights"])
     assert isinstance(result.exception, CheckpointError)
     assert "generator.safetensors" in str(result.exception)
+    data = (run / "generator_ema.safetensors").read_bytes()  # the digits recipes keep an EMA
+    (run / "generator_ema.safetensors").write_bytes(data[: len(data) // 2])
+    result = CliRunner().invoke(app, ["sample", str(run)])
+    assert isinstance(result.exception, CheckpointError)
+    assert "generator_ema.safetensors" in str(result.exception)
     from safetensors.torch import save_file
 
     state = load_file(str(run / "encoder.safetensors"))
@@ -118,7 +123,7 @@ def test_corrupted_or_mismatched_weights_name_file_and_key(tmp_path):
     save_file(state, str(run / "generator.safetensors"))
     (run / "encoder.safetensors").replace(run / "encoder.bak")
     save_file(state, str(run / "encoder.safetensors"))
-    result = CliRunner().invoke(app, ["sample", str(run)])
+    result = CliRunner().invoke(app, ["sample", str(run), "--raw-weights"])
     assert isinstance(result.exception, CheckpointError)
     assert "encoder.safetensors" in str(result.exception) and key in str(result.exception)
 

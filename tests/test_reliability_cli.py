@@ -173,7 +173,8 @@ def test_resume_of_a_run_that_never_reached_a_checkpoint_starts_fresh(tmp_path, 
     assert logged_steps(run) == [1]
     # killed before its first checkpoint: config.json and metrics, no checkpoint
     shutil.rmtree(run / "checkpoints")
-    for name in ("encoder", "generator", "discriminator", "summary"):
+    for name in ("encoder", "generator", "discriminator", "encoder_ema", "generator_ema",
+                 "summary"):  # fmt: skip
         next(run.glob(f"{name}.*")).unlink()
     code, out, err = cli_train(capsys, *BASE, "--steps", "1", "--out", str(run), "--resume")
     assert code == 0, err
