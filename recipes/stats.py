@@ -46,7 +46,8 @@ class PairedDifference:
     ``mean`` is the mean paired difference ``d̄`` (A minus B), ``low``/``high`` the bounds of its
     ``confidence`` t-interval (NaN with fewer than two seeds), ``agree`` the number of seeds
     whose difference has the claimed sign (strictly), ``supported`` whether the interval
-    excludes zero on the claimed side.
+    excludes zero on the claimed side and ``contradicted`` whether it excludes zero on the other
+    side (the baseline is the better one).
     """
 
     mean: float
@@ -57,6 +58,14 @@ class PairedDifference:
     agree: int
     supported: bool
     confidence: float = 0.95
+    contradicted: bool = False
+
+    @property
+    def verdict(self) -> str:
+        """``supported``, ``contradicted`` or ``not supported`` (eq. 6.12)."""
+        if self.supported:
+            return "supported"
+        return "contradicted" if self.contradicted else "not supported"
 
 
 def paired_difference(
@@ -71,7 +80,8 @@ def paired_difference(
     deviation ``s_d`` (n - 1 in the denominator), and the interval
     ``d̄ ± t_{(1+c)/2, n-1} s_d / sqrt(n)`` (eq. 6.11) with Student's t quantile (scipy). The claim
     "a better than b" is supported when the interval's upper end is below zero
-    (``lower_is_better``) or its lower end above zero (eq. 6.12).
+    (``lower_is_better``) or its lower end above zero, and contradicted when the interval lies
+    wholly on the other side of zero (eq. 6.12).
     """
     from scipy.stats import t
 
@@ -94,7 +104,8 @@ def paired_difference(
     half = float(t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(d) / math.sqrt(n)
     low, high = mean - half, mean + half
     supported = high < 0 if lower_is_better else low > 0
-    return PairedDifference(mean, half, low, high, n, agree, supported, confidence)
+    contradicted = low > 0 if lower_is_better else high < 0
+    return PairedDifference(mean, half, low, high, n, agree, supported, confidence, contradicted)
 
 
 @dataclass(frozen=True)
@@ -172,7 +183,7 @@ def paired_table(
             rows.append({"claim": claim.title, "better": claim.better,
                          "baseline": claim.baseline, "metric": metric, "seeds": seeds,
                          "lower_is_better": metric in LOWER_IS_BETTER,
-                         **asdict(stats)})  # fmt: skip
+                         **asdict(stats), "verdict": stats.verdict})  # fmt: skip
     return rows
 
 
@@ -193,7 +204,7 @@ def format_paired_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         interval = (f"[{_number(r['low'])}, {_number(r['high'])}]"
                     if not math.isnan(r["low"]) else "n/a (one seed)")  # fmt: skip
-        verdict = "supported" if r["supported"] else "not supported"
+        verdict = r.get("verdict") or ("supported" if r["supported"] else "not supported")
         lines.append(
             f"| {r['claim']} | {r['metric']} | {'lower' if r['lower_is_better'] else 'higher'} "
             f"| {_number(r['mean'])} | {interval} | {r['agree']}/{r['n']} | {verdict} |"

@@ -39,6 +39,11 @@ def test_supported_only_when_the_interval_excludes_zero_on_the_claimed_side():
     # the same numbers for a metric where higher is better: the claim goes the wrong way
     higher = paired_difference(a, b, lower_is_better=False)
     assert not higher.supported and higher.agree == 0
+    assert higher.contradicted and higher.verdict == "contradicted"
+    assert not lower.contradicted and lower.verdict == "supported"
+    # differences 1, 2, 3: the interval [-0.48, 4.48] holds zero on both claims
+    tie = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], lower_is_better=True)
+    assert not tie.supported and not tie.contradicted and tie.verdict == "not supported"
     # a tie in one seed counts as not agreeing
     assert paired_difference([1.0, 2.0], [1.0, 1.0], lower_is_better=False).agree == 1
 
