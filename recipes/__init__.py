@@ -337,18 +337,11 @@ register(
 register(
     RecipeConfig(
         name="digits-gali8-cond",
-        dataset="digits",
-        arch="digits",
         spec="gali8",
         description=f"{_title('gali8')} on digits, class-conditional G(z, y) and projection D",
-        latent_dim=32,
-        batch_size=64,
-        lr=2e-4,
-        steps=1500,
         conditions=10,
-        log_every=10,
-        sample_every=250,
-        checkpoint_every=500,
+        # the digits defaults, but its former settings: the EMA search did not include it
+        **{**DIGITS_DEFAULTS, "batch_size": 64, "steps": 1500, "ema_decay": 0.0},
     )
 )
 
