@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from gali_ext.errors import ConfigError, ShapeError, SpecError
-from gali_ext.head import MultiClassJointDiscriminatorHead, NetworkAdapter, _declared_width
+from gali_ext.head import MultiClassJointDiscriminatorHead, NetworkAdapter, declared_width
 from gali_ext.spec import IMAGE, LATENT, TupleSpec
 
-from .pair import _find_layer
+from .layers import find_layer, layer_width
 
 __all__ = ["FeatureNetwork", "JointNetwork", "monolithic_head"]
 
@@ -97,16 +97,29 @@ class FeatureNetwork(NetworkAdapter):
 
     Args:
         module: the user's network, ``module(x)``.
-        output: what to read from its output: None (a tensor), an index (a tuple or list), a
-            key (a dict) or a callable ``raw -> tensor``.
+        output: what to read from its output as the features: None (a tensor), an index (a
+            tuple or list), a key (a dict) or a callable ``raw -> tensor``.
+        score: what to read from the same output as the network's own score ``[N, 1]`` (an
+            index, a key or a callable), for a network that returns ``(score, features)``
+            with its score computed in ``forward`` (BigBiGAN's ``s_x = theta . F(x) +
+            <embed(y), F(x)>``): the head makes that score the unary head of every slot of
+            this kind, so the projection term inside ``forward`` keeps training (docs/design.md,
+            eq. 9.1).
+        features: for a network whose output is its score alone: the dotted name of the
+            layer (as in ``named_modules()``) whose output is its features; the output is then
+            the score (as ``score=``).
         condition: None: the network takes no condition; a name: it takes it as that keyword
             argument (``module(x, y=y)``); True: as the second positional argument.
-        out_features: the width of the (flattened) output; read from the module when omitted.
+        out_features: the width of the (flattened) features. When omitted: the named layer's
+            (``features=``); the module's ``out_features`` attribute; for a selected output
+            (``output=``), the input width of the network's last linear layer when that layer
+            outputs one score (the features it scores), else unknown until the first batch;
+            otherwise the module's last linear or convolution layer's.
         input_shape: how the network takes its input, without the batch dimension (``-1``
             allowed once): ``(256, 1, 1)`` for ALI's ``D(z)`` on ``[B, 256, 1, 1]`` latents.
 
     The head calls ``adapter([x], y)`` and gets ``[N, out_features]`` (``[N, C, 1, 1]`` maps are
-    flattened by the head).
+    flattened by the head), or ``(score [N, 1], features)`` with ``score=`` or ``features=``.
     """
 
     def __init__(
@@ -114,6 +127,8 @@ class FeatureNetwork(NetworkAdapter):
         module: Callable[..., Any],
         *,
         output: OutputSelector = None,
+        score: OutputSelector = None,
+        features: str | None = None,
         condition: bool | str | None = None,
         out_features: int | None = None,
         input_shape: Sequence[int] | None = None,
@@ -121,22 +136,67 @@ class FeatureNetwork(NetworkAdapter):
         super().__init__()
         if not callable(module):
             raise ConfigError(f"expected a callable network, got {type(module).__name__}")
+        if score is not None and features is not None:
+            raise ConfigError(
+                "pass score= (the network returns its features and its score; output= picks "
+                "the features) or features= (it returns its score; the named layer gives the "
+                "features), not both"
+            )
+        if score is not None and output is None:
+            raise ConfigError(
+                "score= picks the score from the network's output; pick the features too, with "
+                "output= (e.g. FeatureNetwork(net, output=1, score=0) for (score, features))"
+            )
         self.module = module
         self.input_shape = (_shapes(input_shape) or [None])[0]
         self.output = output
+        self.score = score
+        self.feature_layer = features
+        self._layer = find_layer(module, features, "the feature network") if features else None
+        self.has_score = score is not None or features is not None
         self.condition = _check_condition_arg(condition)
         self.takes_condition = self.condition is not None
-        self.out_features = _width(out_features, "out_features") or _declared_width(module)
+        self.out_features = _width(out_features, "out_features") or self._inferred_width()
 
-    def forward(self, inputs: Sequence[Tensor], condition: Tensor | None = None) -> Tensor:
+    def _inferred_width(self) -> int | None:
+        if self.feature_layer is not None:
+            return layer_width(self.module, self.feature_layer)
+        stated = getattr(self.module, "out_features", None)
+        if self.output is None or (isinstance(stated, int) and not isinstance(stated, bool)):
+            return declared_width(self.module)
+        linears = [m for m in _modules(self.module) if isinstance(m, nn.Linear)]
+        if linears and linears[-1].out_features == 1:  # a score layer: it reads the features
+            return linears[-1].in_features
+        return None
+
+    def forward(
+        self, inputs: Sequence[Tensor], condition: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
         x = inputs[0]
         if self.input_shape is not None:
             x = _view(x, self.input_shape)
-        raw = _call_with_condition(self.module, [x], condition, self.condition, "feature network")
-        return _select(raw, self.output, "feature network")
+        if self._layer is None:
+            raw = _call_with_condition(
+                self.module, [x], condition, self.condition, "feature network"
+            )
+            features = _select(raw, self.output, "feature network")
+            if self.score is None:
+                return features
+            return _select(raw, self.score, "feature network's score"), features
+        def call() -> Any:
+            return _call_with_condition(
+                self.module, [x], condition, self.condition, "feature network"
+            )
+
+        raw, features = _hooked(self._layer, self.feature_layer, call)
+        return _select(raw, self.output, "feature network"), features
 
     def extra_repr(self) -> str:
         parts = [f"out_features={self.out_features}"]
+        if self.score is not None:
+            parts.append(f"score={getattr(self.score, '__name__', self.score)!r}")
+        if self.feature_layer is not None:
+            parts.append(f"features={self.feature_layer!r}")
         if self.condition is not None:
             parts.append(f"condition={self.condition!r}")
         if self.output is not None:
@@ -211,18 +271,16 @@ class JointNetwork(NetworkAdapter):
         self.returns = returns
         self.score = score
         self.feature_layer = features
-        self._layer = _find_layer(module, features) if features is not None else None
+        self._layer = find_layer(module, features, "the joint network") if features else None
         if score is not None:
-            self.out_features = _width(out_features, "out_features") or _declared_width(score)
-            self.feature_dim = _width(feature_dim, "feature_dim") or _declared_width(module)
+            self.out_features = _width(out_features, "out_features") or declared_width(score)
+            self.feature_dim = _width(feature_dim, "feature_dim") or declared_width(module)
         else:
             self.out_features = _width(out_features, "out_features") or (
-                None if returns == "features" else _declared_width(module)
+                None if returns == "features" else declared_width(module)
             )
-            named = getattr(self._layer, "out_features", None) if self._layer else None
-            self.feature_dim = _width(feature_dim, "feature_dim") or (
-                named if isinstance(named, int) else None
-            )
+            named = layer_width(module, features) if features is not None else None
+            self.feature_dim = _width(feature_dim, "feature_dim") or named
         score_takes = isinstance(score, NetworkAdapter) and score.takes_condition
         self.takes_condition = self.condition is not None or score_takes
 
@@ -258,31 +316,22 @@ class JointNetwork(NetworkAdapter):
     def forward(
         self, inputs: Sequence[Tensor], condition: Tensor | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
-        seen: list[Any] = []
-        handle = None
-        if self._layer is not None:
-            handle = self._layer.register_forward_hook(lambda m, i, out: seen.append(out))
-        try:
-            raw = _call_with_condition(
-                self.module, self._arguments(inputs), condition, self.condition, "joint network"
+        def call() -> Any:
+            arguments = self._arguments(inputs)
+            return _call_with_condition(
+                self.module, arguments, condition, self.condition, "joint network"
             )
-        finally:
-            if handle is not None:
-                handle.remove()
-        out = _select(raw, self.output, "joint network")
+
+        if self._layer is not None:
+            raw, features = _hooked(self._layer, self.feature_layer, call)
+            return _select(raw, self.output, "joint network"), features
+        out = _select(call(), self.output, "joint network")
         if self.score is not None:
             if isinstance(self.score, NetworkAdapter):
                 score = self.score([out], condition)
             else:
                 score = self.score(out)
             return score, out.flatten(1)
-        if self._layer is not None:
-            if len(seen) != 1 or not isinstance(seen[0], Tensor):
-                raise ConfigError(
-                    f"the feature layer {self.feature_layer!r} ran {len(seen)} times in one call "
-                    "of the joint network (or gave no tensor); name a layer that runs once"
-                )
-            return out, seen[0].flatten(1)
         return out
 
     def extra_repr(self) -> str:
@@ -296,6 +345,26 @@ class JointNetwork(NetworkAdapter):
         if self.condition is not None:
             parts.append(f"condition={self.condition!r}")
         return ", ".join(parts)
+
+
+def _modules(module: Any) -> list[nn.Module]:
+    return list(module.modules()) if isinstance(module, nn.Module) else []
+
+
+def _hooked(layer: nn.Module, name: str | None, call: Callable[[], Any]) -> tuple[Any, Tensor]:
+    """``call()``'s result and the output of ``layer`` during it, ``[N, d]``."""
+    seen: list[Any] = []
+    handle = layer.register_forward_hook(lambda m, i, out: seen.append(out))
+    try:
+        raw = call()
+    finally:
+        handle.remove()
+    if len(seen) != 1 or not isinstance(seen[0], Tensor):
+        raise ConfigError(
+            f"the feature layer {name!r} ran {len(seen)} times in one call of the network (or "
+            "gave no tensor); name a layer that runs once"
+        )
+    return raw, seen[0].flatten(1)
 
 
 def _view(t: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -124,7 +124,15 @@ class LatentEncoder(nn.Module):
         raw = self.module(x)
         batch = x.shape[0] if isinstance(x, Tensor) and x.dim() > 0 else None
         if callable(self.output):
-            return self._read(self.output(raw), None, batch)
+            try:
+                selected = self.output(raw)
+            except (AttributeError, TypeError, IndexError, KeyError, ValueError) as error:
+                raise ConfigError(
+                    f"the encoder's output= callable failed on {_described(raw)}: "
+                    f"{type(error).__name__}: {error}; write it for what the encoder returns "
+                    "(e.g. output=lambda out: (out[0], out[1]) for (mu, log_sigma, ...))"
+                ) from error
+            return self._read(selected, None, batch)
         return self._read(raw, self.output, batch)
 
     def _read(self, raw: Any, output: str | None, batch: int | None) -> LatentOutput:
@@ -262,3 +270,13 @@ def _describe(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of {len(value)}"
     return f"a {type(value).__name__}"
+
+
+def _described(raw: Any) -> str:
+    """What an encoder returned, for an error: a tensor's shape, a tuple's element shapes."""
+    if isinstance(raw, Tensor):
+        return f"a tensor {list(raw.shape)}"
+    if isinstance(raw, (tuple, list)):
+        parts = [str(list(t.shape)) if isinstance(t, Tensor) else type(t).__name__ for t in raw]
+        return f"a {type(raw).__name__} of {len(raw)} ({', '.join(parts)})"
+    return f"a {type(raw).__name__}"

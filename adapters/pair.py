@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ from gali_ext.errors import ConfigError, ShapeError
 
 from .encoders import LatentEncoder
 from .generators import LatentGenerator
+from .layers import find_layer
 
 __all__ = ["EncoderGenerator"]
 
@@ -64,7 +64,7 @@ class EncoderGenerator(nn.Module):
             condition=generator_condition,
         )
         self.feature_layers = _check_layer_names(feature_layers)
-        self._layers = [_find_layer(encoder, name) for name in self.feature_layers]
+        self._layers = [find_layer(encoder, name) for name in self.feature_layers]
 
     def hidden_features(self, x: Tensor) -> list[Tensor]:
         """The encoder's representation of ``x``: a list of ``[B, d_i]`` tensors.
@@ -126,22 +126,3 @@ def _check_layer_names(names: Sequence[str] | None) -> tuple[str, ...]:
             f"feature_layers must be a list of sub-module names, e.g. ['body.2'], got {names!r}"
         )
     return tuple(names)
-
-
-def _find_layer(encoder: Any, name: str) -> nn.Module:
-    if not isinstance(encoder, nn.Module):
-        raise ConfigError(
-            f"feature_layers needs the encoder to be an nn.Module, got {type(encoder).__name__}"
-        )
-    modules = dict(encoder.named_modules())
-    modules.pop("", None)
-    if name in modules:
-        return modules[name]
-    valid = list(modules)
-    close = difflib.get_close_matches(name, valid, n=3)
-    shown = close or valid[:6]
-    more = "" if len(shown) == len(valid) else f" (of {len(valid)})"
-    raise ConfigError(
-        f"the encoder {type(encoder).__name__} has no layer {name!r}; "
-        + (f"valid names include {', '.join(map(repr, shown))}{more}" if valid else "it has none")
-    )

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .audit import StepAudit
 from .chains import Chains, ConditionSampler, split_batch
 from .errors import ConfigError, ShapeError, SpecError
 from .head import DiscriminatorOutput, MultiClassJointDiscriminatorHead, SpectralMLP
@@ -117,8 +118,16 @@ class GALI(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(head, MultiClassJointDiscriminatorHead):
+            hint = ""
+            if isinstance(head, nn.Module):
+                hint = (
+                    ": wrap your discriminator in one, gali_ext.adapters.monolithic_head(spec, "
+                    "D) for a single D(x, z) (specs of two slots), or MultiClassJointDiscriminator"
+                    "Head(spec, image_features=F, latent_features=H, joint=J, discriminator=D) "
+                    "for a D made of parts"
+                )
             raise SpecError(
-                f"expected a MultiClassJointDiscriminatorHead, got {type(head).__name__}"
+                f"expected a MultiClassJointDiscriminatorHead, got {type(head).__name__}{hint}"
             )
         self.encoder = encoder
         self.generator = generator
@@ -139,6 +148,7 @@ class GALI(nn.Module):
         ]
         self.prior = resolve_prior(prior)
         self.condition_sampler = condition_sampler
+        self.audit = StepAudit()
 
     @property
     def spec(self):
@@ -245,6 +255,7 @@ class GALI(nn.Module):
         variables = {name: value.detach() for name, value in variables.items()}
         output = self._head(chains, variables, instance_noise_std, rng)
         loss = self.discriminator_criterion(output)
+        self.audit.discriminator_loss(loss, self.head)
         return ObjectiveValue(loss, output.joint, {"discriminator": loss.detach()}, chains, output)
 
     def generator_objective(
@@ -304,6 +315,7 @@ class GALI(nn.Module):
         variables = chains.compute(self.spec.nodes)
         output = self._head(chains, variables, instance_noise_std, rng)
         d_loss = self.discriminator_criterion(output)
+        self.audit.discriminator_loss(d_loss, self.head)
         d = ObjectiveValue(d_loss, output.joint, {"discriminator": d_loss.detach()}, chains, output)
         return d, self._generator_terms(output, chains)
 

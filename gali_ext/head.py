@@ -9,6 +9,7 @@ per-sample condition (Miyato & Koyama 2018) on every logit layer the head makes.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -31,9 +32,14 @@ __all__ = [
     "SpectralMLP",
     "add_instance_noise",
     "batch_dependent_layers",
+    "declared_width",
+    "first_layer_width",
 ]
 
-FEATURE_PASSES = ("fused", "per_node")
+FEATURE_PASSES = ("auto", "fused", "per_chain", "per_node")
+
+ADDED_LAYERS = "gali_head"
+"""The name under which the head registers the layers it adds in the user's discriminator."""
 
 
 class SpectralMLP(nn.Sequential):
@@ -235,12 +241,16 @@ class NetworkAdapter(nn.Module):
         feature_dim: the width of the returned features, or None when it returns none.
         returns: for a joint or unary network, ``"logits"`` (K logits or one score) or
             ``"features"`` (``[N, feature_dim]``, on which the head adds a K-way layer).
+        has_score: a feature network that also returns its own score (``(features, score)``,
+            e.g. BigBiGAN's ``s_x`` with its projection term computed in ``forward``): the head
+            makes it the unary head of every slot of its kind (docs/design.md, eq. 9.1).
     """
 
     takes_condition: bool = False
     out_features: int | None = None
     feature_dim: int | None = None
     returns: str = "logits"
+    has_score: bool = False
 
 
 def batch_dependent_layers(module: Any) -> list[str]:
@@ -256,7 +266,7 @@ def batch_dependent_layers(module: Any) -> list[str]:
     ]
 
 
-def _declared_width(net: Any) -> int | None:
+def declared_width(net: Any) -> int | None:
     """A network's output width when it says it: ``out_features``, else its last linear or
     convolution layer's."""
     width = getattr(net, "out_features", None)
@@ -288,6 +298,72 @@ def _feature_width(net: Any) -> int | None:
     return linears[-1] if linears else None
 
 
+def _ends_in_sigmoid(net: Any) -> bool:
+    """Whether a network's last layer (in registration order) is a sigmoid."""
+    module = getattr(net, "module", net) if isinstance(net, NetworkAdapter) else net
+    if isinstance(net, NetworkAdapter) and getattr(net, "score", None) is not None:
+        module = net.score
+    if not isinstance(module, nn.Module):
+        return False
+    leaves = [m for m in module.modules() if not list(m.children())]
+    return bool(leaves) and isinstance(leaves[-1], nn.Sigmoid)
+
+
+def first_layer_width(module: Any) -> int | None:
+    """The input width of a network's first linear or convolution layer (in registration
+    order): ``in_features`` or ``in_channels``; None when it has none."""
+    if not isinstance(module, nn.Module):
+        return None
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            return m.in_features
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return m.in_channels
+    return None
+
+
+def _required_positional(net: Any) -> int:
+    """How many positional arguments a network's ``forward`` requires (0 when unknown)."""
+    module = getattr(net, "module", net) if isinstance(net, NetworkAdapter) else net
+    try:
+        parameters = inspect.signature(module).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in parameters)
+
+
+def _failure_hint(net: Any, inputs: Sequence[Tensor], error: Exception, joint: bool) -> str:
+    """The usual fix for a user network that failed when the head called it."""
+    adapter = "JointNetwork" if joint else "FeatureNetwork"
+    if isinstance(error, TypeError):
+        hint = f"if it takes other arguments (the condition: gali_ext.adapters.{adapter}(net, "
+        hint += "condition='y')"
+        if joint:
+            hint += ", or the slots separately: JointNetwork(net, inputs='separate')"
+        hint += "), wrap it"
+        if not joint and _required_positional(net) >= 2:
+            hint += (
+                "; a whole D(x, z) is not a feature network: use gali_ext.adapters."
+                "monolithic_head(spec, D) (specs of two slots), or give the head its image "
+                "network, latent network and joint network"
+            )
+        return hint
+    if joint and isinstance(error, RuntimeError):
+        takes = first_layer_width(getattr(net, "module", net))
+        given = sum(t[0].numel() if t.dim() > 1 else 1 for t in inputs)
+        if takes and given != takes and given % takes == 0:
+            return (
+                f"its first layer takes {takes} features and the tuples give {given}: widen it "
+                f"in place, gali_ext.adapters.widen_input(joint_module, {given // takes})"
+            )
+        return (
+            "check the input shape it expects (for [B, C, 1, 1] maps: JointNetwork(net, "
+            "input_shape=(-1, 1, 1)))"
+        )
+    return "check the input shape it expects"
+
+
 def _shapes(inputs: Sequence[Tensor]) -> str:
     return ", ".join(str(list(t.shape)) for t in inputs)
 
@@ -300,11 +376,14 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+_OWN_SCORE = object()  # a unary path from the score a feature network returns itself
+
+
 class _Path:
     """How one set of K logits is made: the joint, or one slot's unary head."""
 
     def __init__(self, mode: str, slots: tuple[int, ...], what: str) -> None:
-        self.mode = mode  # "mlp" | "default" | "logits" | "score"
+        self.mode = mode  # "mlp" | "default" | "logits" | "score" | "features" | "own"
         self.slots = slots
         self.what = what
 
@@ -343,12 +422,28 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             vectors of width ``conditions``), every logit layer the head makes gets a
             :class:`Projection` term (section 9.3): on the default joint's last hidden layer,
             on each unary head's slot features, on the features a user network returns.
-        feature_pass: ``"fused"`` (default): each feature network runs once over every
-            distinct node of its kind together; ``"per_node"``: once per distinct node, on that
-            node's batch alone, and the joint once per class, so that batch-dependent layers
-            (batch norm) see the batches a BiGAN loop gives them. Batch norm found in a network
-            in fused mode is warned about.
+        feature_pass: how the networks are batched (docs/design.md, section 9.7).
+            ``"fused"``: each feature network runs once over every distinct node of its kind
+            together, and each joint or unary path once over all ``K * B`` tuples;
+            ``"per_chain"``: once per chain (the real chain's nodes ``x0, x1, ...`` together,
+            the prior chain's apart), so that batch norm never mixes real and generated data
+            yet still sees the difference between an image and its reconstruction, which
+            GALI-8's classes turn on; ``"per_node"``: once per distinct node and the joint once
+            per class, as a BiGAN loop batches ALI (its batch norm erases the differences
+            between the nodes of a chain); ``"auto"`` (default): ``"per_chain"`` when a
+            network has batch norm, else ``"fused"``. Batch norm found in a network with
+            ``"fused"`` chosen explicitly is warned about.
         negative_slope: the default networks' leaky ReLU slope.
+        discriminator: your own discriminator module, the one your code optimises and saves:
+            the layers the head adds (K-way layers, projection terms, default networks) are
+            registered in it as the sub-module ``gali_head``, so that ``discriminator.
+            state_dict()`` and ``discriminator.parameters()`` hold them, and the first D step
+            warns about any of its parameters that the head's loss never reaches (a layer its
+            ``forward`` uses that the head does not call). Build the head before the D
+            optimizer, and before loading a checkpoint into ``discriminator``.
+
+    The head's own state (``self.state_dict()``) holds every parameter too; ``discriminator=``
+    is for code that saves and optimises the user's module rather than the head.
     """
 
     def __init__(
@@ -365,7 +460,8 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         unary: bool | Mapping[str | int, nn.Module | bool] = False,
         unary_weights: float | Mapping[str | int, float] = 1.0,
         conditions: int | None = None,
-        feature_pass: str = "fused",
+        feature_pass: str = "auto",
+        discriminator: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(spec, TupleSpec):
@@ -382,8 +478,12 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                 "conditions must be None or a positive int (the number of classes of the "
                 f"condition, or the width of a float condition), got {conditions!r}"
             )
+        if discriminator is not None and not isinstance(discriminator, nn.Module):
+            raise ConfigError(
+                f"discriminator must be your discriminator nn.Module (the one your code saves), "
+                f"got {type(discriminator).__name__}"
+            )
         self.spec = spec
-        self.feature_pass = feature_pass
         self.conditions = conditions
         nets: dict[str, nn.Module] = dict(extra_features or {})
         for kind, net in ((IMAGE, image_features), (LATENT, latent_features)):
@@ -415,6 +515,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             self._joint = _Path("mlp", tuple(range(m)), "joint MLP")
         else:
             self.joint = joint
+            self._check_joint_width(joint, self._width(range(m), None))
             mode, self.joint_scores = self._user_layers(
                 joint, "joint network", self._width(range(m), None)
             )
@@ -426,7 +527,14 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         self._unary: list[_Path] = []
         for slot, net in self._unary_networks(unary).items():
             what = f"unary head of slot {slot} ({spec.slot_kinds[slot]!r})"
-            if net is True:
+            if net is _OWN_SCORE:
+                kind = spec.slot_kinds[slot]
+                what = f"score of the {kind!r} feature network (slot {slot})"
+                extra = self._own_score_layer(kind, what)
+                if extra is not None:
+                    self.unary_scores[str(slot)] = extra
+                self._unary.append(_Path("own", (slot,), what))
+            elif net is True:
                 d = self._width([slot], f"the {what}")
                 self.unary_heads[str(slot)] = ClassScores(d, k, conditions)
                 self._unary.append(_Path("default", (slot,), what))
@@ -443,8 +551,17 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             for c in spec.classes
         ]
         self._check_conditioning()
-        if feature_pass == "fused":
-            self._warn_batch_norm()
+        batch_norm = self._batch_norm_layers()
+        if feature_pass == "auto":
+            feature_pass = "per_chain" if any(batch_norm.values()) else "fused"
+        elif feature_pass == "fused":
+            self._warn_batch_norm(batch_norm)
+        self.feature_pass = feature_pass
+        self._warn_sigmoid()
+        self._checked_range = False
+        self.__dict__["_discriminator"] = None  # not a sub-module: the user's D holds the head's
+        if discriminator is not None:
+            self._register_in(discriminator)
 
     # -- construction helpers ---------------------------------------------------------------
 
@@ -464,6 +581,24 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             )
         return sum(self.feature_dims[k] for k in kinds)  # type: ignore[misc]
 
+    def _check_joint_width(self, joint: Any, width: int | None) -> None:
+        """A joint network written for one (image, latent) pair, given GALI-8's two, is refused
+        here, naming the fix, rather than failing inside the user's first layer."""
+        if isinstance(joint, NetworkAdapter):
+            if getattr(joint, "inputs", "concat") != "concat":
+                return
+            joint = getattr(joint, "module", joint)
+        takes = first_layer_width(joint)
+        if width is None or takes is None or width == takes or width % takes:
+            return
+        factor = width // takes
+        raise ShapeError(
+            f"the joint network's first layer takes {takes} features, but the tuples of spec "
+            f"{self.spec.name!r} ({self.spec.arity} slots) give it {width}, {factor} times as "
+            "many (GALI-8's tuples hold two image-latent pairs): widen it in place before "
+            f"building its optimizer, gali_ext.adapters.widen_input(joint_module, {factor})"
+        )
+
     def _user_layers(
         self, net: nn.Module, what: str, input_width: int | None
     ) -> tuple[str, nn.Module | None]:
@@ -477,7 +612,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             if own is None:
                 raise SpecError(f"the {what} returns features: give their width, feature_dim=d")
             return "features", ClassScores(own, k, conditions)
-        width = _declared_width(net)
+        width = declared_width(net)
         if width is not None and width not in (1, k):
             raise SpecError(
                 f"the {what} outputs {width} values per tuple; expected K={k} logits or one "
@@ -509,10 +644,27 @@ class MultiClassJointDiscriminatorHead(nn.Module):
 
     def _unary_networks(self, unary: Any) -> dict[int, nn.Module | bool]:
         slot_kinds = self.spec.slot_kinds
+        own = {s: _OWN_SCORE for s, kind in enumerate(slot_kinds)
+               if getattr(self.feature_nets[kind], "has_score", False)}
+        chosen = self._chosen_unary(unary)
+        clash = sorted(set(own) & set(chosen))
+        if clash:
+            kind = slot_kinds[clash[0]]
+            raise ConfigError(
+                f"the {kind!r} feature network returns its own score (FeatureNetwork(score=...) "
+                f"or features=...), which is the unary head of the {kind!r} slots: drop "
+                f"unary[{kind!r}] (or the network's score)"
+            )
+        return dict(sorted({**chosen, **own}.items()))
+
+    def _chosen_unary(self, unary: Any) -> dict[int, nn.Module | bool]:
+        """The unary networks the ``unary`` argument asks for, by slot."""
+        slot_kinds = self.spec.slot_kinds
         if unary is False or unary is None:
             return {}
         if unary is True:
-            return {s: True for s in range(len(slot_kinds))}
+            return {s: True for s, kind in enumerate(slot_kinds)
+                    if not getattr(self.feature_nets[kind], "has_score", False)}
         if not isinstance(unary, Mapping):
             raise ConfigError(
                 "unary must be True, False, or a mapping from a kind or a slot index to a "
@@ -529,7 +681,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                 )
             for s in slots:
                 chosen[s] = net
-        return dict(sorted(chosen.items()))
+        return chosen
 
     def _slots_of(self, key: str | int, name: str) -> list[int]:
         slot_kinds = self.spec.slot_kinds
@@ -584,23 +736,92 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                 "each class within one chain"
             )
 
-    def _warn_batch_norm(self) -> None:
+    def _batch_norm_layers(self) -> dict[str, list[str]]:
+        """The batch-dependent layers of each network the head calls, by network."""
         found = {f"the {k!r} feature network": batch_dependent_layers(n)
                  for k, n in self.feature_nets.items()}  # fmt: skip
         found["the joint network"] = batch_dependent_layers(self.joint)
         for slot, net in self.unary_heads.items():
             found[f"the unary head of slot {slot}"] = batch_dependent_layers(net)
+        return found
+
+    def _warn_batch_norm(self, found: Mapping[str, list[str]]) -> None:
         for what, layers in found.items():
             if layers:
                 warnings.warn(
                     f"{what} has batch-dependent layers ({', '.join(layers[:3])}): the fused "
                     "pass runs it once over real, generated and reconstructed inputs together, "
-                    "so their batch statistics mix. Pass feature_pass='per_node' to run each "
-                    "node's batch on its own (and the joint once per class), as a BiGAN loop "
-                    "does, or replace batch norm by spectral norm",
+                    "so their batch statistics mix. Leave feature_pass at 'auto' (or pass "
+                    "'per_chain') to run each chain's nodes together and the real and the prior "
+                    "chain apart, as a BiGAN loop does, or replace batch norm by spectral norm",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
+
+    def _warn_sigmoid(self) -> None:
+        """Warn about a user network that ends in a sigmoid: the head reads logits."""
+        paths = [(self.joint, "joint network")] + [
+            (self.unary_heads[str(p.slots[0])], p.what) for p in self._unary if p.mode != "own"
+        ]
+        for net, what in paths:
+            if _ends_in_sigmoid(net):
+                warnings.warn(
+                    f"the {what} ends in a sigmoid, but the head reads logits (scores before a "
+                    "sigmoid): remove the final sigmoid, or select the score before it",
+                    UserWarning,
+                    stacklevel=4,
+                )
+
+    def _own_score_layer(self, kind: str, what: str) -> nn.Module | None:
+        """The layer the head adds on a feature network's own score: a K-way layer on its
+        features and score for K > 2, a projection term with ``conditions`` at K = 2."""
+        k, conditions = self.spec.num_classes, self.conditions
+        if k == 2 and conditions is None:
+            return None
+        width = self.feature_dims[kind]
+        if width is None:
+            raise SpecError(
+                f"the head adds a layer on the {what}, which reads its features, of unknown "
+                f"width: give FeatureNetwork(..., out_features=d) or feature_dims={{{kind!r}: d}}"
+            )
+        if k == 2:
+            return Projection(width, k, conditions)  # type: ignore[arg-type]
+        return ClassScores(width + 1, k, conditions)
+
+    def added_layers(self) -> nn.ModuleDict:
+        """The layers the head adds on the user's networks, by name: the default joint MLP,
+        the K-way layers and projection terms on user networks, the default unary heads. They
+        are what a checkpoint of the user's own modules misses unless the head is built with
+        ``discriminator=``."""
+        added = nn.ModuleDict()
+        if self._joint.mode == "mlp":
+            added["joint"] = self.joint
+        if self.joint_scores is not None:
+            added["joint_scores"] = self.joint_scores
+        for path in self._unary:
+            key = str(path.slots[0])
+            if path.mode == "default":
+                added[f"unary_{key}"] = self.unary_heads[key]
+            if key in self.unary_scores:
+                added[f"unary_scores_{key}"] = self.unary_scores[key]
+        return added
+
+    @property
+    def discriminator(self) -> nn.Module | None:
+        """The user's discriminator module the head's layers are registered in, if any."""
+        return self.__dict__["_discriminator"]
+
+    def _register_in(self, discriminator: nn.Module) -> None:
+        existing = getattr(discriminator, ADDED_LAYERS, None)
+        if existing is not None:
+            raise ConfigError(
+                f"{type(discriminator).__name__} already has a sub-module {ADDED_LAYERS!r}: a "
+                "head is registered in it; build one head per discriminator"
+            )
+        if any(m is self for m in discriminator.modules()):
+            raise ConfigError("discriminator= is your own D module, not the head itself")
+        discriminator.add_module(ADDED_LAYERS, self.added_layers())
+        self.__dict__["_discriminator"] = discriminator
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -693,27 +914,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         except (GaliError, torch.cuda.OutOfMemoryError):
             raise
         except (TypeError, AttributeError, RuntimeError, ValueError, IndexError, KeyError) as error:
-            adapter = "JointNetwork" if joint else "FeatureNetwork"
-            if isinstance(error, TypeError):
-                hint = (
-                    f"if it takes other arguments (the condition: gali_ext.adapters.{adapter}"
-                    "(net, condition='y')"
-                    + (
-                        ", or the slots separately: JointNetwork(net, inputs='separate')"
-                        if joint
-                        else ""
-                    )  # fmt: skip
-                    + "), wrap it"
-                )
-            else:
-                hint = (
-                    "check the input shape it expects"
-                    + (
-                        " (for [B, C, 1, 1] maps: JointNetwork(net, input_shape=(-1, 1, 1)))"
-                        if joint
-                        else ""
-                    )  # fmt: skip
-                )
+            hint = _failure_hint(net, inputs, error, joint)
             cls = ShapeError if isinstance(error, RuntimeError) else ConfigError
             raise cls(
                 f"the {what} failed on input of shape {_shapes(inputs)}: "
@@ -724,18 +925,29 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             out, features = out
         if not isinstance(out, Tensor):
             adapter = "JointNetwork" if joint else "FeatureNetwork"
+            hint = ""
+            if not joint and isinstance(out, (tuple, list)) and len(out) == 2:
+                widths = [t[0].numel() if isinstance(t, Tensor) and t.dim() else 0 for t in out]
+                if sorted(widths)[0] == 1 and max(widths) > 1:
+                    h, s = widths.index(max(widths)), widths.index(1)
+                    hint = (
+                        f"; it looks like (features, score): FeatureNetwork(net, output={h}, "
+                        f"score={s}) keeps its score (and any projection in its forward) as "
+                        "the unary head of its slots"
+                    )
             raise ShapeError(
                 f"the {what} returned {_describe(out)}, expected a tensor [N, ...]: select it "
                 f"with gali_ext.adapters.{adapter}(net, output=0) (an index, a dict key, or a "
-                "callable)"
+                f"callable){hint}"
             )
         return out, features
 
     def _node_features(
         self, kind: str, names: Sequence[str], variables: Mapping[str, Tensor],
         conditions: Mapping[str, Tensor] | None, batch: int,
-    ) -> list[Tensor]:  # fmt: skip
-        """The features of the given nodes of one kind, from one call of the kind's network."""
+    ) -> tuple[list[Tensor], list[Tensor] | None]:  # fmt: skip
+        """The features of the given nodes of one kind, from one call of the kind's network,
+        and the network's own scores of them when it returns one (``has_score``)."""
         shapes = {n: tuple(variables[n].shape[1:]) for n in names}
         if len(set(shapes.values())) > 1:
             detail = ", ".join(f"{n}: {list(v)}" for n, v in shapes.items())
@@ -746,7 +958,15 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             condition = torch.cat([conditions[parse_node(n).root] for n in names])
         net = self.feature_nets[kind]
         what = f"{kind!r} feature network"
-        features, _ = self._call(net, [stacked], condition, what)
+        out, returned = self._call(net, [stacked], condition, what)
+        # A feature network with its own score gives (score, features), as a joint network
+        # gives (logits, features).
+        if getattr(net, "has_score", False):
+            features, scores = returned, out
+        else:
+            features, scores = out, None
+        if features is None:
+            raise ShapeError(f"the {what} declares a score but returned no features")
         count = len(names) * batch
         width = self.feature_dims[kind]
         if (
@@ -755,13 +975,30 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             or (width is not None and features[0].numel() != width)
         ):
             expected = f"[{count}, {width}]" if width is not None else f"[{count}, ...]"
-            raise ShapeError(f"the {what} should output {expected}, got {list(features.shape)}")
-        return list(features.split(batch))
+            hint = ""
+            if width is not None and features.dim() >= 1 and features.shape[0] == count:
+                hint = (
+                    f": its width was taken as {width} from the network's layers; give the "
+                    f"real one, FeatureNetwork(net, out_features={features[0].numel()}) or "
+                    f"feature_dims={{{kind!r}: {features[0].numel()}}}"
+                )
+            raise ShapeError(
+                f"the {what} should output {expected}, got {list(features.shape)}{hint}"
+            )
+        if scores is None:
+            return list(features.split(batch)), None
+        if scores.shape[0] != count:
+            raise ShapeError(
+                f"the score of the {what} should be [{count}, 1], got {list(scores.shape)}"
+            )
+        return list(features.split(batch)), list(scores.split(batch))
 
     def _logits(
-        self, path: _Path, net: Any, extra: Any, inputs: list[Tensor], condition: Tensor | None
-    ) -> Tensor:
-        """K logits of one path (joint or unary) on ``N`` tuples: ``[N, K]``."""
+        self, path: _Path, net: Any, extra: Any, inputs: list[Tensor], condition: Tensor | None,
+        own: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
+        """K logits of one path (joint or unary) on ``N`` tuples: ``[N, K]``; ``own``: the
+        score a feature network gave the slot (an ``"own"`` path)."""
         k = self.spec.num_classes
         rows = inputs[0].shape[0]
         if path.mode == "mlp":
@@ -774,7 +1011,11 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         elif path.mode == "default":
             logits = net(inputs[0].flatten(1), condition)
         else:
-            out, features = self._call(net, inputs, condition, path.what, path is self._joint)
+            if path.mode == "own":
+                out, features = own, inputs[0]
+            else:
+                out, features = self._call(net, inputs, condition, path.what, path is self._joint)
+                self._check_range(out, path)
             if path.mode == "features":
                 return self._checked(path, self._added(path, extra, out.flatten(1), condition),
                                      rows)  # fmt: skip
@@ -788,7 +1029,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                     f"got {list(out.shape)}"
                 )
             if out.shape[1] == 1 and k > 2:
-                if path.mode != "score":
+                if path.mode not in ("score", "own"):
                     raise ShapeError(
                         f"the {path.what} returned one score per tuple, but K={k} classes need "
                         f"{k} logits and the head was not told: give it out_features=1 (e.g. "
@@ -801,6 +1042,27 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                 out = torch.cat([out, torch.zeros_like(out)], 1)
             logits = out if extra is None else out + self._added(path, extra, h, condition)
         return self._checked(path, logits, rows)
+
+    def _check_range(self, out: Tensor, path: _Path) -> None:
+        """Once, on the first batch: warn when a user network's scores all lie in (0, 1) with a
+        mean of at least 0.2 (probabilities from a final sigmoid, read as logits)."""
+        if self._checked_range or out.numel() < 8 or not out.is_floating_point():
+            return
+        if out.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        self._checked_range = True
+        with torch.no_grad():
+            low, high = out.detach().aminmax()
+            mean = out.detach().float().mean()
+        # Fresh logits sit near 0; probabilities near 0.5 (a sigmoid of them).
+        if low.item() > 0.0 and high.item() < 1.0 and mean.item() >= 0.2:
+            warnings.warn(
+                f"the {path.what} gave only values in [0, 1] on the first batch: if they are "
+                "probabilities (a final sigmoid), the head needs the logits before it; remove "
+                "the sigmoid or select the score before it",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _added(self, path: _Path, layer: Any, h: Tensor, condition: Tensor | None) -> Tensor:
         """The logits of a layer the head adds on a user network (K-way layer or projection)."""
@@ -818,6 +1080,29 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                 f"the {path.what} should output [{rows}, {k}] logits, got {list(logits.shape)}"
             )
         return logits
+
+    def _node_groups(self, names: Sequence[str], mode: str) -> list[list[str]]:
+        """The nodes of one kind that one call of its network takes together."""
+        if mode == "fused":
+            return [list(names)]
+        if mode == "per_chain":
+            chains: dict[str, list[str]] = {}
+            for n in names:
+                chains.setdefault(parse_node(n).root, []).append(n)
+            return list(chains.values())
+        return [[n] for n in names]
+
+    def _class_groups(self, mode: str) -> list[list[int]]:
+        """The classes whose tuples one call of a joint or unary network takes together."""
+        k = self.spec.num_classes
+        if mode == "fused":
+            return [list(range(k))]
+        if mode == "per_chain":
+            chains: dict[Any, list[int]] = {}
+            for i, root in enumerate(self._class_roots):
+                chains.setdefault(root if root is not None else ("mixed", i), []).append(i)
+            return list(chains.values())
+        return [[i] for i in range(k)]
 
     def _paths(self) -> list[tuple[_Path, Any, Any]]:
         paths = [(self._joint, self.joint, self.joint_scores)]
@@ -840,36 +1125,45 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         class_conditions = (
             [by_root[root] for root in self._class_roots] if by_root is not None else None
         )
-        # slots[i][s]: the features of slot s of class i's B tuples
+        # slots[i][s], scores[i][s]: the features (and a feature network's own score) of
+        # slot s of class i's B tuples
         slots: list[list[Tensor]] = []
+        scores: list[list[Tensor | None]] = []
         if mode == "per_class":
             for c in spec.classes:
-                slots.append([
-                    self._node_features(kind, [n], variables, by_root, batch)[0]
+                parts = [
+                    self._node_features(kind, [n], variables, by_root, batch)
                     for n, kind in zip(c.nodes, c.kinds)
-                ])  # fmt: skip
+                ]
+                slots.append([f[0] for f, _ in parts])
+                scores.append([s[0] if s is not None else None for _, s in parts])
         else:
             features: dict[str, Tensor] = {}
+            own: dict[str, Tensor] = {}
             for kind in spec.kinds:
-                names = spec.nodes_of_kind(kind)
-                groups = [names] if mode == "fused" else [[n] for n in names]
-                for group in groups:
-                    parts = self._node_features(kind, group, variables, by_root, batch)
+                for group in self._node_groups(spec.nodes_of_kind(kind), mode):
+                    parts, part_scores = self._node_features(
+                        kind, group, variables, by_root, batch
+                    )
                     features.update(zip(group, parts))
+                    own.update(zip(group, part_scores or []))
             slots = [[features[n] for n in c.nodes] for c in spec.classes]
+            scores = [[own.get(n) for n in c.nodes] for c in spec.classes]
         results = []
         for path, net, extra in self._paths():
-            if mode == "fused":
-                inputs = [torch.cat([slots[i][s] for i in range(k)]) for s in path.slots]
-                condition = torch.cat(class_conditions) if class_conditions else None
-                logits = self._logits(path, net, extra, inputs, condition)
-                results.append(logits.view(k, batch, k))
-            else:
-                results.append(torch.stack([
-                    self._logits(path, net, extra, [slots[i][s] for s in path.slots],
-                                 class_conditions[i] if class_conditions else None)
-                    for i in range(k)
-                ]))  # fmt: skip
+            per_class: list[Tensor] = []
+            for group in self._class_groups(mode):
+                inputs = [torch.cat([slots[i][s] for i in group]) for s in path.slots]
+                score = None
+                if path.mode == "own":
+                    score = torch.cat([scores[i][path.slots[0]] for i in group])  # type: ignore[misc]
+                condition = None
+                if class_conditions is not None:
+                    condition = torch.cat([class_conditions[i] for i in group])
+                logits = self._logits(path, net, extra, inputs, condition, score)
+                per_class.extend(logits.split(batch))
+            order = [i for group in self._class_groups(mode) for i in group]
+            results.append(torch.stack([per_class[order.index(i)] for i in range(k)]))
         unary = torch.stack(results[1:]) if len(results) > 1 else None
         return DiscriminatorOutput(
             results[0], unary, tuple(p.slots[0] for p in self._unary), self.unary_weights

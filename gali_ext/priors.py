@@ -13,6 +13,7 @@ A prior is anything :func:`resolve_prior` accepts:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -133,9 +134,72 @@ def _from_distribution(dist: torch.distributions.Distribution) -> Prior:
     return Prior(sample, type(dist).__name__)
 
 
+_PRIOR_SIGNATURE = (
+    "prior(shape, device, dtype, rng) -> Tensor, or a project's own prior(n) or prior(shape) "
+    "returning [n, *latent_shape]"
+)
+
+
+def _from_callable(fn: Callable[..., Any]) -> Prior:
+    """A callable prior: the standard signature as is; a one-argument callable (a project's own
+    ``sample(batch_size)`` or ``sample(shape)``) adapted on its first draw."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): call it as documented
+        return Prior(fn, name)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in parameters if p.kind in kinds]
+    required = [p for p in positional if p.default is inspect.Parameter.empty]
+    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
+    if variadic or (len(positional) >= 4 and len(required) <= 4):
+        return Prior(fn, name)
+    if len(required) <= 1 and positional:
+        return Prior(_one_argument(fn, name), name)
+    shown = ", ".join(p.name for p in required)
+    raise ConfigError(f"the prior {name}({shown}) cannot be called as {_PRIOR_SIGNATURE}")
+
+
+def _one_argument(fn: Callable[..., Any], name: str) -> PriorFunction:
+    """Draw with ``fn(n)`` or ``fn(shape)``, whichever gives ``[n, *latent_shape]`` on the first
+    draw (``rng`` does not reach it)."""
+    chosen: list[str] = []
+
+    def call(how: str, shape: tuple[int, ...]) -> Any:
+        return fn(shape[0]) if how == "n" else fn(shape)
+
+    def sample(shape, device, dtype, rng):
+        if chosen:
+            return call(chosen[0], shape)
+        tried = []
+        for how in ("n", "shape"):
+            try:
+                z = call(how, shape)
+            except (TypeError, ValueError, RuntimeError) as error:
+                tried.append(f"{name}({'n' if how == 'n' else 'shape'}): {error}")
+                continue
+            if isinstance(z, Tensor) and tuple(z.shape) == tuple(shape):
+                chosen.append(how)
+                return z
+            got = list(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            tried.append(f"{name}({'n' if how == 'n' else 'shape'}) gave {got}")
+        raise ShapeError(
+            f"the prior {name} should draw latents {list(shape)}; tried {'; '.join(tried)}. "
+            f"Expected {_PRIOR_SIGNATURE}"
+        )
+
+    return sample
+
+
 def resolve_prior(prior: Any = None) -> Prior:
     """The :class:`Prior` of a name, a ``torch.distributions.Distribution``, a callable
     ``(shape, device, dtype, rng) -> Tensor``, or a :class:`Prior`; None is ``"normal"``.
+
+    A project's own one-argument sampler, ``sample(n)`` or ``sample(shape)``, is adapted: the
+    first draw tries ``sample(n)``, then ``sample(shape)``, and keeps the one that returns
+    ``[n, *latent_shape]`` (the step's ``rng`` does not reach it). A callable of another
+    signature raises :class:`~gali_ext.errors.ConfigError` when it is resolved (when
+    :class:`~gali_ext.GALI` is built), naming the signatures it takes.
 
     A distribution whose ``batch_shape + event_shape`` is empty (``Normal(0., 1.)``) draws every
     coordinate independently; otherwise it must be the latent shape, and one sample is drawn per
@@ -151,7 +215,7 @@ def resolve_prior(prior: Any = None) -> Prior:
     if isinstance(prior, torch.distributions.Distribution):
         return _from_distribution(prior)
     if callable(prior):
-        return Prior(prior, getattr(prior, "__name__", type(prior).__name__))
+        return _from_callable(prior)
     raise ConfigError(
         "a prior is a name (normal, truncated_normal[:BOUND], uniform[:BOUND]), a "
         "torch.distributions.Distribution or a callable (shape, device, dtype, rng) -> Tensor, "

@@ -395,17 +395,24 @@ class BatchNormFeatures(nn.Module):
         return out
 
 
-def test_batch_norm_warned_in_fused_mode_and_per_node_runs_each_node_alone():
+def test_batch_norm_warned_when_fused_is_chosen_and_auto_runs_each_chain_alone():
     spec = build_spec("gali4")
     dz = SpectralMLP(6, (12,), 10, activate_output=True)
-    with pytest.warns(UserWarning, match=r"net\.1: BatchNorm2d.*feature_pass='per_node'"):
-        fused = MultiClassJointDiscriminatorHead(spec, BatchNormFeatures(), dz, joint_hidden=(8,))
+    with pytest.warns(UserWarning, match=r"net\.1: BatchNorm2d.*'per_chain'"):
+        fused = MultiClassJointDiscriminatorHead(
+            spec, BatchNormFeatures(), dz, joint_hidden=(8,), feature_pass="fused"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        auto = MultiClassJointDiscriminatorHead(
+            spec, copy.deepcopy(fused.feature_nets["image"]), dz, joint_hidden=(8,)
+        )
         per_node = MultiClassJointDiscriminatorHead(
             spec, copy.deepcopy(fused.feature_nets["image"]), dz, joint_hidden=(8,),
             feature_pass="per_node",
         )  # fmt: skip
+    assert auto.feature_pass == "per_chain"
+    assert MultiClassJointDiscriminatorHead(spec, TinyImageFeatures(), dz).feature_pass == "fused"
     variables = random_variables(spec)
     x0 = variables["x0"]
     alone = copy.deepcopy(per_node.feature_nets["image"]).net(x0)  # D(x)(x0) run alone
@@ -413,9 +420,52 @@ def test_batch_norm_warned_in_fused_mode_and_per_node_runs_each_node_alone():
     image_net = per_node.feature_nets["image"]
     assert len(image_net.outputs) == len(spec.nodes_of_kind("image"))  # once per node
     torch.testing.assert_close(image_net.outputs[0], alone)
+    auto(variables)  # GALI-4's image nodes: x0 (real chain); xp0, xp1 (prior chain)
+    batches = [len(out) for out in auto.feature_nets["image"].outputs]
+    assert batches == [len(x0), 2 * len(x0)]
+    torch.testing.assert_close(auto.feature_nets["image"].outputs[0], alone)
     fused(variables)
     mixed = fused.feature_nets["image"].outputs[0][: len(x0)]  # x0's rows of the fused pass
     assert not torch.allclose(mixed, alone, atol=1e-3)  # batch statistics mixed
+
+
+class NormalisedImages(nn.Module):
+    """D(x) = batch norm without affine parameters, flattened: ``(x - mean) / std``."""
+
+    out_features = 64
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(1, affine=False, eps=1e-12)
+
+    def forward(self, x):
+        return self.norm(x).flatten(1)
+
+
+@pytest.mark.parametrize("feature_pass", ["per_node", "per_chain"])
+def test_batch_norm_per_node_erases_what_tells_an_image_from_its_reconstruction(feature_pass):
+    # x1 = x0 + c: per node, batch norm maps both to the same features (GALI-8's classes,
+    # which swap x0 and x1, become one); per chain, x0 and x1 are normalised together, and
+    # their features differ by c / std(x0 and x1 pooled), in closed form.
+    spec = build_spec("gali8")
+    dz = SpectralMLP(6, (12,), 10, activate_output=True)
+    head = MultiClassJointDiscriminatorHead(
+        spec, NormalisedImages(), dz, joint_hidden=(8,), feature_pass=feature_pass
+    )
+    seen = []
+    head.feature_nets["image"].register_forward_hook(lambda m, i, out: seen.append(out))
+    variables = random_variables(spec, batch=16)
+    c = 0.5
+    variables["x1"] = variables["x0"] + c
+    head(variables)
+    features = torch.cat(seen)
+    x0, x1 = features[:16], features[16:32]  # the real chain's nodes come first
+    if feature_pass == "per_node":
+        torch.testing.assert_close(x0, x1)
+    else:
+        pooled = torch.cat([variables["x0"], variables["x1"]])
+        std = pooled.var(unbiased=False).sqrt()
+        torch.testing.assert_close(x1 - x0, torch.full_like(x0, c) / std)
 
 
 # -- 6: the documented loop is train_step's ---------------------------------------------------
@@ -521,7 +571,7 @@ def test_example_b_ali_style_switches_to_gali4_and_gali8():
     assert len(trained) == len(list(d.parameters()))
     eg = [*encoder.parameters(), *generator.parameters()]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # per_node: no batch-norm warning
+        warnings.simplefilter("error")  # per_chain: no batch-norm warning
         gali = ali.gali_objective("gali4", encoder, generator, d)
     assert all(id(p) in {id(q) for q in gali.head.parameters()} for p in trained)
     check_gradients(gali, list(gali.head.parameters()), eg, x)
