@@ -14,17 +14,24 @@ adapters bring other conventions to that contract:
 - :class:`EncoderGenerator`: the pair, with ``hidden_features`` for representation evaluation;
 - :class:`FeatureNetwork`, :class:`JointNetwork`, :func:`monolithic_head`: discriminator
   networks of other shapes (tuple or dict outputs, the condition, ``J(F, H)``, ``[B, C, 1, 1]``
-  maps, a monolithic ``D(x, z)``, a separate score layer).
+  maps, a monolithic ``D(x, z)``, a separate score layer, a score computed in ``forward``);
+- :func:`widen_input`: a joint network written for one (image, latent) pair, widened in place
+  for GALI-8's two;
+- :func:`check`: one D step and one E/G step on your networks, reporting what trains where and
+  failing on anything silently lost.
 
 See ``adapters/README.md`` for plugging gali-ext into an existing BiGAN loop.
 """
 
+from .check import CheckReport, check
 from .discriminators import FeatureNetwork, JointNetwork, monolithic_head
 from .encoders import LatentEncoder, LatentOutput, StochasticEncoder
 from .generators import LatentGenerator
+from .layers import widen_input
 from .pair import EncoderGenerator
 
 __all__ = [
+    "CheckReport",
     "EncoderGenerator",
     "FeatureNetwork",
     "JointNetwork",
@@ -32,5 +39,7 @@ __all__ = [
     "LatentGenerator",
     "LatentOutput",
     "StochasticEncoder",
+    "check",
     "monolithic_head",
+    "widen_input",
 ]

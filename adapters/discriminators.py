@@ -412,16 +412,18 @@ def monolithic_head(
     feature_dim: int | None = None,
     latent_shape: Sequence[int] | None = None,
     conditions: int | None = None,
-    feature_pass: str = "fused",
+    feature_pass: str = "auto",
 ) -> MultiClassJointDiscriminatorHead:
     """A head over a monolithic ``D(x, z)``, for a spec whose tuples have two slots, an image
     and a latent (``ali``, ``gali4``, ``alice`` or one of your own; any K).
 
-    The head calls ``discriminator(x, z)`` once on all ``K * B`` pairs (``feature_pass=
-    "per_node"``: once per class, for a D with batch norm). A D that ends in one score ``s``
+    The head calls ``discriminator(x, z)`` once on all ``K * B`` pairs, or, for a D with batch
+    norm, once per chain (``feature_pass="auto"``). A D that ends in one score ``s``
     gives the logits ``(s, 0)`` at K = 2 (BiGAN's loss exactly, docs/design.md eq. 9.3); for
     K > 2 name the layer whose output is its features (``features="joint.3"``): the head adds a
-    K-way layer on those features and ``s``, so D's own layers all keep training.
+    K-way layer on those features and ``s``, so D's own layers all keep training. That layer is
+    registered in ``discriminator`` (``discriminator.gali_head``), so that its own
+    ``state_dict()`` and ``parameters()`` hold it.
 
     Args:
         spec: the tuple classes; two slots, one image and one latent.
@@ -469,4 +471,5 @@ def monolithic_head(
         joint=joint,
         conditions=conditions,
         feature_pass=feature_pass,
+        discriminator=discriminator if isinstance(discriminator, nn.Module) else None,
     )

@@ -52,7 +52,7 @@ def layer_width(module: nn.Module, name: str) -> int | None:
     if isinstance(width, int) and not isinstance(width, bool):
         return width
     last = None
-    for current_name, m in module.named_modules():
+    for m in module.modules():
         if isinstance(m, nn.Linear):
             last = m.out_features
         elif isinstance(m, _WEIGHTED):
@@ -82,13 +82,10 @@ def widen_input(module: nn.Module, factor: int) -> nn.Module:
         raise ConfigError(f"factor must be a positive int, got {factor!r}")
     if not isinstance(module, nn.Module):
         raise ConfigError(f"widen_input takes an nn.Module, got {type(module).__name__}")
-    for name, layer in module.named_modules():
-        if isinstance(layer, _WEIGHTED):
-            break
-    else:
-        raise ConfigError(
-            f"{type(module).__name__} has no linear or convolution layer to widen"
-        )
+    found = next((nm for nm in module.named_modules() if isinstance(nm[1], _WEIGHTED)), None)
+    if found is None:
+        raise ConfigError(f"{type(module).__name__} has no linear or convolution layer to widen")
+    name, layer = found
     if factor == 1:
         return module
     wide = _wider(layer, factor)

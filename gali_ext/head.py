@@ -325,8 +325,9 @@ def first_layer_width(module: Any) -> int | None:
 def _required_positional(net: Any) -> int:
     """How many positional arguments a network's ``forward`` requires (0 when unknown)."""
     module = getattr(net, "module", net) if isinstance(net, NetworkAdapter) else net
+    function = module.forward if isinstance(module, nn.Module) else module
     try:
-        parameters = inspect.signature(module).parameters.values()
+        parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
         return 0
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -551,7 +552,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             for c in spec.classes
         ]
         self._check_conditioning()
-        batch_norm = self._batch_norm_layers()
+        batch_norm = self.batch_norm_layers()
         if feature_pass == "auto":
             feature_pass = "per_chain" if any(batch_norm.values()) else "fused"
         elif feature_pass == "fused":
@@ -736,7 +737,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                 "each class within one chain"
             )
 
-    def _batch_norm_layers(self) -> dict[str, list[str]]:
+    def batch_norm_layers(self) -> dict[str, list[str]]:
         """The batch-dependent layers of each network the head calls, by network."""
         found = {f"the {k!r} feature network": batch_dependent_layers(n)
                  for k, n in self.feature_nets.items()}  # fmt: skip
@@ -813,10 +814,11 @@ class MultiClassJointDiscriminatorHead(nn.Module):
 
     def _register_in(self, discriminator: nn.Module) -> None:
         existing = getattr(discriminator, ADDED_LAYERS, None)
-        if existing is not None:
+        if existing is not None and len(existing):
             raise ConfigError(
                 f"{type(discriminator).__name__} already has a sub-module {ADDED_LAYERS!r}: a "
-                "head is registered in it; build one head per discriminator"
+                "head is registered in it; build one head per discriminator (a new D for another "
+                "preset)"
             )
         if any(m is self for m in discriminator.modules()):
             raise ConfigError("discriminator= is your own D module, not the head itself")
@@ -1108,8 +1110,9 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         paths = [(self._joint, self.joint, self.joint_scores)]
         for p in self._unary:
             key = str(p.slots[0])
-            paths.append((p, self.unary_heads[key], self.unary_scores[key]
-                          if key in self.unary_scores else None))  # fmt: skip
+            net = self.unary_heads[key] if key in self.unary_heads else None  # None: "own"
+            extra = self.unary_scores[key] if key in self.unary_scores else None
+            paths.append((p, net, extra))
         return paths
 
     def _run(

@@ -338,6 +338,46 @@ def bench(
                   profile=profile, torch_compile=torch_compile, specs=names)  # fmt: skip
 
 
+@app.command("check")
+def check_command(
+    factory: str = typer.Argument(
+        ...,
+        help="MODULE:FUNCTION returning (gali, batch) or (gali, batch, discriminator): your "
+        "GALI objective, one batch as your loop gives it, and optionally your own D module.",
+    ),
+) -> None:
+    """One D step and one E/G step on your own networks: what trains in which step, the widths,
+    batch norm, conditioning, the prior and your checkpoints' contents; exit 1 when anything
+    would be silently lost."""
+    import importlib
+
+    from gali_ext.adapters import check
+
+    module_name, sep, function_name = factory.partition(":")
+    if not sep or not module_name or not function_name:
+        raise ConfigError(f"expected MODULE:FUNCTION (e.g. my_project.gali:build), got {factory!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # the current folder, as `python -m` would find it
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"{factory}: cannot import {module_name!r} ({error})") from error
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"{factory}: {module_name} has no function {function_name!r}")
+    built = function()
+    if not isinstance(built, tuple) or len(built) not in (2, 3):
+        raise ConfigError(
+            f"{factory} should return (gali, batch) or (gali, batch, discriminator), got "
+            f"{type(built).__name__}"
+        )
+    try:
+        check(*built[:2], discriminator=built[2] if len(built) == 3 else None)
+    except ConfigError as error:
+        typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
+        raise typer.Exit(1) from error
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
     """``warning: ...`` for what a run directory reports (a skipped checkpoint, a dropped
     metrics line); Python's usual format for the rest."""

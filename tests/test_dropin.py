@@ -28,7 +28,13 @@ from gali_ext import (
     resolve_prior,
     train_step,
 )
-from gali_ext.adapters import FeatureNetwork, JointNetwork, LatentGenerator, monolithic_head
+from gali_ext.adapters import (
+    FeatureNetwork,
+    JointNetwork,
+    LatentGenerator,
+    check,
+    monolithic_head,
+)
 from gali_ext.head import Projection
 from gali_ext.losses import hinge_discriminator_loss, hinge_generator_loss
 from gali_ext.providers import ReconstructionChain
@@ -552,8 +558,10 @@ def test_example_a_bigbigan_style_switches_to_gali4_and_gali8():
     assert all(id(p) in head_params for p in trained)
     eg = [*encoder.parameters(), *generator.parameters()]
     check_gradients(gali, list(gali.head.parameters()), eg, (x, y))
-    gali8 = bb.gali_objective("gali8", encoder, generator, bb.BigBiGANDiscriminator(pairs=2))
+    gali8 = bb.gali_objective("gali8", encoder, generator, bb.BigBiGANDiscriminator())
     check_gradients(gali8, list(gali8.head.parameters()), eg, (x, y))
+    for preset in ("gali4", "gali8"):
+        assert not check(*bb.check_switch(preset), file=None).problems
     for preset in ("gali4", "gali8"):
         losses = bb.train_gali(preset, steps=2, batch_size=16)
         assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
@@ -575,8 +583,10 @@ def test_example_b_ali_style_switches_to_gali4_and_gali8():
         gali = ali.gali_objective("gali4", encoder, generator, d)
     assert all(id(p) in {id(q) for q in gali.head.parameters()} for p in trained)
     check_gradients(gali, list(gali.head.parameters()), eg, x)
-    gali8 = ali.gali_objective("gali8", encoder, generator, ali.ALIDiscriminator(pairs=2))
+    gali8 = ali.gali_objective("gali8", encoder, generator, ali.ALIDiscriminator())
     check_gradients(gali8, list(gali8.head.parameters()), eg, x)
+    for preset in ("gali4", "gali8"):
+        assert not check(*ali.check_switch(preset), file=None).problems
     for preset in ("gali4", "gali8"):
         losses = ali.train_gali(preset, steps=2, batch_size=16)
         assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
@@ -594,11 +604,14 @@ def test_example_c_monolithic_d_switches_to_gali4_and_ali():
     assert len(trained) == len(list(d.parameters()))
     eg = [*encoder.parameters(), *generator.parameters()]
     for preset in ("ali", "gali4"):
+        d = copy.deepcopy(d)  # one head per discriminator: the head's layers go into it
+        trained = own_loss_trains(d, mono.bigan_losses(d, encoder, generator, x)[0])
         gali = mono.gali_objective(preset, encoder, generator, d)
         assert all(id(p) in {id(q) for q in gali.head.parameters()} for p in trained)
         check_gradients(gali, list(gali.head.parameters()), eg, x)
         losses = mono.train_gali(preset, steps=2, batch_size=16)
         assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+        assert not check(*mono.check_switch(preset), file=None).problems
 
 
 def test_adapters_readme_discriminator_blocks_run():

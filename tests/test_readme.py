@@ -26,9 +26,11 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 @pytest.mark.parametrize("document", ["README.md", "adapters/README.md"])
-def test_every_python_block_runs_as_written(document):
+def test_every_python_block_runs_as_written(document, tmp_path, monkeypatch):
     """Each document's Python blocks run top to bottom in one namespace, as a reader would
-    paste them; none is skipped."""
+    paste them (in an empty folder: the files they write stay out of the repository); none is
+    skipped."""
+    monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.+?)```", (ROOT / document).read_text(), re.S)
     assert blocks, f"{document} has no Python example"
     namespace: dict = {"__name__": "readme"}

@@ -10,9 +10,12 @@ cross-entropy.
 
 :func:`gali_objective` is the switch: the encoder's stacked output read as ``(mu, log_sigma)``,
 the generator's and ``D(z)``'s ``[B, d, 1, 1]`` inputs, ``D(x, z)``'s penultimate layer named
-as the features the head's K-way layer reads (its own score is kept), and ``feature_pass=
-"per_node"`` so that ``D(x)``'s batch norm sees each node's batch alone, as in ALI's loop. GALI-8's
-four-slot tuples give ``D(x, z)`` twice the input channels (``ALIDiscriminator(pairs=2)``).
+as the features the head's K-way layer reads (its own score is kept), and the head registered in
+the project's discriminator (so its checkpoints and optimizer hold the layers the head adds).
+``D(x)``'s batch norm makes the head run each chain's nodes together and the real and the prior
+chain apart (``feature_pass="auto"``, docs/design.md, section 9.7). GALI-8's four-slot tuples
+give ``D(x, z)`` twice the input channels: its first layer is widened in place
+(:func:`gali_ext.adapters.widen_input`). In the loop, one line changes.
 
 Run it: ``python -m gali_ext.adapters.examples.ali_style``.
 """
@@ -24,7 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gali_ext import GALI, MultiClassJointDiscriminatorHead, get_preset
-from gali_ext.adapters import FeatureNetwork, JointNetwork, LatentEncoder, LatentGenerator
+from gali_ext.adapters import (
+    FeatureNetwork,
+    JointNetwork,
+    LatentEncoder,
+    LatentGenerator,
+    check,
+    widen_input,
+)
 
 from .digits import digits_batches
 
@@ -68,10 +78,9 @@ class ALIGenerator(nn.Module):
 
 
 class ALIDiscriminator(nn.Module):
-    """``D(x)``, ``D(z)`` and ``D(x, z)`` as in ALI's appendix; ``pairs`` image-latent pairs per
-    joint input (1 for ALI; 2 for GALI-8's four-slot tuples)."""
+    """``D(x)``, ``D(z)`` and ``D(x, z)`` as in ALI's appendix."""
 
-    def __init__(self, pairs: int = 1) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.dx = nn.Sequential(
             nn.Dropout(0.2), nn.Conv2d(1, 32, 4, 2, 1), nn.LeakyReLU(0.2), nn.Dropout(0.2),
@@ -82,7 +91,7 @@ class ALIDiscriminator(nn.Module):
             nn.Dropout(0.2), nn.Conv2d(CHANNELS, CHANNELS, 1), nn.LeakyReLU(0.2),
         )  # fmt: skip
         self.dxz = nn.Sequential(
-            nn.Dropout(0.2), nn.Conv2d(pairs * 2 * CHANNELS, 128, 1), nn.LeakyReLU(0.2),
+            nn.Dropout(0.2), nn.Conv2d(2 * CHANNELS, 128, 1), nn.LeakyReLU(0.2),
             nn.Dropout(0.2), nn.Conv2d(128, 128, 1), nn.LeakyReLU(0.2),
             nn.Dropout(0.2), nn.Conv2d(128, 1, 1),
         )  # fmt: skip
@@ -104,16 +113,42 @@ def ali_losses(discriminator, encoder, generator, x: Tensor) -> tuple[Tensor, Te
     return d_loss, g_loss
 
 
-def train_ali(steps: int = 2, seed: int = 0) -> list[float]:
-    """The project's own loop."""
+def gali_objective(preset: str, encoder, generator, discriminator) -> GALI:
+    """The switch: the project's networks as a GALI objective of ``preset``."""
+    d, spec = discriminator, get_preset(preset).spec  # every line below is the glue
+    widen_input(d.dxz, spec.arity // 2)  # GALI-8's joint reads two (image, latent) pairs
+    head = MultiClassJointDiscriminatorHead(spec, discriminator=d, image_features=d.dx,
+        latent_features=FeatureNetwork(d.dz, input_shape=(LATENT_DIM, 1, 1)),
+        joint=JointNetwork(d.dxz, features="5"))  # fmt: skip
+    pair = (LatentEncoder(encoder, output=lambda out: out.flatten(1).chunk(2, 1)),
+            LatentGenerator(generator, input_shape=(LATENT_DIM, 1, 1)))  # fmt: skip
+    return GALI(*pair, head, get_preset(preset).providers())
+
+
+def build(preset: str | None = None, seed: int = 0):
+    """The project's networks and optimizers, switched to GALI's ``preset`` when given:
+    ``(encoder, generator, discriminator, gali or None, opt_d, opt_eg)``."""
     torch.manual_seed(seed)
     encoder, generator, discriminator = ALIEncoder(), ALIGenerator(), ALIDiscriminator()
+    gali = gali_objective(preset, encoder, generator, discriminator) if preset else None
     opt_d = torch.optim.Adam(discriminator.parameters(), 1e-4, betas=(0.5, 1e-3))
     eg = [*encoder.parameters(), *generator.parameters()]
     opt_eg = torch.optim.Adam(eg, 1e-4, betas=(0.5, 1e-3))
+    return encoder, generator, discriminator, gali, opt_d, opt_eg
+
+
+def train(
+    preset: str | None = None, steps: int = 2, seed: int = 0, batch_size: int = 32
+) -> list[float]:
+    """The project's own loop, on ALI's losses or, with ``preset``, GALI's."""
+    encoder, generator, discriminator, gali, opt_d, opt_eg = build(preset, seed)
+    eg = [*encoder.parameters(), *generator.parameters()]
     losses = []
-    for x, _ in digits_batches(steps, seed=seed):
-        d_loss, g_loss = ali_losses(discriminator, encoder, generator, x)
+    for x, _ in digits_batches(steps, batch_size, seed):
+        if gali is None:
+            d_loss, g_loss = ali_losses(discriminator, encoder, generator, x)
+        else:  # the switch in the loop: GALI's two losses from one forward, as above
+            d_loss, g_loss = (o.loss for o in gali.shared_objectives(x))
         opt_d.zero_grad()
         opt_eg.zero_grad()
         d_loss.backward(inputs=list(discriminator.parameters()), retain_graph=True)
@@ -124,45 +159,27 @@ def train_ali(steps: int = 2, seed: int = 0) -> list[float]:
     return losses
 
 
-def gali_objective(preset: str, encoder, generator, discriminator) -> GALI:
-    """The switch: the project's networks as a GALI objective of ``preset``."""
-    d = discriminator  # every line below is the glue
-    head = MultiClassJointDiscriminatorHead(
-        get_preset(preset).spec, image_features=FeatureNetwork(d.dx),
-        latent_features=FeatureNetwork(d.dz, input_shape=(LATENT_DIM, 1, 1)),
-        joint=JointNetwork(d.dxz, features="5", feature_dim=128), feature_pass="per_node",
-    )  # fmt: skip
-    pair = (LatentEncoder(encoder, output=lambda out: out.flatten(1).chunk(2, 1)),
-            LatentGenerator(generator, input_shape=(LATENT_DIM, 1, 1)))  # fmt: skip
-    return GALI(*pair, head, get_preset(preset).providers())
+def train_ali(steps: int = 2, seed: int = 0) -> list[float]:
+    """The project before the switch."""
+    return train(None, steps, seed)
 
 
 def train_gali(
     preset: str = "gali8", steps: int = 2, seed: int = 0, batch_size: int = 32
 ) -> list[float]:
-    """The project's loop on GALI: the D step, then the E/G step on the same chains."""
-    torch.manual_seed(seed)
-    pairs = 2 if get_preset(preset).spec.arity == 4 else 1
-    encoder, generator = ALIEncoder(), ALIGenerator()
-    gali = gali_objective(preset, encoder, generator, ALIDiscriminator(pairs))
-    opt_d = torch.optim.Adam(gali.head.parameters(), 1e-4, betas=(0.5, 1e-3))
-    eg = [*encoder.parameters(), *generator.parameters()]
-    opt_eg = torch.optim.Adam(eg, 1e-4, betas=(0.5, 1e-3))
-    losses = []
-    for x, _ in digits_batches(steps, batch_size, seed):
-        d = gali.discriminator_objective(x, differentiable_chains=True)
-        opt_d.zero_grad()
-        d.loss.backward()
-        opt_d.step()
-        g = gali.generator_objective(chains=d.chains)
-        opt_eg.zero_grad()
-        g.loss.backward()
-        opt_eg.step()
-        losses.append(d.loss.item())
-    return losses
+    """The project switched to GALI's ``preset``."""
+    return train(preset, steps, seed, batch_size)
+
+
+def check_switch(preset: str = "gali8", batch_size: int = 16):
+    """:func:`gali_ext.adapters.check` on the switched project (``gali-ext check
+    gali_ext.adapters.examples.ali_style:check_switch``): ``(gali, batch)``."""
+    *_, gali, _, _ = build(preset)
+    return gali, digits_batches(1, batch_size)[0][0]
 
 
 if __name__ == "__main__":
     print("ALI D losses:", train_ali())
     for name in ("gali4", "gali8"):
+        check(*check_switch(name))
         print(f"{name} D losses:", train_gali(name))

@@ -1,21 +1,29 @@
 """A BigBiGAN-style project (Donahue & Simonyan 2019) switched to GALI-4 and GALI-8.
 
-The project (everything down to :func:`train_bigbigan`) is the user's own, shaped like public
-BigBiGAN code: a deterministic encoder, a class-conditional generator ``G(z, y)``, and a
-discriminator of three parts, an image network ``F``, a latent network ``H`` and a joint network
-``J`` on their concatenation, with three score layers and their hinge losses
+The project (everything but :func:`gali_objective` and the marked line of :func:`train`) is
+the user's own, written as public BigBiGAN code is: a deterministic encoder, a class-conditional
+generator ``G(z, y)``, and a discriminator of three networks, each computing its score in its
+own ``forward``: ``x_net`` gives ``(s_x, F(x))``, ``z_net`` gives ``(s_z, H(z))`` and ``joint``
+gives ``s_xz`` from ``[F(x), H(z)]``, with the projection terms of the class inside ``forward``
 
     s_x = theta_x . F(x) + <e_x(y), F(x)>        (a projection term, Miyato & Koyama 2018)
     s_z = theta_z . H(z)
     s_xz = theta_xz . J(F(x), H(z)) + <e_xz(y), J(F(x), H(z))>
     l_D = h(y s_x) + h(y s_z) + h(y s_xz),  l_EG = y (s_x + s_z + s_xz),  h(t) = max(0, 1 - t)
 
-(y = +1 on encoder pairs, -1 on generator pairs), spectral norm throughout and a
-truncated-normal prior. :func:`gali_objective` is the switch: the same networks in a GALI head,
-the unary scores as unary heads, the hinge family, the projection terms fed the condition, the
-prior by name. GALI-8's tuples have four slots, so its joint ``J`` takes twice the input width
-(``BigBiGANDiscriminator(pairs=2)``), as in the paper. At K = 2 (``preset="ali"``) the GALI
-losses are the project's own, exactly (tests/test_dropin.py).
+(y = +1 on encoder pairs, -1 on generator pairs); hinge losses, spectral norm throughout, the
+project's own truncated-normal sampler ``truncated_normal(batch)``, one forward per step with
+both losses back-propagated into their own parameters, and its own checkpoint code
+(:func:`save_checkpoint`, :func:`load_checkpoint`: the modules' ``state_dict()``).
+
+:func:`gali_objective` is the switch: ``x_net`` and ``z_net`` as feature networks whose own
+scores (projection included) become the unary heads, ``joint`` with its score and the
+features of its ``body`` for the K-way layer, the head registered in the project's
+discriminator (so its checkpoints and optimizer hold the layers the head adds), the hinge
+family and the project's sampler. GALI-8's tuples hold two image-latent pairs, so ``joint``'s
+first layer is widened in place (:func:`gali_ext.adapters.widen_input`). In the loop, one line
+changes: the two losses come from :meth:`gali_ext.GALI.shared_objectives`. At K = 2
+(``preset="ali"``) the GALI losses are the project's own, exactly (tests/test_dropin.py).
 
 Run it: ``python -m gali_ext.adapters.examples.bigbigan_style``.
 """
@@ -35,7 +43,7 @@ from gali_ext import (
     MultiClassJointDiscriminatorHead,
     get_preset,
 )
-from gali_ext.adapters import FeatureNetwork, JointNetwork
+from gali_ext.adapters import FeatureNetwork, JointNetwork, check, widen_input
 
 from .digits import digits_batches
 
@@ -76,22 +84,6 @@ class Generator(nn.Module):
         return self.net(h.view(-1, 64, 4, 4))
 
 
-class ImageFeatures(nn.Module):
-    """``F(x)``: spectrally normalised convolutions, ``[B, 1, 16, 16] -> [B, 64]``."""
-
-    out_features = FEATURES
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            sn(nn.Conv2d(1, 32, 4, 2, 1)), nn.LeakyReLU(0.2), sn(nn.Conv2d(32, 64, 4, 2, 1)),
-            nn.LeakyReLU(0.2), nn.Flatten(), sn(nn.Linear(64 * 4 * 4, FEATURES)), nn.LeakyReLU(0.2),
-        )  # fmt: skip
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
 def mlp(widths: list[int]) -> nn.Sequential:
     """Spectrally normalised linear layers, each followed by a leaky ReLU."""
     layers: list[nn.Module] = []
@@ -100,43 +92,64 @@ def mlp(widths: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class ProjectedScore(nn.Module):
-    """One score ``theta . h + <e(y), h>`` (BigGAN's discriminator output); no projection when
-    ``num_classes`` is None."""
+class ImageDiscriminator(nn.Module):
+    """``F`` and its score: ``x [B, 1, 16, 16], y -> (s_x [B, 1], F(x) [B, 64])``, with the
+    projection term ``<embed(y), F(x)>`` computed in ``forward`` (BigGAN's discriminator)."""
 
-    def __init__(self, width: int, num_classes: int | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.linear = sn(nn.Linear(width, 1))
-        self.embed = sn(nn.Embedding(num_classes, width)) if num_classes else None
+        self.body = nn.Sequential(
+            sn(nn.Conv2d(1, 32, 4, 2, 1)), nn.LeakyReLU(0.2), sn(nn.Conv2d(32, 64, 4, 2, 1)),
+            nn.LeakyReLU(0.2), nn.Flatten(), sn(nn.Linear(64 * 4 * 4, FEATURES)), nn.LeakyReLU(0.2),
+        )  # fmt: skip
+        self.linear = sn(nn.Linear(FEATURES, 1))
+        self.embed = sn(nn.Embedding(NUM_CLASSES, FEATURES))
 
-    def forward(self, h: Tensor, y: Tensor | None = None) -> Tensor:
-        score = self.linear(h)
-        if self.embed is not None:
-            score = score + (self.embed(y) * h).sum(1, keepdim=True)
-        return score
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.body(x)
+        return self.linear(h) + (self.embed(y) * h).sum(1, keepdim=True), h
+
+
+class LatentDiscriminator(nn.Module):
+    """``H`` and its score: ``z [B, 16] -> (s_z [B, 1], H(z) [B, 64])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp([LATENT_DIM, FEATURES, FEATURES])
+        self.linear = sn(nn.Linear(FEATURES, 1))
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.body(z)
+        return self.linear(h), h
+
+
+class JointDiscriminator(nn.Module):
+    """``J`` and its score: ``[F(x), H(z)], y -> s_xz [B, 1]``, projection in ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp([2 * FEATURES, JOINT, JOINT])
+        self.linear = sn(nn.Linear(JOINT, 1))
+        self.embed = sn(nn.Embedding(NUM_CLASSES, JOINT))
+
+    def forward(self, h: Tensor, y: Tensor) -> Tensor:
+        j = self.body(h)
+        return self.linear(j) + (self.embed(y) * j).sum(1, keepdim=True)
 
 
 class BigBiGANDiscriminator(nn.Module):
-    """``F``, ``H``, ``J`` and the three score layers; ``pairs`` image-latent pairs per joint
-    input (1 for BigBiGAN; 2 for GALI-8's four-slot tuples)."""
+    """The three networks; ``forward`` gives ``(s_x, s_z, s_xz)``, each ``[B, 1]``."""
 
-    def __init__(self, pairs: int = 1) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.F = ImageFeatures()
-        self.H = mlp([LATENT_DIM, FEATURES, FEATURES])
-        self.J = mlp([pairs * 2 * FEATURES, JOINT, JOINT])
-        self.theta_x = ProjectedScore(FEATURES, NUM_CLASSES)
-        self.theta_z = ProjectedScore(FEATURES)
-        self.theta_xz = ProjectedScore(JOINT, NUM_CLASSES)
+        self.x_net = ImageDiscriminator()
+        self.z_net = LatentDiscriminator()
+        self.joint = JointDiscriminator()
 
     def forward(self, x: Tensor, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(s_x, s_z, s_xz)``, each ``[B, 1]``."""
-        fx, fz = self.F(x), self.H(z)
-        return (
-            self.theta_x(fx, y),
-            self.theta_z(fz),
-            self.theta_xz(self.J(torch.cat([fx, fz], 1)), y),
-        )
+        s_x, fx = self.x_net(x, y)
+        s_z, hz = self.z_net(z)
+        return s_x, s_z, self.joint(torch.cat([fx, hz], 1), y)
 
 
 def truncated_normal(batch: int, bound: float = 2.0) -> Tensor:
@@ -160,16 +173,63 @@ def bigbigan_losses(
     return d_loss, eg_loss
 
 
-def train_bigbigan(steps: int = 2, seed: int = 0) -> list[float]:
-    """The project's own loop: one forward, D and E/G each back-propagate their loss."""
+def gali_objective(preset: str, encoder, generator, discriminator) -> GALI:
+    """The switch: the project's networks as a GALI objective of ``preset`` (``"gali4"``,
+    ``"gali8"``; ``"ali"`` is BigBiGAN itself)."""
+    d, spec = discriminator, get_preset(preset).spec  # every line below is the glue
+    widen_input(d.joint, spec.arity // 2)  # GALI-8's joint reads two (image, latent) pairs
+    head = MultiClassJointDiscriminatorHead(spec, discriminator=d,
+        image_features=FeatureNetwork(d.x_net, output=1, score=0, condition="y"),
+        latent_features=FeatureNetwork(d.z_net, output=1, score=0),
+        joint=JointNetwork(d.joint, condition="y", features="body"))  # fmt: skip
+    return GALI(encoder, generator, head, get_preset(preset).providers(), prior=truncated_normal,
+                discriminator_criterion=HingeDiscriminatorLoss(),
+                generator_criterion=HingeGeneratorLoss())  # fmt: skip
+
+
+def build(preset: str | None = None, seed: int = 0):
+    """The project's networks and optimizers, switched to GALI's ``preset`` when given:
+    ``(encoder, generator, discriminator, gali or None, opt_d, opt_eg)``."""
     torch.manual_seed(seed)
     encoder, generator, discriminator = Encoder(), Generator(), BigBiGANDiscriminator()
+    gali = gali_objective(preset, encoder, generator, discriminator) if preset else None
     opt_d = torch.optim.Adam(discriminator.parameters(), 2e-4, betas=(0.0, 0.999))
     eg = [*encoder.parameters(), *generator.parameters()]
     opt_eg = torch.optim.Adam(eg, 1e-4, betas=(0.0, 0.999))
+    return encoder, generator, discriminator, gali, opt_d, opt_eg
+
+
+def save_checkpoint(path, encoder, generator, discriminator, opt_d, opt_eg) -> None:
+    """The project's own checkpoint: its modules' and optimizers' state dicts."""
+    torch.save({"E": encoder.state_dict(), "G": generator.state_dict(),
+                "D": discriminator.state_dict(), "opt_d": opt_d.state_dict(),
+                "opt_eg": opt_eg.state_dict()}, path)  # fmt: skip
+
+
+def load_checkpoint(path, encoder, generator, discriminator, opt_d, opt_eg) -> None:
+    """The project's own resume (strict: every tensor of the modules is in the file)."""
+    state = torch.load(path, weights_only=True)
+    encoder.load_state_dict(state["E"])
+    generator.load_state_dict(state["G"])
+    discriminator.load_state_dict(state["D"])
+    opt_d.load_state_dict(state["opt_d"])
+    opt_eg.load_state_dict(state["opt_eg"])
+
+
+def train(
+    preset: str | None = None, steps: int = 2, seed: int = 0, batch_size: int = 32,
+    checkpoint=None,
+) -> list[float]:  # fmt: skip
+    """The project's own loop (one forward, D and E/G each back-propagate their loss), on
+    BigBiGAN's losses or, with ``preset``, GALI's; saved to ``checkpoint`` when given."""
+    encoder, generator, discriminator, gali, opt_d, opt_eg = build(preset, seed)
+    eg = [*encoder.parameters(), *generator.parameters()]
     losses = []
-    for x, y in digits_batches(steps, seed=seed):
-        d_loss, eg_loss = bigbigan_losses(discriminator, encoder, generator, x, y)
+    for x, y in digits_batches(steps, batch_size, seed):
+        if gali is None:
+            d_loss, eg_loss = bigbigan_losses(discriminator, encoder, generator, x, y)
+        else:  # the switch in the loop: GALI's two losses from one forward, as above
+            d_loss, eg_loss = (o.loss for o in gali.shared_objectives((x, y)))
         opt_d.zero_grad()
         opt_eg.zero_grad()
         d_loss.backward(inputs=list(discriminator.parameters()), retain_graph=True)
@@ -177,49 +237,32 @@ def train_bigbigan(steps: int = 2, seed: int = 0) -> list[float]:
         opt_d.step()
         opt_eg.step()
         losses.append(d_loss.item())
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, encoder, generator, discriminator, opt_d, opt_eg)
     return losses
 
 
-def gali_objective(preset: str, encoder, generator, discriminator) -> GALI:
-    """The switch: the project's networks as a GALI objective of ``preset`` (``"gali4"``,
-    ``"gali8"``; ``"ali"`` is BigBiGAN itself)."""
-    d = discriminator  # every line below is the glue
-    head = MultiClassJointDiscriminatorHead(
-        get_preset(preset).spec, image_features=d.F, latent_features=d.H,
-        joint=JointNetwork(d.J, score=FeatureNetwork(d.theta_xz, condition="y")),
-        unary={"image": FeatureNetwork(d.theta_x, condition="y"), "latent": d.theta_z},
-    )  # fmt: skip
-    return GALI(encoder, generator, head, get_preset(preset).providers(),
-                discriminator_criterion=HingeDiscriminatorLoss(),
-                generator_criterion=HingeGeneratorLoss(), prior="truncated_normal:2.0")  # fmt: skip
+def train_bigbigan(steps: int = 2, seed: int = 0) -> list[float]:
+    """The project before the switch."""
+    return train(None, steps, seed)
 
 
 def train_gali(
     preset: str = "gali8", steps: int = 2, seed: int = 0, batch_size: int = 32
 ) -> list[float]:
-    """The project's loop on GALI: the D step, then the E/G step on the same chains."""
-    torch.manual_seed(seed)
-    pairs = 2 if get_preset(preset).spec.arity == 4 else 1
-    encoder, generator = Encoder(), Generator()
-    gali = gali_objective(preset, encoder, generator, BigBiGANDiscriminator(pairs))
-    opt_d = torch.optim.Adam(gali.head.parameters(), 2e-4, betas=(0.0, 0.999))
-    eg = [*encoder.parameters(), *generator.parameters()]
-    opt_eg = torch.optim.Adam(eg, 1e-4, betas=(0.0, 0.999))
-    losses = []
-    for x, y in digits_batches(steps, batch_size, seed):
-        d = gali.discriminator_objective((x, y), differentiable_chains=True)
-        opt_d.zero_grad()
-        d.loss.backward()
-        opt_d.step()
-        g = gali.generator_objective(chains=d.chains)
-        opt_eg.zero_grad()
-        g.loss.backward()
-        opt_eg.step()
-        losses.append(d.loss.item())
-    return losses
+    """The project switched to GALI's ``preset``."""
+    return train(preset, steps, seed, batch_size)
+
+
+def check_switch(preset: str = "gali8", batch_size: int = 16):
+    """:func:`gali_ext.adapters.check` on the switched project (``gali-ext check
+    gali_ext.adapters.examples.bigbigan_style:check_switch``): ``(gali, batch)``."""
+    *_, gali, _, _ = build(preset)
+    return gali, digits_batches(1, batch_size)[0]
 
 
 if __name__ == "__main__":
     print("BigBiGAN D losses:", train_bigbigan())
     for name in ("gali4", "gali8"):
+        check(*check_switch(name))
         print(f"{name} D losses:", train_gali(name))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as sn
 
 from gali_ext import GALI, get_preset
-from gali_ext.adapters import monolithic_head
+from gali_ext.adapters import check, monolithic_head
 
 from .digits import digits_batches
 
@@ -107,7 +107,7 @@ def train_bigan(steps: int = 2, seed: int = 0) -> list[float]:
 def gali_objective(preset: str, encoder, generator, discriminator) -> GALI:
     """The switch: the project's networks as a GALI objective of a two-slot ``preset``."""
     spec = get_preset(preset).spec  # every line here is the glue
-    head = monolithic_head(spec, discriminator, features="joint.1", feature_dim=256)
+    head = monolithic_head(spec, discriminator, features="joint.1")
     return GALI(encoder, generator, head, get_preset(preset).providers())
 
 
@@ -135,7 +135,15 @@ def train_gali(
     return losses
 
 
+def check_switch(preset: str = "gali4", batch_size: int = 16):
+    """:func:`gali_ext.adapters.check` on the switched project: ``(gali, batch)``."""
+    torch.manual_seed(0)
+    gali = gali_objective(preset, Encoder(), Generator(), BiGANDiscriminator())
+    return gali, digits_batches(1, batch_size)[0][0]
+
+
 if __name__ == "__main__":
     print("BiGAN D losses:", train_bigan())
     for name in ("ali", "gali4"):
+        check(*check_switch(name))
         print(f"{name} D losses:", train_gali(name))
