@@ -292,6 +292,14 @@ def eval_command(
     protocols = sorted({r["svm_protocol"] for r in results if "svm_protocol" in r})
     if protocols:
         typer.echo(f"SVM: {'; '.join(protocols)}.")
+    conditional = [r for r in results if "cond_shuffled_label_chance" in r]
+    chances = sorted({f"{r['cond_shuffled_label_chance']:.3f}" for r in conditional})
+    if chances:
+        typer.echo(
+            "Class-conditional runs (docs/design.md, section 6.10): the class of G(E(x), y) "
+            "against x's class, y x's own label or a shuffled one; a generator that copies the "
+            f"label and ignores E(x) scores {' or '.join(chances)} with the shuffled label."
+        )
     typer.echo(f"Results in {path}")
 
 

@@ -662,6 +662,7 @@ def test_a_class_conditional_run_is_studied_sampled_and_evaluated(
     result = runner.invoke(app, ["eval", str(run), *svm, "--out", "e"])
     assert result.exit_code == 0, result.output
     assert "cond. recon. agreement (shuffled label)" in result.output
+    assert "copies the label and ignores E(x) scores 0." in result.output
     assert "recon. class agreement " not in result.output.replace("cond. recon.", "cond.")
     scored = json.loads((tmp_path / "e" / "eval.json").read_text())["results"][0]
     own, shuffled = (scored[f"cond_recon_agreement_{k}_label"] for k in ("own", "shuffled"))
