@@ -253,7 +253,9 @@ def eval_command(
     ),
 ) -> None:
     """The paper's metrics and the evaluator's (reconstruction class agreement, confident
-    samples, class coverage) for trained runs: mean ± std over the seeds of a recipe."""
+    samples, class coverage) for trained runs: mean ± std over the seeds of a recipe. A
+    class-conditional run gets the class-conditional sample accuracy and the reconstruction
+    agreement with its own and a shuffled label instead (docs/design.md, section 6.10)."""
     import json
 
     from gali_ext.recipes import RecipeConfig

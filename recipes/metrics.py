@@ -35,8 +35,8 @@ from gali_ext.errors import ShapeError
 from gali_ext.priors import resolve_prior
 
 __all__ = [
-    "conditional_reconstruction_agreement",
     "class_cycle",
+    "conditional_reconstruction_agreement",
     "eval_mode",
     "feature_mse",
     "fid",
@@ -344,7 +344,8 @@ def reconstruction_class_agreement(
 
 def shuffled_labels(labels: Tensor, seed: int = 0) -> Tensor:
     """``y_perm = y[pi]`` for a random permutation ``pi`` drawn by a CPU generator seeded with
-    ``seed`` (eq. 6.15): the labels' classes in the same proportions, each at another image."""
+    ``seed`` (eq. 6.15): the same classes in the same proportions, each moved to a random image
+    (where it may meet its own class: eq. 6.17)."""
     rng = torch.Generator().manual_seed(seed)
     return labels[torch.randperm(len(labels), generator=rng).to(labels.device)]
 
@@ -375,9 +376,9 @@ def conditional_reconstruction_agreement(
     """
     _check_class_ids(labels, len(images))
     permuted = shuffled_labels(labels, seed)
-    pair = (encoder, generator, classifier, images, labels, batch_size)
-    own = reconstruction_class_agreement(*pair, conditions=labels)
-    shuffled = reconstruction_class_agreement(*pair, conditions=permuted)
+    scored = (encoder, generator, classifier, images, labels, batch_size)  # against x's class
+    own = reconstruction_class_agreement(*scored, conditions=labels)
+    shuffled = reconstruction_class_agreement(*scored, conditions=permuted)
     return {
         "own_label": own,
         "shuffled_label": shuffled,
