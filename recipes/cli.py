@@ -138,7 +138,10 @@ def sample(
 ) -> None:
     """Write grids of samples G(z) and of test images over their reconstructions G(E(x)), as
     samples-ema.png and reconstructions-ema.png (-raw without EMA weights); the run's own
-    samples.png and reconstructions.png stay as training left them."""
+    samples.png and reconstructions.png stay as training left them. A class-conditional run
+    (docs/design.md, section 6.10) gets one row of samples G(z, y) per class y, reconstructions
+    G(E(x), y) with each image's own label, and reconstructions-shuffled-*.png with a shuffled
+    label."""
     import torch
 
     from gali_ext.priors import resolve_prior
@@ -147,13 +150,60 @@ def sample(
     from gali_ext.recipes.visual import save_image_grid
 
     run = load_run_models(run_dir, ema=not raw_weights)
-    z = resolve_prior(run.config.prior)((64, run.latent_dim), rng=torch.Generator().manual_seed(0))
-    images = first_images(load_data(run.config, "test"), 32)
+    test = load_data(run.config, "test")
+    images = first_images(test, 32)
     folder = out or run_dir
     label = "the moving average (EMA) of the weights" if run.weights == "ema" else "the weights"
+    classes = run.config.conditions
+    if classes:
+        _sample_conditional(run, images, test.labels_tensor()[: len(images)], folder, label)
+        return
+    z = resolve_prior(run.config.prior)((64, run.latent_dim), rng=torch.Generator().manual_seed(0))
     for name, grid in grids(run.encoder, run.generator, images, z).items():
         path = save_image_grid(grid, folder / f"{name}-{run.weights}.png")
         typer.echo(f"{name} of {label}: {path}")
+
+
+CLASS_ROW_SAMPLES = 8  # samples per class row of a class-conditional run's grid
+
+
+def _sample_conditional(run, images, labels, folder: Path, label: str) -> None:  # noqa: ANN001
+    """The grids of a class-conditional run (docs/design.md, section 6.10): samples
+    ``G(z_c, k)``, row k for class k and the same ``CLASS_ROW_SAMPLES`` latents ``z_c`` in every
+    row; test images over ``G(E(x), y)`` with their own labels, and over ``G(E(x), y_perm)``
+    with the labels shuffled (:func:`~gali_ext.recipes.metrics.shuffled_labels`, seed 0)."""
+    import torch
+
+    from gali_ext.priors import resolve_prior
+    from gali_ext.recipes.metrics import reconstruct, shuffled_labels
+    from gali_ext.recipes.train import grids
+    from gali_ext.recipes.visual import interleave_rows, save_image_grid
+
+    classes, n = run.config.conditions, CLASS_ROW_SAMPLES
+    rng = torch.Generator().manual_seed(0)
+    z = resolve_prior(run.config.prior)((n, run.latent_dim), rng=rng)
+    sample_labels = torch.arange(classes).repeat_interleave(n)
+    made = grids(run.encoder, run.generator, images, z.repeat(classes, 1), (labels, sample_labels))
+    permuted = shuffled_labels(labels)
+    shuffled = reconstruct(run.encoder, run.generator, images, labels=permuted)
+    made["reconstructions-shuffled"] = interleave_rows(images, shuffled)
+    captions = {
+        "samples": f"G(z, y): row k has y = k (k = 0 to {classes - 1} from the top), the same "
+        f"{n} latents z in every row",
+        "reconstructions": "rows of test images x, each over G(E(x), y) with x's own label y",
+        "reconstructions-shuffled": "rows of test images x, each over G(E(x), y_perm) with a "
+        "shuffled label: x's class kept is inference, y_perm's class is the label copied",
+    }
+    row_labels = {"samples": [f"y={k}" for k in range(classes)]}
+    for name, caption in captions.items():
+        columns = n if name == "samples" else 8
+        path = folder / f"{name}-{run.weights}.png"
+        save_image_grid(made[name], path, columns=columns, row_labels=row_labels.get(name))
+        typer.echo(f"{name} of {label}: {path}")
+        typer.echo(f"  {caption}")
+    for what, values in (("y", labels), ("y_perm", permuted)):
+        rows = [" ".join(str(int(v)) for v in values[i : i + 8]) for i in range(0, len(values), 8)]
+        typer.echo(f"  {what} of the test images, row by row: {' | '.join(rows)}")
 
 
 @app.command("train-evaluator")
@@ -203,7 +253,9 @@ def eval_command(
     ),
 ) -> None:
     """The paper's metrics and the evaluator's (reconstruction class agreement, confident
-    samples, class coverage) for trained runs: mean ± std over the seeds of a recipe."""
+    samples, class coverage) for trained runs: mean ± std over the seeds of a recipe. A
+    class-conditional run gets the class-conditional sample accuracy and the reconstruction
+    agreement with its own and a shuffled label instead (docs/design.md, section 6.10)."""
     import json
 
     from gali_ext.recipes import RecipeConfig
@@ -242,6 +294,14 @@ def eval_command(
     protocols = sorted({r["svm_protocol"] for r in results if "svm_protocol" in r})
     if protocols:
         typer.echo(f"SVM: {'; '.join(protocols)}.")
+    conditional = [r for r in results if "cond_shuffled_label_chance" in r]
+    chances = sorted({f"{r['cond_shuffled_label_chance']:.3f}" for r in conditional})
+    if chances:
+        typer.echo(
+            "Class-conditional runs (docs/design.md, section 6.10): the class of G(E(x), y) "
+            "against x's class, y x's own label or a shuffled one; a generator that copies the "
+            f"label and ignores E(x) scores {' or '.join(chances)} with the shuffled label."
+        )
     typer.echo(f"Results in {path}")
 
 

@@ -5,7 +5,9 @@ A run is scored on its data set's test split: pixel MSE, feature MSE with the ev
 classifier ``M_eval``, linear-SVM misclassification on encoder features, Frechet distance of
 generated samples (on the evaluator's features, labelled as such, and on Inception-v3's when
 the user has its weights in a local file: nothing is downloaded), and inpainting errors. Runs
-that share a recipe are summarised as mean ± std.
+that share a recipe are summarised as mean ± std. A class-conditional run (``G(z, y)``) is
+scored with the labels (docs/design.md, section 6.10): samples of each class in turn,
+reconstructions with x's own label and with a shuffled one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from gali_ext.providers import PretrainedFeatures
 from gali_ext.providers.pretrained import load_safetensors_into
 from gali_ext.recipes.evaluator import load_evaluator, train_evaluator
 from gali_ext.recipes.metrics import (
+    conditional_reconstruction_agreement,
     eval_mode,
     feature_mse,
     fid,
@@ -60,6 +63,11 @@ __all__ = [
 # (key, column title, digits after the point)
 METRICS = [
     ("class_agreement", "recon. class agreement", 3),
+    # class-conditional runs only (docs/design.md, section 6.10, eqs. 6.13-6.16)
+    ("cond_sample_accuracy", "cond. sample accuracy", 3),
+    ("cond_recon_agreement_own_label", "cond. recon. agreement (own label)", 3),
+    ("cond_recon_agreement_shuffled_label", "cond. recon. agreement (shuffled label)", 3),
+    ("cond_recon_label_gap", "cond. label gap (own - shuffled)", 3),
     ("sample_confidence", "confident samples", 3),
     ("sample_entropy_bits", "sample class entropy (bits)", 2),
     ("sample_classes_covered", "classes >= 5 % of samples", 1),
@@ -87,6 +95,7 @@ def summary_metrics(
     samples: int = SAMPLE_COUNT,
     latent_dim: int | None = None,
     prior: Any = "normal",
+    conditions: int | None = None,
 ) -> dict[str, float]:
     """The metrics a run's ``summary.json`` and tracker report at the end of training.
 
@@ -97,22 +106,49 @@ def summary_metrics(
     ``sample_entropy_bits`` (eq. 6.8) and ``sample_classes_covered`` (eq. 6.9).
     ``latent_dim`` defaults to ``generator.latent_dim`` (the recipes' generators have it).
 
+    ``conditions``: the classes of a class-conditional generator ``G(z, y)`` (the recipe's
+    ``conditions``; default ``generator.num_classes``, 0 or ``None`` for an unconditional
+    one). Such a run is scored as docs/design.md, section 6.10 says: ``pixel_mse`` of
+    ``G(E(x), y)`` with x's own label; instead of ``class_agreement``,
+    ``cond_recon_agreement_own_label`` (eq. 6.14), ``cond_recon_agreement_shuffled_label``
+    (6.15), ``cond_recon_label_gap`` (6.16) and ``cond_shuffled_label_chance`` (6.17); the
+    sample metrics of ``G(z_j, j mod conditions)`` and ``cond_sample_accuracy`` (6.13).
+
     The training loop calls it once at the end, with the weights it saves (the EMA weights
     when it keeps them) and the evaluator when one is at hand, e.g.
     ``summary_metrics(E, G, load_data(config, "test"), load_evaluator(folder))``.
     """
+    if conditions is None:
+        conditions = getattr(generator, "num_classes", None) or 0
     x = first_images(test_data, max_test_images)
-    result = {"pixel_mse": reconstruction_mse(encoder, generator, x)}
     labels = test_data.labels_tensor()[: len(x)]
+    if conditions and labels.ndim != 1:
+        raise ConfigError(
+            f"a class-conditional generator ({conditions} classes) needs class ids [N] as "
+            f"labels, got {test_data.name}'s labels of shape {list(labels.shape)}"
+        )
+    conditioned = labels if conditions else None
+    result = {"pixel_mse": reconstruction_mse(encoder, generator, x, labels=conditioned)}
     if evaluator is None or labels.ndim != 1:
         return result
-    result["class_agreement"] = reconstruction_class_agreement(
-        encoder, generator, evaluator, x, labels
-    )
+    if conditions:
+        agreement = conditional_reconstruction_agreement(encoder, generator, evaluator, x, labels)
+        for key in ("own_label", "shuffled_label"):
+            result[f"cond_recon_agreement_{key}"] = agreement[key]
+        result["cond_recon_label_gap"] = agreement["label_gap"]
+        result["cond_shuffled_label_chance"] = agreement["shuffled_label_chance"]
+    else:
+        result["class_agreement"] = reconstruction_class_agreement(
+            encoder, generator, evaluator, x, labels
+        )
     latent_dim = latent_dim or getattr(generator, "latent_dim", None)
     if latent_dim is None:
         raise ConfigError("summary_metrics needs latent_dim: the generator has no .latent_dim")
-    quality = sample_quality(generator, evaluator, latent_dim, count=samples, prior=prior)
+    quality = sample_quality(
+        generator, evaluator, latent_dim, samples, prior=prior, classes=conditions or None
+    )
+    if conditions:
+        result["cond_sample_accuracy"] = quality["conditional_accuracy"]
     result["sample_confidence"] = quality["confidence"]
     result["sample_entropy_bits"] = quality["class_entropy_bits"]
     result["sample_classes_covered"] = quality["classes_covered"]
@@ -229,14 +265,14 @@ def evaluate_run(
     ``evaluator-DATASET`` beside the run directory. E and G are the run's moving averages
     (``*_ema.safetensors``) when it has them and ``ema`` is true, else its trained weights;
     ``result["weights"]`` says which.
+
+    A class-conditional run (``config.conditions > 0``) gets the conditional metrics of
+    :func:`summary_metrics` (section 6.10) in place of ``class_agreement``; its generator is
+    given the test images' own labels wherever it reconstructs (pixel, feature and inpainting
+    errors) and, for the FID, draws one sample ``G(z_i, y_i)`` per test label ``y_i``.
     """
     run = Path(run_dir)
     config = RecipeConfig.from_json(run / "config.json")
-    if config.conditions:
-        raise ConfigError(
-            f"run {str(run)!r} is class-conditional ({config.name}); its generator needs the "
-            "labels, which the evaluation protocol does not pass yet"
-        )
     test, train, val = (load_data(config, s) for s in ("test", "train", "val"))
     built = build_model(config, test.channels)
     encoder, generator = built.models.encoder, built.models.generator
@@ -260,9 +296,12 @@ def evaluate_run(
         seconds = json.loads(summary.read_text()).get("seconds_this_session")
         if seconds is not None:
             result["train_seconds"] = seconds
-    result.update(summary_metrics(encoder, generator, test, evaluator, max_test_images,
-                                  prior=config.prior))  # fmt: skip
-    result["feature_mse"] = feature_mse(encoder, generator, evaluator.features, x)
+    # the run's prior and, for a class-conditional run, its classes (section 6.10)
+    settings = {"prior": config.prior, "conditions": config.conditions}
+    result.update(summary_metrics(encoder, generator, test, evaluator, max_test_images, **settings))
+    # a class-conditional G is given the test images' own labels (section 6.10)
+    y = test.labels_tensor()[: len(x)] if config.conditions else None
+    result["feature_mse"] = feature_mse(encoder, generator, evaluator.features, x, labels=y)
 
     samples, draws = SVM_DEFAULTS[config.dataset]
     samples, draws = svm_samples or samples, svm_draws or draws
@@ -272,11 +311,13 @@ def evaluate_run(
     with torch.no_grad(), eval_mode(generator):
         rng = torch.Generator().manual_seed(0)
         z = resolve_prior(config.prior)((len(x), built.models.latent_dim), rng=rng)
-        generated = torch.cat([generator(z[i : i + 500]) for i in range(0, len(z), 500)])
+        parts = z.split(500)
+        conditions = [()] * len(parts) if y is None else [(c,) for c in y.split(500)]
+        generated = torch.cat([generator(part, *c) for part, c in zip(parts, conditions)])
     result["fid_evaluator"] = fid(evaluator.features, x, generated)
     if inception is not None:
         result["fid_inception"] = fid(inception.features, x, generated, batch_size=50)
-    inpaint = inpainting_errors(encoder, generator, x, evaluator.features)
+    inpaint = inpainting_errors(encoder, generator, x, evaluator.features, labels=y)
     result["inpaint_pixel_mse"] = inpaint["pixel_mse"]
     result["inpaint_feature_mse"] = inpaint["feature_mse"]
     return result
@@ -425,6 +466,15 @@ def study(
          f"{jobs} at a time")  # fmt: skip
 
     def report(result: dict[str, Any]) -> None:
+        if "cond_recon_agreement_own_label" in result:  # a class-conditional run (section 6.10)
+            own = result["cond_recon_agreement_own_label"]
+            shuffled = result["cond_recon_agreement_shuffled_label"]
+            echo(
+                f"{result['recipe']} seed {result['seed']}: cond. recon. agreement {own:.3f} "
+                f"(own label), {shuffled:.3f} (shuffled label), cond. sample accuracy "
+                f"{result['cond_sample_accuracy']:.3f}, pixel MSE {result['pixel_mse']:.4f}"
+            )
+            return
         echo(f"{result['recipe']} seed {result['seed']}: recon. class agreement "
              f"{result.get('class_agreement', float('nan')):.3f}, confident samples "
              f"{result.get('sample_confidence', float('nan')):.3f}, pixel MSE "
@@ -503,10 +553,11 @@ def _figure(out: Path, names: list[str], count: int = 10) -> Path:
         config = RecipeConfig.from_json(run / "config.json")
         test = load_data(config, "test")
         x = first_images(test, count)
+        y = test.labels_tensor()[:count] if config.conditions else None  # own labels (6.10)
         built = build_model(config, test.channels)
         load_safetensors_into(built.models.encoder, run / "encoder.safetensors")
         load_safetensors_into(built.models.generator, run / "generator.safetensors")
-        recon = reconstruct(built.models.encoder, built.models.generator, x)
+        recon = reconstruct(built.models.encoder, built.models.generator, x, labels=y)
         rows = [x] if rows is None else rows
         rows.append(recon)
     labels = ["test digits", *(name.removeprefix("digits-") for name in names)]

@@ -11,7 +11,13 @@
   the label of x (docs/design.md, section 6, eq. 6.6);
 - :func:`sample_class_statistics` (on logits) and :func:`sample_quality` (on a generator):
   the share of samples ``G(z)`` the evaluator classifies with confidence (eq. 6.7), and how
-  the samples cover the classes (eqs. 6.8 and 6.9).
+  the samples cover the classes (eqs. 6.8 and 6.9); for a class-conditional generator,
+  ``G(z, y)`` with ``y`` each class in turn and how often the evaluator agrees with ``y``
+  (eq. 6.13);
+- :func:`conditional_reconstruction_agreement`: for a class-conditional pair, the class
+  agreement of ``G(E(x), y)`` with x's own label and of ``G(E(x), y_perm)`` with a shuffled
+  label, which separates inference from label copying (docs/design.md, section 6.10,
+  eqs. 6.14-6.17).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from gali_ext.errors import ShapeError
 from gali_ext.priors import resolve_prior
 
 __all__ = [
+    "class_cycle",
+    "conditional_reconstruction_agreement",
     "eval_mode",
     "feature_mse",
     "fid",
@@ -41,6 +49,7 @@ __all__ = [
     "reconstruction_mse",
     "sample_class_statistics",
     "sample_quality",
+    "shuffled_labels",
     "svm_misclassification",
 ]
 
@@ -126,13 +135,15 @@ def _features(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int
 @torch.no_grad()
 def feature_mse(
     encoder: Callable[[Tensor], Any],
-    generator: Callable[[Tensor], Tensor],
+    generator: Callable[..., Tensor],
     features: Callable[[Tensor], Tensor],
     images: Tensor,
     batch_size: int = 500,
+    labels: Tensor | None = None,
 ) -> float:
-    """``mean((M_eval(x) - M_eval(G(E(x))))^2)`` over images and feature dimensions."""
-    recon = reconstruct(encoder, generator, images, batch_size)
+    """``mean((M_eval(x) - M_eval(G(E(x))))^2)`` over images and feature dimensions (eq. 6.2).
+    ``labels``: the images' conditions, for a class-conditional generator ``G(E(x), y)``."""
+    recon = reconstruct(encoder, generator, images, batch_size, labels)
     a = _features(features, images, batch_size)
     b = _features(features, recon, batch_size)
     return (a - b).pow(2).mean().item()
@@ -251,24 +262,27 @@ def fid(
 @torch.no_grad()
 def inpainting_errors(
     encoder: Callable[[Tensor], Any],
-    generator: Callable[[Tensor], Tensor],
+    generator: Callable[..., Tensor],
     images: Tensor,
     features: Callable[[Tensor], Tensor] | None = None,
     fill: float = -1.0,
     seed: int = 0,
     batch_size: int = 500,
+    labels: Tensor | None = None,
 ) -> dict[str, float]:
     """Inpainting: ``Mix(x, M)`` is x outside a box drawn from P(M) and ``G(E(M(x)))`` inside.
 
-    ``pixel_mse``: mean squared error (pixels in [0, 1]) over the masked pixels only;
-    ``feature_mse``: ``mean((M_eval(x) - M_eval(Mix(x, M)))^2)`` when ``features`` is given.
+    ``pixel_mse``: mean squared error (pixels in [0, 1]) over the masked pixels only (eq. 6.4);
+    ``feature_mse``: ``mean((M_eval(x) - M_eval(Mix(x, M)))^2)`` when ``features`` is given
+    (eq. 6.5). ``labels``: the images' conditions, for a class-conditional generator
+    ``G(E(M(x)), y)``.
     """
     from gali_ext.providers.maskmix import sample_box_masks
 
     b, _, h, w = images.shape
     boxes = sample_box_masks(b, h, w, torch.Generator().manual_seed(seed), images.device)
     masked = images.masked_fill(boxes, fill)
-    inpainted = reconstruct(encoder, generator, masked, batch_size)
+    inpainted = reconstruct(encoder, generator, masked, batch_size, labels)
     mixed = torch.where(boxes, inpainted, images)
     inside = boxes.expand_as(images)
     squared = ((images.float() - mixed.float()) / 2).pow(2)
@@ -288,29 +302,89 @@ def _logits(classifier: Callable[[Tensor], Tensor], images: Tensor, batch_size: 
                           for x in _batches(images, batch_size, device)])  # fmt: skip
 
 
+def _check_class_ids(labels: Tensor, count: int, what: str = "labels") -> None:
+    """``labels`` must be ``count`` class indices, ``[count]``."""
+    if labels.ndim != 1 or len(labels) != count or labels.is_floating_point():
+        raise ShapeError(
+            f"expected one class index per image, {what} of shape [{count}] (integers), "
+            f"got {labels.dtype} of shape {list(labels.shape)}"
+        )
+
+
+def _agreement(logits: Tensor, labels: Tensor) -> float:
+    """``mean_i [argmax_k logits_ik = labels_i]`` for logits ``[N, K]`` and labels ``[N]``."""
+    predicted = logits.argmax(1)
+    return (predicted == labels.to(predicted.device)).float().mean().item()
+
+
 @torch.no_grad()
 def reconstruction_class_agreement(
     encoder: Callable[[Tensor], Any],
-    generator: Callable[[Tensor], Tensor],
+    generator: Callable[..., Tensor],
     classifier: Callable[[Tensor], Tensor],
     images: Tensor,
     labels: Tensor,
     batch_size: int = 500,
+    conditions: Tensor | None = None,
 ) -> float:
     """Reconstruction class agreement (eq. 6.6): the fraction of images x whose reconstruction
     ``G(E(x))`` the classifier assigns to x's label, ``mean_i [argmax_k C(G(E(x_i)))_k = y_i]``.
 
     ``classifier`` returns class logits ``[B, K]`` (the evaluator classifier's ``forward``);
     ``labels`` are class indices ``[B]``. Chance is ``1/K`` for balanced classes.
+    ``conditions``: for a class-conditional generator, the classes ``c_i`` it is given,
+    ``G(E(x_i), c_i)`` (eqs. 6.14 and 6.15); the agreement is still with ``labels``.
     """
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise ShapeError(
-            f"expected one class index per image, labels of shape [{len(images)}], "
-            f"got {list(labels.shape)}"
-        )
-    recon = reconstruct(encoder, generator, images, batch_size)
-    predicted = _logits(classifier, recon, batch_size).argmax(1)
-    return (predicted == labels.to(predicted.device)).float().mean().item()
+    _check_class_ids(labels, len(images))
+    if conditions is not None:
+        _check_class_ids(conditions, len(images), "conditions")
+    recon = reconstruct(encoder, generator, images, batch_size, conditions)
+    return _agreement(_logits(classifier, recon, batch_size), labels)
+
+
+def shuffled_labels(labels: Tensor, seed: int = 0) -> Tensor:
+    """``y_perm = y[pi]`` for a random permutation ``pi`` drawn by a CPU generator seeded with
+    ``seed`` (eq. 6.15): the same classes in the same proportions, each moved to a random image
+    (where it may meet its own class: eq. 6.17)."""
+    rng = torch.Generator().manual_seed(seed)
+    return labels[torch.randperm(len(labels), generator=rng).to(labels.device)]
+
+
+@torch.no_grad()
+def conditional_reconstruction_agreement(
+    encoder: Callable[[Tensor], Any],
+    generator: Callable[[Tensor, Tensor], Tensor],
+    classifier: Callable[[Tensor], Tensor],
+    images: Tensor,
+    labels: Tensor,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> dict[str, float]:
+    """Inference or label copying, for a class-conditional pair (docs/design.md, section 6.10).
+
+    With ``y_perm = shuffled_labels(labels, seed)`` and ``c(v) = argmax_k C(v)_k``:
+
+    - ``own_label`` (eq. 6.14): ``mean_i [c(G(E(x_i), y_i)) = y_i]``;
+    - ``shuffled_label`` (eq. 6.15): ``mean_i [c(G(E(x_i), y_perm_i)) = y_i]``, the agreement
+      with x's class when G is told another class: what E(x) carries of the class;
+    - ``label_gap`` (eq. 6.16): ``own_label - shuffled_label``, what the label adds;
+    - ``shuffled_label_chance`` (eq. 6.17): ``mean_i [y_perm_i = y_i]``, the ``shuffled_label``
+      of a generator that copies the label and ignores ``E(x)`` (about ``sum_k h_k^2``, 1/K
+      for balanced classes), given a perfect classifier.
+
+    ``labels`` are class indices ``[B]``; ``classifier`` returns logits ``[B, K]``.
+    """
+    _check_class_ids(labels, len(images))
+    permuted = shuffled_labels(labels, seed)
+    scored = (encoder, generator, classifier, images, labels, batch_size)  # against x's class
+    own = reconstruction_class_agreement(*scored, conditions=labels)
+    shuffled = reconstruction_class_agreement(*scored, conditions=permuted)
+    return {
+        "own_label": own,
+        "shuffled_label": shuffled,
+        "label_gap": own - shuffled,
+        "shuffled_label_chance": (permuted == labels).float().mean().item(),
+    }
 
 
 def sample_class_statistics(
@@ -344,9 +418,16 @@ def sample_class_statistics(
     }
 
 
+def class_cycle(count: int, classes: int) -> Tensor:
+    """``y_j = j mod classes`` for ``j = 0 .. count-1``: each class in turn (eq. 6.13)."""
+    if classes < 1:
+        raise ShapeError(f"expected classes >= 1, got {classes}")
+    return torch.arange(count) % classes
+
+
 @torch.no_grad()
 def sample_quality(
-    generator: Callable[[Tensor], Tensor],
+    generator: Callable[..., Tensor],
     classifier: Callable[[Tensor], Tensor],
     latent_dim: int,
     count: int = 1000,
@@ -355,13 +436,27 @@ def sample_quality(
     min_share: float = 0.05,
     batch_size: int = 500,
     prior: Any = "normal",
+    classes: int | None = None,
 ) -> dict[str, Any]:
     """:func:`sample_class_statistics` of ``count`` samples ``G(z)``, ``z`` drawn from ``prior``
     (anything :func:`gali_ext.priors.resolve_prior` takes: the run's prior) with a CPU generator
-    seeded with ``seed`` (the same latents for every model of a study)."""
+    seeded with ``seed`` (the same latents for every model of a study).
+
+    ``classes``: a class-conditional generator over that many classes. The samples are then
+    ``G(z_j, y_j)`` with ``y_j = j mod classes`` (each class in turn, :func:`class_cycle`) and
+    the result also holds ``conditional_accuracy`` (eq. 6.13), the class-conditional sample
+    accuracy ``mean_j [argmax_k C(G(z_j, y_j))_k = y_j]``."""
     rng = torch.Generator().manual_seed(seed)
     z = resolve_prior(prior)((count, latent_dim), rng=rng)
     device = model_device(generator)
+    y = class_cycle(count, classes) if classes is not None else None
+    parts = []
     with eval_mode(generator):
-        samples = torch.cat([generator(b).float().cpu() for b in _batches(z, batch_size, device)])
-    return sample_class_statistics(_logits(classifier, samples, batch_size), threshold, min_share)
+        for start, b in zip(range(0, count, batch_size), _batches(z, batch_size, device)):
+            condition = () if y is None else (y[start : start + len(b)].to(b.device),)
+            parts.append(generator(b, *condition).float().cpu())
+    logits = _logits(classifier, torch.cat(parts), batch_size)
+    stats = sample_class_statistics(logits, threshold, min_share)
+    if y is not None:
+        stats["conditional_accuracy"] = _agreement(logits, y)
+    return stats

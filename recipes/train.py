@@ -560,16 +560,22 @@ class RunLog:
         """The evaluator's metrics of the weights shown (reconstruction class agreement,
         confident samples, class coverage: docs/design.md, section 6), when an evaluator of the
         data set is at hand beside the run (``evaluator-DATASET``, as `gali-ext eval` and the
-        study keep it); none for a class-conditional run."""
+        study keep it); a class-conditional run gets those of docs/design.md, section 6.10."""
         from .evaluate import default_evaluator_dir, summary_metrics
         from .evaluator import load_evaluator
 
         folder = default_evaluator_dir(self.config.dataset, self.out.resolve().parent)
-        if self.config.conditions or not (folder / "evaluator.json").is_file():
+        if not (folder / "evaluator.json").is_file():
             return {}
-        metrics = summary_metrics(*self.shown, self.test_data, load_evaluator(folder),
-                                  latent_dim=self.config.latent_dim,
-                                  prior=self.config.prior)  # fmt: skip
+        config = self.config
+        metrics = summary_metrics(
+            *self.shown,
+            self.test_data,
+            load_evaluator(folder),
+            latent_dim=config.latent_dim,
+            prior=config.prior,
+            conditions=config.conditions,
+        )
         metrics.pop("pixel_mse", None)  # already there, as test_pixel_mse
         return metrics
 

@@ -482,3 +482,192 @@ def test_summary_metrics_on_a_trained_pair_and_a_one_run_table():
         summarise([{"recipe": "r", "pixel_mse": 0.1}, {"recipe": "r", "pixel_mse": 0.3}])
     )
     assert "| r | 2 | 0.2000 ± 0.1000 |" in two
+
+
+# -- class-conditional runs (docs/design.md, section 6.10) ------------------------------------
+#
+# Stand-ins on K = 4 classes: an image of class k is 1 x 4 x 4 with pixel (0, k) at +1 and the
+# rest at -1; the oracle evaluator reads the first K pixels as logits (_FirstPixelsClassifier),
+# so it classifies every such image exactly. E(x) is the first K pixels, which carry x's class:
+# perfect inference. A "label copier" G draws y's image and ignores z; a "latent drawer" G draws
+# the class z carries and ignores y.
+
+K = 4
+
+
+def _class_images(classes: torch.Tensor) -> torch.Tensor:
+    images = -torch.ones(len(classes), 1, K, K)
+    images[torch.arange(len(classes)), 0, 0, classes] = 1.0
+    return images
+
+
+class _StandInGenerator(nn.Module):
+    """``G(z, y)``: the image of class ``draw(z, y)``."""
+
+    def __init__(self, draw):
+        super().__init__()
+        self.draw = draw
+        self.num_classes = K
+        self.latent_dim = K
+
+    def forward(self, z, y):
+        return _class_images(self.draw(z, y))
+
+
+def _reads_class(x):
+    return x.flatten(1)[:, :K]
+
+
+def _label_copier():
+    return _StandInGenerator(lambda z, y: y)
+
+
+def _latent_drawer():
+    return _StandInGenerator(lambda z, y: z.argmax(1))
+
+
+def _half_copier():
+    """Copies even labels, draws the latent's class for odd ones."""
+    return _StandInGenerator(lambda z, y: torch.where(y % 2 == 0, y, z.argmax(1)))
+
+
+def _balanced_labels(n=400):
+    return torch.arange(n) % K
+
+
+def test_label_copying_and_inference_are_told_apart_by_the_shuffled_label():
+    from gali_ext.recipes.metrics import conditional_reconstruction_agreement
+
+    y = _balanced_labels()
+    x = _class_images(y)
+    oracle = _FirstPixelsClassifier(K)
+    # the permutation of eq. 6.15: torch.randperm with a CPU generator seeded with 0
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    same = (y[perm] == y).double().mean().item()
+    assert 0.15 < same < 0.35  # about sum_k h_k^2 = 1/K = 0.25 for balanced labels
+    # G copies the label: perfect with the own label, at chance with a shuffled one
+    copier = conditional_reconstruction_agreement(_reads_class, _label_copier(), oracle, x, y)
+    assert copier["own_label"] == 1.0
+    assert copier["shuffled_label"] == pytest.approx(same)
+    assert copier["shuffled_label_chance"] == pytest.approx(same)
+    assert copier["label_gap"] == pytest.approx(1.0 - same)
+    # G draws what E(x) carries: the label changes nothing
+    drawer = conditional_reconstruction_agreement(_reads_class, _latent_drawer(), oracle, x, y)
+    assert drawer["own_label"] == drawer["shuffled_label"] == 1.0
+    assert drawer["label_gap"] == 0.0
+    # G copies even labels and draws z for odd ones: x's class survives a shuffled label when
+    # y_perm is odd or happens to equal y
+    mixed = conditional_reconstruction_agreement(_reads_class, _half_copier(), oracle, x, y)
+    expected = ((y[perm] % 2 == 1) | (y[perm] == y)).double().mean().item()
+    assert mixed["own_label"] == 1.0 and mixed["shuffled_label"] == pytest.approx(expected)
+    # another seed, another permutation
+    other = conditional_reconstruction_agreement(_reads_class, _label_copier(), oracle, x, y, 1)
+    perm1 = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    assert other["shuffled_label"] == pytest.approx((y[perm1] == y).double().mean().item())
+    with pytest.raises(ShapeError, match=r"labels of shape \[400\]"):
+        conditional_reconstruction_agreement(_reads_class, _label_copier(), oracle, x, y[:3])
+
+
+def test_class_conditional_sample_accuracy_by_hand():
+    from gali_ext.recipes.metrics import sample_quality
+
+    oracle = _FirstPixelsClassifier(K)
+    # y_j = j mod K over 1000 samples: 250 of each class; the copier draws each one right
+    copier = sample_quality(_label_copier(), oracle, latent_dim=K, count=1000, classes=K)
+    assert copier["conditional_accuracy"] == 1.0
+    assert copier["class_histogram"] == [0.25] * K
+    assert copier["class_entropy_bits"] == pytest.approx(2.0)
+    # drawing class y + 1 instead: never right, the classes still covered evenly
+    shifted = _StandInGenerator(lambda z, y: (y + 1) % K)
+    assert sample_quality(shifted, oracle, K, count=1000, classes=K)["conditional_accuracy"] == 0
+    # right for even y (classes 0 and 2, 500 of the 1000), the latent's class for odd y, which
+    # is y itself where argmax z = y
+    stats = sample_quality(_half_copier(), oracle, K, count=1000, seed=5, classes=K, batch_size=300)
+    z = torch.randn(1000, K, generator=torch.Generator().manual_seed(5))
+    y = torch.arange(1000) % K
+    lucky = ((y % 2 == 1) & (z.argmax(1) == y)).double().sum().item()
+    assert stats["conditional_accuracy"] == pytest.approx((500 + lucky) / 1000)
+    # an unconditional generator gets no conditional accuracy
+    plain = sample_quality(lambda z: _class_images(z.argmax(1)), oracle, K, count=100)
+    assert "conditional_accuracy" not in plain
+
+
+def test_summary_metrics_of_a_class_conditional_pair():
+    from gali_ext.recipes.data import ImageData
+    from gali_ext.recipes.evaluate import format_table, summarise, summary_metrics
+
+    y = _balanced_labels(200)
+    images = ((_class_images(y) + 1) * 127.5).round().to(torch.uint8)  # uint8 [N, 1, 4, 4]
+    test = ImageData("stand-in", "test", images, y, K)
+    oracle = _FirstPixelsClassifier(K)
+    # conditions default to the generator's num_classes
+    copier = summary_metrics(_reads_class, _label_copier(), test, oracle, samples=100)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    same = (y[perm] == y).double().mean().item()
+    assert copier["pixel_mse"] == 0.0  # G(E(x), y) with x's own label redraws x exactly
+    assert "class_agreement" not in copier
+    assert copier["cond_recon_agreement_own_label"] == 1.0
+    assert copier["cond_recon_agreement_shuffled_label"] == pytest.approx(same)
+    assert copier["cond_recon_label_gap"] == pytest.approx(1 - same)
+    assert copier["cond_shuffled_label_chance"] == pytest.approx(same)
+    assert copier["cond_sample_accuracy"] == 1.0 and copier["sample_classes_covered"] == K
+    drawer = summary_metrics(_reads_class, _latent_drawer(), test, oracle, conditions=K)
+    assert drawer["cond_recon_label_gap"] == 0.0 and drawer["pixel_mse"] == 0.0
+    # without the evaluator: the pixel MSE alone, still with the own labels
+    assert summary_metrics(_reads_class, _label_copier(), test) == {"pixel_mse": 0.0}
+    table = format_table(summarise([{"recipe": "copier", **copier}]))
+    assert "cond. recon. agreement (shuffled label)" in table
+    assert "recon. class agreement" not in table
+
+
+def test_a_class_conditional_run_is_studied_sampled_and_evaluated(
+    tmp_path, monkeypatch, evaluator_copy
+):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from gali_ext.recipes.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    evaluator_copy(tmp_path / "study" / "evaluator-digits")
+    runner = CliRunner()
+    svm = ["--svm-samples", "100", "--svm-draws", "1"]
+    study = ["study", "digits", "--recipes", "digits-gali8-cond", "--steps", "2", "--seeds", "1"]
+    options = ["--out", "study", "--no-progress", "--jobs", "1", "--set", "batch_size=8"]
+    result = runner.invoke(app, [*study, *options, *svm])
+    assert result.exit_code == 0, result.output
+    assert "digits-gali8-cond seed 0: cond. recon. agreement" in result.output
+    assert "| digits-gali8-cond | 1 |" in (tmp_path / "study" / "study.md").read_text()
+    run = tmp_path / "study" / "digits-gali8-cond-seed0"
+    # training's summary.json has the conditional metrics (the evaluator is beside the run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0 <= summary["cond_sample_accuracy"] <= 1 and "class_agreement" not in summary
+
+    result = runner.invoke(app, ["sample", str(run), "--out", "s"])
+    assert result.exit_code == 0, result.output
+    assert "row k has y = k (k = 0 to 9 from the top), the same 8 latents" in result.output
+    # ten rows of 16-pixel digits with 2 pixels of padding: 10 * 18 + 2 high
+    assert Image.open(tmp_path / "s" / "samples-raw.png").size[1] == 182
+    for name in ("reconstructions", "reconstructions-shuffled"):
+        assert (tmp_path / "s" / f"{name}-raw.png").is_file()
+    # the printed labels are the test images' and their shuffle (seed 0)
+    from gali_ext.recipes import RecipeConfig
+    from gali_ext.recipes.metrics import shuffled_labels
+    from gali_ext.recipes.train import load_data
+
+    labels = load_data(RecipeConfig.from_json(run / "config.json"), "test").labels_tensor()[:32]
+    row = " ".join(str(int(v)) for v in shuffled_labels(labels)[:8])
+    assert f"y_perm of the test images, row by row: {row} |" in result.output
+
+    result = runner.invoke(app, ["eval", str(run), *svm, "--out", "e"])
+    assert result.exit_code == 0, result.output
+    assert "cond. recon. agreement (shuffled label)" in result.output
+    assert "copies the label and ignores E(x) scores 0." in result.output
+    assert "recon. class agreement " not in result.output.replace("cond. recon.", "cond.")
+    scored = json.loads((tmp_path / "e" / "eval.json").read_text())["results"][0]
+    own, shuffled = (scored[f"cond_recon_agreement_{k}_label"] for k in ("own", "shuffled"))
+    assert 0 <= own <= 1 and 0 <= shuffled <= 1
+    assert scored["cond_recon_label_gap"] == pytest.approx(own - shuffled)
+    assert 0 <= scored["cond_sample_accuracy"] <= 1
+    assert 0 < scored["pixel_mse"] < 1 and scored["fid_evaluator"] > 0
+    assert 0 < scored["inpaint_feature_mse"] and 0 <= scored["svm_error"] <= 100
