@@ -74,9 +74,9 @@ def build(module, preset, feature_pass=None, seed=0):
     return gali, (encoder, generator, d, opt_d, opt_eg)
 
 
-def timed(fn) -> float:
+def timed(fn, *args) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -105,8 +105,8 @@ def main() -> None:
         gali, parts = build(module, preset)
         own_times, gali_times = [], []
         for i, batch in enumerate(batches):
-            t_own = timed(lambda: own_step(module, own, batch))
-            t_gali = timed(lambda: gali_step(gali, parts, batch, module is bigbigan_style))
+            t_own = timed(own_step, module, own, batch)
+            t_gali = timed(gali_step, gali, parts, batch, module is bigbigan_style)
             if i >= 3:  # warm-up
                 own_times.append(t_own)
                 gali_times.append(t_gali)
@@ -121,7 +121,7 @@ def main() -> None:
     times: dict[str, list[float]] = {p: [] for p in passes}
     for i, batch in enumerate(batches):
         for p in passes:
-            t = timed(lambda p=p: gali_step(built[p][0], built[p][1], batch, False))
+            t = timed(gali_step, built[p][0], built[p][1], batch, False)
             if i >= 3:
                 times[p].append(t)
     fused = statistics.median(times["fused"])

@@ -294,7 +294,7 @@ def test_distribution_and_callable_priors_reach_the_prior_chain():
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 6))
     generator = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Unflatten(1, (1, 8, 8)))
     x = torch.rand(4, 1, 8, 8)
-    for prior, check in [
+    for prior, holds in [
         (torch.distributions.Uniform(2.0, 3.0), lambda z: (z >= 2).all() and (z <= 3).all()),
         (
             torch.distributions.Normal(torch.full((6,), 7.0), 0.01),
@@ -305,7 +305,7 @@ def test_distribution_and_callable_priors_reach_the_prior_chain():
     ]:
         gali = GALI(encoder, generator, make_head(spec), prior=prior)
         z = gali.chains(x)["zp0"]
-        assert z.shape == (4, 6) and check(z), prior
+        assert z.shape == (4, 6) and holds(z), prior
     with pytest.raises(ShapeError, match="draws latents of shape"):
         GALI(encoder, generator, make_head(spec),
              prior=torch.distributions.Normal(torch.zeros(3), 1.0)).chains(x)["zp0"]  # fmt: skip

@@ -38,12 +38,7 @@ def one_step(gali, discriminator, encoder, generator, opt_d, opt_eg, batch):
     """The BigBiGAN example's loop, one step (the switched line included)."""
     d_loss, eg_loss = (o.loss for o in gali.shared_objectives(batch))
     eg = [*encoder.parameters(), *generator.parameters()]
-    opt_d.zero_grad()
-    opt_eg.zero_grad()
-    d_loss.backward(inputs=list(discriminator.parameters()), retain_graph=True)
-    eg_loss.backward(inputs=eg)
-    opt_d.step()
-    opt_eg.step()
+    bb.apply_losses(d_loss, eg_loss, discriminator, eg, opt_d, opt_eg)
 
 
 # -- 1: the user's own checkpoints -----------------------------------------------------------

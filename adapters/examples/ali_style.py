@@ -137,6 +137,17 @@ def build(preset: str | None = None, seed: int = 0):
     return encoder, generator, discriminator, gali, opt_d, opt_eg
 
 
+def apply_losses(d_loss, g_loss, discriminator, eg, opt_d, opt_eg) -> None:
+    """The project's update: each loss back-propagated into its own parameters (D's, and E's
+    and G's ``eg``), then both optimizers step."""
+    opt_d.zero_grad()
+    opt_eg.zero_grad()
+    d_loss.backward(inputs=list(discriminator.parameters()), retain_graph=True)
+    g_loss.backward(inputs=eg)
+    opt_d.step()
+    opt_eg.step()
+
+
 def train(
     preset: str | None = None, steps: int = 2, seed: int = 0, batch_size: int = 32
 ) -> list[float]:
@@ -149,12 +160,7 @@ def train(
             d_loss, g_loss = ali_losses(discriminator, encoder, generator, x)
         else:  # the switch in the loop: GALI's two losses from one forward, as above
             d_loss, g_loss = (o.loss for o in gali.shared_objectives(x))
-        opt_d.zero_grad()
-        opt_eg.zero_grad()
-        d_loss.backward(inputs=list(discriminator.parameters()), retain_graph=True)
-        g_loss.backward(inputs=eg)
-        opt_d.step()
-        opt_eg.step()
+        apply_losses(d_loss, g_loss, discriminator, eg, opt_d, opt_eg)
         losses.append(d_loss.item())
     return losses
 

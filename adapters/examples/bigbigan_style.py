@@ -216,6 +216,17 @@ def load_checkpoint(path, encoder, generator, discriminator, opt_d, opt_eg) -> N
     opt_eg.load_state_dict(state["opt_eg"])
 
 
+def apply_losses(d_loss, eg_loss, discriminator, eg, opt_d, opt_eg) -> None:
+    """The project's update: each loss back-propagated into its own parameters (D's, and E's
+    and G's ``eg``), then both optimizers step."""
+    opt_d.zero_grad()
+    opt_eg.zero_grad()
+    d_loss.backward(inputs=list(discriminator.parameters()), retain_graph=True)
+    eg_loss.backward(inputs=eg)
+    opt_d.step()
+    opt_eg.step()
+
+
 def train(
     preset: str | None = None, steps: int = 2, seed: int = 0, batch_size: int = 32,
     checkpoint=None,
@@ -230,12 +241,7 @@ def train(
             d_loss, eg_loss = bigbigan_losses(discriminator, encoder, generator, x, y)
         else:  # the switch in the loop: GALI's two losses from one forward, as above
             d_loss, eg_loss = (o.loss for o in gali.shared_objectives((x, y)))
-        opt_d.zero_grad()
-        opt_eg.zero_grad()
-        d_loss.backward(inputs=list(discriminator.parameters()), retain_graph=True)
-        eg_loss.backward(inputs=eg)
-        opt_d.step()
-        opt_eg.step()
+        apply_losses(d_loss, eg_loss, discriminator, eg, opt_d, opt_eg)
         losses.append(d_loss.item())
     if checkpoint is not None:
         save_checkpoint(checkpoint, encoder, generator, discriminator, opt_d, opt_eg)
