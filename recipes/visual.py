@@ -13,20 +13,26 @@ from torch import Tensor
 
 from gali_ext.recipes.rundir import atomic_output
 
-__all__ = ["image_grid", "interleave_rows", "save_image_grid"]
+__all__ = ["MIN_GRID_WIDTH", "image_grid", "interleave_rows", "save_image_grid"]
+
+MIN_GRID_WIDTH = 512
+"""The width in pixels that a grid is enlarged to at least, by whole pixel blocks (``scale``
+None): a 16x16 digit grid of 8 columns is 144 px wide at scale 1, too small to judge a digit."""
 
 
 def image_grid(
     images: Tensor,
     columns: int = 8,
     padding: int = 2,
-    scale: int = 1,
+    scale: int | None = None,
     row_labels: list[str] | None = None,
 ) -> Tensor:
     """``[N, C, H, W]`` images in [-1, 1] as one RGB grid ``[3, H', W']`` in [0, 1].
 
     ``torchvision.utils.make_grid`` lays the images out ``columns`` per row on white padding;
-    ``scale`` enlarges every pixel to a ``scale x scale`` block (small images stay sharp);
+    ``scale`` enlarges every pixel to a ``scale x scale`` block, nearest neighbour, so that
+    small images stay sharp and each pixel stays one value; None (the default) takes the
+    smallest whole scale that makes the grid at least :data:`MIN_GRID_WIDTH` pixels wide.
     ``row_labels`` puts one label left of each row.
     """
     from torchvision.utils import make_grid
@@ -35,6 +41,8 @@ def image_grid(
 
     images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
     grid = make_grid(images, nrow=columns, padding=padding, pad_value=1.0)
+    if scale is None:
+        scale = max(1, -(-MIN_GRID_WIDTH // grid.shape[2]))
     grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     if row_labels is None:
         return grid
@@ -68,7 +76,7 @@ def save_image_grid(
     path: str | Path,
     columns: int = 8,
     padding: int = 2,
-    scale: int = 1,
+    scale: int | None = None,
     row_labels: list[str] | None = None,
 ) -> Path:
     """Write :func:`image_grid` of ``[N, C, H, W]`` images in [-1, 1] as a PNG

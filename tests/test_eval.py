@@ -646,8 +646,9 @@ def test_a_class_conditional_run_is_studied_sampled_and_evaluated(
     result = runner.invoke(app, ["sample", str(run), "--out", "s"])
     assert result.exit_code == 0, result.output
     assert "row k has y = k (k = 0 to 9 from the top), the same 8 latents" in result.output
-    # ten rows of 16-pixel digits with 2 pixels of padding: 10 * 18 + 2 high
-    assert Image.open(tmp_path / "s" / "samples-raw.png").size[1] == 182
+    # ten rows of 16-pixel digits with 2 pixels of padding: 10 * 18 + 2 high, enlarged 4 times
+    # (8 columns, 146 px wide, to at least 512 px)
+    assert Image.open(tmp_path / "s" / "samples-raw.png").size[1] == 4 * 182
     for name in ("reconstructions", "reconstructions-shuffled"):
         assert (tmp_path / "s" / f"{name}-raw.png").is_file()
     # the printed labels are the test images' and their shuffle (seed 0)
