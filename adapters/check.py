@@ -90,7 +90,8 @@ def _rows(
                 f"{who} {label}: {len(leaked)} parameters take a gradient in the {other} step "
                 f"({', '.join(leaked[:4])})"
             )
-        report.lines.append(f"  {label:<34} {len(params):>3} tensors {values:>9,} values  {status}")
+        count = f"{len(params)} parameters"
+        report.lines.append(f"  {label:<38} {count:>14} {values:>10,} values  {status}")
 
 
 def _snapshot(modules: list[nn.Module]) -> list[tuple[Tensor, Tensor]]:
@@ -166,9 +167,9 @@ def check(
     norms = {what: layers for what, layers in head.batch_norm_layers().items() if layers}
     if norms:
         found = "; ".join(f"{what}: {', '.join(layers[:2])}" for what, layers in norms.items())
-        report.lines.append(f"batch norm: {found}; feature pass {head.feature_pass!r}")
+        report.lines.append(f"batch norm in D: {found}; feature pass {head.feature_pass!r}")
     else:
-        report.lines.append(f"batch norm: none; feature pass {head.feature_pass!r}")
+        report.lines.append(f"batch norm in D: none; feature pass {head.feature_pass!r}")
     readers = [
         what
         for what, net in [
@@ -206,7 +207,7 @@ def _state_dict_lines(head: Any, owner: nn.Module | None, report: CheckReport) -
         return
     if owner is None:
         report.lines.append(
-            f"state_dict: the head adds {tensors} tensors ({', '.join(added)}); save "
+            f"state_dict: the head adds {tensors} entries ({', '.join(added)}); save "
             "gali.head.state_dict(), or build the head with discriminator=your_d so that your "
             "D's own state_dict() holds them"
         )
@@ -215,11 +216,11 @@ def _state_dict_lines(head: Any, owner: nn.Module | None, report: CheckReport) -
     missing = [k for k in added.state_dict() if f"{ADDED_LAYERS}.{k}" not in keys]
     if missing:
         report.problems.append(
-            f"your discriminator's state_dict() misses the {len(missing)} tensors the head adds "
+            f"your discriminator's state_dict() misses the {len(missing)} entries the head adds "
             f"({', '.join(added)}): build the head with discriminator=your_d"
         )
     else:
         report.lines.append(
-            f"state_dict: your discriminator's state_dict() holds the {tensors} tensors the head "
-            f"adds, under '{ADDED_LAYERS}.' ({', '.join(added)})"
+            f"state_dict: your discriminator's state_dict() holds the {tensors} entries of the "
+            f"layers the head adds, under '{ADDED_LAYERS}.' ({', '.join(added)})"
         )

@@ -308,7 +308,7 @@ def test_check_fails_on_layers_the_users_checkpoints_would_miss():
         build_spec("gali4"), d.image, nn.Identity(), feature_dims={"image": 1024, "latent": 16}
     )  # the default joint MLP and K-way layers, registered nowhere
     gali = GALI(mono.Encoder(), mono.Generator(), head, get_preset("gali4").providers())
-    with pytest.raises(ConfigError, match=r"state_dict\(\) misses the \d+ tensors"):
+    with pytest.raises(ConfigError, match=r"state_dict\(\) misses the \d+ entries"):
         check(gali, digits_batches(1, 8)[0][0], discriminator=d, file=None)
 
 
