@@ -23,7 +23,8 @@ adapters bring other conventions to that contract:
 See ``adapters/README.md`` for plugging gali-ext into an existing BiGAN loop.
 """
 
-from .check import CheckReport, check
+from gali_ext.check import CheckReport, check
+
 from .discriminators import FeatureNetwork, JointNetwork, monolithic_head
 from .encoders import LatentEncoder, LatentOutput, StochasticEncoder
 from .generators import LatentGenerator

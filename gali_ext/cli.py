@@ -5,7 +5,15 @@ The commands belong to the application, :mod:`gali_ext.recipes.cli`; ``import ga
 not load this module.
 """
 
-from gali_ext.recipes.cli import app, main
+import sys
+
+try:
+    from gali_ext.recipes.cli import app, main
+except ImportError as error:  # the core alone: the command needs the recipes extra
+    if "gali-ext[" not in str(error):
+        raise
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 __all__ = ["app", "main"]
 

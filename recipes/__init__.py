@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from gali_ext.errors import ConfigError
+from gali_ext.extras import require
 from gali_ext.losses import DISCRIMINATOR_CRITERIA, GENERATOR_CRITERIA
 from gali_ext.presets import available_presets, get_preset
 from gali_ext.priors import resolve_prior
+
+require("recipes", "gali_ext.recipes")  # before any module of the package needs an extra
 
 __all__ = ["RecipeConfig", "available", "check_epochs", "describe", "get", "register"]
 

@@ -411,7 +411,7 @@ def check_command(
     would be silently lost."""
     import importlib
 
-    from gali_ext.adapters import check
+    from gali_ext.check import check
 
     module_name, sep, function_name = factory.partition(":")
     if not sep or not module_name or not function_name:

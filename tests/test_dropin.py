@@ -614,11 +614,12 @@ def test_example_c_monolithic_d_switches_to_gali4_and_ali():
         assert not check(*mono.check_switch(preset), file=None).problems
 
 
-def test_adapters_readme_discriminator_blocks_run():
+def test_adapters_readme_discriminator_blocks_run(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "adapters" / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)  # the files the blocks write stay out of the repository
     blocks = re.findall(r"```python\n(.+?)```", readme, re.S)
     cases = {"BigBiGANDiscriminator(": "gali8", "ALIDiscriminator(": "gali4",
              "monolithic_head(build_spec": "gali4"}  # fmt: skip

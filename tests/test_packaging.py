@@ -169,3 +169,54 @@ def test_the_core_imports_nothing_from_the_application_and_packages_form_no_cycl
     assert not (("adapters", "recipes") in edges and ("recipes", "adapters") in edges), edges
     assert not {e for e in edges if e[1] == "cli"}, "nothing may import the CLI shim"
     assert ("recipes", "core") in edges  # the scan sees imports at all
+
+
+def _blocked(modules, code):
+    """Run ``code`` in a fresh interpreter in which ``modules`` cannot be imported (as if not
+    installed: ``sys.modules[name] = None``)."""
+    prelude = f"import sys\nfor name in {list(modules)!r}:\n    sys.modules[name] = None\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)  # fmt: skip
+
+
+def test_the_core_install_needs_only_torch_and_safetensors():
+    import tomllib
+
+    from gali_ext.extras import EXTRAS
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert [d.split(">")[0] for d in project["dependencies"]] == ["torch", "safetensors"]
+    assert set(EXTRAS) <= set(project["optional-dependencies"])
+    every_extra = sorted({m for modules in EXTRAS.values() for m in modules})
+    code = """
+import torch
+from gali_ext import GALI, MultiClassJointDiscriminatorHead, build_spec, get_preset, train_step
+from gali_ext.adapters import FeatureNetwork, check
+from torch import nn
+spec = build_spec("gali8")
+head = MultiClassJointDiscriminatorHead(spec, nn.Sequential(nn.Flatten(), nn.Linear(64, 16)),
+                                        nn.Linear(6, 16), joint_hidden=(32,))
+E = nn.Sequential(nn.Flatten(), nn.Linear(64, 6))
+G = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Unflatten(1, (1, 8, 8)))
+gali = GALI(E, G, head, get_preset("gali8").providers())
+x = torch.rand(4, 1, 8, 8)
+check(gali, x, file=None)
+opt = lambda m: torch.optim.Adam(m, 1e-3)
+print(train_step(gali, [x], opt(head.parameters()), opt([*E.parameters(), *G.parameters()])))
+"""
+    run = _blocked(every_extra, code)
+    assert run.returncode == 0, run.stderr
+    assert "StepMetrics" in run.stdout
+
+
+def test_a_part_whose_extra_is_missing_names_the_extra():
+    run = _blocked(["accelerate"], "import gali_ext.recipes")
+    assert run.returncode != 0
+    assert "gali_ext.recipes needs gali-ext's 'recipes' extra: pip install 'gali-ext[recipes]' " \
+        "(missing: accelerate)" in run.stderr  # fmt: skip
+    run = _blocked(["typer"], "import runpy; runpy.run_module('gali_ext.cli', run_name='__main__')")
+    assert run.returncode == 2 and "pip install 'gali-ext[recipes]'" in run.stderr
+    assert "Traceback" not in run.stderr
+    timm_model = "from gali_ext.providers import PretrainedFeatures as P; P('resnet18')"
+    run = _blocked(["timm"], timm_model)
+    assert "pip install 'gali-ext[timm]' (missing: timm)" in run.stderr

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..chains import Chains, NodeFunction
 from ..errors import CheckpointError, ConfigError, ShapeError
+from ..extras import require
 from ..spec import Node
 from .base import FeedbackProvider
 
@@ -109,6 +110,7 @@ class PretrainedFeatures(FeedbackProvider):
             raise ConfigError(f"{name!r} cannot name a feature function")
         self.name = name
         if isinstance(model, str):
+            require("timm", "a timm model name")
             import timm
 
             try:

@@ -1,4 +1,5 @@
-"""Check a switch to GALI on your own networks before training: :func:`check`.
+"""Check a switch to GALI on your own networks before training: :func:`check` (also
+``gali_ext.adapters.check``, beside the adapters it checks, and ``gali-ext check``).
 
 It runs one D step and one E/G step of your :class:`~gali_ext.GALI` objective on one of your
 batches (no optimizer steps, and every buffer and the random state restored after) and reports,
@@ -20,10 +21,10 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from gali_ext.audit import StepAudit, reachable_leaves
-from gali_ext.errors import ConfigError
-from gali_ext.gali import GALI
-from gali_ext.head import ADDED_LAYERS, NetworkAdapter
+from .audit import StepAudit, reachable_leaves
+from .errors import ConfigError
+from .gali import GALI
+from .head import ADDED_LAYERS, NetworkAdapter
 
 __all__ = ["CheckReport", "check"]
 
