@@ -550,15 +550,11 @@ def push_to_hub(
 
 
 def _hub_failure(error: Exception) -> bool:
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if isinstance(error, (HfHubHTTPError, OSError)):
+    """Whether ``error`` is the Hub's or the network's (huggingface_hub's HTTP errors are
+    ``OSError``s; its HTTP client, ``httpx`` or ``httpx2`` by version, raises its own)."""
+    if isinstance(error, OSError):
         return True
-    try:
-        import httpx
-    except ImportError:  # pragma: no cover - huggingface_hub >= 1.0 depends on httpx
-        return False
-    return isinstance(error, httpx.HTTPError)
+    return any(c.__module__.split(".")[0] in ("httpx", "httpx2") for c in type(error).__mro__)
 
 
 def check_repo_id(repo_id: str) -> str:
