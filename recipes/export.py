@@ -4,7 +4,7 @@
 as it stands (docs/design.md, section 10.11)::
 
     encoder.safetensors       G_z(x), the run's moving average (EMA) where it has one
-    generator.safetensors     G_x(z), the same weights as the encoder's (config.json says which)
+    generator.safetensors     G_x(z), EMA or trained as the encoder is (config.json says which)
     config.json               what rebuilds them (architecture, latent size, channels, classes),
                               which weights, and the run's settings under "recipe"
     summary.json              the run's own summary.json, byte for byte
@@ -432,6 +432,11 @@ def model_card(
     elif not ema:
         which += " (the run kept no moving average: ema_decay = 0)"
     shape = " x ".join(str(n) for n in config["image_shape"])
+    if summary is not None and _number(summary.get("steps")):
+        trained = f"for {summary['steps']} steps"
+    else:
+        trained = f"configured for {recipe['steps']} steps (the run did not finish)"
+    outputs = "`z`" if config["deterministic"] else "`(mu, log_sigma)` of `q(z | x)`"
     lines = [
         "---",
         data.to_yaml(),
@@ -442,8 +447,8 @@ def model_card(
         f"{recipe['description']}" if recipe["description"] else "",
         "",
         f"An encoder `E = G_z(x)` and a generator `G = G_x(z)` trained with gali-ext "
-        f"(Generalized Adversarially Learned Inference), preset `{recipe['spec']}`, for "
-        f"{recipe['steps']} steps. Images are {shape} in [-1, 1]; `z` has "
+        f"(Generalized Adversarially Learned Inference), preset `{recipe['spec']}`, {trained}. "
+        f"Images are {shape} in [-1, 1]; `z` has "
         f"{config['latent_dim']} dimensions, prior `{config['prior']}`.",
         "",
         f"**Weights**: {which}.",
@@ -456,7 +461,7 @@ def model_card(
         f"generator = HubGenerator.from_pretrained({json.dumps(repo_id)})",
         "```",
         "",
-        "`encoder(x)` returns `(mu, log_sigma)` of `q(z | x)`, each `[B, "
+        f"`encoder(x)` returns {outputs}, each `[B, "
         f"{config['latent_dim']}]`; `encoder.hidden_features(x)` the representation the linear "
         "SVM reads. "
         + (
