@@ -438,6 +438,35 @@ def check_command(
         raise typer.Exit(1) from error
 
 
+@app.command("export")
+def export_command(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `gali-ext recipe`."),
+    out: Path = typer.Argument(..., help="A new or empty folder for the export."),
+    raw_weights: bool = typer.Option(
+        False, "--raw-weights", help="Export the trained weights, not their moving average (EMA)."
+    ),
+    push_to_hub: str = typer.Option(
+        None, "--push-to-hub", help="Also upload the folder to this Hub model repo (user/name)."
+    ),
+    private: bool = typer.Option(False, help="--push-to-hub: create the repository private."),
+    license: str = typer.Option("mit", help="The license in the model card's front matter."),
+) -> None:
+    """Write a run's E and G as a Hugging Face Hub model folder: safetensors, config.json and a
+    model card with the run's settings, summary.json metrics and grids (docs/design.md,
+    section 10.11); load them back with HubEncoder/HubGenerator.from_pretrained."""
+    from .export import check_repo_id, export_run
+    from .export import push_to_hub as upload
+
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub)
+    made = export_run(run_dir, out, ema=not raw_weights, license=license, repo_id=push_to_hub)
+    label = "the moving average (EMA) of" if made.weights == "ema" else "the trained"
+    typer.echo(f"exported {label} E and G of {run_dir} to {made.folder}: {', '.join(made.files)}")
+    if push_to_hub is not None:
+        url = upload(made.folder, push_to_hub, private=private or None)
+        typer.echo(f"pushed {made.folder} to https://huggingface.co/{push_to_hub} ({url})")
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
     """``warning: ...`` for what a run directory reports (a skipped checkpoint, a dropped
     metrics line); Python's usual format for the rest."""

@@ -1,0 +1,578 @@
+"""Share a trained run like a timm or Hugging Face Hub model, and load its E and G back.
+
+``gali-ext export RUN DIR`` (:func:`export_run`) writes a folder that is a Hub model repository
+as it stands (docs/design.md, section 10.11)::
+
+    encoder.safetensors       G_z(x), the run's moving average (EMA) where it has one
+    generator.safetensors     G_x(z), EMA or trained as the encoder is (config.json says which)
+    config.json               what rebuilds them (architecture, latent size, channels, classes),
+                              which weights, and the run's settings under "recipe"
+    summary.json              the run's own summary.json, byte for byte
+    samples.png               the grids training drew last
+    reconstructions.png
+    README.md                 the model card: Hub front matter, settings, metrics, grids, usage
+
+Two lines load E or G back, from that folder (offline) or from a Hub repository, through
+``huggingface_hub``'s :class:`~huggingface_hub.ModelHubMixin`::
+
+    from gali_ext.recipes.export import HubEncoder
+    encoder = HubEncoder.from_pretrained("user/gali-digits-gali4")  # or the folder
+
+:func:`push_to_hub` (``--push-to-hub REPO``) uploads the folder with
+``HfApi.create_repo`` and ``HfApi.upload_folder``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCardData, ModelHubMixin, hf_hub_download
+
+from gali_ext.errors import CheckpointError, ConfigError
+from gali_ext.providers.pretrained import load_safetensors_into
+
+from . import RecipeConfig
+from .models import GaussianEncoder, Generator, _arch, arch_image_shape
+from .runs import EMA_FILES, load_run_models
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "EXPORT_FORMAT_VERSION",
+    "Export",
+    "HubEncoder",
+    "HubGenerator",
+    "export_run",
+    "model_card",
+    "push_to_hub",
+]
+
+#: ``config.json``'s ``"format"``: what :meth:`HubEncoder.from_pretrained` accepts
+EXPORT_FORMAT = "gali-ext-export"
+EXPORT_FORMAT_VERSION = 1
+WEIGHT_NAMES = {"encoder": "encoder.safetensors", "generator": "generator.safetensors"}
+GRIDS = {
+    "samples.png": "Samples `G(z)`, `z` drawn from the prior",
+    "reconstructions.png": "Rows of test images `x`, each over its row of reconstructions "
+    "`G(E(x))`",
+}
+#: settings that hold paths of the training machine: only the file or folder name is exported
+LOCAL_PATHS = ("data_dir", "features_weights")
+#: the settings the card lists (all of them are in config.json, under "recipe")
+CARD_SETTINGS = (
+    "name",
+    "spec",
+    "dataset",
+    "arch",
+    "latent_dim",
+    "prior",
+    "conditions",
+    "steps",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "betas",
+    "n_dis",
+    "instance_noise",
+    "alice_weight",
+    "generator_criterion",
+    "discriminator_criterion",
+    "ema_decay",
+    "mixed_precision",
+    "seed",
+)
+TAGS = [
+    "gali-ext",
+    "gali",
+    "adversarially-learned-inference",
+    "bigan",
+    "encoder",
+    "generator",
+    "representation-learning",
+    "pytorch",
+]
+
+
+class _HubModel(ModelHubMixin, library_name="gali-ext", license="mit", tags=list(TAGS)):
+    """``from_pretrained`` and ``save_pretrained`` for one network of an export: its weights
+    file (:attr:`weights_file`) beside a ``config.json`` in :data:`EXPORT_FORMAT`."""
+
+    weights_file: str
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        config: dict[str, Any] | None = None,
+        map_location: str = "cpu",
+        **model_kwargs: Any,
+    ) -> Any:
+        """The network of ``model_id`` (a folder, or a Hub repository id) in eval mode on
+        ``map_location``. Raises :class:`~gali_ext.errors.ConfigError` for a folder or
+        repository that is not a gali-ext export and
+        :class:`~gali_ext.errors.CheckpointError` naming the file (and key) of weights that are
+        missing, damaged or of another shape."""
+        check_export_config(config, model_id)
+        model = cls(**model_kwargs)
+        if os.path.isdir(model_id):
+            path = Path(model_id) / cls.weights_file
+        else:
+            path = Path(
+                hf_hub_download(
+                    repo_id=model_id,
+                    filename=cls.weights_file,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    token=token,
+                    local_files_only=local_files_only,
+                )
+            )
+        load_safetensors_into(model, path)
+        return model.to(map_location).eval()
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """This network's weights and a ``config.json`` that :meth:`from_pretrained` reads (the
+        constructor's arguments; a re-saved network has no run settings)."""
+        from safetensors.torch import save_model
+
+        save_model(self, str(save_directory / self.weights_file))  # type: ignore[arg-type]
+        header = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION}
+        config = {**header, **(self._hub_mixin_config or {})}  # type: ignore[dict-item]
+        (save_directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+class HubEncoder(GaussianEncoder, _HubModel):
+    """The encoder ``G_z(x)`` of an export, loaded with ``HubEncoder.from_pretrained(folder or
+    repo id)``: a :class:`~gali_ext.recipes.models.GaussianEncoder`, ``forward(x: [B, C, H, W]
+    in [-1, 1]) -> (mu, log_sigma)``, each ``[B, latent_dim]`` (``z`` itself when
+    ``deterministic``); :meth:`hidden_features` gives the representation the linear-SVM
+    evaluation reads. Loaded in eval mode (batch norm uses its stored statistics).
+
+    Args:
+        arch: the recipe architecture (``digits``, ``svhn``, ``celeba``).
+        latent_dim: the size of ``z``.
+        channels: the image channels.
+        deterministic: a BiGAN encoder returning ``z``.
+    """
+
+    weights_file = WEIGHT_NAMES["encoder"]
+
+    def __init__(
+        self, arch: str, latent_dim: int, channels: int, deterministic: bool = False
+    ) -> None:
+        table = _arch(arch)
+        super().__init__(
+            arch_image_shape(arch, channels),
+            table.encoder,
+            latent_dim,
+            table.negative_slope,
+            deterministic,
+            table.init_std,
+        )
+
+
+class HubGenerator(Generator, _HubModel):
+    """The generator ``G_x(z)`` of an export, loaded with ``HubGenerator.from_pretrained(folder
+    or repo id)``: a :class:`~gali_ext.recipes.models.Generator`, ``forward(z: [B, latent_dim])
+    -> [B, C, H, W]`` in [-1, 1] (``forward(z, y)`` with class ids ``y: [B]`` when
+    ``num_classes`` is set). Loaded in eval mode.
+
+    Args:
+        arch: the recipe architecture (``digits``, ``svhn``, ``celeba``).
+        latent_dim: the size of ``z``.
+        channels: the image channels.
+        num_classes: the classes of a class-conditional ``G(z, y)``; None: unconditional.
+    """
+
+    weights_file = WEIGHT_NAMES["generator"]
+
+    def __init__(
+        self, arch: str, latent_dim: int, channels: int, num_classes: int | None = None
+    ) -> None:
+        table = _arch(arch)
+        super().__init__(
+            arch_image_shape(arch, channels),
+            table.generator,
+            latent_dim,
+            table.negative_slope,
+            table.init_std,
+            num_classes,
+        )
+
+
+def check_export_config(config: Any, source: str) -> None:
+    """Raise :class:`~gali_ext.errors.ConfigError` unless ``config`` (the contents of
+    ``source``'s ``config.json``) is an export this version reads."""
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        found = (
+            "no config.json"
+            if config is None
+            else (
+                f"a config.json with format {config.get('format')!r}"
+                if isinstance(config, dict)
+                else f"a config.json holding {type(config).__name__}"
+            )
+        )
+        raise ConfigError(
+            f"{source!r} is not a gali-ext export: expected a config.json with "
+            f'"format": "{EXPORT_FORMAT}" (written by `gali-ext export`), '
+            f"found {found}"
+        )
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > EXPORT_FORMAT_VERSION:
+        raise ConfigError(
+            f"{source!r} is an export of format version {version!r}; this "
+            f"gali-ext reads versions up to {EXPORT_FORMAT_VERSION}: upgrade it"
+        )
+
+
+@dataclass
+class Export:
+    """What :func:`export_run` wrote.
+
+    Attributes:
+        folder: the export folder.
+        weights: ``"ema"`` (the moving averages of E and G) or ``"raw"`` (the trained weights).
+        files: the file names in the folder, sorted.
+    """
+
+    folder: Path
+    weights: str
+    files: list[str]
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    ema: bool = True,
+    license: str = "mit",
+    repo_id: str | None = None,
+) -> Export:
+    """Write run ``run_dir``'s E and G as a Hub-ready folder ``out`` (the module docstring lists
+    its files): the moving averages (EMA) where the run has them and ``ema``, else the trained
+    weights. ``license`` goes into the card's front matter; ``repo_id`` (the repository it will
+    be pushed to) into its usage example.
+
+    ``out`` must not exist or be an empty folder; it is written under a temporary name and
+    renamed, so a failure leaves no half export. Raises :class:`~gali_ext.errors.ConfigError`
+    for a missing run or a non-empty ``out``, :class:`~gali_ext.errors.CheckpointError` for a
+    run without trained weights (stopped before its first checkpoint) or with damaged ones.
+    """
+    run, out = Path(run_dir), Path(out)
+    if not run.is_dir():
+        raise ConfigError(
+            f"no run directory at {str(run)!r}: expected a folder written by `gali-ext recipe`"
+        )
+    if not (run / "config.json").is_file():
+        raise ConfigError(f"{str(run)!r} is not a run directory: it has no config.json")
+    _check_empty_destination(out)
+    config = RecipeConfig.from_json(run / "config.json")
+    missing = [f"{n}.safetensors" for n in WEIGHT_NAMES if not (run / f"{n}.safetensors").is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{str(run)!r} has no trained weights yet ({', '.join(missing)} missing): the run "
+            f"stopped before its first checkpoint (checkpoint_every={config.checkpoint_every}); "
+            f"continue it with `gali-ext recipe {config.name} --out {run} --resume`"
+        )
+    models = load_run_models(run, ema=ema)
+    summary = _read_summary(run)
+    temporary = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        _write_export(
+            temporary, run, models, summary, license=license, repo_id=repo_id, folder_name=out.name
+        )
+        os.replace(temporary, out)  # an empty folder is replaced too (POSIX rename)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return Export(out, models.weights, sorted(p.name for p in out.iterdir()))
+
+
+def _check_empty_destination(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(
+            f"{str(out)!r} exists and is not a folder: expected a new or empty "
+            "folder for the export"
+        )
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            raise ConfigError(
+                f"{str(out)!r} exists and is not empty ({len(entries)} entries, "
+                f"e.g. {entries[0]!r}): expected a new or empty folder; export "
+                "never overwrites"
+            )
+
+
+def _read_summary(run: Path) -> tuple[dict[str, Any], bytes] | None:
+    path = run / "summary.json"
+    if not path.is_file():
+        return None
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw)
+    except ValueError as error:
+        raise ConfigError(f"{str(path)!r} is not JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r}: expected a JSON object, got {type(data).__name__}")
+    return data, raw
+
+
+def export_config(run: Path, models: Any) -> dict[str, Any]:
+    """The export's ``config.json``: the format, what rebuilds E and G (the arguments of
+    :class:`HubEncoder` and :class:`HubGenerator`), which weights, and the run's settings under
+    ``"recipe"`` (local paths reduced to their last part) and ``"launch"``."""
+    from gali_ext import __version__
+
+    settings = asdict(models.config)
+    for key in LOCAL_PATHS:
+        settings[key] = Path(settings[key]).name if settings[key] else ""
+    launch = json.loads((run / "config.json").read_text()).get("launch")
+    encoder, generator = models.encoder, models.generator
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "gali_ext_version": __version__,
+        "arch": models.config.arch,
+        "latent_dim": models.latent_dim,
+        "channels": encoder.image_shape[0],
+        "image_shape": list(encoder.image_shape),
+        "deterministic": encoder.deterministic,
+        "num_classes": generator.num_classes,
+        "prior": models.config.prior,
+        "image_range": [-1.0, 1.0],
+        "weights": models.weights,
+        "files": dict(WEIGHT_NAMES),
+        "recipe": settings,
+        "launch": launch,
+    }
+
+
+def _write_export(
+    folder: Path,
+    run: Path,
+    models: Any,
+    summary: Any,
+    *,
+    license: str,
+    repo_id: str | None,
+    folder_name: str,
+) -> None:
+    from safetensors.torch import save_model
+
+    metadata = {"format": "pt", "gali_ext_weights": models.weights}
+    for name, file in WEIGHT_NAMES.items():
+        save_model(
+            getattr(models, name), str(folder / file), metadata=metadata, force_contiguous=True
+        )
+    config = export_config(run, models)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if summary is not None:
+        (folder / "summary.json").write_bytes(summary[1])
+    grids = [name for name in GRIDS if (run / name).is_file()]
+    for name in grids:
+        shutil.copyfile(run / name, folder / name)
+    card = model_card(
+        config,
+        summary[0] if summary else None,
+        grids,
+        license=license,
+        repo_id=repo_id or folder_name,
+        run_has_ema=_has_ema(run),
+    )
+    (folder / "README.md").write_text(card)
+
+
+def _has_ema(run: Path) -> bool:
+    return all((run / f"{f}.safetensors").is_file() for f in EMA_FILES.values())
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def model_card(
+    config: dict[str, Any],
+    summary: dict[str, Any] | None,
+    grids: list[str],
+    *,
+    license: str = "mit",
+    repo_id: str = "DIR",
+    run_has_ema: bool = False,
+) -> str:
+    """The model card (``README.md``) of an export: Hub front matter (``library_name``,
+    ``license``, ``tags``), which weights, the settings, every number of ``summary`` as
+    ``json`` writes it (so the card's numbers are summary.json's exactly), the ``grids`` and
+    the two lines that load E and G."""
+    recipe = config["recipe"]
+    tags = TAGS + [recipe["dataset"], recipe["spec"].replace("_", "-")]
+    data = ModelCardData(library_name="gali-ext", license=license, tags=tags)
+    ema = config["weights"] == "ema"
+    which = (
+        f"the moving average (EMA) of E's and G's weights, decay {recipe['ema_decay']}"
+        if ema
+        else "the trained weights of E and G"
+    )
+    if not ema and run_has_ema:
+        which += " (the run also kept a moving average; exported without it, `--raw-weights`)"
+    elif not ema:
+        which += " (the run kept no moving average: ema_decay = 0)"
+    shape = " x ".join(str(n) for n in config["image_shape"])
+    if summary is not None and _number(summary.get("steps")):
+        trained = f"for {summary['steps']} steps"
+    else:
+        trained = f"configured for {recipe['steps']} steps (the run did not finish)"
+    outputs = "`z`" if config["deterministic"] else "`(mu, log_sigma)` of `q(z | x)`"
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {recipe['name']}: GALI encoder and generator ({recipe['dataset']})",
+        "",
+        f"{recipe['description']}" if recipe["description"] else "",
+        "",
+        f"An encoder `E = G_z(x)` and a generator `G = G_x(z)` trained with gali-ext "
+        f"(Generalized Adversarially Learned Inference), preset `{recipe['spec']}`, {trained}. "
+        f"Images are {shape} in [-1, 1]; `z` has "
+        f"{config['latent_dim']} dimensions, prior `{config['prior']}`.",
+        "",
+        f"**Weights**: {which}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from gali_ext.recipes.export import HubEncoder, HubGenerator",
+        f"encoder = HubEncoder.from_pretrained({json.dumps(repo_id)})  # Hub repo id or folder",
+        f"generator = HubGenerator.from_pretrained({json.dumps(repo_id)})",
+        "```",
+        "",
+        f"`encoder(x)` returns {outputs}, each `[B, "
+        f"{config['latent_dim']}]`; `encoder.hidden_features(x)` the representation the linear "
+        "SVM reads. "
+        + (
+            f"`generator(z, y)` draws class `y` (class ids `[B]`, {config['num_classes']} classes)."
+            if config["num_classes"]
+            else f"`generator(z)` returns images `[B, {shape.replace(' x ', ', ')}]`."
+        )
+        + " Both load in eval mode.",
+        "",
+    ]
+    lines += ["## Metrics", ""]
+    if summary is None:
+        lines += ["The run has no `summary.json` (it did not finish); no metrics.", ""]
+    else:
+        shown = summary.get("weights")
+        lines += [
+            f"From the run's `summary.json` (copied beside this card), computed with the "
+            f"{'EMA' if shown == 'ema' else 'trained'} weights"
+            + (
+                " (`test_pixel_mse_raw`: the trained weights)"
+                if "test_pixel_mse_raw" in summary
+                else ""
+            )
+            + "; metric definitions: gali-ext's docs/design.md, section 6.",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
+        for key, value in summary.items():
+            if _number(value):
+                lines.append(f"| `{key}` | {json.dumps(value)} |")
+        lines.append("")
+    if grids:
+        lines += [
+            "## Grids",
+            "",
+            "The grids training drew last, with the weights the metrics are computed with.",
+            "",
+        ]
+        for name in grids:
+            caption = GRIDS[name]
+            if config["num_classes"] and name == "samples.png":
+                caption = "Samples `G(z, y)`, sample i of class `y = i mod num_classes`"
+            lines += [f"{caption}:", "", f"![{name[:-4]}]({name})", ""]
+    lines += ["## Settings", "", "| setting | value |", "|---|---|"]
+    for key in CARD_SETTINGS:
+        lines.append(f"| `{key}` | `{json.dumps(recipe[key])}` |")
+    lines += [
+        "",
+        'Every setting is in `config.json`, under `"recipe"` (paths reduced to their '
+        "last part); train the same with `gali-ext recipe "
+        f"{recipe['name']} --set KEY=VALUE ...`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload a gali-ext export",
+) -> str:
+    """Upload export ``folder`` to the Hub model repository ``repo_id`` (created when missing,
+    ``private`` if asked) with ``HfApi().create_repo`` and ``HfApi().upload_folder``; returns
+    the commit's URL. A refused upload (no token, no write access, no network) becomes one
+    :class:`~gali_ext.errors.ConfigError` line; the folder stays complete."""
+    check_repo_id(repo_id)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            commit_message=commit_message,
+        )
+    except Exception as error:  # the Hub's HTTP errors, httpx's network errors, OSError
+        if not _hub_failure(error):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"--push-to-hub {repo_id}: the upload failed ({reason}); the export in "
+            f"{str(folder)!r} is complete: log in (`hf auth login`) or check the "
+            "repository, then push it again with `hf upload "
+            f"{repo_id} {folder}`"
+        ) from error
+    return str(getattr(commit, "commit_url", commit))
+
+
+def _hub_failure(error: Exception) -> bool:
+    """Whether ``error`` is the Hub's or the network's (huggingface_hub's HTTP errors are
+    ``OSError``s; its HTTP client, ``httpx`` or ``httpx2`` by version, raises its own)."""
+    if isinstance(error, OSError):
+        return True
+    return any(c.__module__.split(".")[0] in ("httpx", "httpx2") for c in type(error).__mro__)
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` when it is a valid Hub repository id (``user/name``); else
+    :class:`~gali_ext.errors.ConfigError`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        first = str(error).strip().splitlines()[0]
+        raise ConfigError(
+            f"--push-to-hub: expected a repository id like user/name, got {repo_id!r} ({first})"
+        ) from error
+    return repo_id
