@@ -19,6 +19,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
         "torchvision",
         "torch_optimizer",
         "timm",
+        "huggingface_hub",
         "typer",
         "rich",
         "numpy",
