@@ -61,10 +61,27 @@ def _parse_sets(values: list[str]) -> dict[str, str]:
     return overrides
 
 
+def _path(value: str) -> Path | str:
+    """The parser of ``--out`` options: a :class:`Path`, or ``""`` for an empty one, which
+    :func:`_out` refuses (click would turn an error raised here into a usage box)."""
+    return Path(value) if value.strip() else ""
+
+
+def _out(value: Path | str | None) -> Path | None:
+    """``--out`` as given, refusing an empty one: ``--out ''`` would mean the current folder,
+    which a run, an evaluation or a study would then write into (and a resume empty)."""
+    if value == "":
+        raise ConfigError(
+            "--out '' is empty: expected a folder, e.g. --out runs/x (use --out . to mean the "
+            "current folder)"
+        )
+    return None if value is None else Path(value)
+
+
 @app.command()
 def recipe(
     name: str = typer.Argument(..., help="Recipe name; `gali-ext recipes` lists them."),
-    out: Path = typer.Option(None, help="Run directory (default: runs/NAME)."),
+    out: Path = typer.Option(None, help="Run directory (default: runs/NAME).", parser=_path),
     steps: int = typer.Option(None, help="Training steps (each n_dis D steps + 1 G/E step)."),
     epochs: float = typer.Option(None, help="Train for this many passes over the data instead."),
     mixed_precision: str = typer.Option(None, help="no, fp16 (CUDA) or bf16."),
@@ -88,10 +105,17 @@ def recipe(
         recipes.check_epochs(epochs)
     if seed is not None and not 0 <= seed < 2**32:
         raise ConfigError(f"--seed must be an int in [0, 2**32), got {seed}")
-    out = out or Path("runs") / name
+    out = _out(out) or Path("runs") / name
     config = recipes.get(name)
     if resume and (out / "config.json").is_file():
-        config = recipes.RecipeConfig.from_json(out / "config.json")
+        saved = recipes.RecipeConfig.from_json(out / "config.json")
+        if saved.name != name:
+            raise ConfigError(
+                f"--resume: {str(out)!r} holds a run of {saved.name!r}, not {name!r}: resume it "
+                f"with `gali-ext recipe {saved.name} --resume --out {out}`, or train {name} "
+                "into another --out"
+            )
+        config = saved
     overrides = _parse_sets(set_)
     for key, value in (
         ("steps", steps),
@@ -131,7 +155,9 @@ def list_recipes() -> None:
 @app.command()
 def sample(
     run_dir: Path = typer.Argument(..., help="A run directory written by `gali-ext recipe`."),
-    out: Path = typer.Option(None, help="Where to write the PNGs (default: RUN_DIR)."),
+    out: Path = typer.Option(
+        None, help="Where to write the PNGs (default: RUN_DIR).", parser=_path
+    ),
     raw_weights: bool = typer.Option(
         False, "--raw-weights", help="Use the trained weights, not their moving average (EMA)."
     ),
@@ -146,6 +172,7 @@ def sample(
     from gali_ext.recipes.train import first_images, grids, load_data
     from gali_ext.recipes.visual import save_image_grid
 
+    out = _out(out)
     run = load_run_models(run_dir, ema=not raw_weights)
     z = resolve_prior(run.config.prior)((64, run.latent_dim), rng=torch.Generator().manual_seed(0))
     images = first_images(load_data(run.config, "test"), 32)
@@ -160,7 +187,9 @@ def sample(
 def train_evaluator_command(
     dataset: str = typer.Argument(..., help="digits, svhn or celeba."),
     out: Path = typer.Option(
-        None, help="Folder for evaluator.safetensors (default: runs/evaluator-DATASET)."
+        None,
+        help="Folder for evaluator.safetensors (default: runs/evaluator-DATASET).",
+        parser=_path,
     ),
     data_dir: Path = typer.Option(None, help="Folder with SVHN or CelebA."),
     epochs: int = typer.Option(10, help="Training epochs."),
@@ -170,7 +199,7 @@ def train_evaluator_command(
     from .evaluate import default_evaluator_dir
     from .evaluator import train_evaluator
 
-    folder = out or default_evaluator_dir(dataset)
+    folder = _out(out) or default_evaluator_dir(dataset)
     typer.echo(f"training the {dataset} evaluator classifier for {epochs} epochs "
                "(digits: about 1 min on 2 CPU cores)")  # fmt: skip
     info = train_evaluator(dataset, folder, data_dir, epochs=epochs)
@@ -189,7 +218,9 @@ def eval_command(
     ),
     markdown: bool = typer.Option(False, help="Print the table as Markdown."),
     out: Path = typer.Option(
-        None, help="Folder for eval.json and the evaluator (default: the first run's folder)."
+        None,
+        help="Folder for eval.json and the evaluator (default: the first run's folder).",
+        parser=_path,
     ),
     svm_samples: int = typer.Option(None, help="Labelled images per SVM draw (paper: 1000)."),
     svm_draws: int = typer.Option(None, help="SVM draws to average (paper: 100)."),
@@ -218,7 +249,7 @@ def eval_command(
     for run in run_dirs:
         if not (run / "config.json").is_file():
             raise ConfigError(f"{str(run)!r} is not a run directory (no config.json)")
-    folder = out or run_dirs[0].resolve().parent
+    folder = _out(out) or run_dirs[0].resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
     inception = inception_features(inception_weights) if inception_weights else None
     results = []
@@ -254,7 +285,7 @@ def _default_jobs() -> int:
 @app.command("study")
 def study_command(
     dataset: str = typer.Argument("digits", help="Only digits: the study runs on the CPU."),
-    out: Path = typer.Option(Path("runs/study-digits"), help="Study folder."),
+    out: Path = typer.Option("runs/study-digits", help="Study folder.", parser=_path),
     steps: int = typer.Option(None, help="Training steps per run (default: 2000)."),
     seeds: int = typer.Option(None, help="Seeds per recipe, 0 .. N-1 (default: 5)."),
     jobs: int = typer.Option(
@@ -273,6 +304,7 @@ def study_command(
     and test the paper's claims seed by seed (paired.md)."""
     from gali_ext.recipes.evaluate import STUDY_SEEDS, STUDY_STEPS, study
 
+    out = _out(out)
     if dataset != "digits":
         raise ConfigError(f"the study runs on digits only, got {dataset!r}")
     names = [r.strip() for r in recipes.split(",")] if recipes else None
@@ -290,7 +322,7 @@ def bench(
     repeats: int = typer.Option(10, help="Timed repetitions per measurement (median reported)."),
     warmup: int = typer.Option(3, help="Untimed warm-up repetitions."),
     batch: int = typer.Option(None, help="Batch size (default: the preset's)."),
-    out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON results."),
+    out: Path = typer.Option("bench.json", help="Where to write the JSON results.", parser=_path),
     profile: bool = typer.Option(False, help="Also print the top ops of ALI and GALI-8 steps."),
     torch_compile: bool = typer.Option(
         False, "--compile", help="Also time ALI and GALI-8 with torch.compile."
@@ -316,6 +348,7 @@ def bench(
     """Step cost of K classes, fused vs per-class head, and mixed precision, as ratios."""
     from .bench import GRAPH_MODES, PRESETS, SPECS, graph_benchmark, run_benchmark
 
+    out = _out(out)
     if preset not in PRESETS:
         raise ConfigError(f"unknown benchmark preset {preset!r}; presets: {', '.join(PRESETS)}")
     if graphs:

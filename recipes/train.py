@@ -53,9 +53,11 @@ from gali_ext.recipes.rundir import (
     RunLock,
     append_metrics,
     apply_optimizer_settings,
+    check_no_links,
     check_overwrite,
     check_resume_overrides,
     clear_run_directory,
+    foreign_checkpoint_entries,
     list_checkpoints,
     remove_temporaries,
     resume_decision,
@@ -68,6 +70,7 @@ from gali_ext.recipes.runs import (
     WEIGHT_FILES,
     load_run_models,
     resume_checkpoint,
+    resume_hint,
     save_checkpoint,
     save_weights,
 )
@@ -166,6 +169,7 @@ def check_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bool
     directories only, never through a symbolic link (:func:`.rundir.check_overwrite`).
     """
     saved = out / CONFIG_NAME
+    check_no_links(out)
     if resume:
         if out.is_dir() and saved.is_file():
             previous = RecipeConfig.from_json(saved)
@@ -256,9 +260,10 @@ def check_trackers(log_with: str) -> list[str]:
 
 
 def make_accelerator(config: RecipeConfig, out: Path) -> Any:
-    """The run's ``Accelerator``: checkpoints named and rotated under ``out/checkpoints``,
-    trackers writing under ``out/logs``, data loaders whose shuffling depends on ``config.seed``
-    and the epoch only, the same on every process (:func:`.data.training_loader`)."""
+    """The run's ``Accelerator``: checkpoints named under ``out/checkpoints`` (rotated by
+    :func:`.runs.save_checkpoint`, never by Accelerate), trackers writing under ``out/logs``,
+    data loaders whose shuffling depends on ``config.seed`` and the epoch only, the same on
+    every process (:func:`.data.training_loader`)."""
     from accelerate import Accelerator
     from accelerate.utils import (
         DataLoaderConfiguration,
@@ -273,7 +278,9 @@ def make_accelerator(config: RecipeConfig, out: Path) -> Any:
             project_dir=str(out),
             logging_dir=str(out / "logs"),
             automatic_checkpoint_naming=True,
-            total_limit=config.keep_checkpoints,
+            # rotation is ours (runs.save_checkpoint): Accelerate's deletes whatever sits in
+            # checkpoints/ (a user's best_step5 copy) and fails on names without digits
+            total_limit=None,
         ),
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True, data_seed=config.seed, non_blocking=True
@@ -439,7 +446,24 @@ def _start_run(accelerator, out: Path, config: RecipeConfig, plan: StartPlan,
     decision = plan.decision
     if accelerator.is_main_process:
         if plan.replace:
-            clear_run_directory(out)
+            kept = clear_run_directory(out)
+            if kept:
+                names = ", ".join(kept)
+                warnings.warn(
+                    f"kept {names} in {out}: gali-ext did not write them, so it "
+                    "deletes none of them",
+                    RunDirectoryWarning,
+                    stacklevel=2,
+                )
+        foreign = foreign_checkpoint_entries(out)
+        if foreign:
+            warnings.warn(
+                f"{out / CHECKPOINTS_NAME} holds {', '.join(foreign)}, which gali-ext "
+                "did not write: left alone (rotation removes only its own "
+                "checkpoint_N folders)",
+                RunDirectoryWarning,
+                stacklevel=2,
+            )
         if decision is not None and decision.action == "continue":
             for checkpoint, reason in decision.skipped:
                 moved = set_aside_checkpoint(checkpoint, out)
@@ -657,11 +681,12 @@ def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: Start
             noise = instance_noise_std(step, config.steps, config.instance_noise)
             try:
                 metrics = step_fn(batches, instance_noise=noise, step=step)
-            except DivergenceError:
-                if ema:
-                    refresh()
-                save_checkpoint(accelerator, out, step, weights, ema)
-                raise
+            except DivergenceError as error:
+                # Nothing is saved: the state that gave non-finite values (perhaps halfway
+                # through a step) would diverge again when resumed. The checkpoints saved so far
+                # passed state_problems.
+                hint = resume_hint(out, accelerator.num_processes)
+                raise DivergenceError(f"{error}; {hint}") from error
             step += 1
             for name, average in ema.items():
                 average.update_parameters(weights[name])
@@ -673,7 +698,15 @@ def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: Start
             if shown:
                 log.grids(step)
             if saved:
-                save_checkpoint(accelerator, out, step, weights, ema)
+                save_checkpoint(
+                    accelerator,
+                    out,
+                    step,
+                    weights,
+                    ema,
+                    config.keep_checkpoints,
+                    (d_optimizer, g_optimizer),
+                )
         log.finish(step)
     accelerator.end_training()
     return out
