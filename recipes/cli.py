@@ -88,7 +88,12 @@ def recipe(
     seed: int = typer.Option(None, help="Random seed."),
     data_dir: Path = typer.Option(None, help="Folder with the SVHN .mat files or CelebA."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Replace whatever --out holds."),
+    overwrite: bool = typer.Option(False, help="Replace the run --out holds."),
+    trust_checkpoint: bool = typer.Option(
+        False,
+        help="With --resume: continue a run of gali-ext 0.1.0, whose checkpoints have no "
+        "manifest (its files are read as tensors only; a manifest is written for them).",
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override a setting: --set lr=2e-4."),
     log_with: str = typer.Option(
         None, help="Also log to these Accelerate trackers, e.g. tensorboard (run/logs/)."
@@ -127,7 +132,17 @@ def recipe(
         if value is not None:
             overrides[key] = str(value)
     config = config.with_overrides(overrides)
-    train(config, out, resume=resume, overwrite=overwrite, progress=progress, epochs=epochs)
+    if trust_checkpoint and not resume:
+        raise ConfigError("--trust-checkpoint goes with --resume (it adopts a run's checkpoint)")
+    train(
+        config,
+        out,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        epochs=epochs,
+        trust_checkpoint=trust_checkpoint,
+    )
 
 
 @app.command("presets")
@@ -200,6 +215,11 @@ def train_evaluator_command(
     from .evaluator import train_evaluator
 
     folder = _out(out) or default_evaluator_dir(dataset)
+    if epochs < 1:
+        raise ConfigError(
+            f"--epochs must be >= 1, got {epochs}: an untrained evaluator would score every run "
+            "as chance"
+        )
     typer.echo(f"training the {dataset} evaluator classifier for {epochs} epochs "
                "(digits: about 1 min on 2 CPU cores)")  # fmt: skip
     info = train_evaluator(dataset, folder, data_dir, epochs=epochs)
@@ -239,16 +259,33 @@ def eval_command(
 
     from gali_ext.recipes import RecipeConfig
     from gali_ext.recipes.evaluate import (
+        check_svm_options,
         default_evaluator_dir,
         evaluate_run,
         format_table,
         inception_features,
         summarise,
     )
+    from gali_ext.recipes.rundir import write_text_atomic
+    from gali_ext.recipes.runs import EMA_FILES
 
+    check_svm_options(svm_samples, svm_draws)
+    weights: dict[str, dict[str, list[str]]] = {}
     for run in run_dirs:
         if not (run / "config.json").is_file():
             raise ConfigError(f"{str(run)!r} is not a run directory (no config.json)")
+        ema = not raw_weights and all(
+            (run / f"{f}.safetensors").is_file() for f in EMA_FILES.values()
+        )
+        name = RecipeConfig.from_json(run / "config.json").name
+        weights.setdefault(name, {}).setdefault("EMA" if ema else "trained", []).append(str(run))
+    for name, kinds in weights.items():
+        if len(kinds) > 1:
+            raise ConfigError(
+                f"eval: the runs of {name} would mix EMA weights ({', '.join(kinds['EMA'])}) "
+                f"with trained weights ({', '.join(kinds['trained'])}) in one row: pass "
+                "--raw-weights to score the trained weights of all, or evaluate them apart"
+            )
     folder = _out(out) or run_dirs[0].resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
     inception = inception_features(inception_weights) if inception_weights else None
@@ -268,7 +305,7 @@ def eval_command(
         )
     summary = summarise(results)
     path = folder / "eval.json"
-    path.write_text(json.dumps({"results": results, "summary": summary}, indent=2))
+    write_text_atomic(path, json.dumps({"results": results, "summary": summary}, indent=2))
     typer.echo(format_table(summary, markdown=markdown))
     protocols = sorted({r["svm_protocol"] for r in results if "svm_protocol" in r})
     if protocols:
@@ -346,9 +383,17 @@ def bench(
     seconds: float = typer.Option(1.0, help="--graphs: seconds of timed steps per variant."),
 ) -> None:
     """Step cost of K classes, fused vs per-class head, and mixed precision, as ratios."""
+    import math
+
     from .bench import GRAPH_MODES, PRESETS, SPECS, graph_benchmark, run_benchmark
 
     out = _out(out)
+    ranges = (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--batch", batch, 2))
+    for option, value, minimum in ranges:
+        if value is not None and value < minimum:
+            raise ConfigError(f"{option} must be an int >= {minimum}, got {value}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"--seconds must be a positive finite number, got {seconds}")
     if preset not in PRESETS:
         raise ConfigError(f"unknown benchmark preset {preset!r}; presets: {', '.join(PRESETS)}")
     if graphs:

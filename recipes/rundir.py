@@ -59,6 +59,7 @@ __all__ = [
     "ResumeDecision",
     "RunDirectoryWarning",
     "RunLock",
+    "adopt_checkpoint",
     "append_metrics",
     "apply_optimizer_settings",
     "atomic_output",
@@ -66,6 +67,7 @@ __all__ = [
     "check_resume_overrides",
     "checkpoint_number",
     "check_no_links",
+    "check_out_path",
     "clear_run_directory",
     "foreign_checkpoint_entries",
     "is_run_directory",
@@ -628,6 +630,20 @@ _GRID_PATTERN = re.compile(r"^(?:samples|reconstructions)_step\d+\.png$")
 _DAMAGED_PATTERN = re.compile(r"^(?:step-|checkpoint_)\d+(?:-\d+)?$")
 
 
+def check_out_path(out: str | Path) -> None:
+    """Refuse an ``--out`` that cannot be a folder (a parent that is a file, a name too long,
+    a loop of links) with a :class:`~gali_ext.errors.ConfigError`, before anything is done."""
+    try:
+        os.stat(out)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        mapped = _as_storage_error(error, "the run directory", Path(out))
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
 def check_no_links(out: str | Path) -> None:
     """Refuse a run directory where a name gali-ext writes (``.lock``, ``config.json``,
     ``metrics.jsonl``, ``checkpoints/``, the weights, ...) is a symbolic link: writing or
@@ -895,6 +911,7 @@ def newest_intact_checkpoint(
         if not problems and deep:
             try:
                 load_checkpoint_files(checkpoint, num_processes)
+                load_train_state_json(checkpoint)
             except CheckpointError as error:
                 problems = [str(error)]
         if not problems:
@@ -1031,6 +1048,21 @@ def load_train_state_json(checkpoint_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{str(path)!r} is damaged ({error})") from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r}: expected a JSON object")
+    step, world = state.get("step"), state.get("world_size")
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise CheckpointError(f"{str(path)!r}: expected a step that is an int >= 0, got {step!r}")
+    if not (isinstance(world, int) and not isinstance(world, bool) and world >= 1):
+        raise CheckpointError(
+            f"{str(path)!r}: expected a world_size that is an int >= 1, got {world!r}"
+        )
+    try:
+        listed = json.loads((Path(checkpoint_dir) / MANIFEST_NAME).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if listed is not None and listed != step:
+        raise CheckpointError(
+            f"{str(path)!r} says step {step}, the checkpoint's manifest step {listed}"
+        )
     return state
 
 
@@ -1111,7 +1143,40 @@ def _trained_evidence(out: Path) -> list[str]:
     return evidence
 
 
-def resume_decision(out_dir: str | Path, num_processes: int = 1) -> ResumeDecision:
+def adopt_checkpoint(checkpoint: str | Path, num_processes: int = 1) -> Path:
+    """Give a checkpoint without ``manifest.json`` (written by gali-ext 0.1.0, whose
+    checkpoints are ``step-NNNNNNN`` folders with the loop's state in
+    ``custom_checkpoint_0.pkl``) the files a resume needs: ``train_state.json`` (the step from
+    that file, read as tensors only, or from the folder's name) and a manifest of the files as
+    they are now (``--trust-checkpoint``). A file damaged before this call cannot be told any
+    more. Raises :class:`~gali_ext.errors.CheckpointError` when a file holds anything but
+    tensors or the step cannot be told."""
+    folder = Path(checkpoint)
+    load_checkpoint_files(folder, num_processes)  # every file as tensors only; random states
+    if not (folder / TRAIN_STATE_NAME).is_file():
+        step = None
+        custom = folder / "custom_checkpoint_0.pkl"
+        if custom.is_file():
+            saved = load_torch_file(custom)
+            step = saved.get("step") if isinstance(saved, dict) else None
+            # Accelerate refuses custom_checkpoint_N files when nothing is registered: keep
+            # 0.1.0's loop state under a name it does not read
+            os.replace(custom, folder / "loop_state_0.1.0.pkl")
+        if step is None and folder.name.startswith("step-"):
+            step = checkpoint_number(folder)
+        if not isinstance(step, int) or step < 0:
+            raise CheckpointError(
+                f"--trust-checkpoint: cannot tell the step of {str(folder)!r} (no "
+                f"{TRAIN_STATE_NAME}, no step in custom_checkpoint_0.pkl or in its name)"
+            )
+        save_train_state_json(folder, {"step": step, "world_size": num_processes})
+    write_manifest(folder, load_train_state_json(folder)["step"])
+    return folder
+
+
+def resume_decision(
+    out_dir: str | Path, num_processes: int = 1, trust: bool = False
+) -> ResumeDecision:
     """What ``--resume`` must do with ``out_dir``: continue, start fresh, or stop.
 
     - no directory, an empty one, or a run stopped before its first checkpoint was finished
@@ -1126,7 +1191,10 @@ def resume_decision(out_dir: str | Path, num_processes: int = 1) -> ResumeDecisi
       overwrite the trained run;
     - a folder of other files: :class:`~gali_ext.errors.ConfigError`.
 
-    A fresh start empties the directory first (:func:`clear_run_directory`).
+    A fresh start empties the directory first (:func:`clear_run_directory`). With ``trust``
+    (``--trust-checkpoint``), the newest checkpoint without a manifest (a run of gali-ext
+    0.1.0) is adopted (:func:`adopt_checkpoint`, with a :class:`RunDirectoryWarning`) when no
+    checkpoint is intact.
     """
     out = Path(out_dir)
     if not out.exists():
@@ -1145,11 +1213,30 @@ def resume_decision(out_dir: str | Path, num_processes: int = 1) -> ResumeDecisi
         if best is not None:
             return ResumeDecision("continue", best, tuple(skipped), f"resuming from {best.name}")
         unfinished = all(reason.startswith(f"no {MANIFEST_NAME}") for _, reason in skipped)
+        old_layout = [p for p, reason in skipped if reason.startswith(f"no {MANIFEST_NAME}")]
+        if evidence and old_layout and trust:
+            adopted = adopt_checkpoint(old_layout[0], num_processes)
+            warnings.warn(
+                f"--trust-checkpoint: {adopted.name} had no {MANIFEST_NAME} (gali-ext 0.1.0 "
+                "wrote none); its files were read as tensors only and a manifest was written "
+                "for them: damage done to it before this resume cannot be detected",
+                RunDirectoryWarning,
+                stacklevel=2,
+            )
+            newer = tuple(skipped[: [p for p, _ in skipped].index(adopted)])
+            return ResumeDecision("continue", adopted, newer, f"resuming from {adopted.name}")
         if evidence or not unfinished:
             why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped)
+            advice = "pass --overwrite to start it over"
+            if old_layout:
+                advice = (
+                    f"if {old_layout[0].name} was written by gali-ext 0.1.0 (no manifest), pass "
+                    "--trust-checkpoint to resume from it (its files are read as tensors "
+                    "only), or --overwrite to start over"
+                )
             raise CheckpointError(
                 f"--resume: no intact checkpoint in {str(out / CHECKPOINTS_NAME)!r} ({why}); "
-                "the run cannot continue exactly: pass --overwrite to start it over"
+                f"the run cannot continue exactly: {advice}"
             )
     elif evidence:
         raise ConfigError(
