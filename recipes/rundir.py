@@ -739,9 +739,9 @@ def clear_run_directory(out: str | Path) -> list[str]:
     """Delete what gali-ext wrote in ``out`` (call it holding the :class:`RunLock`, after
     :func:`check_overwrite`): the files of its layout (:data:`RUN_FILES`), its own entries in
     ``checkpoints/``, ``damaged-checkpoints/``, ``grids/`` and ``logs/`` (those folders too
-    once empty), and temporaries. Anything else (a user's ``NOTES.md``, ``data/``,
+    once empty), and temporaries. Anything else (a user's ``notes.txt``, ``data/``,
     ``checkpoints/best_step5``) is left where it is and returned by its path relative to
-    ``out`` (``NOTES.md``, ``data/``, ``checkpoints/best_step5/``), for the caller to mention.
+    ``out`` (``notes.txt``, ``data/``, ``checkpoints/best_step5/``), for the caller to mention.
     Links are removed, never followed."""
     out = Path(out)
     with storage_errors("the old run", out):
@@ -1051,7 +1051,8 @@ def load_train_state_json(checkpoint_dir: str | Path) -> dict[str, Any]:
     step, world = state.get("step"), state.get("world_size")
     if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
         raise CheckpointError(f"{str(path)!r}: expected a step that is an int >= 0, got {step!r}")
-    if not (isinstance(world, int) and not isinstance(world, bool) and world >= 1):
+    world_ok = isinstance(world, int) and not isinstance(world, bool) and world >= 1
+    if world is not None and not world_ok:
         raise CheckpointError(
             f"{str(path)!r}: expected a world_size that is an int >= 1, got {world!r}"
         )
@@ -1205,7 +1206,10 @@ def resume_decision(
         return ResumeDecision("fresh", reason=f"{str(out)!r} is empty")
     if not is_run_directory(out):
         names = ", ".join(sorted(e.name for e in _visible_entries(out))[:5])
-        raise ConfigError(f"--resume: {str(out)!r} holds no run (it holds {names})")
+        raise ConfigError(
+            f"--resume: {str(out)!r} holds no run (no gali-ext config.json or checkpoint "
+            f"manifest; it holds {names}): nothing was touched; choose another --out"
+        )
     evidence = _trained_evidence(out)
     skipped: list[tuple[Path, str]] = []
     if list_checkpoints(out / CHECKPOINTS_NAME):

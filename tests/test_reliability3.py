@@ -166,17 +166,17 @@ def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
 
 
 def test_overwrite_and_fresh_resume_remove_only_what_gali_ext_wrote(run, capsys):
-    (run / "NOTES.md").write_text("my notes")
+    (run / "notes.txt").write_text("my notes")
     (run / "data").mkdir()
     (run / "data" / "x.csv").write_text("1")
     (run / "grids" / "favourite.png").write_bytes(b"png")
-    kept = r"kept NOTES.md, data/, grids/favourite.png in .*: gali-ext did not write them"
+    kept = r"kept data/, grids/favourite.png, notes.txt in .*: gali-ext did not write them"
     with pytest.warns(rundir.RunDirectoryWarning, match=kept):
         code, _, err = cli(
             capsys, "recipe", *BASE, "--out", str(run), "--overwrite", "--steps", "2"
         )
     assert code == 0, err
-    assert (run / "NOTES.md").read_text() == "my notes" and (run / "data" / "x.csv").is_file()
+    assert (run / "notes.txt").read_text() == "my notes" and (run / "data" / "x.csv").is_file()
     assert (run / "grids" / "favourite.png").read_bytes() == b"png"
     assert checkpoint_steps(run) == {"checkpoint_0": 2}
 
