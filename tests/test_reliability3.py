@@ -718,3 +718,27 @@ def test_out_of_range_options_are_one_line(run, tmp_path, capsys, command, expec
     code, _, err = cli(capsys, *command)
     assert one_error(code, err).startswith(f"error: {expected}")
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_explode_while_finite_are_never_saved(run, capsys, monkeypatch):
+    from gali_ext.recipes import train as train_module
+
+    real = train_module.train_step
+
+    def exploding(gali, *args, step, **kwargs):
+        metrics = real(gali, *args, step=step, **kwargs)
+        if step == 5:  # the step before the checkpoint of step 6: D's weights explode, finite
+            with torch.no_grad():
+                for parameter in gali.head.parameters():
+                    parameter.mul_(1e30)
+        return metrics
+
+    monkeypatch.setattr(train_module, "train_step", exploding)
+    code, _, err = cli(capsys, "recipe", *BASE, "--out", str(run), "--resume", "--steps", "6")
+    line = one_error(code, err)
+    assert "the state diverged by step 6 (discriminator holds values up to" in line, line
+    assert (
+        "it was not saved as a checkpoint; the last good checkpoint is checkpoint_1 (step 4)"
+        in line
+    )
+    assert checkpoint_steps(run) == {"checkpoint_0": 2, "checkpoint_1": 4}
