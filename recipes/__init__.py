@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,12 @@ class RecipeConfig:
             raise ConfigError(f"optimizer={self.optimizer!r} is invalid: {reason}")
         betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
         checks = [
+            (
+                isinstance(self.name, str) and _NAME.fullmatch(self.name) is not None,
+                "name",
+                "a plain name of letters, digits, '.', '_' and '-' (it names the tracker "
+                "folder logs/NAME inside the run)",
+            ),
             (self.dataset in ("digits", "svhn", "celeba"), "dataset", "digits, svhn or celeba"),
             (self.arch in available_archs(), "arch", ", ".join(available_archs())),
             (self.spec in available_presets(), "spec", ", ".join(available_presets())),
@@ -228,6 +235,9 @@ class RecipeConfig:
             return cls(**data)
         except (OSError, ValueError, TypeError, KeyError) as error:
             raise ConfigError(f"cannot read the run config {str(path)!r}: {error}") from error
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _finite(value: Any) -> bool:

@@ -61,17 +61,39 @@ def _parse_sets(values: list[str]) -> dict[str, str]:
     return overrides
 
 
+def _path(value: str) -> Path | str:
+    """The parser of ``--out`` options: a :class:`Path`, or ``""`` for an empty one, which
+    :func:`_out` refuses (click would turn an error raised here into a usage box)."""
+    return Path(value) if value.strip() else ""
+
+
+def _out(value: Path | str | None) -> Path | None:
+    """``--out`` as given, refusing an empty one: ``--out ''`` would mean the current folder,
+    which a run, an evaluation or a study would then write into (and a resume empty)."""
+    if value == "":
+        raise ConfigError(
+            "--out '' is empty: expected a folder, e.g. --out runs/x (use --out . to mean the "
+            "current folder)"
+        )
+    return None if value is None else Path(value)
+
+
 @app.command()
 def recipe(
     name: str = typer.Argument(..., help="Recipe name; `gali-ext recipes` lists them."),
-    out: Path = typer.Option(None, help="Run directory (default: runs/NAME)."),
+    out: Path = typer.Option(None, help="Run directory (default: runs/NAME).", parser=_path),
     steps: int = typer.Option(None, help="Training steps (each n_dis D steps + 1 G/E step)."),
     epochs: float = typer.Option(None, help="Train for this many passes over the data instead."),
     mixed_precision: str = typer.Option(None, help="no, fp16 (CUDA) or bf16."),
     seed: int = typer.Option(None, help="Random seed."),
     data_dir: Path = typer.Option(None, help="Folder with the SVHN .mat files or CelebA."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Replace whatever --out holds."),
+    overwrite: bool = typer.Option(False, help="Replace the run --out holds."),
+    trust_checkpoint: bool = typer.Option(
+        False,
+        help="With --resume: continue a run of gali-ext 0.1.0, whose checkpoints have no "
+        "manifest (its files are read as tensors only; a manifest is written for them).",
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override a setting: --set lr=2e-4."),
     log_with: str = typer.Option(
         None, help="Also log to these Accelerate trackers, e.g. tensorboard (run/logs/)."
@@ -88,10 +110,17 @@ def recipe(
         recipes.check_epochs(epochs)
     if seed is not None and not 0 <= seed < 2**32:
         raise ConfigError(f"--seed must be an int in [0, 2**32), got {seed}")
-    out = out or Path("runs") / name
+    out = _out(out) or Path("runs") / name
     config = recipes.get(name)
     if resume and (out / "config.json").is_file():
-        config = recipes.RecipeConfig.from_json(out / "config.json")
+        saved = recipes.RecipeConfig.from_json(out / "config.json")
+        if saved.name != name:
+            raise ConfigError(
+                f"--resume: {str(out)!r} holds a run of {saved.name!r}, not {name!r}: resume it "
+                f"with `gali-ext recipe {saved.name} --resume --out {out}`, or train {name} "
+                "into another --out"
+            )
+        config = saved
     overrides = _parse_sets(set_)
     for key, value in (
         ("steps", steps),
@@ -103,7 +132,17 @@ def recipe(
         if value is not None:
             overrides[key] = str(value)
     config = config.with_overrides(overrides)
-    train(config, out, resume=resume, overwrite=overwrite, progress=progress, epochs=epochs)
+    if trust_checkpoint and not resume:
+        raise ConfigError("--trust-checkpoint goes with --resume (it adopts a run's checkpoint)")
+    train(
+        config,
+        out,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        epochs=epochs,
+        trust_checkpoint=trust_checkpoint,
+    )
 
 
 @app.command("presets")
@@ -131,7 +170,9 @@ def list_recipes() -> None:
 @app.command()
 def sample(
     run_dir: Path = typer.Argument(..., help="A run directory written by `gali-ext recipe`."),
-    out: Path = typer.Option(None, help="Where to write the PNGs (default: RUN_DIR)."),
+    out: Path = typer.Option(
+        None, help="Where to write the PNGs (default: RUN_DIR).", parser=_path
+    ),
     raw_weights: bool = typer.Option(
         False, "--raw-weights", help="Use the trained weights, not their moving average (EMA)."
     ),
@@ -149,6 +190,7 @@ def sample(
     from gali_ext.recipes.train import first_images, grids, load_data
     from gali_ext.recipes.visual import save_image_grid
 
+    out = _out(out)
     run = load_run_models(run_dir, ema=not raw_weights)
     test = load_data(run.config, "test")
     images = first_images(test, 32)
@@ -210,7 +252,9 @@ def _sample_conditional(run, images, labels, folder: Path, label: str) -> None: 
 def train_evaluator_command(
     dataset: str = typer.Argument(..., help="digits, svhn or celeba."),
     out: Path = typer.Option(
-        None, help="Folder for evaluator.safetensors (default: runs/evaluator-DATASET)."
+        None,
+        help="Folder for evaluator.safetensors (default: runs/evaluator-DATASET).",
+        parser=_path,
     ),
     data_dir: Path = typer.Option(None, help="Folder with SVHN or CelebA."),
     epochs: int = typer.Option(10, help="Training epochs."),
@@ -220,7 +264,12 @@ def train_evaluator_command(
     from .evaluate import default_evaluator_dir
     from .evaluator import train_evaluator
 
-    folder = out or default_evaluator_dir(dataset)
+    folder = _out(out) or default_evaluator_dir(dataset)
+    if epochs < 1:
+        raise ConfigError(
+            f"--epochs must be >= 1, got {epochs}: an untrained evaluator would score every run "
+            "as chance"
+        )
     typer.echo(f"training the {dataset} evaluator classifier for {epochs} epochs "
                "(digits: about 1 min on 2 CPU cores)")  # fmt: skip
     info = train_evaluator(dataset, folder, data_dir, epochs=epochs)
@@ -239,7 +288,9 @@ def eval_command(
     ),
     markdown: bool = typer.Option(False, help="Print the table as Markdown."),
     out: Path = typer.Option(
-        None, help="Folder for eval.json and the evaluator (default: the first run's folder)."
+        None,
+        help="Folder for eval.json and the evaluator (default: the first run's folder).",
+        parser=_path,
     ),
     svm_samples: int = typer.Option(None, help="Labelled images per SVM draw (paper: 1000)."),
     svm_draws: int = typer.Option(None, help="SVM draws to average (paper: 100)."),
@@ -260,17 +311,34 @@ def eval_command(
 
     from gali_ext.recipes import RecipeConfig
     from gali_ext.recipes.evaluate import (
+        check_svm_options,
         default_evaluator_dir,
         evaluate_run,
         format_table,
         inception_features,
         summarise,
     )
+    from gali_ext.recipes.rundir import write_text_atomic
+    from gali_ext.recipes.runs import EMA_FILES
 
+    check_svm_options(svm_samples, svm_draws)
+    weights: dict[str, dict[str, list[str]]] = {}
     for run in run_dirs:
         if not (run / "config.json").is_file():
             raise ConfigError(f"{str(run)!r} is not a run directory (no config.json)")
-    folder = out or run_dirs[0].resolve().parent
+        ema = not raw_weights and all(
+            (run / f"{f}.safetensors").is_file() for f in EMA_FILES.values()
+        )
+        name = RecipeConfig.from_json(run / "config.json").name
+        weights.setdefault(name, {}).setdefault("EMA" if ema else "trained", []).append(str(run))
+    for name, kinds in weights.items():
+        if len(kinds) > 1:
+            raise ConfigError(
+                f"eval: the runs of {name} would mix EMA weights ({', '.join(kinds['EMA'])}) "
+                f"with trained weights ({', '.join(kinds['trained'])}) in one row: pass "
+                "--raw-weights to score the trained weights of all, or evaluate them apart"
+            )
+    folder = _out(out) or run_dirs[0].resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
     inception = inception_features(inception_weights) if inception_weights else None
     results = []
@@ -289,7 +357,7 @@ def eval_command(
         )
     summary = summarise(results)
     path = folder / "eval.json"
-    path.write_text(json.dumps({"results": results, "summary": summary}, indent=2))
+    write_text_atomic(path, json.dumps({"results": results, "summary": summary}, indent=2))
     typer.echo(format_table(summary, markdown=markdown))
     protocols = sorted({r["svm_protocol"] for r in results if "svm_protocol" in r})
     if protocols:
@@ -314,7 +382,7 @@ def _default_jobs() -> int:
 @app.command("study")
 def study_command(
     dataset: str = typer.Argument("digits", help="Only digits: the study runs on the CPU."),
-    out: Path = typer.Option(Path("runs/study-digits"), help="Study folder."),
+    out: Path = typer.Option("runs/study-digits", help="Study folder.", parser=_path),
     steps: int = typer.Option(None, help="Training steps per run (default: 2000)."),
     seeds: int = typer.Option(None, help="Seeds per recipe, 0 .. N-1 (default: 5)."),
     jobs: int = typer.Option(
@@ -333,6 +401,7 @@ def study_command(
     and test the paper's claims seed by seed (paired.md)."""
     from gali_ext.recipes.evaluate import STUDY_SEEDS, STUDY_STEPS, study
 
+    out = _out(out)
     if dataset != "digits":
         raise ConfigError(f"the study runs on digits only, got {dataset!r}")
     names = [r.strip() for r in recipes.split(",")] if recipes else None
@@ -350,7 +419,7 @@ def bench(
     repeats: int = typer.Option(10, help="Timed repetitions per measurement (median reported)."),
     warmup: int = typer.Option(3, help="Untimed warm-up repetitions."),
     batch: int = typer.Option(None, help="Batch size (default: the preset's)."),
-    out: Path = typer.Option(Path("bench.json"), help="Where to write the JSON results."),
+    out: Path = typer.Option("bench.json", help="Where to write the JSON results.", parser=_path),
     profile: bool = typer.Option(False, help="Also print the top ops of ALI and GALI-8 steps."),
     torch_compile: bool = typer.Option(
         False, "--compile", help="Also time ALI and GALI-8 with torch.compile."
@@ -374,8 +443,17 @@ def bench(
     seconds: float = typer.Option(1.0, help="--graphs: seconds of timed steps per variant."),
 ) -> None:
     """Step cost of K classes, fused vs per-class head, and mixed precision, as ratios."""
+    import math
+
     from .bench import GRAPH_MODES, PRESETS, SPECS, graph_benchmark, run_benchmark
 
+    out = _out(out)
+    ranges = (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--batch", batch, 2))
+    for option, value, minimum in ranges:
+        if value is not None and value < minimum:
+            raise ConfigError(f"{option} must be an int >= {minimum}, got {value}")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"--seconds must be a positive finite number, got {seconds}")
     if preset not in PRESETS:
         raise ConfigError(f"unknown benchmark preset {preset!r}; presets: {', '.join(PRESETS)}")
     if graphs:

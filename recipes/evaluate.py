@@ -12,8 +12,11 @@ reconstructions with x's own label and with a shuffled one.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import statistics
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -45,11 +48,15 @@ from gali_ext.recipes.visual import save_image_grid
 
 from . import RecipeConfig
 from .data import ImageData
+from .rundir import write_text_atomic
 from .runs import EMA_FILES
 from .train import build_model, first_images, load_data
 
 __all__ = [
     "METRICS",
+    "check_reusable",
+    "check_svm_options",
+    "die_with_parent",
     "evaluate_run",
     "format_table",
     "inception_features",
@@ -386,6 +393,74 @@ STUDY_STEPS = 2000  # per run: where ALI has learned (docs/design.md, section 6)
 STUDY_SEEDS = 5
 
 
+# Settings that change neither the weights nor the scores of a finished run.
+_BOOKKEEPING = frozenset({"description", "num_workers", "log_with", "data_dir"})
+
+
+def check_reusable(run: Path, config: RecipeConfig) -> None:
+    """Refuse to reuse the finished run in ``run`` (``summary.json``) for ``config`` when it was
+    trained with other settings: the study would score the old run under the new settings."""
+    if not (run / "summary.json").is_file() or not (run / "config.json").is_file():
+        return
+    saved = dataclasses.asdict(RecipeConfig.from_json(run / "config.json"))
+    wanted = dataclasses.asdict(config)
+    differ = [
+        f"{key}={saved.get(key)!r} (this study: {wanted[key]!r})"
+        for key in sorted(wanted)
+        if key not in _BOOKKEEPING and _plain(saved.get(key)) != _plain(wanted[key])
+    ]
+    if differ:
+        raise ConfigError(
+            f"study: {str(run)!r} was trained with {', '.join(differ)}; a finished run is reused "
+            "only with the same settings: pass another --out, or remove that run to train it "
+            "again"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def die_with_parent(parent: int, interval: float = 0.5) -> None:
+    """Make this worker process of the study end when its parent ``parent`` does: a study
+    killed with ``kill -9`` would otherwise leave its workers training (and holding memory)
+    for ever. On Linux the kernel sends SIGKILL at the parent's death (``prctl`` with
+    ``PR_SET_PDEATHSIG``); everywhere a daemon thread checks every ``interval`` seconds that the
+    parent is still the parent (``os.getppid``) and ends the process otherwise."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent ended before the call above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def check_svm_options(svm_samples: int | None, svm_draws: int | None) -> None:
+    """``--svm-samples`` (labelled images per draw, at least one per digit class) and
+    ``--svm-draws`` (at least one), when given."""
+    if svm_samples is not None and svm_samples < 10:
+        raise ConfigError(
+            f"--svm-samples must be >= 10 (labelled images per SVM draw, one per class at "
+            f"least), got {svm_samples}"
+        )
+    if svm_draws is not None and svm_draws < 1:
+        raise ConfigError(f"--svm-draws must be >= 1, got {svm_draws}")
+
+
 def _train_and_evaluate(
     name: str,
     seed: int,
@@ -447,6 +522,9 @@ def study(
 
     if jobs < 1 or seeds < 1 or steps < 1:
         raise ConfigError(f"jobs, seeds and steps must be >= 1, got {jobs}, {seeds}, {steps}")
+    check_svm_options(svm_samples, svm_draws)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1 (torch threads per run), got {threads}")
     started = time.perf_counter()
     out = Path(out_dir)
     names = recipes or STUDY_RECIPES
@@ -462,6 +540,8 @@ def study(
                 settings["features_weights"] = str(evaluator)
             tasks.append((name, seed, settings, out / f"{name}-seed{seed}", evaluator,
                           svm_samples, svm_draws))  # fmt: skip
+    for name, seed, settings, run, *_ in tasks:  # before any training
+        check_reusable(run, registry.get(name).with_overrides({**settings, "seed": str(seed)}))
     echo(f"study: {len(tasks)} runs ({len(names)} recipes x {seeds} seeds, {steps} steps each), "
          f"{jobs} at a time")  # fmt: skip
 
@@ -492,7 +572,12 @@ def study(
         finally:
             torch.set_num_threads(previous)
     else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            jobs,
+            mp_context=get_context("spawn"),
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = {pool.submit(_train_and_evaluate, *task, False, threads): task
                        for task in tasks}  # fmt: skip
             for future in as_completed(futures):
@@ -508,14 +593,14 @@ def study(
     paired = paired_table(results)
     paired_md = format_paired_table(paired)
     seconds = time.perf_counter() - started
-    (out / "study.json").write_text(json.dumps(
+    write_text_atomic(out / "study.json", json.dumps(
         {"results": results + references, "summary": summary, "paired": paired,
          "settings": {"steps": steps, "seeds": seeds, "recipes": names, "jobs": jobs,
                       "threads_per_run": threads, "overrides": overrides or {}},
          "seconds": seconds}, indent=2))  # fmt: skip
-    (out / "study.md").write_text(table + "\n")
-    (out / "paired.md").write_text(paired_md + "\n")
-    (out / "paired.json").write_text(json.dumps(paired, indent=2))
+    write_text_atomic(out / "study.md", table + "\n")
+    write_text_atomic(out / "paired.md", paired_md + "\n")
+    write_text_atomic(out / "paired.json", json.dumps(paired, indent=2))
     _figure(out, names)
     echo(table)
     echo("")

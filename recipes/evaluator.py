@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gali_ext.errors import CheckpointError
+from gali_ext.errors import CheckpointError, ConfigError
 
 from .data import BatchStream, ImageData, load_dataset
 
@@ -92,6 +92,11 @@ def train_evaluator(
     ``evaluator.json`` into ``out_dir`` and returns the JSON (with ``test_accuracy``)."""
     from safetensors.torch import save_file
 
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(
+            f"the evaluator needs epochs >= 1 (an int), got {epochs!r}: an untrained evaluator "
+            "would score every run as chance"
+        )
     torch.manual_seed(seed)
     train = load_dataset(dataset, "train", data_dir)
     test = load_dataset(dataset, "test", data_dir)

@@ -53,17 +53,23 @@ __all__ = [
     "MANIFEST_NAME",
     "METRICS_NAME",
     "RESUME_APPLIED",
+    "RUN_FILES",
+    "RUN_FOLDERS",
     "TRAIN_STATE_NAME",
     "ResumeDecision",
     "RunDirectoryWarning",
     "RunLock",
+    "adopt_checkpoint",
     "append_metrics",
     "apply_optimizer_settings",
     "atomic_output",
     "check_overwrite",
     "check_resume_overrides",
     "checkpoint_number",
+    "check_no_links",
+    "check_out_path",
     "clear_run_directory",
+    "foreign_checkpoint_entries",
     "is_run_directory",
     "list_checkpoints",
     "load_checkpoint_files",
@@ -74,6 +80,7 @@ __all__ = [
     "read_metrics",
     "remove_temporaries",
     "resume_decision",
+    "rotate_checkpoints",
     "save_file_atomic",
     "save_train_state_json",
     "set_aside_checkpoint",
@@ -110,6 +117,15 @@ class RunDirectoryWarning(UserWarning):
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+# A path that cannot be a folder: a parent that is a file, a name too long, a loop of links.
+_BAD_PATH_ERRNOS = {
+    errno.ENOTDIR,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.EINVAL,
+}
 # What torch's zip writer and safetensors say when a write hits a full disk.
 _DISK_FULL_TEXT = ("unexpected pos", "file write failed", "no space left", "os error 28")
 
@@ -129,6 +145,12 @@ def _as_storage_error(error: BaseException, what: str, path: Path) -> GaliError 
         reason = os.strerror(code).lower()
         return ConfigError(
             f"cannot write {what} to {str(path)!r} ({reason}): choose a writable --out"
+        )
+    if code in _BAD_PATH_ERRNOS:
+        reason = os.strerror(code).lower()
+        return ConfigError(
+            f"cannot write {what} to {str(path)!r} ({reason}): expected a path whose parents "
+            "are folders; choose another --out"
         )
     return None
 
@@ -274,6 +296,24 @@ def remove_temporaries(run_dir: str | Path) -> list[Path]:
 # metrics.jsonl
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _open_no_link(path: Path, flags: int, what: str) -> int:
+    """``os.open(path, flags | O_NOFOLLOW)``: a run file that is a symbolic link is refused
+    with a :class:`~gali_ext.errors.ConfigError` instead of being written through (a planted
+    ``.lock -> ~/notes.txt`` would truncate the notes)."""
+    try:
+        return os.open(path, flags | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP or (error.errno == errno.EMLINK and path.is_symlink()):
+            raise ConfigError(
+                f"{str(path)!r} ({what}) is a symbolic link (to {os.readlink(path)!r}); "
+                "gali-ext writes nothing through a link inside a run directory: remove the link"
+            ) from None
+        raise
+
+
 def _drop_partial_tail(path: Path) -> None:
     """Cut a last line that has no newline (a kill during an append), with a warning."""
     try:
@@ -282,7 +322,7 @@ def _drop_partial_tail(path: Path) -> None:
         return
     if size == 0:
         return
-    with open(path, "rb+") as f:
+    with os.fdopen(_open_no_link(path, os.O_RDWR, "the metrics"), "rb+") as f:
         f.seek(size - 1)
         if f.read(1) == b"\n":
             return
@@ -313,7 +353,8 @@ def append_metrics(path: str | Path, record: Mapping[str, Any]) -> None:
     line = json.dumps(dict(record)) + "\n"
     with storage_errors("the metrics", path):
         _drop_partial_tail(path)
-        with open(path, "a", encoding="utf-8") as f:
+        fd = _open_no_link(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "the metrics")
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
 
@@ -452,7 +493,7 @@ class RunLock:
         deadline = time.monotonic() + ORPHAN_WAIT_S
         with storage_errors("the run lock", self.path):
             while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+                fd = _open_no_link(self.path, os.O_RDWR | os.O_CREAT, "the run lock")
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -523,34 +564,103 @@ def _visible_entries(folder: Path) -> list[Path]:
     ]
 
 
+_RUN_CONFIG_KEYS = frozenset({"name", "spec", "dataset", "arch"})
+
+
 def _is_recipe_config(path: Path) -> bool:
-    """Whether ``path`` is a run's config.json: a recipe config, or empty (an older gali-ext
-    truncated it when killed mid-write)."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError):
+    """Whether ``path`` is a run's config.json: a JSON object with the keys a
+    :class:`~gali_ext.recipes.RecipeConfig` always writes (``name``, ``spec``, ``dataset``,
+    ``arch``). A symbolic link, an empty file or a project's own ``config.json`` is not one."""
+    if path.is_symlink() or not path.is_file():
         return False
-    if not text.strip():
-        return True
     try:
-        data = json.loads(text)
-    except ValueError:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(data, dict) and {"name", "spec", "dataset"} <= data.keys()
+    return isinstance(data, dict) and _RUN_CONFIG_KEYS <= data.keys()
+
+
+def _has_our_manifest(checkpoint: Path) -> bool:
+    """Whether a checkpoint folder holds a ``manifest.json`` that gali-ext wrote (an object
+    with ``format`` and ``files``)."""
+    try:
+        data = json.loads((checkpoint / MANIFEST_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"format", "files"} <= data.keys()
 
 
 def is_run_directory(path: str | Path) -> bool:
-    """Whether ``path`` is a folder a recipe run wrote: it holds ``metrics.jsonl``, a
-    ``checkpoints/`` folder, or a ``config.json`` that is a recipe config. A folder of other
-    files (``thesis.tex``, ``data/``) is not one, nor is a project's own ``config.json``."""
+    """Whether ``path`` is a folder a recipe run wrote, told by a marker only gali-ext writes:
+    a ``config.json`` that is a recipe config (:func:`_is_recipe_config`), or a checkpoint
+    ``checkpoints/checkpoint_N`` with gali-ext's ``manifest.json``.
+
+    A ``checkpoints/`` folder or a ``metrics.jsonl`` alone do not make a run: a project's own
+    ``checkpoints/epoch=3.ckpt``, a thesis with ``data/``, a project's ``config.json`` are not
+    runs, and nothing of them is ever deleted."""
     path = Path(path)
     if not path.is_dir():
         return False
-    return (
-        (path / METRICS_NAME).is_file()
-        or (path / CHECKPOINTS_NAME).is_dir()
-        or ((path / CONFIG_NAME).is_file() and _is_recipe_config(path / CONFIG_NAME))
-    )
+    if _is_recipe_config(path / CONFIG_NAME):
+        return True
+    root = path / CHECKPOINTS_NAME
+    if root.is_symlink():
+        return False
+    return any(_has_our_manifest(c) for c in list_checkpoints(root))
+
+
+RUN_FILES = (
+    CONFIG_NAME,
+    METRICS_NAME,
+    "summary.json",
+    "samples.png",
+    "reconstructions.png",
+    "encoder.safetensors",
+    "generator.safetensors",
+    "discriminator.safetensors",
+    "encoder_ema.safetensors",
+    "generator_ema.safetensors",
+)
+"""The files gali-ext writes at the top of a run directory (docs/design.md, section 10.1)."""
+RUN_FOLDERS = (CHECKPOINTS_NAME, DAMAGED_NAME, "grids", "logs")
+"""The folders gali-ext writes in a run directory; inside them it removes only its own
+entries (:func:`clear_run_directory`)."""
+
+_GRID_PATTERN = re.compile(r"^(?:samples|reconstructions)_step\d+\.png$")
+_DAMAGED_PATTERN = re.compile(r"^(?:step-|checkpoint_)\d+(?:-\d+)?$")
+
+
+def check_out_path(out: str | Path) -> None:
+    """Refuse an ``--out`` that cannot be a folder (a parent that is a file, a name too long,
+    a loop of links) with a :class:`~gali_ext.errors.ConfigError`, before anything is done."""
+    try:
+        os.stat(out)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        mapped = _as_storage_error(error, "the run directory", Path(out))
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def check_no_links(out: str | Path) -> None:
+    """Refuse a run directory where a name gali-ext writes (``.lock``, ``config.json``,
+    ``metrics.jsonl``, ``checkpoints/``, the weights, ...) is a symbolic link: writing or
+    rotating through it would change files outside the run. Raises
+    :class:`~gali_ext.errors.ConfigError` naming the link and its target."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    for name in (LOCK_NAME, *RUN_FILES, *RUN_FOLDERS):
+        path = out / name
+        if path.is_symlink():
+            target = os.readlink(path)
+            raise ConfigError(
+                f"{str(path)!r} is a symbolic link (to {target!r}); gali-ext writes nothing "
+                f"through a link inside a run directory: replace it by a plain "
+                f"{'folder' if name in RUN_FOLDERS else 'file'} or remove it"
+            )
 
 
 def check_overwrite(out: str | Path) -> bool:
@@ -578,20 +688,105 @@ def check_overwrite(out: str | Path) -> bool:
         names = sorted(e.name + ("/" if e.is_dir() else "") for e in entries)
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise ConfigError(
-            f"--overwrite: {str(out)!r} is not a run directory (no config.json, metrics.jsonl "
-            f"or checkpoints/; it holds {shown}): refusing to delete it; choose another --out"
+            f"--overwrite: {str(out)!r} is not a run directory (no gali-ext config.json or "
+            f"checkpoint manifest; it holds {shown}): refusing to delete it; choose another --out"
         )
+    check_no_links(out)
     return True
 
 
-def clear_run_directory(out: str | Path) -> None:
-    """Delete everything in ``out`` except the lock file (call it holding the
-    :class:`RunLock`, after :func:`check_overwrite`). Links are removed, never followed."""
+def _run_name(out: Path) -> str | None:
+    """The recipe name in ``out/config.json`` (the tracker folder ``logs/NAME``), if any."""
+    try:
+        name = json.loads((out / CONFIG_NAME).read_text())["name"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return name if isinstance(name, str) and name and Path(name).name == name else None
+
+
+def _own_entries(out: Path) -> list[Path]:
+    """What gali-ext wrote in run directory ``out`` (files and folders of its layout, and
+    temporaries of killed writers), but the lock; links among them are listed, to be removed
+    (never followed)."""
+    own: list[Path] = []
+    for entry in out.iterdir():
+        if entry.name in RUN_FILES or _TEMPORARY_PATTERN.match(entry.name):
+            own.append(entry)
+    sub = {name: out / name for name in RUN_FOLDERS}
+    for name, folder in sub.items():
+        if folder.is_symlink():
+            own.append(folder)
+        elif folder.is_dir():
+            for entry in folder.iterdir():
+                if _is_own_entry(name, entry.name, out):
+                    own.append(entry)
+    return own
+
+
+def _is_own_entry(folder: str, name: str, out: Path) -> bool:
+    """Whether ``name`` in the run folder ``folder`` (one of :data:`RUN_FOLDERS`) is gali-ext's."""
+    if folder == CHECKPOINTS_NAME:
+        temporary = name.startswith(".tmp-") or _TEMPORARY_PATTERN.match(name)
+        return checkpoint_number(name) is not None or bool(temporary)
+    if folder == DAMAGED_NAME:
+        return bool(_DAMAGED_PATTERN.match(name))
+    if folder == "grids":
+        return bool(_GRID_PATTERN.match(name) or _TEMPORARY_PATTERN.match(name))
+    return folder == "logs" and name == _run_name(out)
+
+
+def clear_run_directory(out: str | Path) -> list[str]:
+    """Delete what gali-ext wrote in ``out`` (call it holding the :class:`RunLock`, after
+    :func:`check_overwrite`): the files of its layout (:data:`RUN_FILES`), its own entries in
+    ``checkpoints/``, ``damaged-checkpoints/``, ``grids/`` and ``logs/`` (those folders too
+    once empty), and temporaries. Anything else (a user's ``notes.txt``, ``data/``,
+    ``checkpoints/best_step5``) is left where it is and returned by its path relative to
+    ``out`` (``notes.txt``, ``data/``, ``checkpoints/best_step5/``), for the caller to mention.
+    Links are removed, never followed."""
     out = Path(out)
     with storage_errors("the old run", out):
-        for entry in out.iterdir():
-            if entry.name != LOCK_NAME:
-                _remove(entry)
+        for entry in _own_entries(out):
+            _remove(entry)
+        for name in RUN_FOLDERS:
+            folder = out / name
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                folder.rmdir()
+    kept = []
+    for entry in sorted(out.iterdir()):
+        inside = entry.name in RUN_FOLDERS and entry.is_dir() and not entry.is_symlink()
+        for path in sorted(entry.iterdir()) if inside else [entry]:
+            if path.name != LOCK_NAME:
+                slash = "/" if path.is_dir() and not path.is_symlink() else ""
+                kept.append(path.relative_to(out).as_posix() + slash)
+    return kept
+
+
+def foreign_checkpoint_entries(out: str | Path) -> list[str]:
+    """The names in ``out/checkpoints`` that gali-ext did not write (``NOTES.txt``,
+    ``.DS_Store``, a user's ``best_step5`` copy): rotation leaves them alone."""
+    root = Path(out) / CHECKPOINTS_NAME
+    if not root.is_dir() or root.is_symlink():
+        return []
+    return sorted(
+        e.name + ("/" if e.is_dir() else "")
+        for e in root.iterdir()
+        if checkpoint_number(e) is None
+        and not e.name.startswith(".tmp-")
+        and not _TEMPORARY_PATTERN.match(e.name)
+    )
+
+
+def rotate_checkpoints(out: str | Path, keep: int) -> list[Path]:
+    """Delete gali-ext's oldest checkpoint folders (``checkpoint_N``, ``step-N``) beyond the
+    newest ``keep``; anything else in ``checkpoints/`` is never touched. Call it after a save
+    has finished (its manifest written), so that a kill at any moment leaves ``keep``
+    complete checkpoints. Returns what was removed."""
+    found = [c for c in list_checkpoints(Path(out) / CHECKPOINTS_NAME) if not c.is_symlink()]
+    removed = found[: max(0, len(found) - keep)]
+    with storage_errors("the checkpoint rotation", Path(out) / CHECKPOINTS_NAME):
+        for folder in removed:
+            shutil.rmtree(folder)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -716,6 +911,7 @@ def newest_intact_checkpoint(
         if not problems and deep:
             try:
                 load_checkpoint_files(checkpoint, num_processes)
+                load_train_state_json(checkpoint)
             except CheckpointError as error:
                 problems = [str(error)]
         if not problems:
@@ -852,6 +1048,22 @@ def load_train_state_json(checkpoint_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{str(path)!r} is damaged ({error})") from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r}: expected a JSON object")
+    step, world = state.get("step"), state.get("world_size")
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise CheckpointError(f"{str(path)!r}: expected a step that is an int >= 0, got {step!r}")
+    world_ok = isinstance(world, int) and not isinstance(world, bool) and world >= 1
+    if world is not None and not world_ok:
+        raise CheckpointError(
+            f"{str(path)!r}: expected a world_size that is an int >= 1, got {world!r}"
+        )
+    try:
+        listed = json.loads((Path(checkpoint_dir) / MANIFEST_NAME).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if listed is not None and listed != step:
+        raise CheckpointError(
+            f"{str(path)!r} says step {step}, the checkpoint's manifest step {listed}"
+        )
     return state
 
 
@@ -932,7 +1144,40 @@ def _trained_evidence(out: Path) -> list[str]:
     return evidence
 
 
-def resume_decision(out_dir: str | Path, num_processes: int = 1) -> ResumeDecision:
+def adopt_checkpoint(checkpoint: str | Path, num_processes: int = 1) -> Path:
+    """Give a checkpoint without ``manifest.json`` (written by gali-ext 0.1.0, whose
+    checkpoints are ``step-NNNNNNN`` folders with the loop's state in
+    ``custom_checkpoint_0.pkl``) the files a resume needs: ``train_state.json`` (the step from
+    that file, read as tensors only, or from the folder's name) and a manifest of the files as
+    they are now (``--trust-checkpoint``). A file damaged before this call cannot be told any
+    more. Raises :class:`~gali_ext.errors.CheckpointError` when a file holds anything but
+    tensors or the step cannot be told."""
+    folder = Path(checkpoint)
+    load_checkpoint_files(folder, num_processes)  # every file as tensors only; random states
+    if not (folder / TRAIN_STATE_NAME).is_file():
+        step = None
+        custom = folder / "custom_checkpoint_0.pkl"
+        if custom.is_file():
+            saved = load_torch_file(custom)
+            step = saved.get("step") if isinstance(saved, dict) else None
+            # Accelerate refuses custom_checkpoint_N files when nothing is registered: keep
+            # 0.1.0's loop state under a name it does not read
+            os.replace(custom, folder / "loop_state_0.1.0.pkl")
+        if step is None and folder.name.startswith("step-"):
+            step = checkpoint_number(folder)
+        if not isinstance(step, int) or step < 0:
+            raise CheckpointError(
+                f"--trust-checkpoint: cannot tell the step of {str(folder)!r} (no "
+                f"{TRAIN_STATE_NAME}, no step in custom_checkpoint_0.pkl or in its name)"
+            )
+        save_train_state_json(folder, {"step": step, "world_size": num_processes})
+    write_manifest(folder, load_train_state_json(folder)["step"])
+    return folder
+
+
+def resume_decision(
+    out_dir: str | Path, num_processes: int = 1, trust: bool = False
+) -> ResumeDecision:
     """What ``--resume`` must do with ``out_dir``: continue, start fresh, or stop.
 
     - no directory, an empty one, or a run stopped before its first checkpoint was finished
@@ -947,7 +1192,10 @@ def resume_decision(out_dir: str | Path, num_processes: int = 1) -> ResumeDecisi
       overwrite the trained run;
     - a folder of other files: :class:`~gali_ext.errors.ConfigError`.
 
-    A fresh start empties the directory first (:func:`clear_run_directory`).
+    A fresh start empties the directory first (:func:`clear_run_directory`). With ``trust``
+    (``--trust-checkpoint``), the newest checkpoint without a manifest (a run of gali-ext
+    0.1.0) is adopted (:func:`adopt_checkpoint`, with a :class:`RunDirectoryWarning`) when no
+    checkpoint is intact.
     """
     out = Path(out_dir)
     if not out.exists():
@@ -958,7 +1206,10 @@ def resume_decision(out_dir: str | Path, num_processes: int = 1) -> ResumeDecisi
         return ResumeDecision("fresh", reason=f"{str(out)!r} is empty")
     if not is_run_directory(out):
         names = ", ".join(sorted(e.name for e in _visible_entries(out))[:5])
-        raise ConfigError(f"--resume: {str(out)!r} holds no run (it holds {names})")
+        raise ConfigError(
+            f"--resume: {str(out)!r} holds no run (no gali-ext config.json or checkpoint "
+            f"manifest; it holds {names}): nothing was touched; choose another --out"
+        )
     evidence = _trained_evidence(out)
     skipped: list[tuple[Path, str]] = []
     if list_checkpoints(out / CHECKPOINTS_NAME):
@@ -966,11 +1217,30 @@ def resume_decision(out_dir: str | Path, num_processes: int = 1) -> ResumeDecisi
         if best is not None:
             return ResumeDecision("continue", best, tuple(skipped), f"resuming from {best.name}")
         unfinished = all(reason.startswith(f"no {MANIFEST_NAME}") for _, reason in skipped)
+        old_layout = [p for p, reason in skipped if reason.startswith(f"no {MANIFEST_NAME}")]
+        if evidence and old_layout and trust:
+            adopted = adopt_checkpoint(old_layout[0], num_processes)
+            warnings.warn(
+                f"--trust-checkpoint: {adopted.name} had no {MANIFEST_NAME} (gali-ext 0.1.0 "
+                "wrote none); its files were read as tensors only and a manifest was written "
+                "for them: damage done to it before this resume cannot be detected",
+                RunDirectoryWarning,
+                stacklevel=2,
+            )
+            newer = tuple(skipped[: [p for p, _ in skipped].index(adopted)])
+            return ResumeDecision("continue", adopted, newer, f"resuming from {adopted.name}")
         if evidence or not unfinished:
             why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped)
+            advice = "pass --overwrite to start it over"
+            if old_layout:
+                advice = (
+                    f"if {old_layout[0].name} was written by gali-ext 0.1.0 (no manifest), pass "
+                    "--trust-checkpoint to resume from it (its files are read as tensors "
+                    "only), or --overwrite to start over"
+                )
             raise CheckpointError(
                 f"--resume: no intact checkpoint in {str(out / CHECKPOINTS_NAME)!r} ({why}); "
-                "the run cannot continue exactly: pass --overwrite to start it over"
+                f"the run cannot continue exactly: {advice}"
             )
     elif evidence:
         raise ConfigError(

@@ -18,8 +18,9 @@
     logs/RECIPE/                 tracker files (--log-with tensorboard)
     samples.png, reconstructions.png, grids/   image grids; summary.json at the end
 
-Checkpoints are named and rotated by Accelerate (``ProjectConfiguration(
-automatic_checkpoint_naming=True, total_limit=keep_checkpoints)``); weights are written with
+Checkpoints are named by Accelerate (``ProjectConfiguration(automatic_checkpoint_naming=True)``)
+and rotated by :func:`save_checkpoint`, which removes only gali-ext's own ``checkpoint_N``
+folders and never saves a diverged state (:func:`state_problems`); weights are written with
 ``safetensors.torch.save_model`` and read with
 :func:`~gali_ext.providers.pretrained.load_safetensors_into`, which names the file and the key of
 any mismatch. Every file is written to a temporary name and renamed
@@ -28,24 +29,28 @@ any mismatch. Every file is written to a temporary name and renamed
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from gali_ext.errors import ConfigError
+from gali_ext.errors import CheckpointError, ConfigError, DivergenceError, GaliError
 from gali_ext.providers.pretrained import load_safetensors_into
 
 from . import RecipeConfig
 from .rundir import (
     CHECKPOINTS_NAME,
     TRAIN_STATE_NAME,
+    ResumeDecision,
     atomic_output,
     checkpoint_number,
     list_checkpoints,
     load_state_safely,
     load_train_state_json,
+    rotate_checkpoints,
     save_train_state_json,
     storage_errors,
     verify_checkpoint,
@@ -57,10 +62,16 @@ __all__ = [
     "TRAIN_STATE",
     "WEIGHT_FILES",
     "RunModels",
+    "DIVERGED_WEIGHT",
     "complete_checkpoints",
+    "fitting_checkpoint",
+    "last_good_checkpoint",
     "load_run_models",
+    "model_mismatch",
     "resume_checkpoint",
+    "resume_hint",
     "save_checkpoint",
+    "state_problems",
     "save_weights",
 ]
 
@@ -86,18 +97,95 @@ def complete_checkpoints(out: Path, num_processes: int = 1) -> list[Path]:
     return [f for f in found if not verify_checkpoint(f, num_processes)]
 
 
-def save_checkpoint(
-    accelerator: Any, out: Path, step: int, weights: dict[str, nn.Module], ema: dict[str, Any]
-) -> Path:
-    """One checkpoint ``checkpoints/checkpoint_N`` (docs/design.md, section 10.4): Accelerate's
-    ``save_state`` (models, optimizers, random states of every process; the oldest checkpoint
-    beyond ``keep_checkpoints`` deleted first), then the EMA models and ``train_state.json``,
-    then ``manifest.json`` last: a folder without a verifying manifest is never resumed from.
-    ``weights`` (name to module) and the EMA of E and G are then exported to the run directory.
+DIVERGED_WEIGHT = 1e6
+"""A weight (or optimizer state) of larger magnitude marks a diverged state that is never saved
+as a checkpoint. The digits, SVHN and CelebA runs keep every weight below 10 in magnitude; an
+exploding learning rate (``--set lr=1e30``) leaves weights of about ``lr`` after one step, still
+finite, so finiteness alone would not catch it."""
 
+
+def state_problems(modules: dict[str, Any], optimizers: Sequence[Any] = ()) -> list[str]:
+    """Why the weights of ``modules`` (name to module) and the state of ``optimizers`` are not a
+    state to resume from: non-finite values, or values beyond :data:`DIVERGED_WEIGHT` in
+    magnitude. An empty list for a healthy state."""
+    import torch
+
+    problems = []
+    named = [(name, module.state_dict().values()) for name, module in modules.items()]
+    for i, optimizer in enumerate(optimizers):
+        tensors = [v for state in optimizer.state_dict()["state"].values() for v in state.values()]
+        named.append((f"optimizer {i}", tensors))
+    for name, tensors in named:
+        bad, largest = 0, 0.0
+        for tensor in tensors:
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                continue
+            if tensor.is_meta or tensor.numel() == 0:
+                continue
+            values = tensor.detach()
+            finite = torch.isfinite(values)
+            bad += int((~finite).sum())
+            if finite.any():
+                largest = max(largest, float(values[finite].abs().max()))
+        if bad:
+            problems.append(f"{name} holds {bad} non-finite value(s)")
+        elif largest > DIVERGED_WEIGHT:
+            problems.append(f"{name} holds values up to {largest:.3g} (> {DIVERGED_WEIGHT:g})")
+    return problems
+
+
+def last_good_checkpoint(out: Path, num_processes: int = 1) -> tuple[Path, int] | None:
+    """The newest checkpoint of run ``out`` whose manifest verifies, and its step."""
+    for checkpoint in reversed(complete_checkpoints(out, num_processes)):
+        try:
+            return checkpoint, int(load_train_state_json(checkpoint)["step"])
+        except (GaliError, KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+def resume_hint(out: Path, num_processes: int = 1) -> str:
+    """How to go on after a divergence: from the last good checkpoint, or from the start."""
+    good = last_good_checkpoint(out, num_processes)
+    if good is None:
+        return (
+            f"no checkpoint of {str(out)!r} was saved: start over with --overwrite and a "
+            "smaller --set lr=..."
+        )
+    checkpoint, step = good
+    return (
+        f"the last good checkpoint is {checkpoint.name} (step {step}): continue from it with "
+        f"--resume --out {str(out)!r}, e.g. with a smaller --set lr=..."
+    )
+
+
+def save_checkpoint(
+    accelerator: Any,
+    out: Path,
+    step: int,
+    weights: dict[str, nn.Module],
+    ema: dict[str, Any],
+    keep: int | None = None,
+    optimizers: Sequence[Any] = (),
+) -> Path:
+    """One checkpoint ``checkpoints/checkpoint_N`` (docs/design.md, section 10.5): Accelerate's
+    ``save_state`` (models, optimizers, random states of every process), then the EMA models and
+    ``train_state.json``, then ``manifest.json`` last: a folder without a verifying manifest is
+    never resumed from. Then gali-ext's checkpoints beyond the newest ``keep`` are deleted
+    (:func:`.rundir.rotate_checkpoints`; nothing else in ``checkpoints/`` is touched), and
+    ``weights`` (name to module) and the EMA of E and G are exported to the run directory.
+
+    A diverged state (:func:`state_problems` of the weights, the EMA and ``optimizers``) is never
+    saved: :class:`~gali_ext.errors.DivergenceError` names it and the last good checkpoint.
     A full disk or a read-only folder becomes one :class:`~gali_ext.errors.CheckpointError` or
     :class:`~gali_ext.errors.ConfigError`; the half-written folder is removed and the previous
     checkpoint stays the newest. Returns the checkpoint folder."""
+    problems = state_problems({**weights, **{EMA_FILES[n]: a for n, a in ema.items()}}, optimizers)
+    if problems:
+        raise DivergenceError(
+            f"the state diverged by step {step} ({'; '.join(problems)}): it was not saved as a "
+            f"checkpoint; {resume_hint(out, accelerator.num_processes)}"
+        )
     name = f"checkpoint_{accelerator.project_configuration.iteration}"
     folder = out / CHECKPOINTS_NAME / name
     main = accelerator.is_main_process
@@ -108,10 +196,64 @@ def save_checkpoint(
             save_weights({EMA_FILES[n]: average for n, average in ema.items()}, folder)
             save_train_state_json(folder, {"step": step, "world_size": accelerator.num_processes})
             write_manifest(folder, step)
+    if main and keep is not None:
+        rotate_checkpoints(out, keep)
     if main:
         save_weights({**weights, **{EMA_FILES[n]: a.module for n, a in ema.items()}}, out)
     accelerator.wait_for_everyone()
     return folder
+
+
+def model_mismatch(checkpoint: Path, model: nn.Module) -> str | None:
+    """How the model saved in ``checkpoint`` (Accelerate's ``model.safetensors``) differs from
+    ``model``: the first key of another shape, or keys ``model`` does not have; None when it
+    fits (a checkpoint of another architecture, say another ``latent_dim``, does not)."""
+    from safetensors import safe_open
+
+    path = checkpoint / "model.safetensors"
+    if not path.is_file():
+        return None  # older layouts (model.bin) are checked by accelerate's own loading
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as error:  # SafetensorError on a damaged file
+        return f"{path.name} cannot be read ({error})"
+    for key, shape in saved.items():
+        if key not in expected:
+            return f"{path.name} holds {key!r}, which the model does not have"
+        if shape != expected[key]:
+            return f"{path.name}: {key!r} has shape {shape}, the model expects {expected[key]}"
+    return None
+
+
+def fitting_checkpoint(
+    decision: ResumeDecision, model: nn.Module, out: Path, num_processes: int = 1
+) -> ResumeDecision:
+    """``decision`` with its checkpoint replaced by the newest intact one whose model fits
+    ``model`` (:func:`model_mismatch`), the newer ones added to ``skipped`` with the reason
+    (the caller sets them aside). Reads only, the same on every process. Raises
+    :class:`~gali_ext.errors.CheckpointError` when no checkpoint fits."""
+    chosen = decision.checkpoint
+    number = checkpoint_number(chosen)
+    older = [c for c in list_checkpoints(out / CHECKPOINTS_NAME) if checkpoint_number(c) < number]
+    skipped = list(decision.skipped)
+    for candidate in [chosen, *reversed(older)]:
+        if candidate != chosen:
+            problems = verify_checkpoint(candidate, num_processes)
+            if problems:
+                skipped.append((candidate, "; ".join(problems)))
+                continue
+        mismatch = model_mismatch(candidate, model)
+        if mismatch is None:
+            return dataclasses.replace(decision, checkpoint=candidate, skipped=tuple(skipped))
+        skipped.append((candidate, f"a model of another architecture: {mismatch}"))
+    why = "; ".join(f"{c.name}: {reason}" for c, reason in skipped)
+    raise CheckpointError(
+        f"--resume: no checkpoint in {str(out / CHECKPOINTS_NAME)!r} fits this run's model "
+        f"({why}); resume with the settings the run was trained with, or pass --overwrite to "
+        "start it over"
+    )
 
 
 def resume_checkpoint(accelerator: Any, out: Path, ema: dict[str, Any], checkpoint: Path) -> int:

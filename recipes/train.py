@@ -53,21 +53,28 @@ from gali_ext.recipes.rundir import (
     RunLock,
     append_metrics,
     apply_optimizer_settings,
+    check_no_links,
+    check_out_path,
     check_overwrite,
     check_resume_overrides,
     clear_run_directory,
+    foreign_checkpoint_entries,
     list_checkpoints,
+    load_train_state_json,
     remove_temporaries,
     resume_decision,
     set_aside_checkpoint,
+    storage_errors,
     truncate_metrics,
     write_bytes_atomic,
     write_text_atomic,
 )
 from gali_ext.recipes.runs import (
     WEIGHT_FILES,
+    fitting_checkpoint,
     load_run_models,
     resume_checkpoint,
+    resume_hint,
     save_checkpoint,
     save_weights,
 )
@@ -83,6 +90,7 @@ __all__ = [
     "StartPlan",
     "build_ema",
     "build_model",
+    "check_conditions",
     "check_run_dir",
     "check_trackers",
     "first_images",
@@ -157,6 +165,26 @@ def load_data(config: RecipeConfig, split: str) -> ImageData:
     return data
 
 
+def check_conditions(config: RecipeConfig, data: ImageData) -> None:
+    """Refuse a class-conditional recipe whose ``conditions`` are fewer than the classes of the
+    data's labels (G's and D's class embeddings would be indexed out of range)."""
+    if not config.conditions:
+        return
+    labels = data.labels_tensor()
+    if labels.ndim != 1:
+        raise DataError(
+            f"conditions={config.conditions}: the {config.dataset} labels are not classes "
+            f"(shape {list(labels.shape)}): expected conditions=0"
+        )
+    classes = int(labels.max()) + 1
+    if config.conditions < classes:
+        raise ConfigError(
+            f"conditions={config.conditions} is invalid: the {config.dataset} labels are the "
+            f"classes 0..{classes - 1}: expected conditions={classes} (or 0 for an "
+            "unconditional run)"
+        )
+
+
 def check_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bool) -> bool:
     """Refuse to mix runs: an existing run directory is resumed, overwritten, or left alone.
 
@@ -166,6 +194,16 @@ def check_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bool
     directories only, never through a symbolic link (:func:`.rundir.check_overwrite`).
     """
     saved = out / CONFIG_NAME
+    check_no_links(out)
+    logs = out / "logs"
+    if config.log_with and logs.exists():
+        if not logs.is_dir() or not os.access(logs, os.W_OK | os.X_OK):
+            what = "a folder" if logs.is_dir() else "a file, not a folder"
+            raise ConfigError(
+                f"log_with={config.log_with!r}: the tracker folder {str(logs)!r} is {what} "
+                "gali-ext cannot write into: expected a writable folder (chmod u+w, or move the "
+                "file away), or train without --log-with"
+            )
     if resume:
         if out.is_dir() and saved.is_file():
             previous = RecipeConfig.from_json(saved)
@@ -210,14 +248,22 @@ class StartPlan:
     decision: ResumeDecision | None
 
 
-def plan_start(out: Path, config: RecipeConfig, resume: bool, overwrite: bool,
-               num_processes: int) -> StartPlan:  # fmt: skip
-    """Decide, holding the run's lock, how the run starts; reads and writes nothing else.
+def plan_start(
+    out: Path,
+    config: RecipeConfig,
+    resume: bool,
+    overwrite: bool,
+    num_processes: int,
+    trust_checkpoint: bool = False,
+) -> StartPlan:
+    """Decide, holding the run's lock, how the run starts; reads and writes nothing else (but
+    the manifest of a checkpoint adopted with ``trust_checkpoint``).
 
     Without ``--resume``: :func:`check_run_dir`. With it: :func:`.rundir.resume_decision`
     (continue from the newest intact checkpoint, or start fresh a run stopped before its first
-    checkpoint, or a clear error), the processes of the saved run, and the settings a resume
-    may change (:func:`.rundir.check_resume_overrides`).
+    checkpoint, or a clear error; ``trust_checkpoint`` adopts a checkpoint of gali-ext 0.1.0),
+    the processes of the saved run, ``steps`` not below the checkpoint's step, and the settings
+    a resume may change (:func:`.rundir.check_resume_overrides`).
     """
     replace = check_run_dir(out, config, resume, overwrite)
     if not resume:
@@ -229,9 +275,16 @@ def plan_start(out: Path, config: RecipeConfig, resume: bool, overwrite: bool,
             f"{num_processes}; resume it with {world} so that each process reads the same "
             "shard of the data"
         )
-    decision = resume_decision(out, num_processes)
+    decision = resume_decision(out, num_processes, trust=trust_checkpoint)
     if decision.action == "continue":
         check_resume_overrides(RecipeConfig.from_json(out / CONFIG_NAME), config)
+        step = load_train_state_json(decision.checkpoint)["step"]
+        if config.steps < step:
+            raise ConfigError(
+                f"--resume --steps {config.steps}: {str(out)!r} is already at step {step} "
+                f"({decision.checkpoint.name}); expected --steps {step} or more (config.json "
+                "is left as it was)"
+            )
     return StartPlan(decision.action == "fresh" and out.is_dir() and bool(_entries(out)),
                      decision)  # fmt: skip
 
@@ -256,9 +309,10 @@ def check_trackers(log_with: str) -> list[str]:
 
 
 def make_accelerator(config: RecipeConfig, out: Path) -> Any:
-    """The run's ``Accelerator``: checkpoints named and rotated under ``out/checkpoints``,
-    trackers writing under ``out/logs``, data loaders whose shuffling depends on ``config.seed``
-    and the epoch only, the same on every process (:func:`.data.training_loader`)."""
+    """The run's ``Accelerator``: checkpoints named under ``out/checkpoints`` (rotated by
+    :func:`.runs.save_checkpoint`, never by Accelerate), trackers writing under ``out/logs``,
+    data loaders whose shuffling depends on ``config.seed`` and the epoch only, the same on
+    every process (:func:`.data.training_loader`)."""
     from accelerate import Accelerator
     from accelerate.utils import (
         DataLoaderConfiguration,
@@ -273,7 +327,9 @@ def make_accelerator(config: RecipeConfig, out: Path) -> Any:
             project_dir=str(out),
             logging_dir=str(out / "logs"),
             automatic_checkpoint_naming=True,
-            total_limit=config.keep_checkpoints,
+            # rotation is ours (runs.save_checkpoint): Accelerate's deletes whatever sits in
+            # checkpoints/ (a user's best_step5 copy) and fails on names without digits
+            total_limit=None,
         ),
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True, data_seed=config.seed, non_blocking=True
@@ -429,17 +485,45 @@ def _shared(accelerator: Any, make: Any) -> Any:
     return result[0]
 
 
-def _start_run(accelerator, out: Path, config: RecipeConfig, plan: StartPlan,
-               ema: dict[str, Any], optimizers: tuple[Any, Any]) -> int:  # fmt: skip
+def _start_run(
+    accelerator: Any,
+    out: Path,
+    config: RecipeConfig,
+    plan: StartPlan,
+    ema: dict[str, Any],
+    optimizers: tuple[Any, Any],
+    model: torch.nn.Module,
+) -> int:
     """The step to start from (a checkpoint's on resume). Everything was validated and built
-    before: the main process now empties a replaced run, sets the skipped damaged checkpoints
-    aside (with a warning each), the checkpoint is loaded and changed ``lr``/``betas`` are put
+    before: a checkpoint of another architecture than ``model`` is passed over for an older one
+    (:func:`.runs.fitting_checkpoint`), the main process empties a replaced run, sets the
+    skipped checkpoints aside (with a warning each), the checkpoint is loaded and changed
+    ``lr``/``betas`` are put
     into the optimizers (and printed), and only then ``config.json`` is written (atomically) and
     the metrics logged after the checkpoint are dropped."""
     decision = plan.decision
+    if decision is not None and decision.action == "continue":
+        decision = fitting_checkpoint(decision, model, out, accelerator.num_processes)
     if accelerator.is_main_process:
         if plan.replace:
-            clear_run_directory(out)
+            kept = clear_run_directory(out)
+            if kept:
+                names = ", ".join(kept)
+                warnings.warn(
+                    f"kept {names} in {out}: gali-ext did not write them, so it "
+                    "deletes none of them",
+                    RunDirectoryWarning,
+                    stacklevel=2,
+                )
+        foreign = foreign_checkpoint_entries(out)
+        if foreign:
+            warnings.warn(
+                f"{out / CHECKPOINTS_NAME} holds {', '.join(foreign)}, which gali-ext "
+                "did not write: left alone (rotation removes only its own "
+                "checkpoint_N folders)",
+                RunDirectoryWarning,
+                stacklevel=2,
+            )
         if decision is not None and decision.action == "continue":
             for checkpoint, reason in decision.skipped:
                 moved = set_aside_checkpoint(checkpoint, out)
@@ -515,7 +599,8 @@ class RunLog:
                         for k, v in dataclasses.asdict(config).items()}  # fmt: skip
             # TensorBoard hides what an interrupted run logged after the checkpoint resumed from.
             purge = {"tensorboard": {"purge_step": step + 1}} if step else {}
-            accelerator.init_trackers(config.name, config=settings, init_kwargs=purge)
+            with storage_errors("the tracker logs", out / "logs"):
+                accelerator.init_trackers(config.name, config=settings, init_kwargs=purge)
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                             TextColumn("{task.completed}/{task.total}"),
                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
@@ -606,11 +691,20 @@ class RunLog:
                                f"{which}, run in {self.out}")  # fmt: skip
 
 
-def train_loop(config: RecipeConfig, out: Path, *, resume: bool, overwrite: bool,
-               progress: bool, epochs: float | None) -> Path:  # fmt: skip
+def train_loop(
+    config: RecipeConfig,
+    out: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    epochs: float | None,
+    trust_checkpoint: bool = False,
+) -> Path:
     """The body of :func:`train`, after the config was validated: checks the run directory,
     takes its lock (main process), builds, starts or resumes, trains."""
     train_data, test_data = load_data(config, "train"), load_data(config, "test")
+    check_conditions(config, train_data)
     check_run_dir(out, config, resume, overwrite)  # read-only: refuse before locking anything
     accelerator = make_accelerator(config, out)
     config.check_data_size(len(train_data), accelerator.num_processes)
@@ -620,7 +714,9 @@ def train_loop(config: RecipeConfig, out: Path, *, resume: bool, overwrite: bool
         def locked_plan() -> StartPlan:
             lock.acquire()
             remove_temporaries(out)
-            return plan_start(out, config, resume, overwrite, accelerator.num_processes)
+            return plan_start(
+                out, config, resume, overwrite, accelerator.num_processes, trust_checkpoint
+            )
 
         plan = _shared(accelerator, locked_plan)
         return _train_locked(accelerator, config, out, plan, train_data, test_data,
@@ -636,7 +732,17 @@ def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: Start
     from accelerate.utils import set_seed
 
     set_seed(config.seed, device_specific=True)
-    built = build_model(config, train_data.channels)
+    try:
+        built = build_model(config, train_data.channels)
+    except (MemoryError, RuntimeError) as error:  # torch's allocator raises RuntimeError
+        if not isinstance(error, MemoryError) and "allocate" not in str(error):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"cannot build the models of {config.name} (latent_dim={config.latent_dim}, "
+            f"batch_size={config.batch_size}): out of memory ({first[:200]}); expected settings "
+            "whose models fit in memory"
+        ) from None
     built.models.generator.init_output_bias(data_mean(train_data))
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last:  # in place: the optimizers keep the same parameter objects
@@ -650,7 +756,8 @@ def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: Start
     step_fn = make_step(config, accelerator, gali, d_optimizer, g_optimizer)
     ema = build_ema(built.models, config.ema_decay)
     config = _steps_for_epochs(config, epochs, len(loader))
-    step = _start_run(accelerator, out, config, plan, ema, (d_optimizer, g_optimizer))
+    optimizers = (d_optimizer, g_optimizer)
+    step = _start_run(accelerator, out, config, plan, ema, optimizers, built.gali)
     batches = endless_batches(loader, accelerator, step * config.n_dis, layout,
                               with_labels=config.conditions > 0)  # fmt: skip
     weights = dict(zip(WEIGHT_FILES, (built.models.encoder, built.models.generator, built.head)))
@@ -663,11 +770,12 @@ def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: Start
             noise = instance_noise_std(step, config.steps, config.instance_noise)
             try:
                 metrics = step_fn(batches, instance_noise=noise, step=step)
-            except DivergenceError:
-                if ema:
-                    refresh()
-                save_checkpoint(accelerator, out, step, weights, ema)
-                raise
+            except DivergenceError as error:
+                # Nothing is saved: the state that gave non-finite values (perhaps halfway
+                # through a step) would diverge again when resumed. The checkpoints saved so far
+                # passed state_problems.
+                hint = resume_hint(out, accelerator.num_processes)
+                raise DivergenceError(f"{error}; {hint}") from error
             step += 1
             for name, average in ema.items():
                 average.update_parameters(weights[name])
@@ -679,7 +787,15 @@ def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: Start
             if shown:
                 log.grids(step)
             if saved:
-                save_checkpoint(accelerator, out, step, weights, ema)
+                save_checkpoint(
+                    accelerator,
+                    out,
+                    step,
+                    weights,
+                    ema,
+                    config.keep_checkpoints,
+                    (d_optimizer, g_optimizer),
+                )
         log.finish(step)
     accelerator.end_training()
     return out
@@ -693,6 +809,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     epochs: float | None = None,
+    trust_checkpoint: bool = False,
 ) -> Path:
     """Train a recipe into ``out_dir``; returns the run directory.
 
@@ -700,18 +817,28 @@ def train(
     directory, the settings a resume changes) before anything is written; the main process
     holds the run directory's lock (:class:`.rundir.RunLock`) for the whole run. ``epochs``
     replaces ``config.steps`` by the steps that many passes over the training data take (with
-    ``N`` processes each pass is split ``N`` ways).
+    ``N`` processes each pass is split ``N`` ways). ``trust_checkpoint`` lets ``resume``
+    continue a run of gali-ext 0.1.0, whose checkpoints have no manifest
+    (:func:`.rundir.adopt_checkpoint`).
     """
     from accelerate.state import AcceleratorState, PartialState
 
     config.validate()
+    check_out_path(out_dir)
     check_trackers(config.log_with)
     if epochs is not None:
         check_epochs(epochs)
     try:
         with tf32_mode(config.tf32):
-            return train_loop(config, Path(out_dir), resume=resume, overwrite=overwrite,
-                              progress=progress, epochs=epochs)  # fmt: skip
+            return train_loop(
+                config,
+                Path(out_dir),
+                resume=resume,
+                overwrite=overwrite,
+                progress=progress,
+                epochs=epochs,
+                trust_checkpoint=trust_checkpoint,
+            )
     finally:
         if PartialState._shared_state and PartialState().num_processes == 1:
             # Accelerate keeps one AcceleratorState per process and refuses a second

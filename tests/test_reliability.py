@@ -77,7 +77,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert recipes.get("digits-gali4").keep_checkpoints == 3
 
 
-def test_nan_loss_stops_with_step_and_loss_after_a_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
     from gali_ext.gali import GALI
 
     real, calls = GALI.generator_objective, {"n": 0}
@@ -90,9 +90,13 @@ def test_nan_loss_stops_with_step_and_loss_after_a_checkpoint(tmp_path, monkeypa
         return objective
 
     monkeypatch.setattr(GALI, "generator_objective", poisoned)
-    config = recipes.get("digits-ali").with_overrides({"steps": "10", "batch_size": "16"})
-    with pytest.raises(DivergenceError, match="generator-encoder loss became nan at step 2"):
+    config = recipes.get("digits-ali").with_overrides(
+        {"steps": "10", "batch_size": "16", "checkpoint_every": "1"}
+    )
+    stop = "generator-encoder loss became nan at step 2; the last good checkpoint is checkpoint_1"
+    with pytest.raises(DivergenceError, match=rf"{stop} \(step 2\): continue from it"):
         train(config, tmp_path / "run", progress=False)
+    # nothing is saved at the divergence itself (issue 26, item 4): the newest is step 2's
     assert max(checkpoint_steps(tmp_path / "run").values()) == 2
     weights = load_file(str(tmp_path / "run" / "generator.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())

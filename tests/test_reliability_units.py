@@ -341,14 +341,14 @@ def test_overwrite_empties_a_run_but_keeps_the_lock(tmp_path):
     (run / "link").symlink_to(tmp_path / "elsewhere")
     with rundir.RunLock(run):
         assert rundir.check_overwrite(run) is True
-        rundir.clear_run_directory(run)
-        assert [p.name for p in run.iterdir()] == [".lock"]
-    assert (tmp_path / "elsewhere" / "keep.txt").is_file()  # links are removed, not followed
-    for marker in ("metrics.jsonl", "config.json"):
-        other = tmp_path / marker
-        other.mkdir()
-        (other / marker).write_text("")  # an empty config.json: killed mid-write by an old run
-        assert rundir.is_run_directory(other)
+        assert rundir.clear_run_directory(run) == ["link"]  # not gali-ext's: kept, and named
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "link"]
+    assert (tmp_path / "elsewhere" / "keep.txt").is_file()  # nothing is followed through a link
+    for marker in ("metrics.jsonl", "config.json", "checkpoints/epoch=3.ckpt"):
+        other = tmp_path / marker.replace("/", "-")
+        (other / marker).parent.mkdir(parents=True)
+        (other / marker).write_text("")  # none of these is a marker only gali-ext writes
+        assert not rundir.is_run_directory(other)
 
 
 def test_overwrite_refuses_a_symlinked_out_and_names_the_real_folder(tmp_path):
