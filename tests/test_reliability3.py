@@ -285,7 +285,7 @@ def test_rotation_removes_only_gali_ext_checkpoints(run, capsys):
     (root / ".DS_Store").write_bytes(b"\0")
     foreign = r"holds .DS_Store, NOTES.txt, best_step2/, which gali-ext did not write: left alone"
     with pytest.warns(rundir.RunDirectoryWarning, match=foreign):
-        code, _, err = cli(
+        code, out, err = cli(
             capsys,
             "recipe",
             *BASE,
@@ -299,6 +299,8 @@ def test_rotation_removes_only_gali_ext_checkpoints(run, capsys):
         )
     assert code == 0, err
     assert checkpoint_steps(run) == {"checkpoint_3": 8, "checkpoint_4": 10}
+    # Accelerate's own rotation is off: no "[RANK 0] Deleting 1 checkpoints ..." on the console
+    assert "Deleting" not in out + err
     assert (root / "NOTES.txt").read_text() == "best is step 2" and (root / ".DS_Store").is_file()
     assert (root / "best_step2" / "manifest.json").is_file()
 
