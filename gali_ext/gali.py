@@ -129,6 +129,8 @@ class GALI(nn.Module):
             raise SpecError(
                 f"expected a MultiClassJointDiscriminatorHead, got {type(head).__name__}{hint}"
             )
+        for what, network in (("encoder", encoder), ("generator", generator), ("head", head)):
+            _check_materialised(network, what)
         self.encoder = encoder
         self.generator = generator
         self.head = head
@@ -373,6 +375,19 @@ class GALI(nn.Module):
     ) -> Tensor:
         """The scalar of :meth:`generator_objective`."""
         return self.generator_objective(x, z, **kwargs).loss
+
+
+def _check_materialised(network: Any, what: str) -> None:
+    """Refuse a network with tensors on the ``meta`` device (shapes without values)."""
+    if not isinstance(network, nn.Module):
+        return
+    for name, tensor in [*network.named_parameters(), *network.named_buffers()]:
+        if tensor.is_meta:
+            raise ConfigError(
+                f"the {what}'s tensor {name!r} is on the meta device (a shape without values): "
+                "materialise the module before building GALI (module.to_empty(device='cpu') "
+                "then load its weights, or build it outside torch.device('meta'))"
+            )
 
 
 def _first_tensor(network: Any) -> Tensor | None:

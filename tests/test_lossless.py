@@ -335,3 +335,11 @@ def test_check_command_runs_a_users_factory():
         timeout=300,
     )
     assert bad.returncode == 2 and "MODULE:FUNCTION" in bad.stderr
+
+
+def test_a_network_on_the_meta_device_is_refused_when_gali_is_built():
+    with torch.device("meta"):
+        encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 16))
+    gali, _ = mono.check_switch("gali4")
+    with pytest.raises(ConfigError, match=r"encoder's tensor '1.weight' is on the meta device"):
+        GALI(encoder, gali.generator, gali.head, get_preset("gali4").providers())
