@@ -86,7 +86,12 @@ def recipe(
     epochs: float = typer.Option(None, help="Train for this many passes over the data instead."),
     mixed_precision: str = typer.Option(None, help="no, fp16 (CUDA) or bf16."),
     seed: int = typer.Option(None, help="Random seed."),
-    data_dir: Path = typer.Option(None, help="Folder with the SVHN .mat files or CelebA."),
+    data_dir: Path = typer.Option(
+        None, help="Folder with the SVHN .mat files or CelebA (default: ~/.cache/gali-ext/DATASET)."
+    ),
+    download: bool = typer.Option(
+        False, "--download", help="Fetch SVHN or CelebA into --data-dir first, checksums verified."
+    ),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace the run --out holds."),
     trust_checkpoint: bool = typer.Option(
@@ -101,7 +106,10 @@ def recipe(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train a reference recipe (e.g. `gali-ext recipe digits-gali4`)."""
+    import dataclasses
+
     from gali_ext import recipes
+    from gali_ext.recipes.data import prepare_data
     from gali_ext.recipes.train import train
 
     if steps is not None and epochs is not None:
@@ -128,12 +136,16 @@ def recipe(
         ("seed", seed),
         ("data_dir", data_dir),
         ("log_with", log_with),
+        ("download", download or None),
     ):
         if value is not None:
             overrides[key] = str(value)
     config = config.with_overrides(overrides)
     if trust_checkpoint and not resume:
         raise ConfigError("--trust-checkpoint goes with --resume (it adopts a run's checkpoint)")
+    config.validate()  # before a download: a typo should not wait for a data set
+    folder = prepare_data(config.dataset, config.data_dir, config.download, echo=typer.echo)
+    config = dataclasses.replace(config, data_dir=folder)
     train(
         config,
         out,

@@ -17,14 +17,24 @@ that Accelerate prepares (one shard of every epoch per process), and :func:`endl
 which crosses epochs and skips, on resume, the batches already trained on. :class:`BatchStream`
 is the single-process stream the evaluator classifier trains on.
 
-Nothing is ever downloaded. Missing or malformed files raise one
-:class:`~gali_ext.errors.DataError` naming the file and the expected layout.
+Files live in ``data_dir`` (``--data-dir``), by default :func:`default_data_dir`:
+``~/.cache/gali-ext/svhn`` or ``~/.cache/gali-ext/celeba`` (``$XDG_CACHE_HOME`` honoured).
+:func:`prepare_data` resolves that folder once per run and, with ``download=True``
+(``gali-ext recipe --download``), fetches what is missing with torchvision's machinery (its URLs
+and MD5 checksums, ``download_url`` with a progress bar, Google Drive through ``gdown`` for
+CelebA). A download goes to ``NAME.part`` and takes its final name only once its checksum
+matches, so an interrupted or corrupted download is never loaded; running again fetches it
+again. Missing or malformed files raise one :class:`~gali_ext.errors.DataError` naming the file,
+the expected layout and ``--download``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +51,20 @@ __all__ = [
     "BatchStream",
     "ImageData",
     "ImageFiles",
+    "Source",
+    "celeba_sources",
     "data_mean",
+    "default_data_dir",
+    "download_celeba",
+    "download_svhn",
     "endless_batches",
+    "fetch",
     "load_celeba",
     "load_dataset",
     "load_digits",
     "load_svhn",
+    "prepare_data",
+    "svhn_sources",
     "training_loader",
 ]
 
@@ -68,12 +86,14 @@ LAZY_MEAN_LIMIT = 20000
 DIGIT_NAMES = [str(d) for d in range(10)]
 
 SVHN_LAYOUT = (
-    "expected SVHN's MATLAB files train_32x32.mat and test_32x32.mat (extra_32x32.mat for the "
-    "extra split) in --data-dir, each with key X, uint8 of shape (32, 32, 3, N), and key y of "
-    "shape (N, 1) holding labels 1..10 (10 for digit 0)"
+    "pass --download to fetch SVHN there (checksums verified), or put SVHN's MATLAB files "
+    "train_32x32.mat and test_32x32.mat (extra_32x32.mat for the extra split) in --data-dir, "
+    "each with key X, uint8 of shape (32, 32, 3, N), and key y of shape (N, 1) holding labels "
+    "1..10 (10 for digit 0)"
 )
 CELEBA_LAYOUT = (
-    "expected CelebA in --data-dir: img_align_celeba/*.jpg, list_eval_partition.txt "
+    "pass --download to fetch CelebA there (checksums verified), or put CelebA in --data-dir: "
+    "img_align_celeba/*.jpg, list_eval_partition.txt "
     "('000001.jpg 0' lines; 0 train, 1 valid, 2 test) and list_attr_celeba.txt (line 1 the image "
     "count, line 2 the 40 attribute names, then '000001.jpg -1 1 ...' lines of 40 values -1/1)"
 )
@@ -444,22 +464,255 @@ def load_dataset(
     image_size: int | None = None,
 ) -> ImageData:
     """A split of ``digits`` (embedded, 16 x 16 by default), ``svhn`` (32 x 32) or ``celeba``
-    (64 x 64 by default). ``svhn`` and ``celeba`` read ``data_dir`` (``--data-dir``); nothing is
-    downloaded. ``image_size`` overrides the default size where the data set allows it."""
+    (64 x 64 by default). ``svhn`` and ``celeba`` read ``data_dir`` (``--data-dir``; by default
+    :func:`default_data_dir`); nothing is downloaded here (:func:`prepare_data` does that).
+    ``image_size`` overrides the default size where the data set allows it."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; data sets: {', '.join(DATASETS)}")
     if name == "digits":
         return load_digits(split, 16 if image_size is None else image_size)
     layout = SVHN_LAYOUT if name == "svhn" else CELEBA_LAYOUT
     if data_dir is None or str(data_dir) == "":
-        raise DataError(f"{name} needs --data-dir (nothing is downloaded); {layout}")
+        data_dir = default_data_dir(name)
     if not Path(data_dir).is_dir():
-        raise DataError(f"--data-dir {str(data_dir)!r} is not a folder; {layout}")
+        raise DataError(f"--data-dir {str(data_dir)!r} is not a folder: {layout}")
     if name == "svhn":
         if image_size not in (None, 32):
             raise DataError(f"SVHN images are 32 x 32; image_size={image_size!r} is not offered")
         return load_svhn(data_dir, split)
     return load_celeba(data_dir, split, 64 if image_size is None else image_size)
+
+
+# ------------------------------------------------------------------------------- downloads
+
+CACHE_FOLDER = "gali-ext"
+"""The folder under the user's cache (``$XDG_CACHE_HOME``, else ``~/.cache``) for data sets."""
+SVHN_URL_ENV = "GALI_EXT_SVHN_URL"
+"""Environment variable: a URL base (``http://...``, ``file://...``) serving SVHN's files by
+name in place of torchvision's (a mirror; the tests' local server). Checksums stay torchvision's."""
+CELEBA_URL_ENV = "GALI_EXT_CELEBA_URL"
+"""Environment variable: a URL base serving CelebA's files by name in place of Google Drive."""
+SVHN_DOWNLOAD_SPLITS = ("train", "test")
+"""The SVHN splits a recipe reads, so the files ``--download`` fetches (``extra`` is 1.3 GB)."""
+CELEBA_FILES = ("img_align_celeba.zip", "list_attr_celeba.txt", "list_eval_partition.txt")
+"""The files of torchvision's ``CelebA.file_list`` the loader needs."""
+CELEBA_MANUAL = (
+    "Google Drive refuses files that were downloaded too often in the last day (its quota): "
+    "try again later, or fetch img_align_celeba.zip (Align&Cropped Images), "
+    "list_attr_celeba.txt and list_eval_partition.txt (Anno, Eval) from "
+    "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html into that folder by hand and run with "
+    "--download again (files with the right checksum are kept, the zip is unpacked)"
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file to fetch: from ``url``, or from Google Drive file ``drive_id`` when set; its
+    name in the data folder and its MD5 checksum (torchvision's)."""
+
+    url: str
+    filename: str
+    md5: str
+    drive_id: str | None = None
+
+
+def default_data_dir(dataset: str) -> Path:
+    """Where ``dataset``'s files go when no ``--data-dir`` is given:
+    ``$XDG_CACHE_HOME/gali-ext/DATASET``, or ``~/.cache/gali-ext/DATASET`` when that variable is
+    unset or not an absolute path (the XDG Base Directory rule)."""
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(cache) if cache and Path(cache).is_absolute() else Path.home() / ".cache"
+    return base / CACHE_FOLDER / dataset
+
+
+def _url_base(variable: str) -> str:
+    return os.environ.get(variable, "").strip().rstrip("/")
+
+
+def svhn_sources(splits: Sequence[str] = SVHN_DOWNLOAD_SPLITS) -> list[Source]:
+    """The ``.mat`` files behind ``splits`` with torchvision's URLs and MD5 checksums
+    (``torchvision.datasets.SVHN.split_list``); the URL base is ``$GALI_EXT_SVHN_URL`` when set."""
+    from torchvision.datasets import SVHN
+
+    base = _url_base(SVHN_URL_ENV)
+    sources = []
+    for split in splits:
+        _check_split("SVHN", split, SVHN_FILES)
+    for key in dict.fromkeys(f for split in splits for f in SVHN_FILES[split]):
+        url, filename, md5 = SVHN.split_list[key]
+        sources.append(Source(f"{base}/{filename}" if base else url, filename, md5))
+    return sources
+
+
+def celeba_sources() -> list[Source]:
+    """:data:`CELEBA_FILES` with torchvision's Google Drive ids and MD5 checksums
+    (``torchvision.datasets.CelebA.file_list``); fetched from ``$GALI_EXT_CELEBA_URL/NAME``
+    instead when that variable is set."""
+    from torchvision.datasets import CelebA
+
+    base = _url_base(CELEBA_URL_ENV)
+    sources = []
+    for drive_id, md5, filename in CelebA.file_list:
+        if filename in CELEBA_FILES:
+            if base:
+                sources.append(Source(f"{base}/{filename}", filename, md5))
+            else:
+                sources.append(Source(f"Google Drive file {drive_id}", filename, md5, drive_id))
+    return sources
+
+
+@contextlib.contextmanager
+def _download_lock(folder: Path) -> Iterator[None]:
+    """One download into ``folder`` at a time: the processes of one launch and runs started
+    together wait for the first (``fcntl.flock`` on ``folder/.download.lock``; no lock where
+    ``fcntl`` is missing, as on Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / ".download.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def fetch(
+    source: Source,
+    folder: Path,
+    dataset: str,
+    echo: Callable[[str], None] = print,
+    hint: str = "",
+) -> bool:
+    """Make ``folder / source.filename`` the file whose MD5 is ``source.md5``; returns whether
+    it was downloaded (``False``: already there and verified).
+
+    torchvision's ``download_url`` (or ``download_file_from_google_drive``) writes
+    ``NAME.part`` with a progress bar and checks its MD5; only a verified file is renamed to
+    ``NAME``. A wrong checksum, a truncated file or a failed connection removes the ``.part``
+    file and raises one :class:`DataError` (``hint`` appended); an interrupted run leaves the
+    ``.part`` file, which the next run fetches again. A file under ``NAME`` with another MD5
+    (a corrupted copy) is fetched again too.
+    """
+    from torchvision.datasets.utils import (
+        calculate_md5,
+        check_integrity,
+        download_file_from_google_drive,
+        download_url,
+    )
+
+    target = folder / source.filename
+    if check_integrity(target, source.md5):
+        return False
+    if target.exists():
+        echo(f"{target} does not have the expected MD5 {source.md5}; fetching it again")
+    part = folder / f"{source.filename}.part"
+    echo(f"downloading {dataset} {source.filename} from {source.url} to {folder}")
+    try:
+        if source.drive_id is None:
+            download_url(source.url, str(folder), part.name, source.md5)
+        else:
+            download_file_from_google_drive(source.drive_id, str(folder), part.name, source.md5)
+    except Exception as error:  # urllib, http.client, OSError, gdown and checksum errors
+        received = part.stat().st_size if part.is_file() else 0
+        digest = calculate_md5(part) if part.is_file() else None
+        part.unlink(missing_ok=True)
+        if digest is not None and digest != source.md5:
+            problem = (
+                f"received {received} bytes with MD5 {digest}, expected MD5 {source.md5} "
+                "(a truncated or corrupted download)"
+            )
+        else:
+            problem = f"the download failed after {received} bytes ({_one_line(error)})"
+        raise DataError(
+            f"{dataset} {source.filename} from {source.url}: {problem}; nothing was loaded and "
+            f"the partial file was removed: run again with --download to fetch it again"
+            + (f". {hint}" if hint else "")
+        ) from error
+    os.replace(part, target)
+    return True
+
+
+def download_svhn(
+    folder: str | Path,
+    splits: Sequence[str] = SVHN_DOWNLOAD_SPLITS,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Fetch and verify SVHN's ``.mat`` files for ``splits`` into ``folder`` (see
+    :func:`fetch`); files already there with the right MD5 are kept. Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _download_lock(folder):
+        for source in svhn_sources(splits):
+            fetch(source, folder, "SVHN", echo)
+    return folder
+
+
+def download_celeba(folder: str | Path, echo: Callable[[str], None] = print) -> Path:
+    """Fetch and verify CelebA's aligned images and lists into ``folder`` as torchvision's
+    ``CelebA(download=True)`` does (Google Drive through ``gdown``; :data:`CELEBA_MANUAL` says
+    what to do when Drive refuses), then unpack ``img_align_celeba.zip``.
+
+    The zip is unpacked into ``img_align_celeba.part/`` and renamed to ``img_align_celeba/``
+    once complete, then deleted (1.4 GB); a folder ``img_align_celeba/`` already there is kept
+    and the zip not fetched. Returns the folder.
+    """
+    from torchvision.datasets.utils import extract_archive
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = folder / "img_align_celeba"
+    with _download_lock(folder):
+        for source in celeba_sources():
+            if source.filename.endswith(".zip") and images.is_dir():
+                continue
+            fetch(source, folder, "CelebA", echo, hint=CELEBA_MANUAL)
+        if images.is_dir():
+            return folder
+        archive, staging = folder / "img_align_celeba.zip", folder / "img_align_celeba.part"
+        shutil.rmtree(staging, ignore_errors=True)
+        echo(f"unpacking {archive}")
+        try:
+            extract_archive(archive, staging)
+        except Exception as error:  # zipfile.BadZipFile, OSError
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DataError(f"cannot unpack {str(archive)!r} ({_one_line(error)})") from error
+        if not (staging / "img_align_celeba").is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DataError(f"{str(archive)!r} holds no folder img_align_celeba/: {CELEBA_LAYOUT}")
+        os.replace(staging / "img_align_celeba", images)
+        shutil.rmtree(staging)
+        archive.unlink()
+    return folder
+
+
+def prepare_data(
+    dataset: str,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    echo: Callable[[str], None] = print,
+) -> str:
+    """The data folder of a run, resolved once where the run is built (``gali-ext recipe``):
+    ``data_dir``, or :func:`default_data_dir` when it is empty; with ``download``, SVHN's train
+    and test files or CelebA are fetched there and verified first (:func:`download_svhn`,
+    :func:`download_celeba`). Digits need no folder (``data_dir`` is returned as given)."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown data set {dataset!r}; data sets: {', '.join(DATASETS)}")
+    if dataset == "digits":
+        return str(data_dir or "")
+    folder = Path(data_dir).expanduser() if data_dir else default_data_dir(dataset)
+    if download:
+        if dataset == "svhn":
+            download_svhn(folder, echo=echo)
+        else:
+            download_celeba(folder, echo=echo)
+    return str(folder)
 
 
 def data_mean(data: ImageData, chunk: int = 4096, limit: int | None = None) -> float:

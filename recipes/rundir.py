@@ -1264,6 +1264,7 @@ RESUME_APPLIED = frozenset(
         "checkpoint_every",
         "keep_checkpoints",
         "data_dir",
+        "download",
         "channels_last",
         "description",
         "num_workers",
@@ -1273,7 +1274,8 @@ RESUME_APPLIED = frozenset(
 """Settings a resume may change: each takes effect from the resumed step on (``lr`` and
 ``betas`` through :func:`apply_optimizer_settings`; ``num_workers`` and ``log_with`` change
 how data is read and where metrics go, not what is trained). Every other setting is fixed by
-the checkpoint (model, data, batch, objective, optimizer, precision, seed, ``ema_decay``)."""
+the checkpoint (model, data, batch, objective, optimizer, precision, seed, ``ema_decay``);
+``download`` only says whether missing data files may be fetched (verified) before the run."""
 
 
 def _settings(config: Any) -> dict[str, Any]:

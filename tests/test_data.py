@@ -406,16 +406,21 @@ def test_celeba_unreadable_jpeg_names_the_file(tmp_path):
 # ---------------------------------------------------------- load_dataset
 
 
-def test_load_dataset_names_and_data_dir(tmp_path):
+def test_load_dataset_names_and_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the default data_dir
     data = load_dataset("digits", "val", image_size=8)
     assert data.image_size == 8 and len(data) == 200
     with pytest.raises(
         DataError, match="unknown data set 'mnist'; data sets: digits, svhn, celeba"
     ):
         load_dataset("mnist")
-    with pytest.raises(DataError, match="svhn needs --data-dir.*train_32x32.mat"):
+    with pytest.raises(
+        DataError, match="gali-ext/svhn' is not a folder: pass --download.*train_32x32.mat"
+    ):
         load_dataset("svhn", "train")
-    with pytest.raises(DataError, match="celeba needs --data-dir.*list_attr_celeba.txt"):
+    with pytest.raises(
+        DataError, match="gali-ext/celeba' is not a folder: pass --download.*list_attr_celeba.txt"
+    ):
         load_dataset("celeba", "train", data_dir=None)
     with pytest.raises(DataError, match="--data-dir '.*nowhere' is not a folder"):
         load_dataset("svhn", "train", tmp_path / "nowhere")
