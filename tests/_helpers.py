@@ -65,3 +65,29 @@ def random_variables(spec, batch=5, latent_dim=6, extra_dim=5, seed=0):
         shape = {"image": (1, 8, 8), "latent": (latent_dim,)}.get(kind, (extra_dim,))
         values[name] = torch.randn(batch, *shape, generator=g)
     return values
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``gali-ext ARGS`` in this process: (exit status, stdout, stderr)."""
+    import sys
+    import warnings
+
+    from gali_ext.recipes.cli import main
+
+    argv, format_warning = sys.argv, warnings.formatwarning
+    capsys.readouterr()
+    sys.argv = ["gali-ext", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code or 0
+    finally:
+        sys.argv, warnings.formatwarning = argv, format_warning
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    """The ``error:`` lines of a command's stderr."""
+    return [line for line in err.splitlines() if line.startswith("error:")]

@@ -5,7 +5,6 @@ import json
 import re
 import socket
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,10 @@ from safetensors.torch import load_file
 
 from gali_ext import recipes
 from gali_ext.errors import CheckpointError, ConfigError
-from gali_ext.recipes.cli import main
 from gali_ext.recipes.export import HubEncoder, HubGenerator
 from gali_ext.recipes.models import build_ali_models
 from gali_ext.recipes.train import train
+from tests._helpers import run_cli as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {
@@ -55,22 +54,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr("gali_ext.recipes.export.hf_hub_download", refuse)
     monkeypatch.setattr("huggingface_hub.hub_mixin.hf_hub_download", refuse)
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``gali-ext ARGS`` in this process: (exit status, stdout, stderr)."""
-    argv, format_warning = sys.argv, warnings.formatwarning
-    capsys.readouterr()
-    sys.argv = ["gali-ext", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    finally:
-        sys.argv, warnings.formatwarning = argv, format_warning
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def reference(run: Path, files: tuple[str, str], num_classes=None):

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ from safetensors.torch import load_file
 
 from gali_ext.recipes import rundir
 from gali_ext.recipes.cli import main
+from tests._helpers import error_lines
+from tests._helpers import run_cli as cli
 
 BASE = [
     "digits-ali",
@@ -34,26 +35,6 @@ BASE = [
     "sample_every=1000",
     "--no-progress",
 ]
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``gali-ext ARGS`` in this process: (exit status, stdout, stderr)."""
-    argv, format_warning = sys.argv, warnings.formatwarning
-    capsys.readouterr()
-    sys.argv = ["gali-ext", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    finally:
-        sys.argv, warnings.formatwarning = argv, format_warning
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("error:")]
 
 
 def one_error(code: int, err: str) -> str:

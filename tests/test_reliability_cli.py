@@ -12,7 +12,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 from gali_ext.recipes import rundir
 from gali_ext.recipes.cli import main
+from tests._helpers import error_lines, run_cli
 
 BASE = ["digits-ali", "--set", "batch_size=16", "--set", "checkpoint_every=2", "--set",
         "log_every=1", "--set", "sample_every=1000", "--no-progress"]  # fmt: skip
@@ -35,22 +35,7 @@ time.sleep(120)
 
 def cli_train(capsys, *args: str) -> tuple[int, str, str]:
     """Run ``gali-ext recipe ARGS`` in this process: (exit status, stdout, stderr)."""
-    argv, format_warning = sys.argv, warnings.formatwarning
-    capsys.readouterr()
-    sys.argv = ["gali-ext", "recipe", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    finally:
-        sys.argv, warnings.formatwarning = argv, format_warning
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("error:")]
+    return run_cli(capsys, "recipe", *args)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
