@@ -133,7 +133,7 @@ def check(
     modules = [m for m in (head, owner, encoder, generator) if isinstance(m, nn.Module)]
     buffers = _snapshot(modules)
     rng = torch.random.get_rng_state()
-    audit, head.__dict__["_checked_range"] = gali.audit, head._checked_range
+    audit, checked_range = gali.audit, head._checked_range  # the first step's checks stay
     gali.audit = StepAudit()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -143,7 +143,7 @@ def check(
             g = gali.generator_objective(chains=d.chains)
             g_step = reachable_leaves(g.loss)
     finally:
-        gali.audit = audit
+        gali.audit, head._checked_range = audit, checked_range
         for b, saved in buffers:
             b.data.copy_(saved)
         torch.random.set_rng_state(rng)

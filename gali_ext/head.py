@@ -1152,10 +1152,12 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                     own.update(zip(group, part_scores or []))
             slots = [[features[n] for n in c.nodes] for c in spec.classes]
             scores = [[own.get(n) for n in c.nodes] for c in spec.classes]
+        groups = self._class_groups(mode)
+        order = [i for group in groups for i in group]  # the classes as the groups list them
         results = []
         for path, net, extra in self._paths():
             per_class: list[Tensor] = []
-            for group in self._class_groups(mode):
+            for group in groups:
                 inputs = [torch.cat([slots[i][s] for i in group]) for s in path.slots]
                 score = None
                 if path.mode == "own":
@@ -1165,7 +1167,6 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                     condition = torch.cat([class_conditions[i] for i in group])
                 logits = self._logits(path, net, extra, inputs, condition, score)
                 per_class.extend(logits.split(batch))
-            order = [i for group in self._class_groups(mode) for i in group]
             results.append(torch.stack([per_class[order.index(i)] for i in range(k)]))
         unary = torch.stack(results[1:]) if len(results) > 1 else None
         return DiscriminatorOutput(

@@ -299,6 +299,7 @@ def test_check_reports_every_module_and_changes_nothing():
     assert all(torch.equal(before[k], v) for k, v in d.state_dict().items())
     assert torch.equal(rng, torch.random.get_rng_state())
     assert all(p.grad is None for p in gali.parameters())
+    assert gali.audit.reached is None and not gali.head._checked_range  # the first step's checks
 
 
 def test_check_fails_on_layers_the_users_checkpoints_would_miss():
