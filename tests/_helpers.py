@@ -91,3 +91,22 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 def error_lines(err: str) -> list[str]:
     """The ``error:`` lines of a command's stderr."""
     return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def train_run(run, args) -> None:
+    """``gali-ext recipe ARGS --out RUN`` in this process, which must end well (for module-scoped
+    fixtures, which cannot take ``capsys``)."""
+    import sys
+
+    import pytest
+
+    from gali_ext.recipes.cli import main
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(sys, "argv", ["gali-ext", "recipe", *args, "--out", str(run)])
+    try:
+        main()
+    except SystemExit as exit:
+        assert not exit.code
+    finally:
+        patch.undo()

@@ -19,8 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from gali_ext.recipes import rundir
-from gali_ext.recipes.cli import main
-from tests._helpers import error_lines
+from tests._helpers import error_lines, train_run
 from tests._helpers import run_cli as cli
 
 BASE = [
@@ -80,14 +79,7 @@ def checkpoint_steps(run: Path) -> dict[str, int]:
 def trained(tmp_path_factory) -> Path:
     """digits-ali trained 4 steps: checkpoint_0 (step 2) and checkpoint_1 (step 4)."""
     run = tmp_path_factory.mktemp("base") / "run"
-    patch = pytest.MonkeyPatch()
-    patch.setattr(sys, "argv", ["gali-ext", "recipe", *BASE, "--steps", "4", "--out", str(run)])
-    try:
-        main()
-    except SystemExit as exit:
-        assert not exit.code
-    finally:
-        patch.undo()
+    train_run(run, [*BASE, "--steps", "4"])
     assert checkpoint_steps(run) == {"checkpoint_0": 2, "checkpoint_1": 4}
     return run
 

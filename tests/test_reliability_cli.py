@@ -19,8 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from gali_ext.recipes import rundir
-from gali_ext.recipes.cli import main
-from tests._helpers import error_lines, run_cli
+from tests._helpers import error_lines, run_cli, train_run
 
 BASE = ["digits-ali", "--set", "batch_size=16", "--set", "checkpoint_every=2", "--set",
         "log_every=1", "--set", "sample_every=1000", "--no-progress"]  # fmt: skip
@@ -61,14 +60,7 @@ def logged_steps(run: Path) -> list[int]:
 def trained(tmp_path_factory) -> Path:
     """digits-ali trained 4 steps: checkpoint_0 (step 2) and checkpoint_1 (step 4)."""
     run = tmp_path_factory.mktemp("base") / "run"
-    patch = pytest.MonkeyPatch()
-    patch.setattr(sys, "argv", ["gali-ext", "recipe", *BASE, "--steps", "4", "--out", str(run)])
-    try:
-        main()
-    except SystemExit as exit:
-        assert not exit.code
-    finally:
-        patch.undo()
+    train_run(run, [*BASE, "--steps", "4"])
     assert logged_steps(run) == [1, 2, 3, 4]
     return run
 
