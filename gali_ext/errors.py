@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "DivergenceError",
+    "first_line",
 ]
 
 
@@ -49,3 +50,10 @@ class CheckpointError(GaliError, ValueError):
 
 class DivergenceError(GaliError, RuntimeError):
     """A loss, or the logits it is computed from, became NaN or infinite during training."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what a
+    one-line error quotes of the error it replaces."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

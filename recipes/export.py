@@ -33,7 +33,7 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCardData, ModelHubMixin, hf_hub_download
 
-from gali_ext.errors import CheckpointError, ConfigError
+from gali_ext.errors import CheckpointError, ConfigError, first_line
 from gali_ext.providers.pretrained import load_safetensors_into
 
 from . import RecipeConfig
@@ -544,7 +544,7 @@ def push_to_hub(
     except Exception as error:  # the Hub's HTTP errors, httpx's network errors, OSError
         if not _hub_failure(error):
             raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ConfigError(
             f"--push-to-hub {repo_id}: the upload failed ({reason}); the export in "
             f"{str(folder)!r} is complete: log in (`hf auth login`) or check the "

@@ -29,7 +29,7 @@ import torch
 
 from gali_ext import GALI, MultiClassJointDiscriminatorHead
 from gali_ext.capture import CapturedStep, tf32_mode
-from gali_ext.errors import ConfigError, DataError, DivergenceError, GaliError
+from gali_ext.errors import ConfigError, DataError, DivergenceError, GaliError, first_line
 from gali_ext.gali import build_gali
 from gali_ext.losses import build_discriminator_criterion, build_generator_criterion
 from gali_ext.priors import resolve_prior
@@ -737,7 +737,7 @@ def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: Start
     except (MemoryError, RuntimeError) as error:  # torch's allocator raises RuntimeError
         if not isinstance(error, MemoryError) and "allocate" not in str(error):
             raise
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise ConfigError(
             f"cannot build the models of {config.name} (latent_dim={config.latent_dim}, "
             f"batch_size={config.batch_size}): out of memory ({first[:200]}); expected settings "
