@@ -44,8 +44,9 @@ def _check_condition_arg(condition: Any) -> bool | str | None:
     )
 
 
-def _call_with_condition(module: Any, args: list[Tensor], condition: Tensor | None,
-                         how: bool | str | None, what: str) -> Any:  # fmt: skip
+def _call_with_condition(
+    module: Any, args: list[Tensor], condition: Tensor | None, how: bool | str | None, what: str
+) -> Any:
     if how is None:
         return module(*args)
     if condition is None:
@@ -69,9 +70,13 @@ def _select(raw: Any, output: OutputSelector, what: str) -> Tensor:
             value = raw[output]
         except (IndexError, KeyError, TypeError) as error:
             keys = list(raw) if isinstance(raw, Mapping) else None
-            have = f"keys {keys}" if keys is not None else (
-                f"{len(raw)} elements" if isinstance(raw, (tuple, list)) else type(raw).__name__
-            )  # fmt: skip
+            have = (
+                f"keys {keys}"
+                if keys is not None
+                else (
+                    f"{len(raw)} elements" if isinstance(raw, (tuple, list)) else type(raw).__name__
+                )
+            )
             raise ConfigError(
                 f"output={output!r} cannot be read from the {what}'s output ({have})"
             ) from error
@@ -183,6 +188,7 @@ class FeatureNetwork(NetworkAdapter):
             if self.score is None:
                 return features
             return _select(raw, self.score, "feature network's score"), features
+
         def call() -> Any:
             return _call_with_condition(
                 self.module, [x], condition, self.condition, "feature network"

@@ -53,9 +53,11 @@ class LatentGenerator(nn.Module):
         super().__init__()
         if not callable(module):
             raise ConfigError(f"expected the generator to be callable, got {type(module).__name__}")
-        if not (condition is None or isinstance(condition, bool) or (
-            isinstance(condition, str) and condition.isidentifier()
-        )):  # fmt: skip
+        if not (
+            condition is None
+            or isinstance(condition, bool)
+            or (isinstance(condition, str) and condition.isidentifier())
+        ):
             raise ConfigError(
                 "condition must be a keyword name (e.g. 'y'), True (positional, after z), False "
                 f"(the generator takes none) or None, got {condition!r}"

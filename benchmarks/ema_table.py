@@ -28,11 +28,11 @@ def run(recipe: str, seed: int, decay: float, steps: int, out: Path) -> dict:
 
     folder = out / f"{recipe}-seed{seed}-ema{decay:g}"
     if not (folder / "summary.json").is_file():
-        print(f"training {recipe} seed {seed} with ema_decay={decay:g} for {steps} steps",
-              flush=True)  # fmt: skip
+        print(
+            f"training {recipe} seed {seed} with ema_decay={decay:g} for {steps} steps", flush=True
+        )
         settings = {"steps": str(steps), "seed": str(seed), "ema_decay": str(decay)}
-        train(recipes.get(recipe).with_overrides(settings), folder, progress=False,
-              overwrite=True)  # fmt: skip
+        train(recipes.get(recipe).with_overrides(settings), folder, progress=False, overwrite=True)
     return json.loads((folder / "summary.json").read_text())
 
 
@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     seeds = range(args.seeds)
     # one decay after the other, so that a stopped script leaves whole columns to reuse
-    summary = {(d, n, s): run(n, s, d, args.steps, args.out)
-               for d in decays for n in names for s in seeds}  # fmt: skip
+    summary = {
+        (d, n, s): run(n, s, d, args.steps, args.out) for d in decays for n in names for s in seeds
+    }
     results: dict[str, dict] = {}
     for name in names:
         raw, ema = [], {d: [] for d in decays}
@@ -64,8 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
             summaries = {d: summary[d, name, seed] for d in decays}
             raws = {s["test_pixel_mse_raw"] for s in summaries.values()}
             if len(raws) != 1:
-                raise SystemExit(f"{name} seed {seed}: the raw weights differ between decays "
-                                 f"({sorted(raws)}): the EMA changed training")  # fmt: skip
+                raise SystemExit(
+                    f"{name} seed {seed}: the raw weights differ between decays "
+                    f"({sorted(raws)}): the EMA changed training"
+                )
             raw.append(raws.pop())
             for d in decays:
                 ema[d].append(summaries[d]["test_pixel_mse"])

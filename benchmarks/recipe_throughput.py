@@ -51,8 +51,10 @@ def parse_variant(variant: str) -> tuple[str, dict[str, bool]]:
     ``+graphs`` (CUDA graphs) and ``+tf32``."""
     precision, *options = variant.split("+")
     if precision not in ("no", "fp16", "bf16") or any(o not in OPTIONS for o in options):
-        raise SystemExit(f"--precisions: {variant!r} is not no, fp16 or bf16, optionally followed "
-                         f"by +{', +'.join(OPTIONS)} (e.g. bf16+nhwc+graphs)")  # fmt: skip
+        raise SystemExit(
+            f"--precisions: {variant!r} is not no, fp16 or bf16, optionally followed "
+            f"by +{', +'.join(OPTIONS)} (e.g. bf16+nhwc+graphs)"
+        )
     return precision, {OPTIONS[o]: True for o in options}
 
 
@@ -61,8 +63,9 @@ def label(variant: str) -> str:
     return "fp32" + variant[2:] if variant.startswith("no") else variant
 
 
-def measure(recipe: str, variant: str, steps: int, warmup: int, data_dir: Path, out: Path,
-            batch: int | None) -> dict:  # fmt: skip
+def measure(
+    recipe: str, variant: str, steps: int, warmup: int, data_dir: Path, out: Path, batch: int | None
+) -> dict:
     """Train ``recipe`` for ``steps`` steps; the median images/s of the steps after ``warmup``.
 
     ``variant``: see :func:`parse_variant`.
@@ -82,14 +85,19 @@ def measure(recipe: str, variant: str, steps: int, warmup: int, data_dir: Path, 
         **settings,
         **({"batch_size": batch} if batch else {}),
     )
-    run = train(config, out / f"{recipe}-{config.batch_size}-{variant}", overwrite=True,
-                progress=False)  # fmt: skip
+    run = train(
+        config, out / f"{recipe}-{config.batch_size}-{variant}", overwrite=True, progress=False
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     timed = [r["images_per_s"] for r in records if r["step"] > warmup]
     if not timed:
         raise SystemExit(f"--steps {steps} leaves no step after --warmup {warmup} to time")
-    return {"images_per_s": statistics.median(timed), "timed_steps": len(timed),
-            "batch_size": config.batch_size, "n_dis": config.n_dis}  # fmt: skip
+    return {
+        "images_per_s": statistics.median(timed),
+        "timed_steps": len(timed),
+        "batch_size": config.batch_size,
+        "n_dis": config.n_dis,
+    }
 
 
 def _per_batch(text: str, batches: list, name: str) -> list[int]:
@@ -110,10 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
         help="no, fp16 or bf16, each optionally +nhwc, +graphs (CUDA graphs), +tf32",
     )
     parser.add_argument("--steps", default="300", help="one count, or one per --batch")
-    parser.add_argument("--warmup", default="50", help="steps left out of the median (each "
-                        "batch size's, like --steps)")  # fmt: skip
-    parser.add_argument("--batch", default=None, help="batch sizes, e.g. 100,1000 "
-                        "(default: the recipe's)")  # fmt: skip
+    parser.add_argument(
+        "--warmup",
+        default="50",
+        help="steps left out of the median (each batch size's, like --steps)",
+    )
+    parser.add_argument(
+        "--batch", default=None, help="batch sizes, e.g. 100,1000 (default: the recipe's)"
+    )
     parser.add_argument("--train-images", type=int, default=SVHN_TRAIN)
     parser.add_argument("--test-images", type=int, default=SVHN_TEST)
     parser.add_argument("--out", type=Path, default=Path("runs/recipe-throughput"))
@@ -139,8 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
                 size = batch or _recipe_batch(name)
                 if "graphs" in variant.split("+") and not cuda:
                     skipped.append(f"{name} {variant}")
-                    print(f"{name} batch {size} {variant}: skipped (CUDA graphs need a CUDA "
-                          "device)", flush=True)  # fmt: skip
+                    print(
+                        f"{name} batch {size} {variant}: skipped (CUDA graphs need a CUDA device)",
+                        flush=True,
+                    )
                     continue
                 print(f"training {name} batch {size} ({variant}) for {count} steps", flush=True)
                 try:
@@ -151,9 +165,11 @@ def main(argv: list[str] | None = None) -> dict:
                 results.setdefault(name, {}).setdefault(str(size), {})[variant] = measured
                 _write(args.out, results, steps, warmups, skipped)  # a run cut short keeps these
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"\nRecipe throughput on stand-in SVHN, {device}, torch {torch.__version__}, "
-          f"images/s: median of the steps after the warm-up "
-          f"(steps {args.steps}, warm-up {args.warmup})\n")  # fmt: skip
+    print(
+        f"\nRecipe throughput on stand-in SVHN, {device}, torch {torch.__version__}, "
+        f"images/s: median of the steps after the warm-up "
+        f"(steps {args.steps}, warm-up {args.warmup})\n"
+    )
     shown = [p for p in precisions if not ("graphs" in p.split("+") and not cuda)]
     base = shown[0]
     header = "| recipe | batch | " + " | ".join(f"{label(p)} images/s" for p in shown)
@@ -164,8 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
         for size, measured in by_batch.items():
             rates = {p: measured.get(p, {}).get("images_per_s") for p in shown}
             cells = [f"{rates[p]:.0f}" if rates[p] else "failed" for p in shown]
-            cells += [f"{rates[p] / rates[base]:.2f}x" if rates[p] and rates[base] else "-"
-                      for p in shown[1:]]  # fmt: skip
+            cells += [
+                f"{rates[p] / rates[base]:.2f}x" if rates[p] and rates[base] else "-"
+                for p in shown[1:]
+            ]
             print(f"| {name} | {size} | " + " | ".join(cells) + " |")
     if skipped:
         print(f"\nskipped (CUDA graphs need a CUDA device): {', '.join(skipped)}")
@@ -177,8 +195,14 @@ def _write(out: Path, results: dict, steps: list, warmups: list, skipped: list) 
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    summary = {"device": device, "torch": torch.__version__, "steps": steps,
-               "warmup": warmups, "results": results, "skipped": skipped}  # fmt: skip
+    summary = {
+        "device": device,
+        "torch": torch.__version__,
+        "steps": steps,
+        "warmup": warmups,
+        "results": results,
+        "skipped": skipped,
+    }
     (out / "throughput.json").write_text(json.dumps(summary, indent=2))
     return summary
 

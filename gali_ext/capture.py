@@ -287,11 +287,17 @@ class CapturedStep:
         assert self._inputs is not None
         with finite_logits_check(False):  # the guard watches the losses, on the device
             logged, parts = _run_step(
-                self._call, iter(self._inputs), self.d_optimizer, self.g_optimizer,
-                n_dis=self.n_dis, instance_noise=self.instance_noise if self._noise else 0.0,
-                backward=Tensor.backward, shared_forward=self.shared_forward, guard=self.guard,
+                self._call,
+                iter(self._inputs),
+                self.d_optimizer,
+                self.g_optimizer,
+                n_dis=self.n_dis,
+                instance_noise=self.instance_noise if self._noise else 0.0,
+                backward=Tensor.backward,
+                shared_forward=self.shared_forward,
+                guard=self.guard,
                 step=None,
-            )  # fmt: skip
+            )
         if self._logged is None:
             self._logged = torch.empty_like(logged)
             self._parts = parts

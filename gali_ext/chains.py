@@ -62,8 +62,9 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
                 f"{type(y).__name__}"
             )
         return x, y
-    got = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list))
-                                         else "")  # fmt: skip
+    got = f"a {type(batch).__name__}" + (
+        f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+    )
     raise ShapeError(
         f"expected a batch of images x [B, C, H, W] or a pair (x, y) with a per-sample "
         f"condition y, got {got}"

@@ -645,8 +645,11 @@ class MultiClassJointDiscriminatorHead(nn.Module):
 
     def _unary_networks(self, unary: Any) -> dict[int, nn.Module | bool]:
         slot_kinds = self.spec.slot_kinds
-        own = {s: _OWN_SCORE for s, kind in enumerate(slot_kinds)
-               if getattr(self.feature_nets[kind], "has_score", False)}
+        own = {
+            s: _OWN_SCORE
+            for s, kind in enumerate(slot_kinds)
+            if getattr(self.feature_nets[kind], "has_score", False)
+        }
         chosen = self._chosen_unary(unary)
         clash = sorted(set(own) & set(chosen))
         if clash:
@@ -664,8 +667,11 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         if unary is False or unary is None:
             return {}
         if unary is True:
-            return {s: True for s, kind in enumerate(slot_kinds)
-                    if not getattr(self.feature_nets[kind], "has_score", False)}
+            return {
+                s: True
+                for s, kind in enumerate(slot_kinds)
+                if not getattr(self.feature_nets[kind], "has_score", False)
+            }
         if not isinstance(unary, Mapping):
             raise ConfigError(
                 "unary must be True, False, or a mapping from a kind or a slot index to a "
@@ -739,8 +745,10 @@ class MultiClassJointDiscriminatorHead(nn.Module):
 
     def batch_norm_layers(self) -> dict[str, list[str]]:
         """The batch-dependent layers of each network the head calls, by network."""
-        found = {f"the {k!r} feature network": batch_dependent_layers(n)
-                 for k, n in self.feature_nets.items()}  # fmt: skip
+        found = {
+            f"the {k!r} feature network": batch_dependent_layers(n)
+            for k, n in self.feature_nets.items()
+        }
         found["the joint network"] = batch_dependent_layers(self.joint)
         for slot, net in self.unary_heads.items():
             found[f"the unary head of slot {slot}"] = batch_dependent_layers(net)
@@ -902,8 +910,14 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         noisy = add_instance_noise(variables, self.spec, instance_noise_std, rng)
         return noisy, batch, by_root
 
-    def _call(self, net: Any, inputs: list[Tensor], condition: Tensor | None, what: str,
-              joint: bool = False) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    def _call(
+        self,
+        net: Any,
+        inputs: list[Tensor],
+        condition: Tensor | None,
+        what: str,
+        joint: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         """A user network's output (and the features an adapter returns), failures re-raised
         as :class:`GaliError` naming the fix."""
         try:
@@ -945,9 +959,13 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         return out, features
 
     def _node_features(
-        self, kind: str, names: Sequence[str], variables: Mapping[str, Tensor],
-        conditions: Mapping[str, Tensor] | None, batch: int,
-    ) -> tuple[list[Tensor], list[Tensor] | None]:  # fmt: skip
+        self,
+        kind: str,
+        names: Sequence[str],
+        variables: Mapping[str, Tensor],
+        conditions: Mapping[str, Tensor] | None,
+        batch: int,
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
         """The features of the given nodes of one kind, from one call of the kind's network,
         and the network's own scores of them when it returns one (``has_score``)."""
         shapes = {n: tuple(variables[n].shape[1:]) for n in names}
@@ -996,9 +1014,14 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         return list(features.split(batch)), list(scores.split(batch))
 
     def _logits(
-        self, path: _Path, net: Any, extra: Any, inputs: list[Tensor], condition: Tensor | None,
+        self,
+        path: _Path,
+        net: Any,
+        extra: Any,
+        inputs: list[Tensor],
+        condition: Tensor | None,
         own: Tensor | None = None,
-    ) -> Tensor:  # fmt: skip
+    ) -> Tensor:
         """K logits of one path (joint or unary) on ``N`` tuples: ``[N, K]``; ``own``: the
         score a feature network gave the slot (an ``"own"`` path)."""
         k = self.spec.num_classes
@@ -1019,8 +1042,9 @@ class MultiClassJointDiscriminatorHead(nn.Module):
                 out, features = self._call(net, inputs, condition, path.what, path is self._joint)
                 self._check_range(out, path)
             if path.mode == "features":
-                return self._checked(path, self._added(path, extra, out.flatten(1), condition),
-                                     rows)  # fmt: skip
+                return self._checked(
+                    path, self._added(path, extra, out.flatten(1), condition), rows
+                )
             out = out.flatten(1) if out.dim() > 1 else out.unsqueeze(1)
             if features is None:
                 features = torch.cat([t.flatten(1) for t in inputs], 1)
@@ -1145,9 +1169,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             own: dict[str, Tensor] = {}
             for kind in spec.kinds:
                 for group in self._node_groups(spec.nodes_of_kind(kind), mode):
-                    parts, part_scores = self._node_features(
-                        kind, group, variables, by_root, batch
-                    )
+                    parts, part_scores = self._node_features(kind, group, variables, by_root, batch)
                     features.update(zip(group, parts))
                     own.update(zip(group, part_scores or []))
             slots = [[features[n] for n in c.nodes] for c in spec.classes]

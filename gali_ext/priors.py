@@ -25,8 +25,9 @@ from .errors import ConfigError, ShapeError
 
 __all__ = ["PRIORS", "Prior", "available_priors", "resolve_prior"]
 
-PriorFunction = Callable[[tuple[int, ...], torch.device, torch.dtype, "torch.Generator | None"],
-                         Tensor]  # fmt: skip
+PriorFunction = Callable[
+    [tuple[int, ...], torch.device, torch.dtype, "torch.Generator | None"], Tensor
+]
 
 
 class Prior:

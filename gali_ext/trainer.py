@@ -354,8 +354,9 @@ def _run_step(
         d_optimizer.zero_grad(set_to_none=True)
         # The last D step keeps the chains' graph: the G/E step below reuses them.
         reuse = not shared_forward and i == d_steps - 1
-        d = objective(x, role="discriminator", instance_noise_std=instance_noise,
-                      differentiable_chains=reuse)  # fmt: skip
+        d = objective(
+            x, role="discriminator", instance_noise_std=instance_noise, differentiable_chains=reuse
+        )
         finite(d.loss, "discriminator loss")
         backward(d.loss)
         update(d_optimizer)
@@ -476,10 +477,17 @@ def train_step(
     # guard catches what it would, without a sync inside the step.
     with finite_logits_check(not on_device):
         logged, parts = _run_step(
-            gali, iter(batches), d_optimizer, g_optimizer, n_dis=n_dis,
-            instance_noise=instance_noise, backward=backward, shared_forward=shared_forward,
-            guard=guard if on_device else None, step=step,
-        )  # fmt: skip
+            gali,
+            iter(batches),
+            d_optimizer,
+            g_optimizer,
+            n_dis=n_dis,
+            instance_noise=instance_noise,
+            backward=backward,
+            shared_forward=shared_forward,
+            guard=guard if on_device else None,
+            step=step,
+        )
     if not sync:
         return None
     # One host sync for everything logged and the device-side NaN flag.

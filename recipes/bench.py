@@ -92,9 +92,13 @@ class _FrozenFeatures(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            nn.Conv2d(channels, 32, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, 2, 1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -112,10 +116,18 @@ def _build(preset: str, arch: str, device: torch.device, seed: int = 0):
 
 
 def step_functions(
-    arch: str, batch: int, device: torch.device, specs: tuple[str, ...] = SPECS, *,
-    n_dis: int = 1, autocast_dtype: torch.dtype | None = None, shared_forward: bool = False,
-    compiled: bool = False, channels_last: bool = False, documented_loop: bool = False,
-) -> dict[str, Callable[[], None]]:  # fmt: skip
+    arch: str,
+    batch: int,
+    device: torch.device,
+    specs: tuple[str, ...] = SPECS,
+    *,
+    n_dis: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+    shared_forward: bool = False,
+    compiled: bool = False,
+    channels_last: bool = False,
+    documented_loop: bool = False,
+) -> dict[str, Callable[[], None]]:
     """One full training step per spec, each on its own networks and optimizers, ready to time.
 
     ``compiled``: E, G and each network of the head go through ``torch.compile`` first (the
@@ -141,8 +153,15 @@ def step_functions(
                 if documented_loop:
                     _documented_step(gali, x, d_opt, g_opt)
                 else:
-                    train_step(gali, [x] * n_dis, d_opt, g_opt, n_dis=n_dis,
-                               instance_noise=0.05, shared_forward=shared_forward)  # fmt: skip
+                    train_step(
+                        gali,
+                        [x] * n_dis,
+                        d_opt,
+                        g_opt,
+                        n_dis=n_dis,
+                        instance_noise=0.05,
+                        shared_forward=shared_forward,
+                    )
 
         steps[name] = step
     return steps
@@ -403,8 +422,10 @@ def format_table(result: dict[str, Any]) -> str:
         # speed-ups over the NCHW fp32 step; channels-last columns in results that have them
         columns = [("bf16", "bf16_speedup")]
         if "channels_last_speedup" in result:
-            columns += [("channels-last fp32", "channels_last_speedup"),
-                        ("channels-last bf16", "channels_last_bf16_speedup")]  # fmt: skip
+            columns += [
+                ("channels-last fp32", "channels_last_speedup"),
+                ("channels-last bf16", "channels_last_bf16_speedup"),
+            ]
         lines += [
             "",
             "| spec | "
@@ -457,8 +478,7 @@ def _graph_step(
         d_opt = torch.optim.Adam(head.parameters(), 1e-4, betas=(0.5, 0.999))
         g_opt = torch.optim.Adam(eg, 1e-4, betas=(0.5, 0.999))
     else:
-        d_opt = build_optimizer("adam", head.parameters(), 1e-4, device=device,
-                                capturable=captured)  # fmt: skip
+        d_opt = build_optimizer("adam", head.parameters(), 1e-4, device=device, capturable=captured)
         g_opt = build_optimizer("adam", eg, 1e-4, device=device, capturable=captured)
     x = torch.rand(batch, *models.image_shape, device=device) * 2 - 1
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -473,8 +493,15 @@ def _graph_step(
 
     def run() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            train_step(gali, [x], d_opt, g_opt, instance_noise=0.05,
-                       sync=mode != "eager-async", guard=guard)  # fmt: skip
+            train_step(
+                gali,
+                [x],
+                d_opt,
+                g_opt,
+                instance_noise=0.05,
+                sync=mode != "eager-async",
+                guard=guard,
+            )
 
     def read() -> float:
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -663,18 +690,26 @@ def _graph_row(row: dict[str, Any]) -> str:
     head = f"| {row['spec']} | {row['batch']} | {row['precision']} | {row['mode']} | "
     if "error" in row:
         return head + f"failed: {row['error']} | | | | | |"
-    return head + " | ".join([
-        cell("images_per_s", ".0f"), cell("step_ms", ".2f"),
-        cell("gpu_seconds_per_step", ".2f", 1e3), cell("gpu_busy", ".0%"),
-        cell("gpu_activities_per_step", ".0f"), cell("d_loss", ".4f"),
-    ]) + " |"  # fmt: skip
+    return (
+        head
+        + " | ".join(
+            [
+                cell("images_per_s", ".0f"),
+                cell("step_ms", ".2f"),
+                cell("gpu_seconds_per_step", ".2f", 1e3),
+                cell("gpu_busy", ".0%"),
+                cell("gpu_activities_per_step", ".0f"),
+                cell("d_loss", ".4f"),
+            ]
+        )
+        + " |"
+    )
 
 
 def _graph_speedups(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Images/s ratios: per ``spec/batch/precision``, each mode over ``baseline`` and
     ``captured`` over ``eager``; per ``spec/batch/mode``, bf16 over fp32."""
-    rate = {(r["spec"], r["batch"], r["precision"], r["mode"]): r.get("images_per_s")
-            for r in rows}  # fmt: skip
+    rate = {(r["spec"], r["batch"], r["precision"], r["mode"]): r.get("images_per_s") for r in rows}
     modes = {}
     precision = {}
     for (spec, batch, prec, mode), value in rate.items():
@@ -718,29 +753,40 @@ def format_graph_table(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     if any(r.get("gpu_busy") is not None for r in rows):
         header = ["spec", "batch", "precision"] + [f"{m} GPU busy" for m in modes]
-        lines += ["", "GPU busy: GPU time per step (torch.profiler, union of kernel intervals) "
-                  "over the unprofiled step time; GPU ms / step ms in brackets", ""]  # fmt: skip
+        lines += [
+            "",
+            "GPU busy: GPU time per step (torch.profiler, union of kernel intervals) "
+            "over the unprofiled step time; GPU ms / step ms in brackets",
+            "",
+        ]
         lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for key in keys:
             row = [str(k) for k in key]
             for m in modes:
                 r = cells.get((*key, m), {})
                 busy = r.get("gpu_busy")
-                row.append("-" if busy is None else
-                           f"{busy:.0%} ({r['gpu_seconds_per_step'] * 1e3:.1f} / "
-                           f"{r['step_ms']:.1f})")  # fmt: skip
+                row.append(
+                    "-"
+                    if busy is None
+                    else f"{busy:.0%} ({r['gpu_seconds_per_step'] * 1e3:.1f} / {r['step_ms']:.1f})"
+                )
             lines.append("| " + " | ".join(row) + " |")
     precision = result["speedups"]["bf16_over_fp32"]
     if precision:
-        lines += ["", "| spec | batch | " + " | ".join(f"{m} bf16 / fp32" for m in modes) + " |",
-                  "|---|---" + "|---" * len(modes) + "|"]  # fmt: skip
+        lines += [
+            "",
+            "| spec | batch | " + " | ".join(f"{m} bf16 / fp32" for m in modes) + " |",
+            "|---|---" + "|---" * len(modes) + "|",
+        ]
         for key, by_mode in precision.items():
             spec, batch = key.split("/")
             row = [f"{by_mode[m]:.2f}x" if m in by_mode else "-" for m in modes]
             lines.append(f"| {spec} | {batch} | " + " | ".join(row) + " |")
     errors = [r for r in rows if "error" in r]
-    lines += [f"failed: {r['spec']} batch {r['batch']} {r['precision']} {r['mode']}: "
-              f"{r['error']}" for r in errors]  # fmt: skip
+    lines += [
+        f"failed: {r['spec']} batch {r['batch']} {r['precision']} {r['mode']}: {r['error']}"
+        for r in errors
+    ]
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
 
@@ -776,28 +822,38 @@ def graph_equality(
             models, head, eager = _build(name, arch, dev)
             captured = copy.deepcopy(eager)
             torch.manual_seed(3)
-            data = [[torch.rand(batch, *models.image_shape, device=dev) * 2 - 1
-                     for _ in range(n_dis)] for _ in range(steps)]  # fmt: skip
+            data = [
+                [torch.rand(batch, *models.image_shape, device=dev) * 2 - 1 for _ in range(n_dis)]
+                for _ in range(steps)
+            ]
             noise = [0.1 * (1 - t / steps) for t in range(steps)]
             losses = {}
             for label, gali in (("eager", eager), ("captured", captured)):
                 eg = [*gali.encoder.parameters(), *gali.generator.parameters()]
-                opts = [build_optimizer("adam", ps, 1e-4, device=dev,
-                                        capturable=dev.type == "cuda")
-                        for ps in (gali.head.parameters(), eg)]  # fmt: skip
+                opts = [
+                    build_optimizer("adam", ps, 1e-4, device=dev, capturable=dev.type == "cuda")
+                    for ps in (gali.head.parameters(), eg)
+                ]
                 torch.manual_seed(1)
                 if label == "eager":
-                    out = [train_step(gali, x, *opts, n_dis=n_dis, instance_noise=s)
-                           for x, s in zip(data, noise)]  # fmt: skip
+                    out = [
+                        train_step(gali, x, *opts, n_dis=n_dis, instance_noise=s)
+                        for x, s in zip(data, noise)
+                    ]
                 else:
                     step = CapturedStep(gali, *opts, n_dis=n_dis)
                     out = [step(x, instance_noise=s) for x, s in zip(data, noise)]
                 losses[label] = [(m.d_loss, m.g_loss) for m in out]
-            pairs = [(a, b) for ea, ca in zip(losses["eager"], losses["captured"])
-                     for a, b in zip(ea, ca)]  # fmt: skip
+            pairs = [
+                (a, b)
+                for ea, ca in zip(losses["eager"], losses["captured"])
+                for a, b in zip(ea, ca)
+            ]
             loss_rel = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
-            param_abs = max((p - q).abs().max().item()
-                            for p, q in zip(eager.parameters(), captured.parameters()))  # fmt: skip
+            param_abs = max(
+                (p - q).abs().max().item()
+                for p, q in zip(eager.parameters(), captured.parameters())
+            )
             results[name] = {
                 "steps": steps,
                 "max_loss_rel_diff": loss_rel,

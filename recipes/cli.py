@@ -282,8 +282,10 @@ def train_evaluator_command(
             f"--epochs must be >= 1, got {epochs}: an untrained evaluator would score every run "
             "as chance"
         )
-    typer.echo(f"training the {dataset} evaluator classifier for {epochs} epochs "
-               "(digits: about 1 min on 2 CPU cores)")  # fmt: skip
+    typer.echo(
+        f"training the {dataset} evaluator classifier for {epochs} epochs "
+        "(digits: about 1 min on 2 CPU cores)"
+    )
     info = train_evaluator(dataset, folder, data_dir, epochs=epochs)
     typer.echo(
         f"evaluator for {dataset}: test accuracy {info['test_accuracy']:.4f}, saved in {folder}"
@@ -365,7 +367,7 @@ def eval_command(
                 inception=inception,
                 echo=typer.echo,
                 ema=not raw_weights,
-            )  # fmt: skip
+            )
         )
     summary = summarise(results)
     path = folder / "eval.json"
@@ -417,11 +419,19 @@ def study_command(
     if dataset != "digits":
         raise ConfigError(f"the study runs on digits only, got {dataset!r}")
     names = [r.strip() for r in recipes.split(",")] if recipes else None
-    study(out, steps=STUDY_STEPS if steps is None else steps,
-          seeds=STUDY_SEEDS if seeds is None else seeds, recipes=names, progress=progress,
-          echo=typer.echo, svm_samples=svm_samples, svm_draws=svm_draws,
-          overrides=_parse_sets(set_), jobs=_default_jobs() if jobs is None else jobs,
-          threads=threads)  # fmt: skip
+    study(
+        out,
+        steps=STUDY_STEPS if steps is None else steps,
+        seeds=STUDY_SEEDS if seeds is None else seeds,
+        recipes=names,
+        progress=progress,
+        echo=typer.echo,
+        svm_samples=svm_samples,
+        svm_draws=svm_draws,
+        overrides=_parse_sets(set_),
+        jobs=_default_jobs() if jobs is None else jobs,
+        threads=threads,
+    )
 
 
 @app.command()
@@ -477,15 +487,34 @@ def bench(
         chosen = tuple(m for m in modes.split(",") if m)
         unknown = [m for m in chosen if m not in GRAPH_MODES]
         if unknown or min(sizes_list) < 1:
-            raise ConfigError(f"--modes takes {', '.join(GRAPH_MODES)}; --batches positive "
-                              f"sizes; got {modes!r}, {sizes!r}")  # fmt: skip
-        graph_benchmark(PRESETS[preset]["arch"], sizes_list, device, modes=chosen,
-                        seconds=seconds, warmup=max(warmup, 5), out=out,
-                        print_fn=typer.echo)  # fmt: skip
+            raise ConfigError(
+                f"--modes takes {', '.join(GRAPH_MODES)}; --batches positive "
+                f"sizes; got {modes!r}, {sizes!r}"
+            )
+        graph_benchmark(
+            PRESETS[preset]["arch"],
+            sizes_list,
+            device,
+            modes=chosen,
+            seconds=seconds,
+            warmup=max(warmup, 5),
+            out=out,
+            print_fn=typer.echo,
+        )
         return
     names = tuple(n.strip() for n in specs.split(",")) if specs else SPECS
-    run_benchmark(preset, device, repeats, warmup, batch, out, print_fn=typer.echo,
-                  profile=profile, torch_compile=torch_compile, specs=names)  # fmt: skip
+    run_benchmark(
+        preset,
+        device,
+        repeats,
+        warmup,
+        batch,
+        out,
+        print_fn=typer.echo,
+        profile=profile,
+        torch_compile=torch_compile,
+        specs=names,
+    )
 
 
 @app.command("check")

@@ -245,8 +245,9 @@ def _svm_scores(
     result: dict[str, Any] = {"svm_protocol": f"N={samples} labelled images, R={draws} draws"}
     for key, represent in representations.items():
         f = [represent(x) for x in images]
-        svm = svm_misclassification(f[0], labels[0], f[1], labels[1], f[2], labels[2],
-                                    samples=samples, draws=draws)  # fmt: skip
+        svm = svm_misclassification(
+            f[0], labels[0], f[1], labels[1], f[2], labels[2], samples=samples, draws=draws
+        )
         result[key], result[f"{key}_std"] = svm["mean"], svm["std"]
     return result
 
@@ -291,13 +292,19 @@ def evaluate_run(
         if evaluator_dir
         else default_evaluator_dir(config.dataset, run.resolve().parent)
     )
-    evaluator = load_evaluator(ensure_evaluator(config.dataset, folder, config.data_dir or None,
-                                                echo))  # fmt: skip
+    evaluator = load_evaluator(
+        ensure_evaluator(config.dataset, folder, config.data_dir or None, echo)
+    )
 
     x = first_images(test, max_test_images)
-    result: dict[str, Any] = {"run": str(run), "recipe": config.name, "seed": config.seed,
-                              "steps": config.steps, "test_images": len(x),
-                              "weights": "ema" if use_ema else "raw"}  # fmt: skip
+    result: dict[str, Any] = {
+        "run": str(run),
+        "recipe": config.name,
+        "seed": config.seed,
+        "steps": config.steps,
+        "test_images": len(x),
+        "weights": "ema" if use_ema else "raw",
+    }
     summary = run / "summary.json"
     if summary.is_file():
         seconds = json.loads(summary.read_text()).get("seconds_this_session")
@@ -340,9 +347,12 @@ def test_data_reference(
     with torch.no_grad():
         logits = torch.cat([evaluator(x[i : i + 500]) for i in range(0, len(x), 500)])
     stats = sample_class_statistics(logits)
-    return {"recipe": f"(test {test_data.name})", "sample_confidence": stats["confidence"],
-            "sample_entropy_bits": stats["class_entropy_bits"],
-            "sample_classes_covered": stats["classes_covered"]}  # fmt: skip
+    return {
+        "recipe": f"(test {test_data.name})",
+        "sample_confidence": stats["confidence"],
+        "sample_entropy_bits": stats["class_entropy_bits"],
+        "sample_classes_covered": stats["classes_covered"],
+    }
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -387,8 +397,14 @@ def format_table(summary: dict[str, dict[str, Any]], markdown: bool = True) -> s
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows])
 
 
-STUDY_RECIPES = ["digits-ali", "digits-alice", "digits-gali4", "digits-gali8", "digits-gali-pt",
-                 "digits-gali-mix"]  # fmt: skip
+STUDY_RECIPES = [
+    "digits-ali",
+    "digits-alice",
+    "digits-gali4",
+    "digits-gali8",
+    "digits-gali-pt",
+    "digits-gali-mix",
+]
 STUDY_STEPS = 2000  # per run: where ALI has learned (docs/design.md, section 6)
 STUDY_SEEDS = 5
 
@@ -538,12 +554,23 @@ def study(
             settings = {**(overrides or {}), "steps": str(steps)}
             if registry.get(name).uses_features:
                 settings["features_weights"] = str(evaluator)
-            tasks.append((name, seed, settings, out / f"{name}-seed{seed}", evaluator,
-                          svm_samples, svm_draws))  # fmt: skip
+            tasks.append(
+                (
+                    name,
+                    seed,
+                    settings,
+                    out / f"{name}-seed{seed}",
+                    evaluator,
+                    svm_samples,
+                    svm_draws,
+                )
+            )
     for name, seed, settings, run, *_ in tasks:  # before any training
         check_reusable(run, registry.get(name).with_overrides({**settings, "seed": str(seed)}))
-    echo(f"study: {len(tasks)} runs ({len(names)} recipes x {seeds} seeds, {steps} steps each), "
-         f"{jobs} at a time")  # fmt: skip
+    echo(
+        f"study: {len(tasks)} runs ({len(names)} recipes x {seeds} seeds, {steps} steps each), "
+        f"{jobs} at a time"
+    )
 
     def report(result: dict[str, Any]) -> None:
         if "cond_recon_agreement_own_label" in result:  # a class-conditional run (section 6.10)
@@ -555,10 +582,12 @@ def study(
                 f"{result['cond_sample_accuracy']:.3f}, pixel MSE {result['pixel_mse']:.4f}"
             )
             return
-        echo(f"{result['recipe']} seed {result['seed']}: recon. class agreement "
-             f"{result.get('class_agreement', float('nan')):.3f}, confident samples "
-             f"{result.get('sample_confidence', float('nan')):.3f}, pixel MSE "
-             f"{result['pixel_mse']:.4f}")  # fmt: skip
+        echo(
+            f"{result['recipe']} seed {result['seed']}: recon. class agreement "
+            f"{result.get('class_agreement', float('nan')):.3f}, confident samples "
+            f"{result.get('sample_confidence', float('nan')):.3f}, pixel MSE "
+            f"{result['pixel_mse']:.4f}"
+        )
 
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     results = []
@@ -578,26 +607,43 @@ def study(
             initializer=die_with_parent,
             initargs=(os.getpid(),),
         ) as pool:
-            futures = {pool.submit(_train_and_evaluate, *task, False, threads): task
-                       for task in tasks}  # fmt: skip
+            futures = {
+                pool.submit(_train_and_evaluate, *task, False, threads): task for task in tasks
+            }
             for future in as_completed(futures):
                 results.append(future.result())
                 report(results[-1])
         order = {(t[0], t[1]): i for i, t in enumerate(tasks)}
         results.sort(key=lambda r: order[(r["recipe"], r["seed"])])
     references = svm_references(registry.get(names[0]), seeds, svm_samples, svm_draws)
-    references.append(test_data_reference(load_evaluator(evaluator),
-                                          load_data(registry.get(names[0]), "test")))  # fmt: skip
+    references.append(
+        test_data_reference(load_evaluator(evaluator), load_data(registry.get(names[0]), "test"))
+    )
     summary = summarise(results + references)
     table = format_table(summary)
     paired = paired_table(results)
     paired_md = format_paired_table(paired)
     seconds = time.perf_counter() - started
-    write_text_atomic(out / "study.json", json.dumps(
-        {"results": results + references, "summary": summary, "paired": paired,
-         "settings": {"steps": steps, "seeds": seeds, "recipes": names, "jobs": jobs,
-                      "threads_per_run": threads, "overrides": overrides or {}},
-         "seconds": seconds}, indent=2))  # fmt: skip
+    write_text_atomic(
+        out / "study.json",
+        json.dumps(
+            {
+                "results": results + references,
+                "summary": summary,
+                "paired": paired,
+                "settings": {
+                    "steps": steps,
+                    "seeds": seeds,
+                    "recipes": names,
+                    "jobs": jobs,
+                    "threads_per_run": threads,
+                    "overrides": overrides or {},
+                },
+                "seconds": seconds,
+            },
+            indent=2,
+        ),
+    )
     write_text_atomic(out / "study.md", table + "\n")
     write_text_atomic(out / "paired.md", paired_md + "\n")
     write_text_atomic(out / "paired.json", json.dumps(paired, indent=2))
@@ -646,5 +692,6 @@ def _figure(out: Path, names: list[str], count: int = 10) -> Path:
         rows = [x] if rows is None else rows
         rows.append(recon)
     labels = ["test digits", *(name.removeprefix("digits-") for name in names)]
-    return save_image_grid(torch.cat(rows), out / "study.png", columns=count, scale=3,
-                           row_labels=labels)  # fmt: skip
+    return save_image_grid(
+        torch.cat(rows), out / "study.png", columns=count, scale=3, row_labels=labels
+    )

@@ -36,16 +36,26 @@ class EvaluatorClassifier(nn.Module):
     ) -> None:
         super().__init__()
         self.config = dict(
-            channels=channels, num_outputs=num_outputs, multilabel=multilabel, width=width,
+            channels=channels,
+            num_outputs=num_outputs,
+            multilabel=multilabel,
+            width=width,
             feature_dim=feature_dim,
-        )  # fmt: skip
+        )
         self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(4 * width, feature_dim), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * width, feature_dim),
+            nn.ReLU(),
+        )
         self.classifier = nn.Linear(feature_dim, num_outputs)
         self.multilabel = multilabel
         self.out_features = feature_dim
@@ -112,10 +122,17 @@ def train_evaluator(
     accuracy = model.accuracy(test)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(out / "evaluator.safetensors"))  # fmt: skip
-    info = {"dataset": dataset, "model": model.config, "test_accuracy": accuracy,
-            "epochs": epochs, "test_images": len(test)}  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(out / "evaluator.safetensors"),
+    )
+    info = {
+        "dataset": dataset,
+        "model": model.config,
+        "test_accuracy": accuracy,
+        "epochs": epochs,
+        "test_images": len(test),
+    }
     (out / "evaluator.json").write_text(json.dumps(info, indent=2))
     return info
 

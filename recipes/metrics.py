@@ -128,8 +128,12 @@ def reconstruction_mse(
 def _features(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int) -> Tensor:
     device = model_device(model)
     with eval_mode(model):
-        return torch.cat([model(x).flatten(1).float().to(images.device)
-                          for x in _batches(images, batch_size, device)])  # fmt: skip
+        return torch.cat(
+            [
+                model(x).flatten(1).float().to(images.device)
+                for x in _batches(images, batch_size, device)
+            ]
+        )
 
 
 @torch.no_grad()
@@ -298,8 +302,9 @@ def inpainting_errors(
 def _logits(classifier: Callable[[Tensor], Tensor], images: Tensor, batch_size: int) -> Tensor:
     device = model_device(classifier)
     with eval_mode(classifier):
-        return torch.cat([classifier(x).float().to(images.device)
-                          for x in _batches(images, batch_size, device)])  # fmt: skip
+        return torch.cat(
+            [classifier(x).float().to(images.device) for x in _batches(images, batch_size, device)]
+        )
 
 
 def _check_class_ids(labels: Tensor, count: int, what: str = "labels") -> None:

@@ -217,8 +217,9 @@ def _spatial(layers: Sequence[ConvLayer], size: int) -> list[int]:
 
 def _check_images(who: str, x: Tensor, shape: tuple[int, int, int]) -> None:
     if x.dim() != 4 or tuple(x.shape[1:]) != shape:
-        raise ShapeError(f"{who} expected images of shape [N, {', '.join(map(str, shape))}], "
-                         f"got {list(x.shape)}")  # fmt: skip
+        raise ShapeError(
+            f"{who} expected images of shape [N, {', '.join(map(str, shape))}], got {list(x.shape)}"
+        )
 
 
 def _check_latents(who: str, z: Tensor, latent_dim: int) -> None:
@@ -260,8 +261,10 @@ class GaussianEncoder(nn.Module):
         channels, height, width = image_shape
         heights, widths = _spatial(layers, height), _spatial(layers, width)
         if (heights[-1], widths[-1]) != (1, 1):
-            raise ConfigError(f"encoder layers map {height} x {width} images to "
-                              f"{heights[-1]} x {widths[-1]} maps, expected 1 x 1")  # fmt: skip
+            raise ConfigError(
+                f"encoder layers map {height} x {width} images to "
+                f"{heights[-1]} x {widths[-1]} maps, expected 1 x 1"
+            )
         if len(layers) < 3:
             raise ConfigError(f"the encoder needs at least 3 hidden layers, got {len(layers)}")
         blocks = []
@@ -281,9 +284,8 @@ class GaussianEncoder(nn.Module):
         self.deterministic = deterministic
         #: widths of :meth:`hidden_features`' four outputs
         self.hidden_dims: tuple[int, ...] = tuple(
-            layer.channels * h * w
-            for layer, h, w in zip(layers[-3:], heights[-3:], widths[-3:])
-        ) + (latent_dim,)  # fmt: skip
+            layer.channels * h * w for layer, h, w in zip(layers[-3:], heights[-3:], widths[-3:])
+        ) + (latent_dim,)
         init_weights(self, init_std)
 
     def _run(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -350,8 +352,9 @@ class Generator(nn.Module):
         out_channels, height, width = image_shape
         side = _spatial(layers, 1)[-1]
         if (side, side) != (height, width):
-            raise ConfigError(f"generator layers map 1 x 1 to {side} x {side}, "
-                              f"expected {height} x {width}")  # fmt: skip
+            raise ConfigError(
+                f"generator layers map 1 x 1 to {side} x {side}, expected {height} x {width}"
+            )
         blocks: list[nn.Module] = []
         channels = latent_dim + (num_classes or 0)
         for layer in layers:
@@ -384,13 +387,17 @@ class Generator(nn.Module):
         n = self.num_classes
         assert n is not None
         if y is None:
-            raise ShapeError(f"this generator is class-conditional: call it as generator(z, y) "
-                             f"with y class ids [B] or vectors [B, {n}]")  # fmt: skip
+            raise ShapeError(
+                f"this generator is class-conditional: call it as generator(z, y) "
+                f"with y class ids [B] or vectors [B, {n}]"
+            )
         if not y.is_floating_point():
             y = torch.nn.functional.one_hot(y.long(), n)
         if y.shape != (z.shape[0], n):
-            raise ShapeError(f"expected the condition y as [{z.shape[0]}] class ids or "
-                             f"[{z.shape[0]}, {n}] vectors, got {list(y.shape)}")  # fmt: skip
+            raise ShapeError(
+                f"expected the condition y as [{z.shape[0]}] class ids or "
+                f"[{z.shape[0]}, {n}] vectors, got {list(y.shape)}"
+            )
         return y.to(z.dtype).view(z.shape[0], n, 1, 1)
 
     def init_output_bias(self, data_mean: float) -> None:

@@ -471,8 +471,11 @@ class RunLock:
         try:
             import fcntl
         except ImportError:
-            warnings.warn("no fcntl on this platform: the run directory is not locked",
-                          RunDirectoryWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(
+                "no fcntl on this platform: the run directory is not locked",
+                RunDirectoryWarning,
+                stacklevel=2,
+            )
             return self
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ConfigError(f"{str(self.run_dir)!r} is a file, not a run directory")

@@ -307,8 +307,9 @@ def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
 
     run = Path(run_dir)
     config = RecipeConfig.from_json(run / "config.json")
-    models = build_ali_models(config.arch, latent_dim=config.latent_dim,
-                              num_classes=config.conditions or None)  # fmt: skip
+    models = build_ali_models(
+        config.arch, latent_dim=config.latent_dim, num_classes=config.conditions or None
+    )
     use_ema = ema and all((run / f"{f}.safetensors").is_file() for f in EMA_FILES.values())
     for name in ("encoder", "generator"):
         file = EMA_FILES[name] if use_ema else name

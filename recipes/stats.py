@@ -173,17 +173,28 @@ def paired_table(
         if not runs_a or not runs_b:
             continue
         for metric in claim.metrics:
-            seeds = sorted(s for s in runs_a.keys() & runs_b.keys()
-                           if metric in runs_a[s] and metric in runs_b[s])  # fmt: skip
+            seeds = sorted(
+                s
+                for s in runs_a.keys() & runs_b.keys()
+                if metric in runs_a[s] and metric in runs_b[s]
+            )
             if not seeds:
                 continue
             a = [runs_a[s][metric] for s in seeds]
             b = [runs_b[s][metric] for s in seeds]
             stats = paired_difference(a, b, metric in LOWER_IS_BETTER, confidence)
-            rows.append({"claim": claim.title, "better": claim.better,
-                         "baseline": claim.baseline, "metric": metric, "seeds": seeds,
-                         "lower_is_better": metric in LOWER_IS_BETTER,
-                         **asdict(stats), "verdict": stats.verdict})  # fmt: skip
+            rows.append(
+                {
+                    "claim": claim.title,
+                    "better": claim.better,
+                    "baseline": claim.baseline,
+                    "metric": metric,
+                    "seeds": seeds,
+                    "lower_is_better": metric in LOWER_IS_BETTER,
+                    **asdict(stats),
+                    "verdict": stats.verdict,
+                }
+            )
     return rows
 
 
@@ -203,8 +214,11 @@ def format_paired_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        interval = (f"[{_number(r['low'])}, {_number(r['high'])}]"
-                    if not math.isnan(r["low"]) else "n/a (one seed)")  # fmt: skip
+        interval = (
+            f"[{_number(r['low'])}, {_number(r['high'])}]"
+            if not math.isnan(r["low"])
+            else "n/a (one seed)"
+        )
         lines.append(
             f"| {r['claim']} | {r['metric']} | {'lower' if r['lower_is_better'] else 'higher'} "
             f"| {_number(r['mean'])} | {interval} | {r['agree']}/{r['n']} | {r['verdict']} |"

@@ -134,8 +134,12 @@ def _features(config: RecipeConfig) -> PretrainedFeatures | None:
 
 def build_model(config: RecipeConfig, channels: int) -> BuiltModel:
     """Encoder, generator, discriminator head and :class:`GALI` objective for a recipe."""
-    models = build_ali_models(config.arch, latent_dim=config.latent_dim, channels=channels,
-                              num_classes=config.conditions or None)  # fmt: skip
+    models = build_ali_models(
+        config.arch,
+        latent_dim=config.latent_dim,
+        channels=channels,
+        num_classes=config.conditions or None,
+    )
     gali = build_gali(
         config.spec,
         models,
@@ -227,8 +231,11 @@ def check_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bool
 
 def _entries(out: Path) -> list[str]:
     """What ``out`` holds besides the lock file and temporaries of killed writers."""
-    return [e.name for e in out.iterdir() if e.name != LOCK_NAME and not
-            (e.name.startswith(".") and e.name.endswith(".tmp"))]  # fmt: skip
+    return [
+        e.name
+        for e in out.iterdir()
+        if e.name != LOCK_NAME and not (e.name.startswith(".") and e.name.endswith(".tmp"))
+    ]
 
 
 def _saved_world_size(out: Path) -> int | None:
@@ -285,8 +292,7 @@ def plan_start(
                 f"({decision.checkpoint.name}); expected --steps {step} or more (config.json "
                 "is left as it was)"
             )
-    return StartPlan(decision.action == "fresh" and out.is_dir() and bool(_entries(out)),
-                     decision)  # fmt: skip
+    return StartPlan(decision.action == "fresh" and out.is_dir() and bool(_entries(out)), decision)
 
 
 def check_trackers(log_with: str) -> list[str]:
@@ -362,26 +368,44 @@ def build_optimizers(config: RecipeConfig, built: BuiltModel, device: Any) -> tu
     CUDA; capturable when the step is replayed as a CUDA graph)."""
     models = built.models
     eg = itertools.chain(models.encoder.parameters(), models.generator.parameters())
-    return tuple(build_optimizer(config.optimizer, params, config.lr, config.betas,
-                                 device=device, capturable=config.cuda_graphs)
-                 for params in (built.head.parameters(), eg))  # fmt: skip
+    return tuple(
+        build_optimizer(
+            config.optimizer,
+            params,
+            config.lr,
+            config.betas,
+            device=device,
+            capturable=config.cuda_graphs,
+        )
+        for params in (built.head.parameters(), eg)
+    )
 
 
-def make_step(config: RecipeConfig, accelerator: Any, gali: Any, d_optimizer: Any,
-              g_optimizer: Any) -> Callable[..., StepMetrics]:  # fmt: skip
+def make_step(
+    config: RecipeConfig, accelerator: Any, gali: Any, d_optimizer: Any, g_optimizer: Any
+) -> Callable[..., StepMetrics]:
     """The training step the loop calls, ``step_fn(batches, instance_noise=, step=)``:
     :func:`~gali_ext.trainer.train_step`, or with ``cuda_graphs`` a
     :class:`~gali_ext.capture.CapturedStep` (refused off CUDA, before anything is written)."""
     if config.cuda_graphs:
         return CapturedStep(
-            accelerator.unwrap_model(gali, keep_fp32_wrapper=False), d_optimizer, g_optimizer,
-            n_dis=config.n_dis, shared_forward=config.shared_forward, capture=True,
+            accelerator.unwrap_model(gali, keep_fp32_wrapper=False),
+            d_optimizer,
+            g_optimizer,
+            n_dis=config.n_dis,
+            shared_forward=config.shared_forward,
+            capture=True,
             autocast_dtype={"bf16": torch.bfloat16}.get(config.mixed_precision),
-        )  # fmt: skip
+        )
     return functools.partial(
-        train_step, gali, d_optimizer=d_optimizer, g_optimizer=g_optimizer, n_dis=config.n_dis,
-        accelerator=accelerator, shared_forward=config.shared_forward,
-    )  # fmt: skip
+        train_step,
+        gali,
+        d_optimizer=d_optimizer,
+        g_optimizer=g_optimizer,
+        n_dis=config.n_dis,
+        accelerator=accelerator,
+        shared_forward=config.shared_forward,
+    )
 
 
 def build_ema(models: ALIModels, decay: float) -> dict[str, Any]:
@@ -394,10 +418,11 @@ def build_ema(models: ALIModels, decay: float) -> dict[str, Any]:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return {
-        name: AveragedModel(getattr(models, name), multi_avg_fn=get_ema_multi_avg_fn(decay),
-                            use_buffers=False).requires_grad_(False)
+        name: AveragedModel(
+            getattr(models, name), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False
+        ).requires_grad_(False)
         for name in ("encoder", "generator")
-    }  # fmt: skip
+    }
 
 
 # Inputs the EMA's batch-norm statistics are recomputed from (BigGAN's "standing statistics").
@@ -527,8 +552,11 @@ def _start_run(
         if decision is not None and decision.action == "continue":
             for checkpoint, reason in decision.skipped:
                 moved = set_aside_checkpoint(checkpoint, out)
-                warnings.warn(f"--resume: skipped {checkpoint.name} ({reason}); moved it to "
-                              f"{moved}", RunDirectoryWarning, stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"--resume: skipped {checkpoint.name} ({reason}); moved it to {moved}",
+                    RunDirectoryWarning,
+                    stacklevel=2,
+                )
         elif decision is not None:
             accelerator.print(f"--resume: starting {out} from step 0 ({decision.reason})")
     accelerator.wait_for_everyone()
@@ -578,8 +606,17 @@ class RunLog:
     reconstructions (PNG files, and trackers that take images), ``summary.json`` at the end, and
     the progress bar. Grids and the summary show the EMA of E and G when there is one."""
 
-    def __init__(self, accelerator, out: Path, config: RecipeConfig, step: int, progress: bool,
-                 test_data: ImageData, weights: dict[str, Any], ema: dict[str, Any]):  # fmt: skip
+    def __init__(
+        self,
+        accelerator,
+        out: Path,
+        config: RecipeConfig,
+        step: int,
+        progress: bool,
+        test_data: ImageData,
+        weights: dict[str, Any],
+        ema: dict[str, Any],
+    ):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.accelerator, self.out, self.config = accelerator, out, config
@@ -592,19 +629,27 @@ class RunLog:
         # a class-conditional run: the test images' labels, and each class in turn for samples
         self.grid_labels = None
         if config.conditions:
-            self.grid_labels = (test_data.labels_tensor()[: len(self.grid_x)],
-                                torch.arange(64) % config.conditions)  # fmt: skip
+            self.grid_labels = (
+                test_data.labels_tensor()[: len(self.grid_x)],
+                torch.arange(64) % config.conditions,
+            )
         if self.main and config.log_with:
-            settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                        for k, v in dataclasses.asdict(config).items()}  # fmt: skip
+            settings = {
+                k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in dataclasses.asdict(config).items()
+            }
             # TensorBoard hides what an interrupted run logged after the checkpoint resumed from.
             purge = {"tensorboard": {"purge_step": step + 1}} if step else {}
             with storage_errors("the tracker logs", out / "logs"):
                 accelerator.init_trackers(config.name, config=settings, init_kwargs=purge)
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total}"),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                            disable=not (progress and self.main))  # fmt: skip
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            disable=not (progress and self.main),
+        )
         self.task = self.bar.add_task(config.name, total=config.steps, completed=step, info="")
         self.started = time.perf_counter()
 
@@ -626,8 +671,11 @@ class RunLog:
         scalars = {k: v for k, v in record.items() if isinstance(v, float)}
         scalars |= {f"d_accuracy/class_{i}": a for i, a in enumerate(metrics.class_accuracy)}
         self.accelerator.log(scalars, step=step)
-        self.bar.update(self.task, info=f"D {metrics.d_loss:.3f}  G {metrics.g_loss:.3f}  "
-                        f"{1 / max(metrics.seconds, 1e-9):.1f} it/s")  # fmt: skip
+        self.bar.update(
+            self.task,
+            info=f"D {metrics.d_loss:.3f}  G {metrics.g_loss:.3f}  "
+            f"{1 / max(metrics.seconds, 1e-9):.1f} it/s",
+        )
 
     def grids(self, step: int) -> None:
         """Each of :func:`grids` as ``grids/NAME_stepNNNNNNN.png`` and ``NAME.png``, and to the
@@ -674,21 +722,28 @@ class RunLog:
         x = first_images(self.test_data, 2000)
         y = self.test_data.labels_tensor()[: len(x)] if self.config.conditions else None
         mse = reconstruction_mse(*self.shown, x, labels=y)
-        summary = {"recipe": self.config.name, "steps": step, "test_pixel_mse": mse,
-                   "weights": "ema" if self.ema else "raw", "test_images": len(x),
-                   "seconds_this_session": time.perf_counter() - self.started}  # fmt: skip
+        summary = {
+            "recipe": self.config.name,
+            "steps": step,
+            "test_pixel_mse": mse,
+            "weights": "ema" if self.ema else "raw",
+            "test_images": len(x),
+            "seconds_this_session": time.perf_counter() - self.started,
+        }
         if self.ema:
             w = self.weights
             summary["test_pixel_mse_raw"] = reconstruction_mse(
                 w["encoder"], w["generator"], x, labels=y
             )
         summary.update(self.evaluator_metrics())
-        self.accelerator.log({f"summary/{k}": v for k, v in summary.items()
-                              if isinstance(v, float)}, step=step)  # fmt: skip
+        self.accelerator.log(
+            {f"summary/{k}": v for k, v in summary.items() if isinstance(v, float)}, step=step
+        )
         write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         which = " (EMA weights)" if self.ema else ""
-        self.accelerator.print(f"{self.config.name}: {step} steps, test pixel MSE {mse:.4f}"
-                               f"{which}, run in {self.out}")  # fmt: skip
+        self.accelerator.print(
+            f"{self.config.name}: {step} steps, test pixel MSE {mse:.4f}{which}, run in {self.out}"
+        )
 
 
 def train_loop(
@@ -719,15 +774,24 @@ def train_loop(
             )
 
         plan = _shared(accelerator, locked_plan)
-        return _train_locked(accelerator, config, out, plan, train_data, test_data,
-                             progress=progress, epochs=epochs)  # fmt: skip
+        return _train_locked(
+            accelerator, config, out, plan, train_data, test_data, progress=progress, epochs=epochs
+        )
     finally:
         lock.release()
 
 
-def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: StartPlan,
-                  train_data: ImageData, test_data: ImageData, *, progress: bool,
-                  epochs: float | None) -> Path:  # fmt: skip
+def _train_locked(
+    accelerator: Any,
+    config: RecipeConfig,
+    out: Path,
+    plan: StartPlan,
+    train_data: ImageData,
+    test_data: ImageData,
+    *,
+    progress: bool,
+    epochs: float | None,
+) -> Path:
     """Build, start (:func:`_start_run`) and train, holding the run's lock."""
     from accelerate.utils import set_seed
 
@@ -748,8 +812,13 @@ def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: Start
     if config.channels_last:  # in place: the optimizers keep the same parameter objects
         built.gali.to(memory_format=layout)
     d_optimizer, g_optimizer = build_optimizers(config, built, accelerator.device)
-    loader = training_loader(train_data, config.batch_size, config.seed, config.num_workers,
-                             pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+    loader = training_loader(
+        train_data,
+        config.batch_size,
+        config.seed,
+        config.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     gali, d_optimizer, g_optimizer, loader = accelerator.prepare(
         built.gali, d_optimizer, g_optimizer, loader
     )
@@ -758,13 +827,17 @@ def _train_locked(accelerator: Any, config: RecipeConfig, out: Path, plan: Start
     config = _steps_for_epochs(config, epochs, len(loader))
     optimizers = (d_optimizer, g_optimizer)
     step = _start_run(accelerator, out, config, plan, ema, optimizers, built.gali)
-    batches = endless_batches(loader, accelerator, step * config.n_dis, layout,
-                              with_labels=config.conditions > 0)  # fmt: skip
+    batches = endless_batches(
+        loader, accelerator, step * config.n_dis, layout, with_labels=config.conditions > 0
+    )
     weights = dict(zip(WEIGHT_FILES, (built.models.encoder, built.models.generator, built.head)))
     if ema:
-        refresh = functools.partial(refresh_ema_statistics, ema,
-                                    *_ema_statistics_inputs(config, train_data),
-                                    batch_size=config.batch_size)  # fmt: skip
+        refresh = functools.partial(
+            refresh_ema_statistics,
+            ema,
+            *_ema_statistics_inputs(config, train_data),
+            batch_size=config.batch_size,
+        )
     with RunLog(accelerator, out, config, step, progress, test_data, weights, ema) as log:
         while step < config.steps:
             noise = instance_noise_std(step, config.steps, config.instance_noise)

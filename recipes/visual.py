@@ -61,8 +61,9 @@ def _label_column(labels: list[str], total_height: int, height: int, padding: in
     from torchvision.transforms.functional import pil_to_tensor
 
     font = ImageFont.load_default(size=max(10, height // 3))
-    width = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font))
-                for t in labels)  # fmt: skip
+    width = max(
+        int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font)) for t in labels
+    )
     canvas = Image.new("RGB", (width + 2 * padding, total_height), "white")
     draw = ImageDraw.Draw(canvas)
     for r, label in enumerate(labels):

@@ -37,8 +37,11 @@ def main(out: Path) -> None:
 
     def recording(gali, batches, *args, **kwargs):
         drawn = [next(batches) for _ in range(kwargs["n_dis"])]
-        trained.extend(((x + 1) * 127.5).round().to(torch.uint8).numpy().tobytes().hex()
-                       for batch in drawn for x in batch)  # fmt: skip
+        trained.extend(
+            ((x + 1) * 127.5).round().to(torch.uint8).numpy().tobytes().hex()
+            for batch in drawn
+            for x in batch
+        )
         return real_step(gali, iter(drawn), *args, **kwargs)
 
     loop.train_step = recording
@@ -49,8 +52,13 @@ def main(out: Path) -> None:
         "checkpoint_every": "1000",
     }
     loop.train(config.with_overrides(settings), out / "run", progress=False, epochs=1)
-    result = {"processes": accelerator.num_processes, "batches_per_epoch": len(loader),
-              "epochs": epochs, "after_resume": after_resume, "trained": trained}  # fmt: skip
+    result = {
+        "processes": accelerator.num_processes,
+        "batches_per_epoch": len(loader),
+        "epochs": epochs,
+        "after_resume": after_resume,
+        "trained": trained,
+    }
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
 
 

@@ -12,9 +12,16 @@ from gali_ext.recipes.bench import SPECS, run_benchmark
 
 def test_benchmark_reports_ratios(tmp_path):
     lines = []
-    result = run_benchmark("digits", "cpu", repeats=1, warmup=0, batch=4,
-                           out=tmp_path / "bench.json", print_fn=lines.append,
-                           profile=True)  # fmt: skip
+    result = run_benchmark(
+        "digits",
+        "cpu",
+        repeats=1,
+        warmup=0,
+        batch=4,
+        out=tmp_path / "bench.json",
+        print_fn=lines.append,
+        profile=True,
+    )
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["step_ratio_vs_ali"].keys() == set(SPECS) - {"ali"}
     # GALI-8 runs E and G three times where ALI runs them once, and D on twice the images
@@ -32,8 +39,11 @@ def test_benchmark_reports_ratios(tmp_path):
 
 def test_script_entry_point_help():
     root = Path(__file__).resolve().parent.parent
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / "step_cost.py"), "--help"],
-                         capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "step_cost.py"), "--help"],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0 and "--preset" in run.stdout
 
 
@@ -64,9 +74,15 @@ def test_compiled_variant_compiles_every_network(monkeypatch):
     steps["gali_pt"]()
     # E, G, and the head's image, latent and pretrained-feature networks and joint MLP
     assert sorted(compiled) == sorted(
-        ["GaussianEncoder", "Generator", "ImageFeatures", "LatentFeatures", "SpectralMLP",
-         "SpectralMLP"]
-    )  # fmt: skip
+        [
+            "GaussianEncoder",
+            "Generator",
+            "ImageFeatures",
+            "LatentFeatures",
+            "SpectralMLP",
+            "SpectralMLP",
+        ]
+    )
 
 
 def test_a_failing_torch_compile_is_reported_not_fatal(tmp_path, monkeypatch):
@@ -79,8 +95,16 @@ def test_a_failing_torch_compile_is_reported_not_fatal(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", lambda module: Broken())
     lines = []
-    result = run_benchmark("digits", "cpu", repeats=1, warmup=0, batch=2, out=None,
-                           print_fn=lines.append, torch_compile=True)  # fmt: skip
+    result = run_benchmark(
+        "digits",
+        "cpu",
+        repeats=1,
+        warmup=0,
+        batch=2,
+        out=None,
+        print_fn=lines.append,
+        torch_compile=True,
+    )
     error = "AssertionError: expected size 256==256, stride 16==1 at dim=1"
     assert result["compile_error"] == error
     assert "compiled_step_seconds" not in result and result["step_seconds"].keys() == set(SPECS)
@@ -92,17 +116,26 @@ def test_table_reports_bf16_and_memory_when_measured():
 
     specs = {"ali": 0.1, "gali8": 0.2}
     result = {
-        "device": "NVIDIA H100", "torch": "2", "batch_size": 100, "image_size": [3, 32, 32],
-        "threads": 1, "step_seconds": specs, "step_ratio_vs_ali": {"gali8": 2.0},
-        "step_flops": {"ali": 1e9, "gali8": 3e9}, "flop_ratio_vs_ali": {"gali8": 3.0},
-        "shared_step_seconds": specs, "shared_ratio_vs_ali": {"gali8": 2.0},
-        "shared_speedup": {"ali": 1.0, "gali8": 1.0}, "head": {}, "fused_speedup": {},
+        "device": "NVIDIA H100",
+        "torch": "2",
+        "batch_size": 100,
+        "image_size": [3, 32, 32],
+        "threads": 1,
+        "step_seconds": specs,
+        "step_ratio_vs_ali": {"gali8": 2.0},
+        "step_flops": {"ali": 1e9, "gali8": 3e9},
+        "flop_ratio_vs_ali": {"gali8": 3.0},
+        "shared_step_seconds": specs,
+        "shared_ratio_vs_ali": {"gali8": 2.0},
+        "shared_speedup": {"ali": 1.0, "gali8": 1.0},
+        "head": {},
+        "fused_speedup": {},
         "precision": {
             "fp32": {"step_seconds": specs, "peak_bytes": {"ali": 2**30, "gali8": 2**31}},
             "bf16": {"step_seconds": specs, "peak_bytes": {"ali": 2**29, "gali8": 2**30}},
         },
         "bf16_speedup": {"ali": 1.5, "gali8": 2.0},
-    }  # fmt: skip
+    }
     table = format_table(result)
     assert "| gali8 | 2.00x | 2048 | 1024 |" in table and "| gali8 | 3.00 | 3.00 |" in table
     result["channels_last_speedup"] = {"ali": 1.2, "gali8": 1.4}
@@ -138,9 +171,26 @@ def test_recipe_throughput_script_on_a_tiny_standin(tmp_path):
     spec = importlib.util.spec_from_file_location("recipe_throughput", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    summary = script.main(["--recipes", "svhn-ali,svhn-gali8", "--precisions", "no,no+graphs",
-                           "--steps", "3", "--warmup", "1", "--batch", "4", "--train-images",
-                           "16", "--test-images", "8", "--out", str(tmp_path)])  # fmt: skip
+    summary = script.main(
+        [
+            "--recipes",
+            "svhn-ali,svhn-gali8",
+            "--precisions",
+            "no,no+graphs",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--batch",
+            "4",
+            "--train-images",
+            "16",
+            "--test-images",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     mat = loadmat(tmp_path / "standin-svhn" / "train_32x32.mat")
     assert mat["X"].shape == (32, 32, 3, 16) and mat["X"].dtype == "uint8"
     assert 1 <= mat["y"].min() and mat["y"].max() <= 10
@@ -174,9 +224,18 @@ def test_graph_benchmark_on_the_cpu_skips_the_captured_step(tmp_path):
     from gali_ext.recipes.bench import graph_benchmark
 
     lines = []
-    result = graph_benchmark("digits", (2,), "cpu", specs=("ali",), precisions=("fp32",),
-                             seconds=0.0, min_steps=1, warmup=1, out=tmp_path / "g.json",
-                             print_fn=lines.append)  # fmt: skip
+    result = graph_benchmark(
+        "digits",
+        (2,),
+        "cpu",
+        specs=("ali",),
+        precisions=("fp32",),
+        seconds=0.0,
+        min_steps=1,
+        warmup=1,
+        out=tmp_path / "g.json",
+        print_fn=lines.append,
+    )
     assert [r["mode"] for r in result["rows"]] == ["baseline", "eager", "eager-async"]
     assert all(r["images_per_s"] > 0 and r["d_loss"] > 0 for r in result["rows"])
     assert lines[0].startswith("captured: skipped (CUDA graphs need a CUDA device)")
@@ -199,18 +258,37 @@ def test_graph_table_reports_speedups_and_gpu_busy():
     from gali_ext.recipes.bench import _graph_speedups, format_graph_table
 
     def row(mode, precision, rate, gpu_ms):
-        return {"spec": "gali8", "batch": 100, "precision": precision, "mode": mode,
-                "images_per_s": rate, "step_ms": 1e5 / rate, "gpu_busy": gpu_ms * rate / 1e5,
-                "gpu_seconds_per_step": gpu_ms / 1e3}  # fmt: skip
+        return {
+            "spec": "gali8",
+            "batch": 100,
+            "precision": precision,
+            "mode": mode,
+            "images_per_s": rate,
+            "step_ms": 1e5 / rate,
+            "gpu_busy": gpu_ms * rate / 1e5,
+            "gpu_seconds_per_step": gpu_ms / 1e3,
+        }
 
-    rows = [row("baseline", "fp32", 1600, 16), row("eager", "fp32", 2000, 16),
-            row("captured", "fp32", 5000, 16), row("captured", "bf16", 7000, 12)]  # fmt: skip
-    result = {"device": "NVIDIA H100", "torch": "2.11", "arch": "svhn", "rows": rows,
-              "notes": [], "speedups": _graph_speedups(rows)}  # fmt: skip
+    rows = [
+        row("baseline", "fp32", 1600, 16),
+        row("eager", "fp32", 2000, 16),
+        row("captured", "fp32", 5000, 16),
+        row("captured", "bf16", 7000, 12),
+    ]
+    result = {
+        "device": "NVIDIA H100",
+        "torch": "2.11",
+        "arch": "svhn",
+        "rows": rows,
+        "notes": [],
+        "speedups": _graph_speedups(rows),
+    }
     table = format_graph_table(result)
     assert result["speedups"]["modes"]["gali8/100/fp32"] == {
-        "eager / baseline": 1.25, "captured / baseline": 3.125, "captured / eager": 2.5
-    }  # fmt: skip
+        "eager / baseline": 1.25,
+        "captured / baseline": 3.125,
+        "captured / eager": 2.5,
+    }
     assert "| gali8 | 100 | fp32 | 1600 | 2000 | 5000 | 1.25x | 3.12x | 2.50x |" in table
     # GPU busy: 16 ms of GPU time in a 20 ms captured step
     busy = "| gali8 | 100 | fp32 | 26% (16.0 / 62.5) | 32% (16.0 / 50.0) | 80% (16.0 / 20.0) |"
@@ -228,8 +306,12 @@ def test_graph_equality_check_runs_on_the_cpu():
 
 def test_bench_graphs_refuses_bad_options():
     root = Path(__file__).resolve().parent.parent
-    run = subprocess.run([sys.executable, "-m", "gali_ext.cli", "bench", "--graphs", "--modes",
-                          "eager,fast"], capture_output=True, text=True, cwd=root)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "gali_ext.cli", "bench", "--graphs", "--modes", "eager,fast"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
     assert run.returncode == 2 and "error: --modes takes baseline, eager" in run.stderr
 
 
@@ -241,13 +323,18 @@ def test_device_intervals_read_only_gpu_activities():
     from gali_ext.recipes.bench import _device_intervals, busy_seconds
 
     def event(device, start_ns, duration_ns):
-        return SimpleNamespace(device_type=lambda: device, start_ns=lambda: start_ns,
-                               duration_ns=lambda: duration_ns)  # fmt: skip
+        return SimpleNamespace(
+            device_type=lambda: device, start_ns=lambda: start_ns, duration_ns=lambda: duration_ns
+        )
 
-    events = [event(DeviceType.CPU, 0, 10**9), event(DeviceType.CUDA, 10**6, 2 * 10**6),
-              event(DeviceType.CUDA, 2 * 10**6, 2 * 10**6)]  # fmt: skip
-    profiler = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(
-        events=lambda: events)))  # fmt: skip
+    events = [
+        event(DeviceType.CPU, 0, 10**9),
+        event(DeviceType.CUDA, 10**6, 2 * 10**6),
+        event(DeviceType.CUDA, 2 * 10**6, 2 * 10**6),
+    ]
+    profiler = SimpleNamespace(
+        profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: events))
+    )
     intervals = _device_intervals(profiler)
     assert intervals == [(1e-3, 3e-3), (2e-3, 4e-3)]  # the CPU event is left out
     assert busy_seconds(intervals) == pytest.approx(3e-3)

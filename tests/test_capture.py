@@ -22,8 +22,13 @@ class TinyEncoder(nn.Module):
 
     def __init__(self, latent: int = 6) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
-                                 nn.Flatten(), nn.Linear(64, 2 * latent))  # fmt: skip
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, 2, 1),
+            nn.BatchNorm2d(4),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(64, 2 * latent),
+        )
 
     def forward(self, x):
         return self.net(x).chunk(2, dim=1)
@@ -35,11 +40,11 @@ PROVIDERS = {"ali": list, "gali8": lambda: [ReconstructionChain()], "gali_mix": 
 def make(preset: str, seed: int = 0) -> GALI:
     """Small networks (batch norm in E and G, spectral norm in D) over a preset's classes."""
     torch.manual_seed(seed)
-    generator = nn.Sequential(nn.Linear(6, 64), nn.BatchNorm1d(64), nn.Tanh(),
-                              nn.Unflatten(1, (1, 8, 8)))  # fmt: skip
+    generator = nn.Sequential(
+        nn.Linear(6, 64), nn.BatchNorm1d(64), nn.Tanh(), nn.Unflatten(1, (1, 8, 8))
+    )
     spec = build_spec(preset)
-    return GALI(TinyEncoder(), generator, make_head(spec), PROVIDERS[preset](),
-                latent_shape=(6,))  # fmt: skip
+    return GALI(TinyEncoder(), generator, make_head(spec), PROVIDERS[preset](), latent_shape=(6,))
 
 
 def adam_pair(gali: GALI, fused: bool = True):
@@ -54,8 +59,9 @@ def adam_pair(gali: GALI, fused: bool = True):
 
 def batches(n_dis: int, steps: int = 3, seed: int = 5) -> list[list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [[torch.rand(6, 1, 8, 8, generator=g) * 2 - 1 for _ in range(n_dis)]
-            for _ in range(steps)]  # fmt: skip
+    return [
+        [torch.rand(6, 1, 8, 8, generator=g) * 2 - 1 for _ in range(n_dis)] for _ in range(steps)
+    ]
 
 
 NOISE = (0.1, 0.07, 0.04)  # instance noise > 0, changing every step
@@ -64,8 +70,10 @@ NOISE = (0.1, 0.07, 0.04)  # instance noise > 0, changing every step
 def eager_run(gali, n_dis, data, noise=NOISE, fused=True):
     d_opt, g_opt = adam_pair(gali, fused)
     torch.manual_seed(1)
-    return [train_step(gali, x, d_opt, g_opt, n_dis=n_dis, instance_noise=s, step=t)
-            for t, (x, s) in enumerate(zip(data, noise))]  # fmt: skip
+    return [
+        train_step(gali, x, d_opt, g_opt, n_dis=n_dis, instance_noise=s, step=t)
+        for t, (x, s) in enumerate(zip(data, noise))
+    ]
 
 
 def captured_run(gali, n_dis, data, noise=NOISE, fused=True):
@@ -76,9 +84,14 @@ def captured_run(gali, n_dis, data, noise=NOISE, fused=True):
 
 @pytest.mark.parametrize(
     "preset, n_dis, fused",
-    [("ali", 1, True), ("ali", 2, False), ("gali8", 1, False), ("gali8", 2, True),
-     ("gali_mix", 1, True)],
-)  # fmt: skip
+    [
+        ("ali", 1, True),
+        ("ali", 2, False),
+        ("gali8", 1, False),
+        ("gali8", 2, True),
+        ("gali_mix", 1, True),
+    ],
+)
 def test_capture_safe_step_equals_train_step(preset, n_dis, fused):
     eager, captured = make(preset), make(preset)
     data = batches(n_dis)
@@ -121,8 +134,13 @@ def no_host_syncs():
 
 def test_the_sync_detector_catches_syncs():
     x = torch.ones(2)
-    for read in (lambda: x.sum().item(), lambda: bool(torch.isfinite(x).all()),
-                 lambda: float(x[0]), lambda: x.cpu(), lambda: x.tolist()):  # fmt: skip
+    for read in (
+        lambda: x.sum().item(),
+        lambda: bool(torch.isfinite(x).all()),
+        lambda: float(x[0]),
+        lambda: x.cpu(),
+        lambda: x.tolist(),
+    ):
         with no_host_syncs(), pytest.raises(AssertionError, match="host sync"):
             read()
     gali = make("ali")
@@ -150,8 +168,12 @@ def test_eager_train_step_syncs_only_when_asked():
     data = batches(1)
     with no_host_syncs():
         for t, x in enumerate(data[:2]):
-            assert train_step(gali, x, d_opt, g_opt, instance_noise=0.1, step=t, sync=False,
-                              guard=guard) is None  # fmt: skip
+            assert (
+                train_step(
+                    gali, x, d_opt, g_opt, instance_noise=0.1, step=t, sync=False, guard=guard
+                )
+                is None
+            )
     metrics = train_step(gali, data[2], d_opt, g_opt, instance_noise=0.1, step=2, guard=guard)
     assert metrics.g_loss > 0
     with pytest.raises(ConfigError, match="needs a DivergenceGuard"):
@@ -177,8 +199,12 @@ def test_instance_noise_std_is_a_device_tensor_filled_in_place():
 
 def test_tensor_std_adds_the_same_noise_as_a_float():
     spec = build_spec("ali")
-    variables = {"x0": torch.zeros(3, 1, 4, 4), "z0": torch.zeros(3, 2),
-                 "xp0": torch.ones(3, 1, 4, 4), "zp0": torch.zeros(3, 2)}  # fmt: skip
+    variables = {
+        "x0": torch.zeros(3, 1, 4, 4),
+        "z0": torch.zeros(3, 2),
+        "xp0": torch.ones(3, 1, 4, 4),
+        "zp0": torch.zeros(3, 2),
+    }
     a = add_instance_noise(variables, spec, 0.25, torch.Generator().manual_seed(0))
     b = add_instance_noise(variables, spec, torch.tensor(0.25), torch.Generator().manual_seed(0))
     draw = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -307,8 +333,10 @@ def test_shared_forward_step_equals_train_step():
     data = batches(2)
     d_opt, g_opt = adam_pair(eager)
     torch.manual_seed(1)
-    expected = [train_step(eager, x, d_opt, g_opt, n_dis=2, instance_noise=s,
-                           shared_forward=True) for x, s in zip(data, NOISE)]  # fmt: skip
+    expected = [
+        train_step(eager, x, d_opt, g_opt, n_dis=2, instance_noise=s, shared_forward=True)
+        for x, s in zip(data, NOISE)
+    ]
     step = CapturedStep(captured, *adam_pair(captured), n_dis=2, shared_forward=True)
     torch.manual_seed(1)
     got = [step(x, instance_noise=s) for x, s in zip(data, NOISE)]

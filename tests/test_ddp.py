@@ -25,11 +25,25 @@ def torchrun(worker: Path, *args: str) -> subprocess.CompletedProcess:
     the time limit): such a launch is tried once more, on a fresh port. A real failure fails
     both times, and the tests assert on what the ranks computed."""
     for attempt in range(2):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_port", str(free_port()), str(worker), *args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(worker),
+            *args,
+        ]
         try:
-            run = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                                 cwd=Path(__file__).parent.parent)  # fmt: skip
+            run = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                cwd=Path(__file__).parent.parent,
+            )
         except subprocess.TimeoutExpired as error:
             if attempt:
                 raise
@@ -55,10 +69,20 @@ def test_two_cpu_processes_keep_identical_parameters(tmp_path, n_dis):
 
 def test_two_processes_share_each_epoch_and_one_epoch_is_one_pass(tmp_path):
     worker = Path(__file__).with_name("_ddp_data_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(worker), str(tmp_path)]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                         cwd=Path(__file__).parent.parent)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(worker),
+        str(tmp_path),
+    ]
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["processes"] for r in ranks] == [2, 2]

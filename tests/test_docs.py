@@ -21,8 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SKIPPED_DIRS = {".git", ".venv", "venv", "build", "dist", "runs", "__pycache__", ".pytest_cache",
-                ".ruff_cache", ".mypy_cache"}  # fmt: skip
+SKIPPED_DIRS = {
+    ".git",
+    ".venv",
+    "venv",
+    "build",
+    "dist",
+    "runs",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+}
 # Spelled in two pieces so that this file does not mention it.
 RETIRED = "DESIGN" + ".md"
 # Files that may name retired files: the history of the project.
@@ -50,8 +60,10 @@ def repository_files(root: Path = ROOT) -> set[str]:
     try:
         listed = subprocess.run(
             ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-            cwd=root, capture_output=True, check=True,
-        ).stdout.decode()  # fmt: skip
+            cwd=root,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
         names = [n for n in listed.split("\0") if n]
     except (OSError, subprocess.CalledProcessError):
         names = []
@@ -101,8 +113,9 @@ def check_references(
         for number in wanted:
             if number not in defined:
                 heading = f"## {number}." if "." not in number else f"### {number}"
-                problems.add((line_of(offset), f"{shown} has no section {number} "
-                                               f"(no heading '{heading}')"))  # fmt: skip
+                problems.add(
+                    (line_of(offset), f"{shown} has no section {number} (no heading '{heading}')")
+                )
 
     def check_path(candidate: str, offset: int, from_root: bool = True) -> str | None:
         target = _resolve(candidate, folder, files, from_root)
@@ -130,8 +143,12 @@ def check_references(
     if path not in HISTORY:
         for number, line in enumerate(text.splitlines(), start=1):
             if RETIRED in line:
-                problems.add((number, f"mentions {RETIRED}, which is retired: cite "
-                                      "docs/design.md, section N"))  # fmt: skip
+                problems.add(
+                    (
+                        number,
+                        f"mentions {RETIRED}, which is retired: cite docs/design.md, section N",
+                    )
+                )
     return [f"{path}:{line}: {what}" for line, what in sorted(problems)]
 
 
@@ -214,8 +231,7 @@ def test_checker_resolves_links_from_the_linking_file_and_checks_its_own_section
     # a Markdown file with numbered sections: a bare "section N" is one of its own
     own = "## 1. One\n\nSee section 1 and section 2.\n"
     problems = check_references("docs/own.md", own, files, lambda p: own)
-    assert problems == ["docs/own.md:3: docs/own.md (itself) has no section 2 (no heading "
-                        "'## 2.')"]  # fmt: skip
+    assert problems == ["docs/own.md:3: docs/own.md (itself) has no section 2 (no heading '## 2.')"]
 
 
 def test_repository_files_outside_git_walks_the_folder_and_skips_environments(tmp_path):

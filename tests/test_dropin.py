@@ -88,9 +88,13 @@ def test_criteria_registries_and_recipe_settings():
     with pytest.raises(ConfigError, match="cross_entropy, hinge"):
         build_discriminator_criterion("wasserstein")
     config = get("digits-gali4").with_overrides(
-        {"discriminator_criterion": "hinge", "generator_criterion": "hinge",
-         "prior": "truncated_normal:1.5", "unary_weight": "0.5"}
-    )  # fmt: skip
+        {
+            "discriminator_criterion": "hinge",
+            "generator_criterion": "hinge",
+            "prior": "truncated_normal:1.5",
+            "unary_weight": "0.5",
+        }
+    )
     config.validate()
     with pytest.raises(ConfigError, match="discriminator_criterion"):
         get("digits-gali4").with_overrides({"discriminator_criterion": "nope"}).validate()
@@ -193,16 +197,18 @@ def test_the_condition_travels_with_the_chains():
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 6))
     generator = RecordingGenerator()
     x, y = torch.rand(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4])
-    chains = Chains(x, encoder, generator, y=y, latent_shape=(6,),
-                    rng=torch.Generator().manual_seed(0))  # fmt: skip
+    chains = Chains(
+        x, encoder, generator, y=y, latent_shape=(6,), rng=torch.Generator().manual_seed(0)
+    )
     chains.compute(build_spec("gali4").nodes)  # x1 = G(z0), xp0 = G(zp0), xp1 = G(zp1)
     y_prior = chains.conditions["zp0"]
     assert sorted(y_prior.tolist()) == y.tolist() and not torch.equal(y_prior, y)
     assert [s is y for s in generator.seen].count(True) == 1  # x1 = G(z0, y)
     assert [s is y_prior for s in generator.seen].count(True) == 2  # xp0, xp1 = G(., y_p)
     assert chains.condition_of("E(Mask1(x0))") is y and chains.condition_of("zp1") is y_prior
-    again = Chains(x, encoder, generator, y=y, latent_shape=(6,),
-                   rng=torch.Generator().manual_seed(0))  # fmt: skip
+    again = Chains(
+        x, encoder, generator, y=y, latent_shape=(6,), rng=torch.Generator().manual_seed(0)
+    )
     again.compute(build_spec("gali4").nodes)
     assert torch.equal(again.conditions["zp0"], y_prior)  # the rng draws the shuffle
 
@@ -234,13 +240,19 @@ def test_conditional_objective_needs_pairs_and_a_generator_that_takes_the_condit
     with pytest.raises(ConfigError, match=r"LatentGenerator\(G, condition="):
         conditional.discriminator_loss((x, y))
     with pytest.raises(ConfigError, match="was not told how the generator takes"):
-        GALI(encoder, LatentGenerator(plain), conditional.head,
-             [ReconstructionChain()]).discriminator_loss((x, y))  # fmt: skip
-    dropped = GALI(encoder, LatentGenerator(plain, condition=False), conditional.head,
-                   [ReconstructionChain()])  # fmt: skip
+        GALI(
+            encoder, LatentGenerator(plain), conditional.head, [ReconstructionChain()]
+        ).discriminator_loss((x, y))
+    dropped = GALI(
+        encoder, LatentGenerator(plain, condition=False), conditional.head, [ReconstructionChain()]
+    )
     assert torch.isfinite(dropped.discriminator_loss((x, y)))
-    named = GALI(encoder, LatentGenerator(RecordingGenerator(), condition="y"), conditional.head,
-                 [ReconstructionChain()])  # fmt: skip
+    named = GALI(
+        encoder,
+        LatentGenerator(RecordingGenerator(), condition="y"),
+        conditional.head,
+        [ReconstructionChain()],
+    )
     assert torch.isfinite(named.generator_loss((x, y)))
 
 
@@ -307,8 +319,12 @@ def test_distribution_and_callable_priors_reach_the_prior_chain():
         z = gali.chains(x)["zp0"]
         assert z.shape == (4, 6) and holds(z), prior
     with pytest.raises(ShapeError, match="draws latents of shape"):
-        GALI(encoder, generator, make_head(spec),
-             prior=torch.distributions.Normal(torch.zeros(3), 1.0)).chains(x)["zp0"]  # fmt: skip
+        GALI(
+            encoder,
+            generator,
+            make_head(spec),
+            prior=torch.distributions.Normal(torch.zeros(3), 1.0),
+        ).chains(x)["zp0"]
 
 
 # -- 9.5 discriminator shapes, user failures, batch norm --------------------------------------
@@ -391,8 +407,13 @@ class BatchNormFeatures(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 4, 4, 2, 1), nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
-                                 nn.Flatten(), nn.Linear(64, 16))  # fmt: skip
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 4, 2, 1),
+            nn.BatchNorm2d(4),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(64, 16),
+        )
         self.outputs = []
 
     def forward(self, x):
@@ -414,9 +435,12 @@ def test_batch_norm_warned_when_fused_is_chosen_and_auto_runs_each_chain_alone()
             spec, copy.deepcopy(fused.feature_nets["image"]), dz, joint_hidden=(8,)
         )
         per_node = MultiClassJointDiscriminatorHead(
-            spec, copy.deepcopy(fused.feature_nets["image"]), dz, joint_hidden=(8,),
+            spec,
+            copy.deepcopy(fused.feature_nets["image"]),
+            dz,
+            joint_hidden=(8,),
             feature_pass="per_node",
-        )  # fmt: skip
+        )
     assert auto.feature_pass == "per_chain"
     assert MultiClassJointDiscriminatorHead(spec, TinyImageFeatures(), dz).feature_pass == "fused"
     variables = random_variables(spec)
@@ -621,8 +645,11 @@ def test_adapters_readme_discriminator_blocks_run(tmp_path, monkeypatch):
     readme = (Path(__file__).resolve().parent.parent / "adapters" / "README.md").read_text()
     monkeypatch.chdir(tmp_path)  # the files the blocks write stay out of the repository
     blocks = re.findall(r"```python\n(.+?)```", readme, re.S)
-    cases = {"BigBiGANDiscriminator(": "gali8", "ALIDiscriminator(": "gali4",
-             "monolithic_head(build_spec": "gali4"}  # fmt: skip
+    cases = {
+        "BigBiGANDiscriminator(": "gali8",
+        "ALIDiscriminator(": "gali4",
+        "monolithic_head(build_spec": "gali4",
+    }
     namespace: dict = {}  # the blocks run in order, as a reader pastes them
     checked = set()
     for block in blocks:

@@ -51,8 +51,9 @@ def test_feature_mse_by_hand():
 
 def test_frechet_distance_closed_forms():
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2 for N(m, s^2)
-    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]),
-                            np.array([[1.0]])) == pytest.approx(4.0 + 1.0)  # fmt: skip
+    assert frechet_distance(
+        np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[1.0]])
+    ) == pytest.approx(4.0 + 1.0)
     # diagonal: ||mu1 - mu2||^2 + sum (sqrt(a) - sqrt(b))^2
     a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
@@ -91,8 +92,9 @@ def test_inpainting_errors_by_hand():
     x = torch.rand(64, 1, 6, 6) * 2 - 1
     # an encoder-generator pair that reconstructs perfectly from the masked image cannot know
     # the hidden pixels; a "cheating" pair that returns x restores them exactly
-    cheat = inpainting_errors(lambda m: torch.zeros(m.shape[0], 1), lambda z: x[: z.shape[0]], x,
-                              features=nn.Flatten())  # fmt: skip
+    cheat = inpainting_errors(
+        lambda m: torch.zeros(m.shape[0], 1), lambda z: x[: z.shape[0]], x, features=nn.Flatten()
+    )
     assert cheat == {"pixel_mse": 0.0, "feature_mse": 0.0}
     # filling the box with 1 everywhere: error ((x - 1) / 2)^2 over the box pixels only
     ones = inpainting_errors(nn.Identity(), constant_generator(1.0), x, seed=3)
@@ -140,10 +142,28 @@ def test_eval_and_study_commands(tmp_path, monkeypatch, evaluator_copy):
     monkeypatch.chdir(tmp_path)
     evaluator_copy(tmp_path / "study" / "evaluator-digits")  # reused by the study and by eval
     runner = CliRunner()
-    result = runner.invoke(app, ["study", "digits", "--steps", "2", "--seeds", "2", "--out",
-                                 "study", "--no-progress", "--svm-samples", "100",
-                                 "--svm-draws", "1", "--recipes", "digits-gali-pt",
-                                 "--jobs", "1"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "study",
+            "digits",
+            "--steps",
+            "2",
+            "--seeds",
+            "2",
+            "--out",
+            "study",
+            "--no-progress",
+            "--svm-samples",
+            "100",
+            "--svm-draws",
+            "1",
+            "--recipes",
+            "digits-gali-pt",
+            "--jobs",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "training one" not in result.output  # the evaluator in the study folder is reused
     table = (tmp_path / "study" / "study.md").read_text()
@@ -186,8 +206,11 @@ def test_eval_announces_the_evaluator_it_trains_beside_the_runs(
     from gali_ext.recipes.train import train
 
     monkeypatch.chdir(tmp_path)
-    train(recipes.get("digits-ali").with_overrides({"steps": "1"}), tmp_path / "runs" / "a",
-          progress=False)  # fmt: skip
+    train(
+        recipes.get("digits-ali").with_overrides({"steps": "1"}),
+        tmp_path / "runs" / "a",
+        progress=False,
+    )
     trained = []
 
     def fake_train_evaluator(dataset, folder, data_dir=None):
@@ -220,16 +243,48 @@ def test_study_in_parallel_equals_sequential_and_writes_the_paired_table(
         evaluator_copy(tmp_path / name / "evaluator-digits")
     recipes = "digits-ali,digits-gali-mix"
     svm = ["--svm-samples", "100", "--svm-draws", "1"]
-    result = CliRunner().invoke(app, ["study", "digits", "--steps", "3", "--seeds", "2",
-                                      "--jobs", "2", "--threads", "1", "--recipes", recipes,
-                                      "--out", "parallel", *svm])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "study",
+            "digits",
+            "--steps",
+            "3",
+            "--seeds",
+            "2",
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+            "--recipes",
+            recipes,
+            "--out",
+            "parallel",
+            *svm,
+        ],
+    )
     assert result.exit_code == 0, result.output
-    study(tmp_path / "sequential", steps=3, seeds=1, recipes=recipes.split(","), progress=False,
-          echo=lambda *_: None, svm_samples=100, svm_draws=1, jobs=1, threads=1)  # fmt: skip
+    study(
+        tmp_path / "sequential",
+        steps=3,
+        seeds=1,
+        recipes=recipes.split(","),
+        progress=False,
+        echo=lambda *_: None,
+        svm_samples=100,
+        svm_draws=1,
+        jobs=1,
+        threads=1,
+    )
     # seed 0 of each recipe: the same weights and scores whether trained two at a time or alone
-    saved = {name: {(r["recipe"], r["seed"]): r for r in json.loads(
-        (tmp_path / name / "study.json").read_text())["results"] if "seed" in r}
-        for name in ("parallel", "sequential")}  # fmt: skip
+    saved = {
+        name: {
+            (r["recipe"], r["seed"]): r
+            for r in json.loads((tmp_path / name / "study.json").read_text())["results"]
+            if "seed" in r
+        }
+        for name in ("parallel", "sequential")
+    }
     for recipe in recipes.split(","):
         run = f"{recipe}-seed0"
         for weights in ("encoder", "generator", "discriminator"):
@@ -320,10 +375,12 @@ def test_fid_on_inception_features_from_a_local_file(tmp_path, monkeypatch):
     assert inception.features(x).shape == (12, 2048)  # pooled features of RGB images
 
     monkeypatch.chdir(tmp_path)
-    run = train(recipes.get("digits-ali").with_overrides({"steps": "1"}), tmp_path / "run",
-                progress=False)  # fmt: skip
-    result = evaluate_run(run, svm_samples=100, svm_draws=1, max_test_images=24,
-                          inception=inception)  # fmt: skip
+    run = train(
+        recipes.get("digits-ali").with_overrides({"steps": "1"}), tmp_path / "run", progress=False
+    )
+    result = evaluate_run(
+        run, svm_samples=100, svm_draws=1, max_test_images=24, inception=inception
+    )
     assert result["fid_inception"] > 0 and result["fid_inception"] != result["fid_evaluator"]
     assert "FID (Inception features)" in format_table(summarise([result]))
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -473,8 +530,13 @@ def test_summary_metrics_on_a_trained_pair_and_a_one_run_table():
     models = build_ali_models("digits", latent_dim=32, channels=1)
     classifier = _FirstPixelsClassifier(10)
     result = summary_metrics(models.encoder, models.generator, test, classifier, samples=50)
-    assert set(result) == {"pixel_mse", "class_agreement", "sample_confidence",
-                           "sample_entropy_bits", "sample_classes_covered"}  # fmt: skip
+    assert set(result) == {
+        "pixel_mse",
+        "class_agreement",
+        "sample_confidence",
+        "sample_entropy_bits",
+        "sample_classes_covered",
+    }
     assert set(summary_metrics(models.encoder, models.generator, test)) == {"pixel_mse"}
     table = format_table(summarise([{"recipe": "r", **result}]))
     assert "±" not in table and f"| {result['class_agreement']:.3f} |" in table

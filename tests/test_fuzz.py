@@ -39,8 +39,9 @@ def test_random_specs_build_or_raise_spec_errors():
     built = 0
     for _ in range(3000):
         k, m = rng.randint(0, 4), rng.randint(0, 3)
-        classes = [tuple(random_node(rng) for _ in range(m + rng.choice([0, 0, 0, 1])))
-                   for _ in range(k)]  # fmt: skip
+        classes = [
+            tuple(random_node(rng) for _ in range(m + rng.choice([0, 0, 0, 1]))) for _ in range(k)
+        ]
         try:
             spec = TupleSpec(classes)
         except GaliError:
@@ -59,8 +60,11 @@ def test_random_logits_raise_shape_errors_or_give_finite_losses(seed):
     for _ in range(200):
         shape = tuple(rng.randint(0, 5) for _ in range(rng.randint(0, 4)))
         dtype = rng.choice([torch.float32, torch.float64, torch.bfloat16, torch.int64])
-        logits = (torch.randn(shape) * 50).to(dtype) if dtype != torch.int64 else torch.zeros(
-            shape, dtype=dtype)  # fmt: skip
+        logits = (
+            (torch.randn(shape) * 50).to(dtype)
+            if dtype != torch.int64
+            else torch.zeros(shape, dtype=dtype)
+        )
         for loss in losses:
             try:
                 value = loss(logits)

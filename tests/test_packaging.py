@@ -21,8 +21,11 @@ def wheel(tmp_path_factory) -> Path:
     source = tmp_path_factory.mktemp("source")
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in listed:
         if (ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
@@ -66,22 +69,39 @@ def _folder_that_shadows(tmp_path: Path) -> Path:
 def test_the_installed_wheel_runs_beside_a_recipes_py_and_an_adapters_folder(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-         str(wheel)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     folder = _folder_that_shadows(tmp_path)
     run = subprocess.run(
         [sys.executable, "-m", "gali_ext.cli", "recipes"],
-        cwd=folder, capture_output=True, text=True, timeout=120,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+    )
     assert run.returncode == 0, run.stderr
     assert "digits-gali4" in run.stdout
     where = subprocess.run(
         [sys.executable, "-c", "import gali_ext.recipes as r; print(r.__file__)"],
-        cwd=folder, capture_output=True, text=True, env={"PYTHONPATH": str(target)},
-    )  # fmt: skip
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(target)},
+    )
     assert where.stdout.strip().startswith(str(target))
 
 
@@ -89,14 +109,20 @@ def test_the_development_install_runs_beside_a_recipes_py_and_an_adapters_folder
     folder = _folder_that_shadows(tmp_path)
     run = subprocess.run(
         [sys.executable, "-m", "gali_ext.cli", "recipes"],
-        cwd=folder, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "digits-gali8" in run.stdout
     version = subprocess.run(
         [sys.executable, "-m", "gali_ext.cli", "--version"],
-        cwd=folder, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     import gali_ext
 
     assert version.stdout.strip() == f"gali-ext {gali_ext.__version__}"
@@ -104,8 +130,9 @@ def test_the_development_install_runs_beside_a_recipes_py_and_an_adapters_folder
 
 def test_import_gali_ext_loads_the_core_only():
     code = "import json, sys; import gali_ext; print(json.dumps(sorted(m for m in sys.modules)))"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=ROOT)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     loaded = json.loads(run.stdout)
     heavy = sorted({m.split(".")[0] for m in loaded} & set(APPLICATION))
     assert heavy == [], f"import gali_ext loaded {heavy}"
@@ -132,9 +159,10 @@ def _imports(path: Path, package: str) -> set[str]:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1])
                 found.update(
-                    [f"{base}.{node.module}"] if node.module
+                    [f"{base}.{node.module}"]
+                    if node.module
                     else [f"{base}.{alias.name}" for alias in node.names]
-                )  # fmt: skip
+                )
             else:
                 found.add(node.module or "")
         elif isinstance(node, ast.Import):
@@ -175,8 +203,13 @@ def _blocked(modules, code):
     """Run ``code`` in a fresh interpreter in which ``modules`` cannot be imported (as if not
     installed: ``sys.modules[name] = None``)."""
     prelude = f"import sys\nfor name in {list(modules)!r}:\n    sys.modules[name] = None\n"
-    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def test_the_core_install_needs_only_torch_and_safetensors():
@@ -212,8 +245,10 @@ print(train_step(gali, [x], opt(head.parameters()), opt([*E.parameters(), *G.par
 def test_a_part_whose_extra_is_missing_names_the_extra():
     run = _blocked(["accelerate"], "import gali_ext.recipes")
     assert run.returncode != 0
-    assert "gali_ext.recipes needs gali-ext's 'recipes' extra: pip install 'gali-ext[recipes]' " \
-        "(missing: accelerate)" in run.stderr  # fmt: skip
+    assert (
+        "gali_ext.recipes needs gali-ext's 'recipes' extra: pip install 'gali-ext[recipes]' "
+        "(missing: accelerate)" in run.stderr
+    )
     run = _blocked(["typer"], "import runpy; runpy.run_module('gali_ext.cli', run_name='__main__')")
     assert run.returncode == 2 and "pip install 'gali-ext[recipes]'" in run.stderr
     assert "Traceback" not in run.stderr

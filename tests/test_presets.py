@@ -102,8 +102,16 @@ def test_a_user_preset_trains_through_a_recipe_and_the_benchmark(tri, tmp_path):
     out = train(config, tmp_path / "run", progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [len(r["d_accuracy"]) for r in records] == [3, 3]
-    result = run_benchmark("digits", "cpu", repeats=1, warmup=0, batch=4, out=None,
-                           print_fn=lambda line: None, specs=("tri_test",))  # fmt: skip
+    result = run_benchmark(
+        "digits",
+        "cpu",
+        repeats=1,
+        warmup=0,
+        batch=4,
+        out=None,
+        print_fn=lambda line: None,
+        specs=("tri_test",),
+    )
     assert set(result["step_seconds"]) == {"ali", "tri_test"}
     assert result["head"]  # the fused-head table still runs
 
@@ -121,17 +129,40 @@ def test_a_user_preset_module_trains_from_the_command_line(tmp_path):
             """
         )
     )
-    command = [sys.executable, "-m", "gali_ext.cli", "--import", "my_presets", "recipe",
-               "digits-gali4", "--set", "spec=tri_cli", "--steps", "2", "--set", "batch_size=8",
-               "--out", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "gali_ext.cli",
+        "--import",
+        "my_presets",
+        "recipe",
+        "digits-gali4",
+        "--set",
+        "spec=tri_cli",
+        "--steps",
+        "2",
+        "--set",
+        "batch_size=8",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "run" / "config.json").read_text())["spec"] == "tri_cli"
     listed = subprocess.run(
         [sys.executable, "-m", "gali_ext.cli", "--import", "my_presets", "presets"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "tri_cli" in listed.stdout and "K=3 m=2" in listed.stdout
-    unknown = subprocess.run(command[:3] + ["recipe", "digits-gali4", "--set", "spec=tri_cli"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    unknown = subprocess.run(
+        command[:3] + ["recipe", "digits-gali4", "--set", "spec=tri_cli"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert unknown.returncode == 2 and "error: spec='tri_cli' is invalid" in unknown.stderr

@@ -11,14 +11,22 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_ci_runs_exactly_the_readme_test_command():
-    block = re.search(r"<!-- test-command -->\n```\n(.+?)\n```\n<!-- /test-command -->", README,
-                      re.S)  # fmt: skip
+    block = re.search(
+        r"<!-- test-command -->\n```\n(.+?)\n```\n<!-- /test-command -->", README, re.S
+    )
     assert block, "README.md lost its test command markers"
     extracted = subprocess.run(
-        ["bash", "-c", "sed -n '/<!-- test-command -->/,/<!-- \\/test-command -->/p' README.md"
-         " | grep -v -e '^<!--' -e '^```'"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+        [
+            "bash",
+            "-c",
+            "sed -n '/<!-- test-command -->/,/<!-- \\/test-command -->/p' README.md"
+            " | grep -v -e '^<!--' -e '^```'",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert extracted == block.group(1).strip()
     assert "pytest" in extracted
     ci = (ROOT / ".ci" / "run").read_text()

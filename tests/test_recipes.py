@@ -15,15 +15,30 @@ from gali_ext.recipes.cli import app
 from gali_ext.recipes.train import load_data, train
 
 REQUIRED = [
-    "digits-ali", "digits-alice", "digits-gali4", "digits-gali8",
-    "svhn-ali", "svhn-alice", "svhn-gali4", "svhn-gali8", "svhn-gali-pt",
-    "celeba-ali", "celeba-gali4", "celeba-gali-pt", "celeba-gali-mix",
-]  # fmt: skip
+    "digits-ali",
+    "digits-alice",
+    "digits-gali4",
+    "digits-gali8",
+    "svhn-ali",
+    "svhn-alice",
+    "svhn-gali4",
+    "svhn-gali8",
+    "svhn-gali-pt",
+    "celeba-ali",
+    "celeba-gali4",
+    "celeba-gali-pt",
+    "celeba-gali-mix",
+]
 
 
 def tiny(name="digits-gali4", **changes):
-    settings = {"steps": "4", "batch_size": "16", "log_every": "1", "sample_every": "2",
-                "checkpoint_every": "2"}  # fmt: skip
+    settings = {
+        "steps": "4",
+        "batch_size": "16",
+        "log_every": "1",
+        "sample_every": "2",
+        "checkpoint_every": "2",
+    }
     settings.update({k: str(v) for k, v in changes.items()})
     return recipes.get(name).with_overrides(settings)
 
@@ -65,9 +80,16 @@ def test_unknown_recipe_and_bad_settings():
 
 def test_train_writes_the_run_directory(tmp_path):
     out = train(tiny(), tmp_path / "run", progress=False)
-    for name in ("config.json", "metrics.jsonl", "encoder.safetensors", "generator.safetensors",
-                 "discriminator.safetensors", "samples.png", "reconstructions.png",
-                 "summary.json"):  # fmt: skip
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "encoder.safetensors",
+        "generator.safetensors",
+        "discriminator.safetensors",
+        "samples.png",
+        "reconstructions.png",
+        "summary.json",
+    ):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -108,8 +130,9 @@ def test_existing_run_directory_is_refused(tmp_path):
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     # batches of 256: 5 per epoch, so the run resumes mid-epoch (step 3) and crosses into the
     # next epoch; two DataLoader workers; the EMA is resumed too
-    config = tiny("digits-gali8", steps=6, checkpoint_every=3, batch_size=256, num_workers=2,
-                  ema_decay=0.9)  # fmt: skip
+    config = tiny(
+        "digits-gali8", steps=6, checkpoint_every=3, batch_size=256, num_workers=2, ema_decay=0.9
+    )
     train(config, tmp_path / "whole", progress=False)
 
     import gali_ext.recipes.train as loop
@@ -147,12 +170,15 @@ def test_channels_last_trains_in_nhwc_resumes_and_matches_contiguous(tmp_path, m
         x = next(batches)
         # digits are grayscale, so x is both; the second convolution has 16 input channels
         conv = gali.encoder.blocks[1][0].weight
-        seen.append(all(t.is_contiguous(memory_format=torch.channels_last) for t in (x, conv))
-                    and not conv.is_contiguous())  # fmt: skip
+        seen.append(
+            all(t.is_contiguous(memory_format=torch.channels_last) for t in (x, conv))
+            and not conv.is_contiguous()
+        )
         if len(seen) == 3:
             raise KeyboardInterrupt("simulated crash")
-        return real_step(gali, iter([x, *[next(batches) for _ in range(kwargs["n_dis"] - 1)]]),
-                         *args, **kwargs)  # fmt: skip
+        return real_step(
+            gali, iter([x, *[next(batches) for _ in range(kwargs["n_dis"] - 1)]]), *args, **kwargs
+        )
 
     monkeypatch.setattr(loop, "train_step", recording)
     with pytest.raises(KeyboardInterrupt):
@@ -186,24 +212,40 @@ def write_svhn(folder, n=40, seed=0):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
-        savemat(folder / f"{split}_32x32.mat", {
-            "X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
-            "y": rng.integers(1, 11, (n, 1)).astype(np.uint8),
-        })  # fmt: skip
+        savemat(
+            folder / f"{split}_32x32.mat",
+            {
+                "X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                "y": rng.integers(1, 11, (n, 1)).astype(np.uint8),
+            },
+        )
 
 
 def test_cli_svhn_gali8_on_tiny_mat_files(tmp_path):
     from typer.testing import CliRunner
 
     write_svhn(tmp_path / "svhn")
-    result = CliRunner().invoke(app, [
-        "recipe", "svhn-gali8", "--data-dir", str(tmp_path / "svhn"), "--steps", "2",
-        "--out", str(tmp_path / "run"), "--set", "batch_size=8", "--no-progress",
-    ])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "recipe",
+            "svhn-gali8",
+            "--data-dir",
+            str(tmp_path / "svhn"),
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "batch_size=8",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "generator.safetensors").is_file()
-    result = CliRunner().invoke(app, ["sample", str(tmp_path / "run"), "--out",
-                                      str(tmp_path / "s")])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["sample", str(tmp_path / "run"), "--out", str(tmp_path / "s")]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s" / "samples-raw.png").is_file()
     assert str(tmp_path / "s" / "reconstructions-raw.png") in result.output
@@ -231,9 +273,13 @@ def test_ema_is_the_moving_average_of_the_weights(tmp_path, monkeypatch):
 
     def recording(gali, *args, **kwargs):
         result = real_step(gali, *args, **kwargs)
-        seen.append({f"{name}.{k}": v.detach().clone()
-                     for name in ("encoder", "generator")
-                     for k, v in getattr(gali, name).state_dict().items()})  # fmt: skip
+        seen.append(
+            {
+                f"{name}.{k}": v.detach().clone()
+                for name in ("encoder", "generator")
+                for k, v in getattr(gali, name).state_dict().items()
+            }
+        )
         return result
 
     monkeypatch.setattr(loop, "train_step", recording)
@@ -343,10 +389,18 @@ def test_cli_lists_recipes_and_reports_errors_in_one_line(tmp_path):
     assert listing.exit_code == 0
     assert all(name in listing.output for name in REQUIRED)
     run = subprocess.run(
-        [sys.executable, "-m", "gali_ext.cli", "recipe", "svhn-gali8", "--out",
-         str(tmp_path / "x")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gali_ext.cli",
+            "recipe",
+            "svhn-gali8",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2
     assert run.stderr.startswith("error:") and "--data-dir" in run.stderr
     assert not (tmp_path / "x").exists()  # nothing written before validation passed

@@ -18,16 +18,29 @@ from gali_ext.errors import CheckpointError, DataError, DivergenceError
 from gali_ext.recipes.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--set", "batch_size=16", "--set", "checkpoint_every=5", "--set", "log_every=1",
-        "--set", "sample_every=1000", "--set", "num_workers=2", "--no-progress"]  # fmt: skip
+TINY = [
+    "--set",
+    "batch_size=16",
+    "--set",
+    "checkpoint_every=5",
+    "--set",
+    "log_every=1",
+    "--set",
+    "sample_every=1000",
+    "--set",
+    "num_workers=2",
+    "--no-progress",
+]
 
 
 def checkpoint_steps(run):
     """``{checkpoint folder name: step}`` of the complete checkpoints of a run (those whose
     manifest, written last, is there)."""
-    return {p.name: json.loads((p / "train_state.json").read_text())["step"]
-            for p in (run / "checkpoints").glob("checkpoint_*")
-            if (p / "manifest.json").is_file()}  # fmt: skip
+    return {
+        p.name: json.loads((p / "train_state.json").read_text())["step"]
+        for p in (run / "checkpoints").glob("checkpoint_*")
+        if (p / "manifest.json").is_file()
+    }
 
 
 def gali_ext(*args):
@@ -36,14 +49,21 @@ def gali_ext(*args):
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     steps = "40"
-    whole = subprocess.run(gali_ext("recipe", "digits-gali4", "--steps", steps, "--out",
-                                    str(tmp_path / "whole"), *TINY),
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    whole = subprocess.run(
+        gali_ext(
+            "recipe", "digits-gali4", "--steps", steps, "--out", str(tmp_path / "whole"), *TINY
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert whole.returncode == 0, whole.stderr
     run = tmp_path / "killed"
-    process = subprocess.Popen(gali_ext("recipe", "digits-gali4", "--steps", steps, "--out",
-                                        str(run), *TINY),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        gali_ext("recipe", "digits-gali4", "--steps", steps, "--out", str(run), *TINY),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while 10 not in checkpoint_steps(run).values():
         assert process.poll() is None, "the run ended before it could be killed"
@@ -57,9 +77,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     half = run / "checkpoints" / f"checkpoint_{max(numbers) + 1}"
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"half")
-    resumed = subprocess.run(gali_ext("recipe", "digits-gali4", "--steps", steps, "--out",
-                                      str(run), "--resume", *TINY),
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        gali_ext("recipe", "digits-gali4", "--steps", steps, "--out", str(run), "--resume", *TINY),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     output = resumed.stdout + resumed.stderr
     assert re.search(r"resumed from .*checkpoint_\d+ at step [1-3]\d\b", output)

@@ -21,8 +21,18 @@ from safetensors.torch import load_file
 from gali_ext.recipes import rundir
 from tests._helpers import error_lines, run_cli, train_run
 
-BASE = ["digits-ali", "--set", "batch_size=16", "--set", "checkpoint_every=2", "--set",
-        "log_every=1", "--set", "sample_every=1000", "--no-progress"]  # fmt: skip
+BASE = [
+    "digits-ali",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "checkpoint_every=2",
+    "--set",
+    "log_every=1",
+    "--set",
+    "sample_every=1000",
+    "--no-progress",
+]
 LOCK_HOLDER = """
 import sys, time
 from gali_ext.recipes.rundir import RunLock
@@ -39,8 +49,11 @@ def cli_train(capsys, *args: str) -> tuple[int, str, str]:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` (but the lock) and its bytes."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}  # fmt: skip
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def same_weights(run: Path, reference: Path) -> bool:
@@ -102,7 +115,7 @@ class Payload:
         "random_states_0.pkl",
         "train_state.json",
         "custom_checkpoint_0.pkl",
-    ],  # fmt: skip
+    ],
 )
 def test_a_planted_pickle_in_any_checkpoint_file_never_runs(run, tmp_path, capsys, planted):
     marker = tmp_path / "pwned"
@@ -150,8 +163,14 @@ def test_resume_of_a_run_that_never_reached_a_checkpoint_starts_fresh(tmp_path, 
     assert logged_steps(run) == [1]
     # killed before its first checkpoint: config.json and metrics, no checkpoint
     shutil.rmtree(run / "checkpoints")
-    for name in ("encoder", "generator", "discriminator", "encoder_ema", "generator_ema",
-                 "summary"):  # fmt: skip
+    for name in (
+        "encoder",
+        "generator",
+        "discriminator",
+        "encoder_ema",
+        "generator_ema",
+        "summary",
+    ):
         next(run.glob(f"{name}.*")).unlink()
     code, out, err = cli_train(capsys, *BASE, "--steps", "1", "--out", str(run), "--resume")
     assert code == 0, err
@@ -188,8 +207,9 @@ main()
 def test_kill_during_a_resumes_config_rewrite_leaves_the_old_config(run, capsys):
     before = (run / "config.json").read_text()
     args = [*BASE, "--steps", "5", "--out", str(run), "--resume", "--set", "lr=1e-3"]
-    process = subprocess.Popen([sys.executable, "-c", KILLED_AT_CONFIG, *args],
-                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_AT_CONFIG, *args], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert process.stdout.readline().strip().endswith("step 4")  # resumed from ...
         assert process.stdout.readline().strip().startswith("--resume: lr")
@@ -209,8 +229,9 @@ def test_kill_during_a_resumes_config_rewrite_leaves_the_old_config(run, capsys)
 
 
 def test_a_second_process_on_a_locked_run_stops_naming_the_holder(run, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(run)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = snapshot(run)
@@ -232,8 +253,11 @@ def test_a_second_process_on_a_locked_run_stops_naming_the_holder(run, capsys):
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(run, trained, capsys):
     damaged = checkpoint(run, 1) / "optimizer.bin"
     damaged.write_bytes(damaged.read_bytes()[:1000])
-    with pytest.warns(rundir.RunDirectoryWarning, match=r"skipped checkpoint_1 \(optimizer.bin "
-                      r"has 1000 bytes, the manifest says \d+\)"):  # fmt: skip
+    with pytest.warns(
+        rundir.RunDirectoryWarning,
+        match=r"skipped checkpoint_1 \(optimizer.bin "
+        r"has 1000 bytes, the manifest says \d+\)",
+    ):
         code, out, err = cli_train(capsys, *BASE, "--steps", "4", "--out", str(run), "--resume")
     assert code == 0, err
     assert "checkpoint_0 at step 2" in out
@@ -261,8 +285,9 @@ def test_missing_random_states_never_give_a_silently_different_run(run, trained,
 
 
 def test_a_changed_lr_on_resume_reaches_the_optimizers(run, capsys):
-    code, out, err = cli_train(capsys, *BASE, "--steps", "5", "--out", str(run), "--resume",
-                               "--set", "lr=1e-3")  # fmt: skip
+    code, out, err = cli_train(
+        capsys, *BASE, "--steps", "5", "--out", str(run), "--resume", "--set", "lr=1e-3"
+    )
     assert code == 0, err
     assert "--resume: lr 0.0002 -> 0.001 from step 4 on" in out
     newest = rundir.list_checkpoints(run / "checkpoints")[-1]
@@ -275,8 +300,9 @@ def test_a_changed_lr_on_resume_reaches_the_optimizers(run, capsys):
 
 def test_a_refused_setting_on_resume_leaves_config_json_as_it_was(run, capsys):
     before = snapshot(run)
-    code, out, err = cli_train(capsys, *BASE, "--steps", "6", "--out", str(run), "--resume",
-                               "--set", "batch_size=32")  # fmt: skip
+    code, out, err = cli_train(
+        capsys, *BASE, "--steps", "6", "--out", str(run), "--resume", "--set", "batch_size=32"
+    )
     assert code == 2
     (line,) = error_lines(err)
     assert "--resume cannot change batch_size (16 -> 32)" in line
@@ -323,8 +349,9 @@ def test_overwrite_replaces_a_run(run, capsys):
 def test_checkpoint_numbers_past_seven_digits_sort_numerically(run, capsys):
     checkpoint(run, 0).rename(checkpoint(run, 9_999_999))
     checkpoint(run, 1).rename(checkpoint(run, 10_000_000))
-    code, out, err = cli_train(capsys, *BASE, "--steps", "5", "--out", str(run), "--resume",
-                               "--set", "keep_checkpoints=2")  # fmt: skip
+    code, out, err = cli_train(
+        capsys, *BASE, "--steps", "5", "--out", str(run), "--resume", "--set", "keep_checkpoints=2"
+    )
     assert code == 0, err
     assert "checkpoint_10000000 at step 4" in out
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())

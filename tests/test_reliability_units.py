@@ -208,8 +208,12 @@ def test_every_torch_load_in_the_package_is_weights_only():
                     offenders.append(where)
                 if node.func.attr == "load" and owner in ("torch", "torch.serialization"):
                     loads += 1
-                    safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant)
-                               and k.value.value is True for k in node.keywords)  # fmt: skip
+                    safe = any(
+                        k.arg == "weights_only"
+                        and isinstance(k.value, ast.Constant)
+                        and k.value.value is True
+                        for k in node.keywords
+                    )
                     if not safe:
                         offenders.append(where)
     assert offenders == [] and loads >= 1
@@ -400,12 +404,24 @@ def save_checkpoint(accelerator, folder: Path, step: int) -> None:
 
 
 def test_checkpoint_names_sort_by_number_past_seven_digits(tmp_path):
-    for name in ("step-10000000", "step-9999999", "step-0000100", ".tmp-step-20000000",
-                 "checkpoint_10", "checkpoint_2", "notes"):  # fmt: skip
+    for name in (
+        "step-10000000",
+        "step-9999999",
+        "step-0000100",
+        ".tmp-step-20000000",
+        "checkpoint_10",
+        "checkpoint_2",
+        "notes",
+    ):
         (tmp_path / name).mkdir()
     names = [p.name for p in rundir.list_checkpoints(tmp_path)]
-    assert names == ["checkpoint_2", "checkpoint_10", "step-0000100", "step-9999999",
-                     "step-10000000"]  # fmt: skip
+    assert names == [
+        "checkpoint_2",
+        "checkpoint_10",
+        "step-0000100",
+        "step-9999999",
+        "step-10000000",
+    ]
     assert sorted(["step-10000000", "step-9999999"])[-1] == "step-9999999"  # what a name sort did
 
 
@@ -416,8 +432,13 @@ def test_the_manifest_finds_every_kind_of_damage(tmp_path, accelerator):
     assert rundir.verify_checkpoint(folder) == []
     manifest = json.loads((folder / "manifest.json").read_text())
     names = sorted(manifest["files"])
-    assert names == ["model.safetensors", "optimizer.bin", "optimizer_1.bin",
-                     "random_states_0.pkl", "train_state.json"]  # fmt: skip
+    assert names == [
+        "model.safetensors",
+        "optimizer.bin",
+        "optimizer_1.bin",
+        "random_states_0.pkl",
+        "train_state.json",
+    ]
     entry = manifest["files"]["optimizer.bin"]
     assert entry["size"] == (folder / "optimizer.bin").stat().st_size
 
@@ -470,10 +491,13 @@ def test_the_newest_intact_checkpoint_is_chosen_and_the_skipped_ones_named(tmp_p
     assert best == root / "step-9999999"
     assert [(p.name, reason.split(":")[0]) for p, reason in skipped] == [
         ("step-10000001", "model.safetensors is missing"),
-        ("step-10000000", f"'{root / 'step-10000000' / 'random_states_0.pkl'}' is missing or "
-                          "lacks the generator states random_state, numpy_random_seed, "
-                          "torch_manual_seed"),
-    ]  # fmt: skip
+        (
+            "step-10000000",
+            f"'{root / 'step-10000000' / 'random_states_0.pkl'}' is missing or "
+            "lacks the generator states random_state, numpy_random_seed, "
+            "torch_manual_seed",
+        ),
+    ]
     moved = rundir.set_aside_checkpoint(root / "step-10000001", tmp_path)
     assert moved == tmp_path / "damaged-checkpoints" / "step-10000001" and moved.is_dir()
 
@@ -636,8 +660,11 @@ def test_resume_overrides_apply_or_refuse_each_setting():
         "steps": (1500, 3000),
     }
     refused = saved.with_overrides({"batch_size": "32", "spec": "gali8", "lr": "1e-3"})
-    with pytest.raises(ConfigError, match=r"cannot change batch_size \(64 -> 32\), spec "
-                                          r"\('gali4' -> 'gali8'\)"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot change batch_size \(64 -> 32\), spec "
+        r"\('gali4' -> 'gali8'\)",
+    ):
         rundir.check_resume_overrides(saved, refused)
     assert rundir.check_resume_overrides(json.loads(saved.to_json()), saved) == {}
 
@@ -671,8 +698,11 @@ def test_non_finite_logits_are_named_not_turned_into_a_loss(loss, bad):
     assert torch.isclose(discriminator_loss(logits), torch.tensor(2 * math.log(3)))
     logits[1, 2, 0] = bad
     counts = "1 NaN and 0 infinite" if math.isnan(bad) else "0 NaN and 1 infinite"
-    with pytest.raises(DivergenceError, match=rf"logits \[3, 4, 3\] given to {loss.__name__} "
-                                              rf"hold {counts}"):  # fmt: skip
+    with pytest.raises(
+        DivergenceError,
+        match=rf"logits \[3, 4, 3\] given to {loss.__name__} "
+        rf"hold {counts}",
+    ):
         loss(logits)
 
 
@@ -715,10 +745,14 @@ def test_a_negative_or_nan_instance_noise_std_is_refused(std):
 
 def test_weights_of_another_kind_of_dtype_are_refused(tmp_path):
     module = nn.Linear(3, 2)
-    save_file({"weight": torch.ones(2, 3, dtype=torch.int8), "bias": torch.zeros(2)},
-              str(tmp_path / "int8.safetensors"))  # fmt: skip
-    with pytest.raises(CheckpointError, match="key 'weight' holds torch.int8 values, the model "
-                                              "expects torch.float32"):  # fmt: skip
+    save_file(
+        {"weight": torch.ones(2, 3, dtype=torch.int8), "bias": torch.zeros(2)},
+        str(tmp_path / "int8.safetensors"),
+    )
+    with pytest.raises(
+        CheckpointError,
+        match="key 'weight' holds torch.int8 values, the model expects torch.float32",
+    ):
         load_safetensors_into(module, tmp_path / "int8.safetensors")
     half = {"weight": torch.full((2, 3), 0.5, dtype=torch.float16), "bias": torch.zeros(2)}
     save_file(half, str(tmp_path / "half.safetensors"))
@@ -751,8 +785,11 @@ def test_inputs_on_another_device_than_the_model(device):
 
 def test_wrong_image_size_dtype_or_latent_width_say_what_was_expected():
     gali = build_gali(image_shape=(1, 8, 8), latent_shape=(6,))
-    with pytest.raises(ShapeError, match=r"expected images x of shape \[B, 1, 8, 8\], got "
-                                         r"\[4, 1, 9, 9\]"):  # fmt: skip
+    with pytest.raises(
+        ShapeError,
+        match=r"expected images x of shape \[B, 1, 8, 8\], got "
+        r"\[4, 1, 9, 9\]",
+    ):
         gali.discriminator_loss(torch.rand(4, 1, 9, 9))
     with pytest.raises(ShapeError, match="dtype torch.float32 .the encoder's., got torch.float64"):
         gali.discriminator_loss(torch.rand(4, 1, 8, 8, dtype=torch.float64))
@@ -815,9 +852,15 @@ def test_every_listed_optimizer_drives_a_train_step(name):
 
 
 @pytest.mark.parametrize(
-    "betas,lr", [((1.5, 0.9), 1e-3), ((0.5,), 1e-3), ((math.nan, 0.9), 1e-3), ((0.5, 0.9), 0.0),
-                 ((0.5, 0.9), math.nan)],
-)  # fmt: skip
+    "betas,lr",
+    [
+        ((1.5, 0.9), 1e-3),
+        ((0.5,), 1e-3),
+        ((math.nan, 0.9), 1e-3),
+        ((0.5, 0.9), 0.0),
+        ((0.5, 0.9), math.nan),
+    ],
+)
 def test_invalid_betas_or_learning_rate_are_config_errors(betas, lr):
     with pytest.raises(ConfigError, match="expected (betas of two numbers in|a learning rate)"):
         build_optimizer("adam", nn.Linear(2, 2).parameters(), lr, betas)
@@ -828,14 +871,16 @@ def test_invalid_betas_or_learning_rate_are_config_errors(betas, lr):
 
 @pytest.mark.parametrize(
     "key,value,expected",
-    [("seed", "-1", r"seed=-1 is invalid: expected an int in \[0, 2\*\*32\)"),
-     ("seed", str(2**32), "seed=4294967296 is invalid"),
-     ("betas", "0.5,1.5", r"betas=\(0.5, 1.5\) is invalid: expected two numbers in \[0, 1\)"),
-     ("betas", "nan,0.9", "betas=.nan, 0.9. is invalid"),
-     ("lr", "nan", "lr=nan is invalid"),
-     ("instance_noise", "inf", "instance_noise=inf is invalid"),
-     ("optimizer", "lbfgs", "optimizer='lbfgs' is invalid")],
-)  # fmt: skip
+    [
+        ("seed", "-1", r"seed=-1 is invalid: expected an int in \[0, 2\*\*32\)"),
+        ("seed", str(2**32), "seed=4294967296 is invalid"),
+        ("betas", "0.5,1.5", r"betas=\(0.5, 1.5\) is invalid: expected two numbers in \[0, 1\)"),
+        ("betas", "nan,0.9", "betas=.nan, 0.9. is invalid"),
+        ("lr", "nan", "lr=nan is invalid"),
+        ("instance_noise", "inf", "instance_noise=inf is invalid"),
+        ("optimizer", "lbfgs", "optimizer='lbfgs' is invalid"),
+    ],
+)
 def test_recipe_config_refuses_values_that_used_to_crash_later(key, value, expected):
     with pytest.raises(ConfigError, match=expected):
         get_recipe("digits-ali").with_overrides({key: value}).validate()
@@ -849,27 +894,32 @@ def test_check_epochs_and_data_size():
             check_epochs(bad)
     config: RecipeConfig = get_recipe("digits-ali").with_overrides({"batch_size": "64"})
     config.check_data_size(128, num_processes=2)
-    with pytest.raises(ConfigError, match="has 100 images, fewer than one batch of 64 for each "
-                                          "of 2 process"):  # fmt: skip
+    with pytest.raises(
+        ConfigError, match="has 100 images, fewer than one batch of 64 for each of 2 process"
+    ):
         config.check_data_size(100, num_processes=2)
 
 
 @pytest.mark.parametrize(
     "args,expected",
-    [(["--seed", "-1"], "--seed must be an int in [0, 2**32), got -1"),
-     (["--seed", str(2**32)], "--seed must be an int in [0, 2**32), got 4294967296"),
-     (["--epochs", "nan"], "--epochs must be a positive finite number, got nan"),
-     (["--epochs", "inf"], "--epochs must be a positive finite number, got inf"),
-     (["--set", "betas=0.5,1.5"], "betas=(0.5, 1.5) is invalid"),
-     (["--set", "batch_size=1"], "batch_size=1 is invalid: expected an int >= 2")],
-)  # fmt: skip
-def test_cli_bad_values_end_in_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys, args,
-                                                          expected):  # fmt: skip
+    [
+        (["--seed", "-1"], "--seed must be an int in [0, 2**32), got -1"),
+        (["--seed", str(2**32)], "--seed must be an int in [0, 2**32), got 4294967296"),
+        (["--epochs", "nan"], "--epochs must be a positive finite number, got nan"),
+        (["--epochs", "inf"], "--epochs must be a positive finite number, got inf"),
+        (["--set", "betas=0.5,1.5"], "betas=(0.5, 1.5) is invalid"),
+        (["--set", "batch_size=1"], "batch_size=1 is invalid: expected an int >= 2"),
+    ],
+)
+def test_cli_bad_values_end_in_one_error_line_and_exit_2(
+    tmp_path, monkeypatch, capsys, args, expected
+):
     from gali_ext.recipes.cli import main
 
     out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["gali-ext", "recipe", "digits-ali", "--out", str(out),
-                                      "--no-progress", *args])  # fmt: skip
+    monkeypatch.setattr(
+        sys, "argv", ["gali-ext", "recipe", "digits-ali", "--out", str(out), "--no-progress", *args]
+    )
     with pytest.raises(SystemExit) as exited:
         main()
     assert exited.value.code == 2

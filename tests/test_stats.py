@@ -103,7 +103,12 @@ def test_the_study_claims_name_the_paper_comparisons():
     }
     mix = next(c for c in CLAIMS if c.better == "digits-gali-mix")
     assert mix.metrics == ("inpaint_pixel_mse", "inpaint_feature_mse")
-    one_seed = format_paired_table(paired_table(
-        [{"recipe": "digits-gali-pt", "seed": 0, "feature_mse": 1.0},
-         {"recipe": "digits-gali4", "seed": 0, "feature_mse": 2.0}]))  # fmt: skip
+    one_seed = format_paired_table(
+        paired_table(
+            [
+                {"recipe": "digits-gali-pt", "seed": 0, "feature_mse": 1.0},
+                {"recipe": "digits-gali4", "seed": 0, "feature_mse": 2.0},
+            ]
+        )
+    )
     assert "n/a (one seed) | 1/1 | not supported |" in one_seed

@@ -28,8 +28,11 @@ def test_scale_enlarges_every_pixel_and_labels_widen_the_image(tmp_path):
     big = np.asarray(Image.open(save_image_grid(images, tmp_path / "b.png", columns=2, scale=3)))
     assert big.shape == (3 * small.shape[0], 3 * small.shape[1], 3)
     np.testing.assert_array_equal(big[::3, ::3], small)
-    labelled = Image.open(save_image_grid(images, tmp_path / "c.png", columns=2, scale=3,
-                                          row_labels=["originals", "model"]))  # fmt: skip
+    labelled = Image.open(
+        save_image_grid(
+            images, tmp_path / "c.png", columns=2, scale=3, row_labels=["originals", "model"]
+        )
+    )
     assert labelled.height == big.shape[0] and labelled.width > big.shape[1]
     # the images sit right of the labels, unchanged; the labels are dark text on white
     np.testing.assert_array_equal(np.asarray(labelled)[:, -big.shape[1] :], big)

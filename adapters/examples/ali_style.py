@@ -44,8 +44,11 @@ CHANNELS = 64  # D(x) and D(z) output [B, 64, 1, 1]
 
 def block(a: int, b: int, kernel: int, stride: int = 1, padding: int = 0) -> list[nn.Module]:
     """A convolution, batch norm and a leaky ReLU (ALI's building block)."""
-    return [nn.Conv2d(a, b, kernel, stride, padding, bias=False), nn.BatchNorm2d(b),
-            nn.LeakyReLU(0.2)]  # fmt: skip
+    return [
+        nn.Conv2d(a, b, kernel, stride, padding, bias=False),
+        nn.BatchNorm2d(b),
+        nn.LeakyReLU(0.2),
+    ]
 
 
 class ALIEncoder(nn.Module):
@@ -54,9 +57,11 @@ class ALIEncoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            *block(1, 32, 4, 2, 1), *block(32, 64, 4, 2, 1), *block(64, 128, 4),
+            *block(1, 32, 4, 2, 1),
+            *block(32, 64, 4, 2, 1),
+            *block(64, 128, 4),
             nn.Conv2d(128, 2 * LATENT_DIM, 1),
-        )  # fmt: skip
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -68,10 +73,15 @@ class ALIGenerator(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(LATENT_DIM, 64, 4, bias=False), nn.BatchNorm2d(64),
-            nn.LeakyReLU(0.2), nn.ConvTranspose2d(64, 32, 4, 2, 1, bias=False),
-            nn.BatchNorm2d(32), nn.LeakyReLU(0.2), nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Tanh(),
-        )  # fmt: skip
+            nn.ConvTranspose2d(LATENT_DIM, 64, 4, bias=False),
+            nn.BatchNorm2d(64),
+            nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(64, 32, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(32, 1, 4, 2, 1),
+            nn.Tanh(),
+        )
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z)
@@ -83,18 +93,33 @@ class ALIDiscriminator(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.dx = nn.Sequential(
-            nn.Dropout(0.2), nn.Conv2d(1, 32, 4, 2, 1), nn.LeakyReLU(0.2), nn.Dropout(0.2),
-            *block(32, 64, 4, 2, 1), nn.Dropout(0.2), nn.Conv2d(64, CHANNELS, 4), nn.LeakyReLU(0.2),
-        )  # fmt: skip
+            nn.Dropout(0.2),
+            nn.Conv2d(1, 32, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Dropout(0.2),
+            *block(32, 64, 4, 2, 1),
+            nn.Dropout(0.2),
+            nn.Conv2d(64, CHANNELS, 4),
+            nn.LeakyReLU(0.2),
+        )
         self.dz = nn.Sequential(
-            nn.Dropout(0.2), nn.Conv2d(LATENT_DIM, CHANNELS, 1), nn.LeakyReLU(0.2),
-            nn.Dropout(0.2), nn.Conv2d(CHANNELS, CHANNELS, 1), nn.LeakyReLU(0.2),
-        )  # fmt: skip
+            nn.Dropout(0.2),
+            nn.Conv2d(LATENT_DIM, CHANNELS, 1),
+            nn.LeakyReLU(0.2),
+            nn.Dropout(0.2),
+            nn.Conv2d(CHANNELS, CHANNELS, 1),
+            nn.LeakyReLU(0.2),
+        )
         self.dxz = nn.Sequential(
-            nn.Dropout(0.2), nn.Conv2d(2 * CHANNELS, 128, 1), nn.LeakyReLU(0.2),
-            nn.Dropout(0.2), nn.Conv2d(128, 128, 1), nn.LeakyReLU(0.2),
-            nn.Dropout(0.2), nn.Conv2d(128, 1, 1),
-        )  # fmt: skip
+            nn.Dropout(0.2),
+            nn.Conv2d(2 * CHANNELS, 128, 1),
+            nn.LeakyReLU(0.2),
+            nn.Dropout(0.2),
+            nn.Conv2d(128, 128, 1),
+            nn.LeakyReLU(0.2),
+            nn.Dropout(0.2),
+            nn.Conv2d(128, 1, 1),
+        )
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
         """One logit per pair, ``[B, 1, 1, 1]``."""
@@ -117,11 +142,17 @@ def gali_objective(preset: str, encoder, generator, discriminator) -> GALI:
     """The switch: the project's networks as a GALI objective of ``preset``."""
     d, spec = discriminator, get_preset(preset).spec  # every line below is the glue
     widen_input(d.dxz, spec.arity // 2)  # GALI-8's joint reads two (image, latent) pairs
-    head = MultiClassJointDiscriminatorHead(spec, discriminator=d, image_features=d.dx,
+    head = MultiClassJointDiscriminatorHead(
+        spec,
+        discriminator=d,
+        image_features=d.dx,
         latent_features=FeatureNetwork(d.dz, input_shape=(LATENT_DIM, 1, 1)),
-        joint=JointNetwork(d.dxz, features="5"))  # fmt: skip
-    pair = (LatentEncoder(encoder, output=lambda out: out.flatten(1).chunk(2, 1)),
-            LatentGenerator(generator, input_shape=(LATENT_DIM, 1, 1)))  # fmt: skip
+        joint=JointNetwork(d.dxz, features="5"),
+    )
+    pair = (
+        LatentEncoder(encoder, output=lambda out: out.flatten(1).chunk(2, 1)),
+        LatentGenerator(generator, input_shape=(LATENT_DIM, 1, 1)),
+    )
     return GALI(*pair, head, get_preset(preset).providers())
 
 

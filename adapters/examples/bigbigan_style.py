@@ -59,9 +59,13 @@ class Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(32, 64, 4, 2, 1),
-            nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(64 * 4 * 4, LATENT_DIM),
-        )  # fmt: skip
+            nn.Conv2d(1, 32, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(32, 64, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, LATENT_DIM),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -75,9 +79,14 @@ class Generator(nn.Module):
         self.embed = nn.Embedding(NUM_CLASSES, 16)
         self.fc = nn.Linear(LATENT_DIM + 16, 64 * 4 * 4)
         self.net = nn.Sequential(
-            nn.BatchNorm2d(64), nn.ReLU(), nn.ConvTranspose2d(64, 32, 4, 2, 1),
-            nn.BatchNorm2d(32), nn.ReLU(), nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Tanh(),
-        )  # fmt: skip
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 4, 2, 1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.ConvTranspose2d(32, 1, 4, 2, 1),
+            nn.Tanh(),
+        )
 
     def forward(self, z: Tensor, y: Tensor) -> Tensor:
         h = self.fc(torch.cat([z, self.embed(y)], 1))
@@ -99,9 +108,14 @@ class ImageDiscriminator(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            sn(nn.Conv2d(1, 32, 4, 2, 1)), nn.LeakyReLU(0.2), sn(nn.Conv2d(32, 64, 4, 2, 1)),
-            nn.LeakyReLU(0.2), nn.Flatten(), sn(nn.Linear(64 * 4 * 4, FEATURES)), nn.LeakyReLU(0.2),
-        )  # fmt: skip
+            sn(nn.Conv2d(1, 32, 4, 2, 1)),
+            nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(32, 64, 4, 2, 1)),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            sn(nn.Linear(64 * 4 * 4, FEATURES)),
+            nn.LeakyReLU(0.2),
+        )
         self.linear = sn(nn.Linear(FEATURES, 1))
         self.embed = sn(nn.Embedding(NUM_CLASSES, FEATURES))
 
@@ -178,13 +192,22 @@ def gali_objective(preset: str, encoder, generator, discriminator) -> GALI:
     ``"gali8"``; ``"ali"`` is BigBiGAN itself)."""
     d, spec = discriminator, get_preset(preset).spec  # every line below is the glue
     widen_input(d.joint, spec.arity // 2)  # GALI-8's joint reads two (image, latent) pairs
-    head = MultiClassJointDiscriminatorHead(spec, discriminator=d,
+    head = MultiClassJointDiscriminatorHead(
+        spec,
+        discriminator=d,
         image_features=FeatureNetwork(d.x_net, output=1, score=0, condition="y"),
         latent_features=FeatureNetwork(d.z_net, output=1, score=0),
-        joint=JointNetwork(d.joint, condition="y", features="body"))  # fmt: skip
-    return GALI(encoder, generator, head, get_preset(preset).providers(), prior=truncated_normal,
-                discriminator_criterion=HingeDiscriminatorLoss(),
-                generator_criterion=HingeGeneratorLoss())  # fmt: skip
+        joint=JointNetwork(d.joint, condition="y", features="body"),
+    )
+    return GALI(
+        encoder,
+        generator,
+        head,
+        get_preset(preset).providers(),
+        prior=truncated_normal,
+        discriminator_criterion=HingeDiscriminatorLoss(),
+        generator_criterion=HingeGeneratorLoss(),
+    )
 
 
 def build(preset: str | None = None, seed: int = 0):
@@ -201,9 +224,16 @@ def build(preset: str | None = None, seed: int = 0):
 
 def save_checkpoint(path, encoder, generator, discriminator, opt_d, opt_eg) -> None:
     """The project's own checkpoint: its modules' and optimizers' state dicts."""
-    torch.save({"E": encoder.state_dict(), "G": generator.state_dict(),
-                "D": discriminator.state_dict(), "opt_d": opt_d.state_dict(),
-                "opt_eg": opt_eg.state_dict()}, path)  # fmt: skip
+    torch.save(
+        {
+            "E": encoder.state_dict(),
+            "G": generator.state_dict(),
+            "D": discriminator.state_dict(),
+            "opt_d": opt_d.state_dict(),
+            "opt_eg": opt_eg.state_dict(),
+        },
+        path,
+    )
 
 
 def load_checkpoint(path, encoder, generator, discriminator, opt_d, opt_eg) -> None:
@@ -228,9 +258,12 @@ def apply_losses(d_loss, eg_loss, discriminator, eg, opt_d, opt_eg) -> None:
 
 
 def train(
-    preset: str | None = None, steps: int = 2, seed: int = 0, batch_size: int = 32,
+    preset: str | None = None,
+    steps: int = 2,
+    seed: int = 0,
+    batch_size: int = 32,
     checkpoint=None,
-) -> list[float]:  # fmt: skip
+) -> list[float]:
     """The project's own loop (one forward, D and E/G each back-propagate their loss), on
     BigBiGAN's losses or, with ``preset``, GALI's; saved to ``checkpoint`` when given."""
     encoder, generator, discriminator, gali, opt_d, opt_eg = build(preset, seed)

@@ -34,9 +34,13 @@ class Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(32, 64, 4, 2, 1),
-            nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(64 * 4 * 4, LATENT_DIM),
-        )  # fmt: skip
+            nn.Conv2d(1, 32, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(32, 64, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, LATENT_DIM),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -48,10 +52,14 @@ class Generator(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(LATENT_DIM, 64 * 4 * 4), nn.ReLU(), nn.Unflatten(1, (64, 4, 4)),
-            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, 1, 4, 2, 1),
+            nn.Linear(LATENT_DIM, 64 * 4 * 4),
+            nn.ReLU(),
+            nn.Unflatten(1, (64, 4, 4)),
+            nn.ConvTranspose2d(64, 32, 4, 2, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(32, 1, 4, 2, 1),
             nn.Tanh(),
-        )  # fmt: skip
+        )
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z)
@@ -63,9 +71,12 @@ class BiGANDiscriminator(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.image = nn.Sequential(
-            sn(nn.Conv2d(1, 32, 4, 2, 1)), nn.LeakyReLU(0.2), sn(nn.Conv2d(32, 64, 4, 2, 1)),
-            nn.LeakyReLU(0.2), nn.Flatten(),
-        )  # fmt: skip
+            sn(nn.Conv2d(1, 32, 4, 2, 1)),
+            nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(32, 64, 4, 2, 1)),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+        )
         self.joint = nn.Sequential(
             sn(nn.Linear(64 * 4 * 4 + LATENT_DIM, 256)), nn.LeakyReLU(0.2), sn(nn.Linear(256, 1))
         )
