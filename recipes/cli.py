@@ -332,7 +332,7 @@ def eval_command(
         inception_features,
         summarise,
     )
-    from gali_ext.recipes.rundir import write_text_atomic
+    from gali_ext.recipes.files import write_text_atomic
     from gali_ext.recipes.runs import EMA_FILES
 
     check_svm_options(svm_samples, svm_draws)
@@ -589,7 +589,7 @@ def export_command(
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
     """``warning: ...`` for what a run directory reports (a skipped checkpoint, a dropped
     metrics line); Python's usual format for the rest."""
-    from gali_ext.recipes.rundir import RunDirectoryWarning
+    from gali_ext.recipes.files import RunDirectoryWarning
 
     if issubclass(category, RunDirectoryWarning):
         return f"warning: {message}\n"

@@ -30,6 +30,7 @@ from gali_ext.priors import resolve_prior
 from gali_ext.providers import PretrainedFeatures
 from gali_ext.providers.pretrained import load_safetensors_into
 from gali_ext.recipes.evaluator import load_evaluator, train_evaluator
+from gali_ext.recipes.files import write_text_atomic
 from gali_ext.recipes.metrics import (
     conditional_reconstruction_agreement,
     eval_mode,
@@ -48,7 +49,6 @@ from gali_ext.recipes.visual import save_image_grid
 
 from . import RecipeConfig
 from .data import ImageData
-from .rundir import write_text_atomic
 from .runs import EMA_FILES
 from .train import build_model, first_images, load_data
 

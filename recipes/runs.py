@@ -29,7 +29,6 @@ any mismatch. Every file is written to a temporary name and renamed
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,42 +36,38 @@ from typing import Any
 
 from torch import nn
 
-from gali_ext.errors import CheckpointError, ConfigError, DivergenceError, GaliError
+from gali_ext.errors import ConfigError, DivergenceError, GaliError
 from gali_ext.providers.pretrained import load_safetensors_into
-
-from . import RecipeConfig
-from .rundir import (
+from gali_ext.recipes.checkpoints import (
     CHECKPOINTS_NAME,
     TRAIN_STATE_NAME,
-    ResumeDecision,
-    atomic_output,
     checkpoint_number,
     list_checkpoints,
     load_state_safely,
     load_train_state_json,
     rotate_checkpoints,
     save_train_state_json,
-    storage_errors,
     verify_checkpoint,
     write_manifest,
 )
+from gali_ext.recipes.files import atomic_output, storage_errors
+
+from . import RecipeConfig
 
 __all__ = [
+    "DIVERGED_WEIGHT",
     "EMA_FILES",
+    "RunModels",
     "TRAIN_STATE",
     "WEIGHT_FILES",
-    "RunModels",
-    "DIVERGED_WEIGHT",
     "complete_checkpoints",
-    "fitting_checkpoint",
     "last_good_checkpoint",
     "load_run_models",
-    "model_mismatch",
     "resume_checkpoint",
     "resume_hint",
     "save_checkpoint",
-    "state_problems",
     "save_weights",
+    "state_problems",
 ]
 
 WEIGHT_FILES = ("encoder", "generator", "discriminator")
@@ -202,58 +197,6 @@ def save_checkpoint(
         save_weights({**weights, **{EMA_FILES[n]: a.module for n, a in ema.items()}}, out)
     accelerator.wait_for_everyone()
     return folder
-
-
-def model_mismatch(checkpoint: Path, model: nn.Module) -> str | None:
-    """How the model saved in ``checkpoint`` (Accelerate's ``model.safetensors``) differs from
-    ``model``: the first key of another shape, or keys ``model`` does not have; None when it
-    fits (a checkpoint of another architecture, say another ``latent_dim``, does not)."""
-    from safetensors import safe_open
-
-    path = checkpoint / "model.safetensors"
-    if not path.is_file():
-        return None  # older layouts (model.bin) are checked by accelerate's own loading
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
-    try:
-        with safe_open(str(path), "pt") as f:
-            saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as error:  # SafetensorError on a damaged file
-        return f"{path.name} cannot be read ({error})"
-    for key, shape in saved.items():
-        if key not in expected:
-            return f"{path.name} holds {key!r}, which the model does not have"
-        if shape != expected[key]:
-            return f"{path.name}: {key!r} has shape {shape}, the model expects {expected[key]}"
-    return None
-
-
-def fitting_checkpoint(
-    decision: ResumeDecision, model: nn.Module, out: Path, num_processes: int = 1
-) -> ResumeDecision:
-    """``decision`` with its checkpoint replaced by the newest intact one whose model fits
-    ``model`` (:func:`model_mismatch`), the newer ones added to ``skipped`` with the reason
-    (the caller sets them aside). Reads only, the same on every process. Raises
-    :class:`~gali_ext.errors.CheckpointError` when no checkpoint fits."""
-    chosen = decision.checkpoint
-    number = checkpoint_number(chosen)
-    older = [c for c in list_checkpoints(out / CHECKPOINTS_NAME) if checkpoint_number(c) < number]
-    skipped = list(decision.skipped)
-    for candidate in [chosen, *reversed(older)]:
-        if candidate != chosen:
-            problems = verify_checkpoint(candidate, num_processes)
-            if problems:
-                skipped.append((candidate, "; ".join(problems)))
-                continue
-        mismatch = model_mismatch(candidate, model)
-        if mismatch is None:
-            return dataclasses.replace(decision, checkpoint=candidate, skipped=tuple(skipped))
-        skipped.append((candidate, f"a model of another architecture: {mismatch}"))
-    why = "; ".join(f"{c.name}: {reason}" for c, reason in skipped)
-    raise CheckpointError(
-        f"--resume: no checkpoint in {str(out / CHECKPOINTS_NAME)!r} fits this run's model "
-        f"({why}); resume with the settings the run was trained with, or pass --overwrite to "
-        "start it over"
-    )
 
 
 def resume_checkpoint(accelerator: Any, out: Path, ema: dict[str, Any], checkpoint: Path) -> int:

@@ -17,9 +17,7 @@ import functools
 import itertools
 import json
 import math
-import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +27,12 @@ import torch
 
 from gali_ext import GALI, MultiClassJointDiscriminatorHead
 from gali_ext.capture import CapturedStep, tf32_mode
-from gali_ext.errors import ConfigError, DataError, DivergenceError, GaliError, first_line
+from gali_ext.errors import ConfigError, DataError, DivergenceError, first_line
 from gali_ext.gali import build_gali
 from gali_ext.losses import build_discriminator_criterion, build_generator_criterion
 from gali_ext.priors import resolve_prior
 from gali_ext.providers import PretrainedFeatures
+from gali_ext.recipes.build import check_trackers, make_accelerator
 from gali_ext.recipes.data import (
     ImageData,
     data_mean,
@@ -41,65 +40,44 @@ from gali_ext.recipes.data import (
     load_dataset,
     training_loader,
 )
-from gali_ext.recipes.metrics import eval_mode, reconstruct, reconstruction_mse
-from gali_ext.recipes.models import ALIModels, build_ali_models
-from gali_ext.recipes.rundir import (
-    CHECKPOINTS_NAME,
-    CONFIG_NAME,
-    LOCK_NAME,
-    METRICS_NAME,
-    ResumeDecision,
-    RunDirectoryWarning,
-    RunLock,
+from gali_ext.recipes.files import (
     append_metrics,
-    apply_optimizer_settings,
-    check_no_links,
-    check_out_path,
-    check_overwrite,
-    check_resume_overrides,
-    clear_run_directory,
-    foreign_checkpoint_entries,
-    list_checkpoints,
-    load_train_state_json,
-    remove_temporaries,
-    resume_decision,
-    set_aside_checkpoint,
     storage_errors,
-    truncate_metrics,
     write_bytes_atomic,
     write_text_atomic,
 )
+from gali_ext.recipes.lock import RunLock
+from gali_ext.recipes.metrics import eval_mode, reconstruct, reconstruction_mse
+from gali_ext.recipes.models import ALIModels, build_ali_models
+from gali_ext.recipes.rundir import (
+    METRICS_NAME,
+    check_out_path,
+    remove_temporaries,
+)
 from gali_ext.recipes.runs import (
     WEIGHT_FILES,
-    fitting_checkpoint,
     load_run_models,
-    resume_checkpoint,
     resume_hint,
     save_checkpoint,
     save_weights,
 )
+from gali_ext.recipes.start import StartPlan, check_run_dir, decided_on_main, plan_start, start_run
 from gali_ext.recipes.visual import image_grid, interleave_rows, save_image_grid
 from gali_ext.trainer import StepMetrics, build_optimizer, instance_noise_std, train_step
 
 from . import RecipeConfig, check_epochs
 
 __all__ = [
-    "WEIGHT_FILES",
     "BuiltModel",
     "RunLog",
-    "StartPlan",
+    "WEIGHT_FILES",
     "build_ema",
     "build_model",
     "check_conditions",
-    "check_run_dir",
-    "check_trackers",
     "first_images",
     "grids",
-    "launch_info",
     "load_data",
     "load_run_models",
-    "make_accelerator",
-    "plan_start",
     "refresh_ema_statistics",
     "save_weights",
     "train",
@@ -187,180 +165,6 @@ def check_conditions(config: RecipeConfig, data: ImageData) -> None:
             f"classes 0..{classes - 1}: expected conditions={classes} (or 0 for an "
             "unconditional run)"
         )
-
-
-def check_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bool) -> bool:
-    """Refuse to mix runs: an existing run directory is resumed, overwritten, or left alone.
-
-    Read-only; called before the lock is taken and again under it. Returns whether ``out``
-    holds something to replace (the caller empties it once everything else has been validated,
-    so a failed start never destroys the previous run). ``--overwrite`` empties run
-    directories only, never through a symbolic link (:func:`.rundir.check_overwrite`).
-    """
-    saved = out / CONFIG_NAME
-    check_no_links(out)
-    logs = out / "logs"
-    if config.log_with and logs.exists():
-        if not logs.is_dir() or not os.access(logs, os.W_OK | os.X_OK):
-            what = "a folder" if logs.is_dir() else "a file, not a folder"
-            raise ConfigError(
-                f"log_with={config.log_with!r}: the tracker folder {str(logs)!r} is {what} "
-                "gali-ext cannot write into: expected a writable folder (chmod u+w, or move the "
-                "file away), or train without --log-with"
-            )
-    if resume:
-        if out.is_dir() and saved.is_file():
-            previous = RecipeConfig.from_json(saved)
-            if previous.name != config.name:
-                raise ConfigError(
-                    f"--resume: {str(out)!r} holds a run of {previous.name!r}, not {config.name!r}"
-                )
-        return False
-    if overwrite:
-        return check_overwrite(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{str(out)!r} is a file, not a run directory")
-    if out.is_dir() and _entries(out):
-        what = "a run" if saved.is_file() else "files"
-        raise ConfigError(
-            f"{str(out)!r} already holds {what}; pass --resume to continue it or "
-            "--overwrite to replace it"
-        )
-    return False
-
-
-def _entries(out: Path) -> list[str]:
-    """What ``out`` holds besides the lock file and temporaries of killed writers."""
-    return [
-        e.name
-        for e in out.iterdir()
-        if e.name != LOCK_NAME and not (e.name.startswith(".") and e.name.endswith(".tmp"))
-    ]
-
-
-def _saved_world_size(out: Path) -> int | None:
-    """The processes that trained the run in ``out`` (``config.json``'s "launch"), if recorded."""
-    try:
-        return int(json.loads((out / CONFIG_NAME).read_text())["launch"]["world_size"])
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-
-
-@dataclass(frozen=True)
-class StartPlan:
-    """How a run starts (:func:`plan_start`): ``replace`` the directory's contents first, and
-    ``decision`` (``--resume`` only): continue from a checkpoint or start fresh."""
-
-    replace: bool
-    decision: ResumeDecision | None
-
-
-def plan_start(
-    out: Path,
-    config: RecipeConfig,
-    resume: bool,
-    overwrite: bool,
-    num_processes: int,
-    trust_checkpoint: bool = False,
-) -> StartPlan:
-    """Decide, holding the run's lock, how the run starts; reads and writes nothing else (but
-    the manifest of a checkpoint adopted with ``trust_checkpoint``).
-
-    Without ``--resume``: :func:`check_run_dir`. With it: :func:`.rundir.resume_decision`
-    (continue from the newest intact checkpoint, or start fresh a run stopped before its first
-    checkpoint, or a clear error; ``trust_checkpoint`` adopts a checkpoint of gali-ext 0.1.0),
-    the processes of the saved run, ``steps`` not below the checkpoint's step, and the settings
-    a resume may change (:func:`.rundir.check_resume_overrides`).
-    """
-    replace = check_run_dir(out, config, resume, overwrite)
-    if not resume:
-        return StartPlan(replace, None)
-    world = _saved_world_size(out) if out.is_dir() else None
-    if world is not None and world != num_processes and list_checkpoints(out / CHECKPOINTS_NAME):
-        raise ConfigError(
-            f"--resume: {str(out)!r} was trained by {world} process(es), this launch has "
-            f"{num_processes}; resume it with {world} so that each process reads the same "
-            "shard of the data"
-        )
-    decision = resume_decision(out, num_processes, trust=trust_checkpoint)
-    if decision.action == "continue":
-        check_resume_overrides(RecipeConfig.from_json(out / CONFIG_NAME), config)
-        step = load_train_state_json(decision.checkpoint)["step"]
-        if config.steps < step:
-            raise ConfigError(
-                f"--resume --steps {config.steps}: {str(out)!r} is already at step {step} "
-                f"({decision.checkpoint.name}); expected --steps {step} or more (config.json "
-                "is left as it was)"
-            )
-    return StartPlan(decision.action == "fresh" and out.is_dir() and bool(_entries(out)), decision)
-
-
-def check_trackers(log_with: str) -> list[str]:
-    """The tracker names of ``log_with`` (``"tensorboard,wandb"``), each one Accelerate knows
-    and whose package is installed."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
-    names = [name.strip() for name in log_with.split(",") if name.strip()]
-    installed = {str(tracker) for tracker in get_available_trackers()}
-    for name in names:
-        if name not in LOGGER_TYPE_TO_CLASS:
-            raise ConfigError(
-                f"log_with={name!r} is not a tracker Accelerate knows "
-                f"({', '.join(sorted(LOGGER_TYPE_TO_CLASS))})"
-            )
-        if name not in installed:
-            extra = ' (pip install "gali-ext[tensorboard]")' if name == "tensorboard" else ""
-            raise ConfigError(f"log_with={name!r}: the {name} package is not installed{extra}")
-    return names
-
-
-def make_accelerator(config: RecipeConfig, out: Path) -> Any:
-    """The run's ``Accelerator``: checkpoints named under ``out/checkpoints`` (rotated by
-    :func:`.runs.save_checkpoint`, never by Accelerate), trackers writing under ``out/logs``,
-    data loaders whose shuffling depends on ``config.seed`` and the epoch only, the same on
-    every process (:func:`.data.training_loader`)."""
-    from accelerate import Accelerator
-    from accelerate.utils import (
-        DataLoaderConfiguration,
-        DistributedDataParallelKwargs,
-        ProjectConfiguration,
-    )
-
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        log_with=check_trackers(config.log_with) or None,
-        project_config=ProjectConfiguration(
-            project_dir=str(out),
-            logging_dir=str(out / "logs"),
-            automatic_checkpoint_naming=True,
-            # rotation is ours (runs.save_checkpoint): Accelerate's deletes whatever sits in
-            # checkpoints/ (a user's best_step5 copy) and fails on names without digits
-            total_limit=None,
-        ),
-        dataloader_config=DataLoaderConfiguration(
-            use_seedable_sampler=True, data_seed=config.seed, non_blocking=True
-        ),
-        # D steps leave E and G unused; G steps freeze D's parameters.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    if config.shared_forward and accelerator.num_processes > 1:
-        raise ConfigError(
-            f"shared_forward=true runs on one process, this launch has "
-            f"{accelerator.num_processes}: use the alternating schedule (shared_forward=false)"
-        )
-    return accelerator
-
-
-def launch_info(accelerator: Any) -> dict[str, Any]:
-    """How a run was launched, for ``config.json``: ``num_processes`` on this machine,
-    ``world_size`` (processes on all machines), the distributed type and the device."""
-    world = accelerator.num_processes
-    return {
-        "num_processes": int(os.environ.get("LOCAL_WORLD_SIZE", world)),
-        "world_size": world,
-        "distributed_type": str(accelerator.distributed_type.value),
-        "device": accelerator.device.type,
-    }
 
 
 def build_optimizers(config: RecipeConfig, built: BuiltModel, device: Any) -> tuple[Any, Any]:
@@ -490,89 +294,6 @@ def _steps_for_epochs(config: RecipeConfig, epochs: float | None, batches: int) 
     if epochs is None:
         return config
     return dataclasses.replace(config, steps=max(1, math.ceil(epochs * batches / config.n_dis)))
-
-
-def _shared(accelerator: Any, make: Any) -> Any:
-    """``make()`` on the main process, its result (or the :class:`GaliError` it raised) given
-    to every process, so that all of them go on or all stop."""
-    result: list[Any] = [None, None]
-    if accelerator.is_main_process:
-        try:
-            result[0] = make()
-        except GaliError as error:
-            result[1] = error
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        result = broadcast_object_list(result)
-    if result[1] is not None:
-        raise result[1]
-    return result[0]
-
-
-def _start_run(
-    accelerator: Any,
-    out: Path,
-    config: RecipeConfig,
-    plan: StartPlan,
-    ema: dict[str, Any],
-    optimizers: tuple[Any, Any],
-    model: torch.nn.Module,
-) -> int:
-    """The step to start from (a checkpoint's on resume). Everything was validated and built
-    before: a checkpoint of another architecture than ``model`` is passed over for an older one
-    (:func:`.runs.fitting_checkpoint`), the main process empties a replaced run, sets the
-    skipped checkpoints aside (with a warning each), the checkpoint is loaded and changed
-    ``lr``/``betas`` are put
-    into the optimizers (and printed), and only then ``config.json`` is written (atomically) and
-    the metrics logged after the checkpoint are dropped."""
-    decision = plan.decision
-    if decision is not None and decision.action == "continue":
-        decision = fitting_checkpoint(decision, model, out, accelerator.num_processes)
-    if accelerator.is_main_process:
-        if plan.replace:
-            kept = clear_run_directory(out)
-            if kept:
-                names = ", ".join(kept)
-                warnings.warn(
-                    f"kept {names} in {out}: gali-ext did not write them, so it "
-                    "deletes none of them",
-                    RunDirectoryWarning,
-                    stacklevel=2,
-                )
-        foreign = foreign_checkpoint_entries(out)
-        if foreign:
-            warnings.warn(
-                f"{out / CHECKPOINTS_NAME} holds {', '.join(foreign)}, which gali-ext "
-                "did not write: left alone (rotation removes only its own "
-                "checkpoint_N folders)",
-                RunDirectoryWarning,
-                stacklevel=2,
-            )
-        if decision is not None and decision.action == "continue":
-            for checkpoint, reason in decision.skipped:
-                moved = set_aside_checkpoint(checkpoint, out)
-                warnings.warn(
-                    f"--resume: skipped {checkpoint.name} ({reason}); moved it to {moved}",
-                    RunDirectoryWarning,
-                    stacklevel=2,
-                )
-        elif decision is not None:
-            accelerator.print(f"--resume: starting {out} from step 0 ({decision.reason})")
-    accelerator.wait_for_everyone()
-    step = 0
-    if decision is not None and decision.action == "continue":
-        step = resume_checkpoint(accelerator, out, ema, decision.checkpoint)
-        changes = []
-        for optimizer in optimizers:
-            changes += apply_optimizer_settings(optimizer, config.lr, config.betas)
-        for change in sorted(set(changes)):
-            accelerator.print(f"--resume: {change} from step {step} on")
-    if accelerator.is_main_process:
-        write_text_atomic(out / CONFIG_NAME, config.to_json(launch_info(accelerator)) + "\n")
-        truncate_metrics(out / METRICS_NAME, step)  # steps after the checkpoint are trained again
-    accelerator.wait_for_everyone()
-    return step
 
 
 def first_images(data: ImageData, count: int) -> torch.Tensor:
@@ -773,7 +494,7 @@ def train_loop(
                 out, config, resume, overwrite, accelerator.num_processes, trust_checkpoint
             )
 
-        plan = _shared(accelerator, locked_plan)
+        plan = decided_on_main(accelerator, locked_plan)
         return _train_locked(
             accelerator, config, out, plan, train_data, test_data, progress=progress, epochs=epochs
         )
@@ -792,7 +513,7 @@ def _train_locked(
     progress: bool,
     epochs: float | None,
 ) -> Path:
-    """Build, start (:func:`_start_run`) and train, holding the run's lock."""
+    """Build, start (:func:`start_run`) and train, holding the run's lock."""
     from accelerate.utils import set_seed
 
     set_seed(config.seed, device_specific=True)
@@ -826,7 +547,7 @@ def _train_locked(
     ema = build_ema(built.models, config.ema_decay)
     config = _steps_for_epochs(config, epochs, len(loader))
     optimizers = (d_optimizer, g_optimizer)
-    step = _start_run(accelerator, out, config, plan, ema, optimizers, built.gali)
+    step = start_run(accelerator, out, config, plan, ema, optimizers, built.gali)
     batches = endless_batches(
         loader, accelerator, step * config.n_dis, layout, with_labels=config.conditions > 0
     )

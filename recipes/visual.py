@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gali_ext.recipes.rundir import atomic_output
+from gali_ext.recipes.files import atomic_output
 
 __all__ = ["MIN_GRID_WIDTH", "image_grid", "interleave_rows", "save_image_grid"]
 

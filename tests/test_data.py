@@ -531,7 +531,7 @@ def accelerator(tmp_path):
     from accelerate.state import AcceleratorState
 
     from gali_ext import recipes
-    from gali_ext.recipes.train import make_accelerator
+    from gali_ext.recipes.build import make_accelerator
 
     yield make_accelerator(recipes.get("digits-ali").with_overrides({"seed": "5"}), tmp_path)
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -255,3 +255,69 @@ def test_a_part_whose_extra_is_missing_names_the_extra():
     timm_model = "from gali_ext.providers import PretrainedFeatures as P; P('resnet18')"
     run = _blocked(["timm"], timm_model)
     assert "pip install 'gali-ext[timm]' (missing: timm)" in run.stderr
+
+
+def _module_graph(folder: str, package: str) -> dict[str, set[str]]:
+    """Which modules of ``package`` each of its modules imports (anywhere in the file: an
+    import inside a function closes a cycle as surely as one at the top)."""
+    graph: dict[str, set[str]] = {}
+    for path in (ROOT / folder).rglob("*.py"):
+        parts = path.relative_to(ROOT / folder).with_suffix("").parts
+        if parts[-1] == "__init__":
+            module, here = ".".join([package, *parts[:-1]]), ".".join([package, *parts[:-1]])
+        else:
+            module, here = ".".join([package, *parts]), ".".join([package, *parts[:-1]])
+        graph[module] = set()
+        for imported in _imports(path, here):
+            # `from gali_ext.recipes import train` names the module train, not the package
+            candidates = [imported] + [imported.rsplit(".", 1)[0]]
+            for name in candidates:
+                if name.startswith(package + ".") or name == package:
+                    graph[module].add(name)
+                    break
+        graph[module].discard(module)
+    for module in graph:  # keep edges to modules that exist (a name imported from a package)
+        graph[module] = {m for m in graph[module] if m in graph}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of ``graph`` as a list of modules, or None (depth-first search)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return stack[stack.index(target) :] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[node] = 2
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+@pytest.mark.parametrize(
+    ("folder", "package"), [("recipes", "gali_ext.recipes"), ("adapters", "gali_ext.adapters")]
+)
+def test_no_import_cycle_between_the_modules_of_a_package(folder, package):
+    graph = _module_graph(folder, package)
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_cycle_finder_sees_absolute_relative_and_function_level_imports(tmp_path):
+    """The finder must see `gali_ext.recipes.*` absolute imports, relative ones and imports
+    inside functions, else the test above passes on a package full of cycles."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    graph = _module_graph("recipes", "gali_ext.recipes")
+    assert "gali_ext.recipes.build" in graph["gali_ext.recipes.train"]  # absolute import
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from .evaluate import x\nfrom gali_ext.recipes import train\n")
+    assert _imports(source, "gali_ext.recipes") == {"gali_ext.recipes.evaluate", "gali_ext.recipes"}
