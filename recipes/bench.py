@@ -40,9 +40,8 @@ from gali_ext.gali import build_gali
 from gali_ext.losses import DiscriminatorLoss
 from gali_ext.presets import get_preset
 from gali_ext.providers import PretrainedFeatures
+from gali_ext.recipes.models import build_ali_models
 from gali_ext.trainer import train_step
-
-from .models import build_ali_models
 
 __all__ = ["PRESETS", "profile_tables", "run_benchmark", "step_flops", "step_functions"]
 

@@ -13,14 +13,20 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
 
 from gali_ext.errors import CheckpointError, ConfigError
 from gali_ext.recipes.files import (
@@ -226,9 +232,6 @@ def set_aside_checkpoint(checkpoint: str | Path, run_dir: str | Path) -> Path:
 def _safe_globals() -> list[Any]:
     """What Accelerate's ``random_states_N.pkl`` needs beyond tensors: numpy arrays (the
     Mersenne-Twister state) rebuilt from their bytes. No class that runs code."""
-    import codecs
-
-    import numpy as np
 
     core = getattr(np, "_core", None) or np.core
     names = [core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
@@ -243,9 +246,6 @@ def load_torch_file(path: str | Path) -> Any:
     A file holding anything else raises :class:`~gali_ext.errors.CheckpointError` naming the
     first refused global (loading it would run code); a damaged one names the file.
     """
-    import pickle
-
-    import torch
 
     path = Path(path)
     try:
@@ -275,7 +275,6 @@ def load_checkpoint_files(checkpoint_dir: str | Path, num_processes: int = 1) ->
     :class:`~gali_ext.errors.CheckpointError`. The random states of each process must hold the
     Python, numpy and torch generator states Accelerate restores.
     """
-    from safetensors.torch import load_file
 
     folder = Path(checkpoint_dir)
     loaded: dict[str, Any] = {}
@@ -362,7 +361,6 @@ def load_state_safely(accelerator: Any, checkpoint_dir: str | Path) -> dict[str,
     4. ``accelerator.load_state(..., load_kwargs={"weights_only": True})``;
     5. checks that the torch generator state was restored (Accelerate only logs a failure).
     """
-    import torch
 
     if getattr(accelerator, "_custom_objects", None):
         raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import typer
 
 from gali_ext.errors import ConfigError, GaliError
+from gali_ext.recipes.settings import parse_settings
 
 app = typer.Typer(
     help="Generalized Adversarially Learned Inference: train and inspect GALI models.",
@@ -49,16 +51,6 @@ def _options(
             importlib.import_module(name)
         except ImportError as error:
             raise ConfigError(f"--import {name}: cannot import it ({error})") from error
-
-
-def _parse_sets(values: list[str]) -> dict[str, str]:
-    overrides = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        overrides[key.strip()] = value.strip()
-    return overrides
 
 
 def _path(value: str) -> Path | str:
@@ -106,18 +98,13 @@ def recipe(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train a reference recipe (e.g. `gali-ext recipe digits-gali4`)."""
-    import dataclasses
-
     from gali_ext import recipes
-    from gali_ext.recipes.data import prepare_data
     from gali_ext.recipes.train import train
 
     if steps is not None and epochs is not None:
         raise ConfigError("give --steps or --epochs, not both")
-    if epochs is not None:
-        recipes.check_epochs(epochs)
-    if seed is not None and not 0 <= seed < 2**32:
-        raise ConfigError(f"--seed must be an int in [0, 2**32), got {seed}")
+    if trust_checkpoint and not resume:
+        raise ConfigError("--trust-checkpoint goes with --resume (it adopts a run's checkpoint)")
     out = _out(out) or Path("runs") / name
     config = recipes.get(name)
     if resume and (out / "config.json").is_file():
@@ -129,23 +116,16 @@ def recipe(
                 "into another --out"
             )
         config = saved
-    overrides = _parse_sets(set_)
-    for key, value in (
-        ("steps", steps),
-        ("mixed_precision", mixed_precision),
-        ("seed", seed),
-        ("data_dir", data_dir),
-        ("log_with", log_with),
-        ("download", download or None),
-    ):
-        if value is not None:
-            overrides[key] = str(value)
-    config = config.with_overrides(overrides)
-    if trust_checkpoint and not resume:
-        raise ConfigError("--trust-checkpoint goes with --resume (it adopts a run's checkpoint)")
-    config.validate()  # before a download: a typo should not wait for a data set
-    folder = prepare_data(config.dataset, config.data_dir, config.download, echo=typer.echo)
-    config = dataclasses.replace(config, data_dir=folder)
+    config = config.with_overrides(parse_settings(set_))
+    options = {
+        "steps": steps,
+        "mixed_precision": mixed_precision,
+        "seed": seed,
+        "data_dir": None if data_dir is None else str(data_dir),
+        "log_with": log_with,
+        "download": download or None,
+    }
+    config = dataclasses.replace(config, **{k: v for k, v in options.items() if v is not None})
     train(
         config,
         out,
@@ -197,9 +177,8 @@ def sample(
     label."""
     import torch
 
-    from gali_ext.priors import resolve_prior
+    from gali_ext.recipes.build import first_images, grids, load_data
     from gali_ext.recipes.runs import load_run_models
-    from gali_ext.recipes.train import first_images, grids, load_data
     from gali_ext.recipes.visual import save_image_grid
 
     out = _out(out)
@@ -212,7 +191,7 @@ def sample(
     if classes:
         _sample_conditional(run, images, test.labels_tensor()[: len(images)], folder, label)
         return
-    z = resolve_prior(run.config.prior)((64, run.latent_dim), rng=torch.Generator().manual_seed(0))
+    z = run.prior((64, run.latent_dim), rng=torch.Generator().manual_seed(0))
     for name, grid in grids(run.encoder, run.generator, images, z).items():
         path = save_image_grid(grid, folder / f"{name}-{run.weights}.png")
         typer.echo(f"{name} of {label}: {path}")
@@ -228,14 +207,13 @@ def _sample_conditional(run, images, labels, folder: Path, label: str) -> None: 
     with the labels shuffled (:func:`~gali_ext.recipes.metrics.shuffled_labels`, seed 0)."""
     import torch
 
-    from gali_ext.priors import resolve_prior
+    from gali_ext.recipes.build import grids
     from gali_ext.recipes.metrics import reconstruct, shuffled_labels
-    from gali_ext.recipes.train import grids
     from gali_ext.recipes.visual import interleave_rows, save_image_grid
 
     classes, n = run.config.conditions, CLASS_ROW_SAMPLES
     rng = torch.Generator().manual_seed(0)
-    z = resolve_prior(run.config.prior)((n, run.latent_dim), rng=rng)
+    z = run.prior((n, run.latent_dim), rng=rng)
     sample_labels = torch.arange(classes).repeat_interleave(n)
     made = grids(run.encoder, run.generator, images, z.repeat(classes, 1), (labels, sample_labels))
     permuted = shuffled_labels(labels)
@@ -273,8 +251,7 @@ def train_evaluator_command(
 ) -> None:
     """Train the evaluator classifier M_eval behind the feature MSE, the reconstruction class
     agreement and the sample metrics; prints its test accuracy."""
-    from .evaluate import default_evaluator_dir
-    from .evaluator import train_evaluator
+    from gali_ext.recipes.evaluator import default_evaluator_dir, train_evaluator
 
     folder = _out(out) or default_evaluator_dir(dataset)
     if epochs < 1:
@@ -323,17 +300,17 @@ def eval_command(
     agreement with its own and a shuffled label instead (docs/design.md, section 6.10)."""
     import json
 
-    from gali_ext.recipes import RecipeConfig
     from gali_ext.recipes.evaluate import (
         check_svm_options,
-        default_evaluator_dir,
         evaluate_run,
         format_table,
         inception_features,
         summarise,
     )
+    from gali_ext.recipes.evaluator import default_evaluator_dir
     from gali_ext.recipes.files import write_text_atomic
     from gali_ext.recipes.runs import EMA_FILES
+    from gali_ext.recipes.settings import RecipeConfig
 
     check_svm_options(svm_samples, svm_draws)
     weights: dict[str, dict[str, list[str]]] = {}
@@ -413,7 +390,7 @@ def study_command(
 ) -> None:
     """Train digits-ali, -alice, -gali4, -gali8, -gali-pt, -gali-mix over seeds, compare them,
     and test the paper's claims seed by seed (paired.md)."""
-    from gali_ext.recipes.evaluate import STUDY_SEEDS, STUDY_STEPS, study
+    from gali_ext.recipes.study import STUDY_SEEDS, STUDY_STEPS, study
 
     out = _out(out)
     if dataset != "digits":
@@ -428,7 +405,7 @@ def study_command(
         echo=typer.echo,
         svm_samples=svm_samples,
         svm_draws=svm_draws,
-        overrides=_parse_sets(set_),
+        overrides=parse_settings(set_),
         jobs=_default_jobs() if jobs is None else jobs,
         threads=threads,
     )
@@ -467,7 +444,7 @@ def bench(
     """Step cost of K classes, fused vs per-class head, and mixed precision, as ratios."""
     import math
 
-    from .bench import GRAPH_MODES, PRESETS, SPECS, graph_benchmark, run_benchmark
+    from gali_ext.recipes.bench import GRAPH_MODES, PRESETS, SPECS, graph_benchmark, run_benchmark
 
     out = _out(out)
     ranges = (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--batch", batch, 2))
@@ -573,8 +550,8 @@ def export_command(
     """Write a run's E and G as a Hugging Face Hub model folder: safetensors, config.json and a
     model card with the run's settings, summary.json metrics and grids (docs/design.md,
     section 10.11); load them back with HubEncoder/HubGenerator.from_pretrained."""
-    from .export import check_repo_id, export_run
-    from .export import push_to_hub as upload
+    from gali_ext.recipes.export import check_repo_id, export_run
+    from gali_ext.recipes.export import push_to_hub as upload
 
     if push_to_hub is not None:
         check_repo_id(push_to_hub)

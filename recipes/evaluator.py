@@ -8,18 +8,26 @@ accuracy). Its last hidden layer is the feature ``M_eval(x)``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from gali_ext.errors import CheckpointError, ConfigError
+from gali_ext.providers.pretrained import load_safetensors_into
+from gali_ext.recipes.data import BatchStream, ImageData, load_dataset
 
-from .data import BatchStream, ImageData, load_dataset
-
-__all__ = ["EvaluatorClassifier", "load_evaluator", "train_evaluator"]
+__all__ = [
+    "EvaluatorClassifier",
+    "default_evaluator_dir",
+    "ensure_evaluator",
+    "load_evaluator",
+    "train_evaluator",
+]
 
 
 class EvaluatorClassifier(nn.Module):
@@ -100,7 +108,6 @@ def train_evaluator(
 ) -> dict[str, Any]:
     """Train ``M_eval`` on a data set's labels; writes ``evaluator.safetensors`` and
     ``evaluator.json`` into ``out_dir`` and returns the JSON (with ``test_accuracy``)."""
-    from safetensors.torch import save_file
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(
@@ -139,7 +146,6 @@ def train_evaluator(
 
 def load_evaluator(folder: str | Path) -> EvaluatorClassifier:
     """The evaluator saved by :func:`train_evaluator` in ``folder``, frozen and in eval mode."""
-    from gali_ext.providers.pretrained import load_safetensors_into
 
     folder = Path(folder)
     try:
@@ -152,3 +158,35 @@ def load_evaluator(folder: str | Path) -> EvaluatorClassifier:
     model = EvaluatorClassifier(**info["model"])
     load_safetensors_into(model, folder / "evaluator.safetensors")
     return model.eval().requires_grad_(False)
+
+
+def default_evaluator_dir(dataset: str, beside: Path | None = None) -> Path:
+    """Where the evaluator of ``dataset`` lives by default: ``evaluator-DATASET`` in the folder
+    ``beside`` (the runs' folder, or ``--out``), else under ``runs/``."""
+    return (beside if beside is not None else Path("runs")) / f"evaluator-{dataset}"
+
+
+def ensure_evaluator(
+    dataset: str,
+    folder: Path | None,
+    data_dir: str | None = None,
+    echo: Callable[[str], Any] | None = print,
+) -> Path:
+    """The evaluator folder; for digits one is trained when none exists yet, and ``echo`` says
+    so first (about a minute on two CPU cores)."""
+    folder = folder or default_evaluator_dir(dataset)
+    if not (folder / "evaluator.json").is_file():
+        if dataset != "digits":
+            raise ConfigError(
+                f"no evaluator for {dataset} in {str(folder)!r}: train one with "
+                f"`gali-ext train-evaluator {dataset} --data-dir D --out {folder}`"
+            )
+        if echo is not None:
+            echo(
+                f"no evaluator classifier in {folder}: training one on the digits labels first "
+                "(about 1 min on 2 CPU cores; reused afterwards)"
+            )
+        info = train_evaluator(dataset, folder, data_dir)
+        if echo is not None:
+            echo(f"evaluator: test accuracy {info['test_accuracy']:.4f}, saved in {folder}")
+    return folder

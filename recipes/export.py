@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, ModelCardData, ModelHubMixin, hf_hub_download
+from safetensors.torch import save_model
 
+from gali_ext import __version__
 from gali_ext.errors import CheckpointError, ConfigError, first_line
 from gali_ext.providers.pretrained import load_safetensors_into
-
-from . import RecipeConfig
-from .models import GaussianEncoder, Generator, _arch, arch_image_shape
-from .runs import EMA_FILES, load_run_models
+from gali_ext.recipes.models import GaussianEncoder, Generator, _arch, arch_image_shape
+from gali_ext.recipes.runs import EMA_FILES, load_run_models
+from gali_ext.recipes.settings import RecipeConfig
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -144,7 +145,6 @@ class _HubModel(ModelHubMixin, library_name="gali-ext", license="mit", tags=list
     def _save_pretrained(self, save_directory: Path) -> None:
         """This network's weights and a ``config.json`` that :meth:`from_pretrained` reads (the
         constructor's arguments; a re-saved network has no run settings)."""
-        from safetensors.torch import save_model
 
         save_model(self, str(save_directory / self.weights_file))  # type: ignore[arg-type]
         header = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION}
@@ -336,7 +336,6 @@ def export_config(run: Path, models: Any) -> dict[str, Any]:
     """The export's ``config.json``: the format, what rebuilds E and G (the arguments of
     :class:`HubEncoder` and :class:`HubGenerator`), which weights, and the run's settings under
     ``"recipe"`` (local paths reduced to their last part) and ``"launch"``."""
-    from gali_ext import __version__
 
     settings = asdict(models.config)
     for key in LOCAL_PATHS:
@@ -372,7 +371,6 @@ def _write_export(
     repo_id: str | None,
     folder_name: str,
 ) -> None:
-    from safetensors.torch import save_model
 
     metadata = {"format": "pt", "gali_ext_weights": models.weights}
     for name, file in WEIGHT_NAMES.items():

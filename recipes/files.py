@@ -25,6 +25,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save
+
 from gali_ext.errors import CheckpointError, ConfigError, GaliError
 
 __all__ = [
@@ -201,7 +203,6 @@ def save_file_atomic(
     tensors: Mapping[str, Any], path: str | Path, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """``safetensors.torch.save_file`` made atomic (the weights ``*.safetensors`` of a run)."""
-    from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return write_bytes_atomic(path, save(state, metadata=dict(metadata) if metadata else None))

@@ -31,10 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from gali_ext.chains import latent_mean
-from gali_ext.errors import ShapeError
+from gali_ext.errors import ConfigError, ShapeError
 from gali_ext.priors import resolve_prior
+from gali_ext.providers.maskmix import sample_box_masks
+from gali_ext.recipes.data import ImageData
 
 __all__ = [
+    "SAMPLE_COUNT",
     "class_cycle",
     "conditional_reconstruction_agreement",
     "eval_mode",
@@ -50,6 +53,7 @@ __all__ = [
     "sample_class_statistics",
     "sample_quality",
     "shuffled_labels",
+    "summary_metrics",
     "svm_misclassification",
 ]
 
@@ -281,7 +285,6 @@ def inpainting_errors(
     (eq. 6.5). ``labels``: the images' conditions, for a class-conditional generator
     ``G(E(M(x)), y)``.
     """
-    from gali_ext.providers.maskmix import sample_box_masks
 
     b, _, h, w = images.shape
     boxes = sample_box_masks(b, h, w, torch.Generator().manual_seed(seed), images.device)
@@ -465,3 +468,75 @@ def sample_quality(
     if y is not None:
         stats["conditional_accuracy"] = _agreement(logits, y)
     return stats
+
+
+SAMPLE_COUNT = 1000  # samples G(z) scored by the evaluator for confidence and coverage
+
+
+def summary_metrics(
+    encoder: torch.nn.Module,
+    generator: torch.nn.Module,
+    test_data: ImageData,
+    evaluator: torch.nn.Module | None = None,
+    max_test_images: int = 2000,
+    samples: int = SAMPLE_COUNT,
+    latent_dim: int | None = None,
+    prior: Any = "normal",
+    conditions: int | None = None,
+) -> dict[str, float]:
+    """The metrics a run's ``summary.json`` and tracker report at the end of training.
+
+    ``pixel_mse`` on the first ``max_test_images`` test images always; with the evaluator
+    classifier (class-labelled data only): ``class_agreement`` (eq. 6.6), and, over
+    ``samples`` samples ``G(z)``, ``z`` drawn from ``prior`` (the run's) with seed 0,
+    ``sample_confidence`` (eq. 6.7),
+    ``sample_entropy_bits`` (eq. 6.8) and ``sample_classes_covered`` (eq. 6.9).
+    ``latent_dim`` defaults to ``generator.latent_dim`` (the recipes' generators have it).
+
+    ``conditions``: the classes of a class-conditional generator ``G(z, y)`` (the recipe's
+    ``conditions``; default ``generator.num_classes``, 0 or ``None`` for an unconditional
+    one). Such a run is scored as docs/design.md, section 6.10 says: ``pixel_mse`` of
+    ``G(E(x), y)`` with x's own label; instead of ``class_agreement``,
+    ``cond_recon_agreement_own_label`` (eq. 6.14), ``cond_recon_agreement_shuffled_label``
+    (6.15), ``cond_recon_label_gap`` (6.16) and ``cond_shuffled_label_chance`` (6.17); the
+    sample metrics of ``G(z_j, j mod conditions)`` and ``cond_sample_accuracy`` (6.13).
+
+    The training loop calls it once at the end, with the weights it saves (the EMA weights
+    when it keeps them) and the evaluator when one is at hand, e.g.
+    ``summary_metrics(E, G, load_data(config, "test"), load_evaluator(folder))``.
+    """
+    if conditions is None:
+        conditions = getattr(generator, "num_classes", None) or 0
+    x = test_data.images_tensor(max_test_images)
+    labels = test_data.labels_tensor()[: len(x)]
+    if conditions and labels.ndim != 1:
+        raise ConfigError(
+            f"a class-conditional generator ({conditions} classes) needs class ids [N] as "
+            f"labels, got {test_data.name}'s labels of shape {list(labels.shape)}"
+        )
+    conditioned = labels if conditions else None
+    result = {"pixel_mse": reconstruction_mse(encoder, generator, x, labels=conditioned)}
+    if evaluator is None or labels.ndim != 1:
+        return result
+    if conditions:
+        agreement = conditional_reconstruction_agreement(encoder, generator, evaluator, x, labels)
+        for key in ("own_label", "shuffled_label"):
+            result[f"cond_recon_agreement_{key}"] = agreement[key]
+        result["cond_recon_label_gap"] = agreement["label_gap"]
+        result["cond_shuffled_label_chance"] = agreement["shuffled_label_chance"]
+    else:
+        result["class_agreement"] = reconstruction_class_agreement(
+            encoder, generator, evaluator, x, labels
+        )
+    latent_dim = latent_dim or getattr(generator, "latent_dim", None)
+    if latent_dim is None:
+        raise ConfigError("summary_metrics needs latent_dim: the generator has no .latent_dim")
+    quality = sample_quality(
+        generator, evaluator, latent_dim, samples, prior=prior, classes=conditions or None
+    )
+    if conditions:
+        result["cond_sample_accuracy"] = quality["conditional_accuracy"]
+    result["sample_confidence"] = quality["confidence"]
+    result["sample_entropy_bits"] = quality["class_entropy_bits"]
+    result["sample_classes_covered"] = quality["classes_covered"]
+    return result

@@ -145,18 +145,20 @@ _GRID_PATTERN = re.compile(r"^(?:samples|reconstructions)_step\d+\.png$")
 _DAMAGED_PATTERN = re.compile(r"^(?:step-|checkpoint_)\d+(?:-\d+)?$")
 
 
-def check_out_path(out: str | Path) -> None:
-    """Refuse an ``--out`` that cannot be a folder (a parent that is a file, a name too long,
-    a loop of links) with a :class:`~gali_ext.errors.ConfigError`, before anything is done."""
+def check_out_path(out: str | Path) -> Path:
+    """``out`` as a :class:`Path`; an ``--out`` that cannot be a folder (a parent that is a
+    file, a name too long, a loop of links) is refused with a
+    :class:`~gali_ext.errors.ConfigError`, before anything is done."""
     try:
         os.stat(out)
     except FileNotFoundError:
-        return
+        return Path(out)
     except OSError as error:
         mapped = storage_error(error, "the run directory", Path(out))
         if mapped is None:
             raise
         raise mapped from None
+    return Path(out)
 
 
 def check_no_links(out: str | Path) -> None:

@@ -34,9 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_model
 from torch import nn
 
 from gali_ext.errors import ConfigError, DivergenceError, GaliError
+from gali_ext.priors import Prior, resolve_prior
 from gali_ext.providers.pretrained import load_safetensors_into
 from gali_ext.recipes.checkpoints import (
     CHECKPOINTS_NAME,
@@ -51,8 +54,8 @@ from gali_ext.recipes.checkpoints import (
     write_manifest,
 )
 from gali_ext.recipes.files import atomic_output, storage_errors
-
-from . import RecipeConfig
+from gali_ext.recipes.models import build_ali_models
+from gali_ext.recipes.settings import RecipeConfig
 
 __all__ = [
     "DIVERGED_WEIGHT",
@@ -78,7 +81,6 @@ TRAIN_STATE = TRAIN_STATE_NAME
 def save_weights(modules: dict[str, nn.Module], out: Path) -> None:
     """Each module as ``out/NAME.safetensors`` (``safetensors.torch.save_model``; channels-last
     weights are stored contiguous), written atomically (:func:`.rundir.atomic_output`)."""
-    from safetensors.torch import save_model
 
     for name, module in modules.items():
         with atomic_output(out / f"{name}.safetensors") as temporary:
@@ -103,7 +105,6 @@ def state_problems(modules: dict[str, Any], optimizers: Sequence[Any] = ()) -> l
     """Why the weights of ``modules`` (name to module) and the state of ``optimizers`` are not a
     state to resume from: non-finite values, or values beyond :data:`DIVERGED_WEIGHT` in
     magnitude. An empty list for a healthy state."""
-    import torch
 
     problems = []
     named = [(name, module.state_dict().values()) for name, module in modules.items()]
@@ -229,6 +230,7 @@ class RunModels:
         encoder, generator: ``G_z(x)`` and ``G_x(z)`` on the CPU.
         latent_dim: the size of ``z``.
         weights: ``"ema"`` for the moving averages, ``"raw"`` for the trained weights.
+        prior: the run's prior of ``z``, resolved once from ``config.prior``.
     """
 
     config: RecipeConfig
@@ -236,6 +238,7 @@ class RunModels:
     generator: nn.Module
     latent_dim: int
     weights: str
+    prior: Prior
 
 
 def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
@@ -246,7 +249,6 @@ def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
     :class:`~gali_ext.errors.CheckpointError` naming the file (and key) of weights that are
     missing, damaged or of another shape.
     """
-    from gali_ext.recipes.models import build_ali_models
 
     run = Path(run_dir)
     config = RecipeConfig.from_json(run / "config.json")
@@ -258,4 +260,5 @@ def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
         file = EMA_FILES[name] if use_ema else name
         load_safetensors_into(getattr(models, name), run / f"{file}.safetensors")
     weights = "ema" if use_ema else "raw"
-    return RunModels(config, models.encoder, models.generator, models.latent_dim, weights)
+    prior = resolve_prior(config.prior)
+    return RunModels(config, models.encoder, models.generator, models.latent_dim, weights, prior)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from gali_ext.errors import CheckpointError, ConfigError, GaliError
-from gali_ext.recipes import RecipeConfig
 from gali_ext.recipes.build import launch_info
 from gali_ext.recipes.checkpoints import (
     CHECKPOINTS_NAME,
@@ -47,6 +47,7 @@ from gali_ext.recipes.rundir import (
     visible_entries,
 )
 from gali_ext.recipes.runs import resume_checkpoint
+from gali_ext.recipes.settings import RecipeConfig
 
 __all__ = [
     "RESUME_APPLIED",
@@ -442,7 +443,6 @@ def model_mismatch(checkpoint: Path, model: nn.Module) -> str | None:
     """How the model saved in ``checkpoint`` (Accelerate's ``model.safetensors``) differs from
     ``model``: the first key of another shape, or keys ``model`` does not have; None when it
     fits (a checkpoint of another architecture, say another ``latent_dim``, does not)."""
-    from safetensors import safe_open
 
     path = checkpoint / "model.safetensors"
     if not path.is_file():

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gali_ext.errors import ShapeError
 from gali_ext.recipes.files import atomic_output
 
 __all__ = ["MIN_GRID_WIDTH", "image_grid", "interleave_rows", "save_image_grid"]
@@ -36,8 +37,6 @@ def image_grid(
     ``row_labels`` puts one label left of each row.
     """
     from torchvision.utils import make_grid
-
-    from gali_ext.errors import ShapeError
 
     images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
     grid = make_grid(images, nrow=columns, padding=padding, pad_value=1.0)

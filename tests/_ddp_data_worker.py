@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import gali_ext.recipes.build as build
 import gali_ext.recipes.train as loop
 from gali_ext import recipes
 from gali_ext.recipes.data import ImageData, endless_batches, training_loader
@@ -23,7 +24,7 @@ def indices(batch):
 
 def main(out: Path) -> None:
     config = recipes.get("digits-ali").with_overrides({"seed": "3"})
-    accelerator = loop.make_accelerator(config, out / "toy")
+    accelerator = build.make_accelerator(config, out / "toy")
     images = torch.arange(64, dtype=torch.uint8).view(64, 1, 1, 1).expand(64, 1, 2, 2).clone()
     toy = ImageData("toy", "train", images, torch.arange(64) % 10, 10)
     loader = accelerator.prepare(training_loader(toy, 8, seed=3, num_workers=2))
@@ -33,7 +34,7 @@ def main(out: Path) -> None:
     after_resume = sum((indices(next(resumed)) for _ in range(3)), [])
 
     trained = []
-    real_step = loop.train_step
+    real_step = build.train_step
 
     def recording(gali, batches, *args, **kwargs):
         drawn = [next(batches) for _ in range(kwargs["n_dis"])]
@@ -44,7 +45,7 @@ def main(out: Path) -> None:
         )
         return real_step(gali, iter(drawn), *args, **kwargs)
 
-    loop.train_step = recording
+    build.train_step = recording
     settings = {
         "batch_size": "64",
         "log_every": "1",

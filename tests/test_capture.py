@@ -363,16 +363,17 @@ def test_tf32_setting_holds_during_the_run_and_is_recorded(tmp_path, monkeypatch
     import json
 
     from gali_ext import recipes
+    from gali_ext.recipes import build as build_module
     from gali_ext.recipes import train as train_module
 
     seen = []
-    real = train_module.build_model
+    real = build_module.build_model
 
     def spy(config, channels):
         seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
         return real(config, channels)
 
-    monkeypatch.setattr(train_module, "build_model", spy)
+    monkeypatch.setattr(build_module, "build_model", spy)
     before = torch.get_float32_matmul_precision()
     config = recipes.get("digits-ali").with_overrides(
         {"steps": "1", "batch_size": "8", "tf32": "true"}

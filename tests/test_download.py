@@ -258,8 +258,8 @@ def test_without_download_the_error_says_to_pass_it(tmp_path):
 def test_cli_download_into_an_explicit_data_dir_then_trains(tmp_path, server, svhn):
     from typer.testing import CliRunner
 
-    from gali_ext.recipes import RecipeConfig
     from gali_ext.recipes.cli import app
+    from gali_ext.recipes.settings import RecipeConfig
 
     mine, run = tmp_path / "mine", tmp_path / "run"
     result = CliRunner().invoke(

@@ -236,7 +236,7 @@ def test_study_in_parallel_equals_sequential_and_writes_the_paired_table(
     from typer.testing import CliRunner
 
     from gali_ext.recipes.cli import app
-    from gali_ext.recipes.evaluate import study
+    from gali_ext.recipes.study import study
 
     monkeypatch.chdir(tmp_path)
     for name in ("parallel", "sequential"):
@@ -523,7 +523,8 @@ def test_sample_quality_draws_from_the_runs_prior():
 
 def test_summary_metrics_on_a_trained_pair_and_a_one_run_table():
     from gali_ext.recipes.data import load_dataset
-    from gali_ext.recipes.evaluate import format_table, summarise, summary_metrics
+    from gali_ext.recipes.evaluate import format_table, summarise
+    from gali_ext.recipes.metrics import summary_metrics
     from gali_ext.recipes.models import build_ali_models
 
     test = load_dataset("digits", "test")
@@ -656,7 +657,8 @@ def test_class_conditional_sample_accuracy_by_hand():
 
 def test_summary_metrics_of_a_class_conditional_pair():
     from gali_ext.recipes.data import ImageData
-    from gali_ext.recipes.evaluate import format_table, summarise, summary_metrics
+    from gali_ext.recipes.evaluate import format_table, summarise
+    from gali_ext.recipes.metrics import summary_metrics
 
     y = _balanced_labels(200)
     images = ((_class_images(y) + 1) * 127.5).round().to(torch.uint8)  # uint8 [N, 1, 4, 4]
@@ -714,9 +716,9 @@ def test_a_class_conditional_run_is_studied_sampled_and_evaluated(
     for name in ("reconstructions", "reconstructions-shuffled"):
         assert (tmp_path / "s" / f"{name}-raw.png").is_file()
     # the printed labels are the test images' and their shuffle (seed 0)
-    from gali_ext.recipes import RecipeConfig
+    from gali_ext.recipes.build import load_data
     from gali_ext.recipes.metrics import shuffled_labels
-    from gali_ext.recipes.train import load_data
+    from gali_ext.recipes.settings import RecipeConfig
 
     labels = load_data(RecipeConfig.from_json(run / "config.json"), "test").labels_tensor()[:32]
     row = " ".join(str(int(v)) for v in shuffled_labels(labels)[:8])

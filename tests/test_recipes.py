@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from gali_ext import recipes
 from gali_ext.errors import ConfigError, DataError
+from gali_ext.recipes.build import load_data
 from gali_ext.recipes.cli import app
-from gali_ext.recipes.train import load_data, train
+from gali_ext.recipes.train import train
 
 REQUIRED = [
     "digits-ali",
@@ -135,7 +136,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     )
     train(config, tmp_path / "whole", progress=False)
 
-    import gali_ext.recipes.train as loop
+    import gali_ext.recipes.build as loop  # the module whose step the loop calls
 
     real_step, calls = loop.train_step, {"n": 0}
 
@@ -161,7 +162,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
 
 
 def test_channels_last_trains_in_nhwc_resumes_and_matches_contiguous(tmp_path, monkeypatch):
-    import gali_ext.recipes.train as loop
+    import gali_ext.recipes.build as loop  # the module whose step the loop calls
 
     config = tiny("digits-gali4", steps=4, channels_last=True)
     real_step, seen = loop.train_step, []
@@ -266,7 +267,7 @@ def test_sample_keeps_the_training_grids_and_uses_the_ema(tmp_path):
 
 
 def test_ema_is_the_moving_average_of_the_weights(tmp_path, monkeypatch):
-    import gali_ext.recipes.train as loop
+    import gali_ext.recipes.build as loop  # the module whose step the loop calls
     from gali_ext.recipes.runs import load_run_models
 
     real_step, seen = loop.train_step, []
@@ -322,7 +323,7 @@ def test_refresh_ema_statistics_recomputes_batch_norm_from_the_averaged_weights(
     from torch import nn
     from torch.optim.swa_utils import AveragedModel
 
-    from gali_ext.recipes.train import refresh_ema_statistics
+    from gali_ext.recipes.build import refresh_ema_statistics
 
     class ConditionalG(nn.Module):
         def __init__(self):

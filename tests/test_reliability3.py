@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gali_ext.recipes import rundir
+from gali_ext.recipes import checkpoints, files
 from tests._helpers import error_lines, train_run
 from tests._helpers import run_cli as cli
 
@@ -71,7 +71,7 @@ def checkpoint(run: Path, number: int) -> Path:
 def checkpoint_steps(run: Path) -> dict[str, int]:
     return {
         c.name: json.loads((c / "train_state.json").read_text())["step"]
-        for c in rundir.list_checkpoints(run / "checkpoints")
+        for c in checkpoints.list_checkpoints(run / "checkpoints")
     }
 
 
@@ -144,7 +144,7 @@ def test_overwrite_and_fresh_resume_remove_only_what_gali_ext_wrote(run, capsys)
     (run / "data" / "x.csv").write_text("1")
     (run / "grids" / "favourite.png").write_bytes(b"png")
     kept = r"kept data/, grids/favourite.png, notes.txt in .*: gali-ext did not write them"
-    with pytest.warns(rundir.RunDirectoryWarning, match=kept):
+    with pytest.warns(files.RunDirectoryWarning, match=kept):
         code, _, err = cli(
             capsys, "recipe", *BASE, "--out", str(run), "--overwrite", "--steps", "2"
         )
@@ -257,7 +257,7 @@ def test_rotation_removes_only_gali_ext_checkpoints(run, capsys):
     (root / "NOTES.txt").write_text("best is step 2")
     (root / ".DS_Store").write_bytes(b"\0")
     foreign = r"holds .DS_Store, NOTES.txt, best_step2/, which gali-ext did not write: left alone"
-    with pytest.warns(rundir.RunDirectoryWarning, match=foreign):
+    with pytest.warns(files.RunDirectoryWarning, match=foreign):
         code, out, err = cli(
             capsys,
             "recipe",
@@ -303,7 +303,7 @@ def test_divergence_never_saves_a_diverged_checkpoint(run, capsys):
             f"--resume --out '{run}'" in line
         ), line
         assert checkpoint_steps(run) == {"checkpoint_0": 2, "checkpoint_1": 4}, attempt
-        for folder in rundir.list_checkpoints(run / "checkpoints"):
+        for folder in checkpoints.list_checkpoints(run / "checkpoints"):
             weights = load_file(str(folder / "model.safetensors"))
             assert max(float(v.abs().max()) for v in weights.values()) < 100
     code, _, err = cli(
@@ -335,7 +335,7 @@ def test_a_run_of_the_previous_release_resumes_with_trust_checkpoint(run, capsys
         "if step-0000004 was written by gali-ext 0.1.0 (no manifest), pass "
         "--trust-checkpoint to resume from it" in line
     ), line
-    with pytest.warns(rundir.RunDirectoryWarning, match="--trust-checkpoint: step-0000004 had no"):
+    with pytest.warns(files.RunDirectoryWarning, match="--trust-checkpoint: step-0000004 had no"):
         code, out, err = cli(
             capsys,
             "recipe",
@@ -394,7 +394,7 @@ def test_a_forged_negative_step_is_refused(run, capsys):
     for number in (0, 1):
         folder = checkpoint(run, number)
         (folder / "train_state.json").write_text('{"step": -5, "world_size": 1}')
-        rundir.write_manifest(folder)  # a manifest forged to match, without a step
+        checkpoints.write_manifest(folder)  # a manifest forged to match, without a step
     code, _, err = cli(capsys, "recipe", *BASE, "--out", str(run), "--resume", "--steps", "6")
     line = one_error(code, err)
     assert "expected a step that is an int >= 0, got -5" in line
@@ -501,7 +501,7 @@ def test_a_checkpoint_of_another_architecture_falls_back_to_the_older_one(run, t
     assert code == 0, err
     shutil.copytree(checkpoint(other, 0), checkpoint(run, 2))  # its own valid manifest, step 2
     with pytest.warns(
-        rundir.RunDirectoryWarning,
+        files.RunDirectoryWarning,
         match=r"skipped checkpoint_2 \(a model of "
         r"another architecture: model.safetensors: .* has shape \[",
     ):
@@ -696,9 +696,9 @@ def test_out_of_range_options_are_one_line(run, tmp_path, capsys, command, expec
 
 
 def test_weights_that_explode_while_finite_are_never_saved(run, capsys, monkeypatch):
-    from gali_ext.recipes import train as train_module
+    from gali_ext.recipes import build as build_module
 
-    real = train_module.train_step
+    real = build_module.train_step
 
     def exploding(gali, *args, step, **kwargs):
         metrics = real(gali, *args, step=step, **kwargs)
@@ -708,7 +708,7 @@ def test_weights_that_explode_while_finite_are_never_saved(run, capsys, monkeypa
                     parameter.mul_(1e30)
         return metrics
 
-    monkeypatch.setattr(train_module, "train_step", exploding)
+    monkeypatch.setattr(build_module, "train_step", exploding)
     code, _, err = cli(capsys, "recipe", *BASE, "--out", str(run), "--resume", "--steps", "6")
     line = one_error(code, err)
     assert "the state diverged by step 6 (discriminator holds values up to" in line, line

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gali_ext.recipes import rundir
+from gali_ext.recipes import checkpoints, files
 from tests._helpers import error_lines, run_cli, train_run
 
 BASE = [
@@ -35,7 +35,7 @@ BASE = [
 ]
 LOCK_HOLDER = """
 import sys, time
-from gali_ext.recipes.rundir import RunLock
+from gali_ext.recipes.lock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -90,7 +90,7 @@ def checkpoint(run: Path, number: int) -> Path:
 
 def rewrite_manifest(folder: Path) -> None:
     """What an attacker who can write the checkpoint also does: a manifest that matches."""
-    rundir.write_manifest(folder, json.loads((folder / "manifest.json").read_text())["step"])
+    checkpoints.write_manifest(folder, json.loads((folder / "manifest.json").read_text())["step"])
 
 
 class Payload:
@@ -125,7 +125,7 @@ def test_a_planted_pickle_in_any_checkpoint_file_never_runs(run, tmp_path, capsy
     else:
         (newest / planted).write_bytes(pickle.dumps(Payload(marker)))
     rewrite_manifest(newest)  # the manifest matches: only safe loading can stop it
-    with pytest.warns(rundir.RunDirectoryWarning, match=r"skipped checkpoint_1 \(") as caught:
+    with pytest.warns(files.RunDirectoryWarning, match=r"skipped checkpoint_1 \(") as caught:
         code, out, err = cli_train(capsys, *BASE, "--steps", "2", "--out", str(run), "--resume")
     assert code == 0, err
     assert not marker.exists()
@@ -183,7 +183,7 @@ def test_resume_of_a_run_that_never_reached_a_checkpoint_starts_fresh(tmp_path, 
 def test_a_half_written_metrics_line_is_dropped_with_a_warning(run, trained, capsys):
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "d_lo')  # kill -9 during an append
-    with pytest.warns(rundir.RunDirectoryWarning, match="dropped a half-written last line"):
+    with pytest.warns(files.RunDirectoryWarning, match="dropped a half-written last line"):
         code, out, err = cli_train(capsys, *BASE, "--steps", "4", "--out", str(run), "--resume")
     assert code == 0, err  # resumed at step 4: nothing to train, the metrics repaired
     assert logged_steps(run) == [1, 2, 3, 4]
@@ -254,7 +254,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(run, train
     damaged = checkpoint(run, 1) / "optimizer.bin"
     damaged.write_bytes(damaged.read_bytes()[:1000])
     with pytest.warns(
-        rundir.RunDirectoryWarning,
+        files.RunDirectoryWarning,
         match=r"skipped checkpoint_1 \(optimizer.bin "
         r"has 1000 bytes, the manifest says \d+\)",
     ):
@@ -268,7 +268,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(run, train
 def test_missing_random_states_never_give_a_silently_different_run(run, trained, capsys):
     (checkpoint(run, 1) / "random_states_0.pkl").unlink()
     rewrite_manifest(checkpoint(run, 1))
-    with pytest.warns(rundir.RunDirectoryWarning, match="random_states_0.pkl is missing"):
+    with pytest.warns(files.RunDirectoryWarning, match="random_states_0.pkl is missing"):
         code, out, err = cli_train(capsys, *BASE, "--steps", "4", "--out", str(run), "--resume")
     assert code == 0, err
     assert "checkpoint_0 at step 2" in out and same_weights(run, trained)
@@ -290,10 +290,10 @@ def test_a_changed_lr_on_resume_reaches_the_optimizers(run, capsys):
     )
     assert code == 0, err
     assert "--resume: lr 0.0002 -> 0.001 from step 4 on" in out
-    newest = rundir.list_checkpoints(run / "checkpoints")[-1]
+    newest = checkpoints.list_checkpoints(run / "checkpoints")[-1]
     assert json.loads((newest / "train_state.json").read_text())["step"] == 5
     for name in ("optimizer.bin", "optimizer_1.bin"):
-        groups = rundir.load_torch_file(newest / name)["param_groups"]
+        groups = checkpoints.load_torch_file(newest / name)["param_groups"]
         assert [g["lr"] for g in groups] == [1e-3] * len(groups)
     assert json.loads((run / "config.json").read_text())["lr"] == 1e-3
 
@@ -380,7 +380,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_error_and_the_run_resumes(
     (line,) = error_lines(err)
     assert line.startswith("error: the disk is full: checkpoint checkpoint_1 could not be")
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint_0"]
-    assert rundir.verify_checkpoint(checkpoint(run, 0)) == []
+    assert checkpoints.verify_checkpoint(checkpoint(run, 0)) == []
     monkeypatch.setattr(torch, "save", real)  # space freed
     code, out, err = cli_train(capsys, *BASE, "--steps", "4", "--out", str(run), "--resume")
     assert code == 0, err

@@ -30,8 +30,10 @@ from gali_ext.losses import (
 )
 from gali_ext.providers import ReconstructionChain
 from gali_ext.providers.pretrained import load_safetensors_into
-from gali_ext.recipes import RecipeConfig, check_epochs, rundir
+from gali_ext.recipes import checkpoints, files, rundir, start
 from gali_ext.recipes import get as get_recipe
+from gali_ext.recipes.lock import RunLock
+from gali_ext.recipes.settings import RecipeConfig, check_epochs
 from gali_ext.trainer import (
     UNSUPPORTED_OPTIMIZERS,
     available_optimizers,
@@ -67,7 +69,7 @@ def kill(process: subprocess.Popen) -> None:
 
 KILLED_WRITER = """
 import os, sys, time
-from gali_ext.recipes import rundir
+from gali_ext.recipes import files
 where = sys.argv[2]
 real_write, real_replace = os.write, os.replace
 def half_then_hang(fd, data):
@@ -82,7 +84,7 @@ if where == "write":
     os.write = half_then_hang
 else:
     os.replace = hang
-rundir.write_text_atomic(sys.argv[1], "NEW" * 100000)
+files.write_text_atomic(sys.argv[1], "NEW" * 100000)
 """
 
 
@@ -102,12 +104,12 @@ def test_sigkill_during_an_atomic_write_leaves_the_old_content(tmp_path, where, 
 
 
 def test_atomic_writes_replace_the_file_and_leave_no_temporary(tmp_path):
-    rundir.write_json_atomic(tmp_path / "a.json", {"b": 1, "a": [1.5, None]})
+    files.write_json_atomic(tmp_path / "a.json", {"b": 1, "a": [1.5, None]})
     assert json.loads((tmp_path / "a.json").read_text()) == {"a": [1.5, None], "b": 1}
-    rundir.write_text_atomic(tmp_path / "a.json", "x")
+    files.write_text_atomic(tmp_path / "a.json", "x")
     assert (tmp_path / "a.json").read_text() == "x"
     weights = {"w": torch.arange(6.0).view(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
-    rundir.save_file_atomic(weights, tmp_path / "w.safetensors")
+    files.save_file_atomic(weights, tmp_path / "w.safetensors")
     loaded = load_file(str(tmp_path / "w.safetensors"))
     assert torch.equal(loaded["w"], weights["w"]) and torch.equal(loaded["b"], weights["b"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "w.safetensors"]
@@ -119,12 +121,12 @@ def test_atomic_output_renames_only_a_finished_file(tmp_path):
     target = tmp_path / "encoder.safetensors"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError, match="writer failed"):
-        with rundir.atomic_output(target) as temporary:
+        with files.atomic_output(target) as temporary:
             temporary.write_bytes(b"half")
             raise RuntimeError("writer failed")
     assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
     module = nn.Linear(2, 3)
-    with rundir.atomic_output(target) as temporary:
+    with files.atomic_output(target) as temporary:
         assert temporary.parent == tmp_path and temporary.name.startswith(".encoder")
         save_model(module, str(temporary))
     assert torch.equal(load_file(str(target))["weight"], module.weight.detach())
@@ -141,9 +143,9 @@ def test_a_full_disk_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeyp
 
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(CheckpointError, match="the disk is full.*generator.safetensors.*--resume"):
-        rundir.save_file_atomic({"w": torch.zeros(3)}, target)
+        files.save_file_atomic({"w": torch.zeros(3)}, target)
     with pytest.raises(CheckpointError, match="the disk is full"):
-        rundir.write_text_atomic(tmp_path / "config.json", "{}")
+        files.write_text_atomic(tmp_path / "config.json", "{}")
     monkeypatch.undo()
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["generator.safetensors"]
@@ -161,21 +163,21 @@ def test_storage_errors_map_full_disks_and_read_only_folders(tmp_path):
         OSError(errno.ENOSPC, "No space left on device"),
     ):
         with pytest.raises(CheckpointError, match="the disk is full: the optimizer state"):
-            with rundir.storage_errors("the optimizer state", tmp_path / "optimizer.bin"):
+            with files.storage_errors("the optimizer state", tmp_path / "optimizer.bin"):
                 raise error
     for code in (errno.EROFS, errno.EACCES):
         with pytest.raises(ConfigError, match=r"cannot write config.json to .*writable --out"):
-            with rundir.storage_errors("config.json", tmp_path / "config.json"):
+            with files.storage_errors("config.json", tmp_path / "config.json"):
                 raise OSError(code, os.strerror(code))
     half = tmp_path / "checkpoints" / ".tmp-step-0000020"
     half.mkdir(parents=True)
     (half / "model.safetensors").write_bytes(b"half")
     with pytest.raises(CheckpointError, match="the disk is full: checkpoint step-0000020"):
-        with rundir.storage_errors("checkpoint step-0000020", half, cleanup=half):
+        with files.storage_errors("checkpoint step-0000020", half, cleanup=half):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
     assert not half.exists()  # the previous checkpoint stays the newest
     with pytest.raises(ValueError, match="unrelated"):  # other errors pass unchanged
-        with rundir.storage_errors("x", tmp_path):
+        with files.storage_errors("x", tmp_path):
             raise ValueError("unrelated")
 
 
@@ -185,9 +187,9 @@ def test_a_read_only_folder_is_one_config_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(ConfigError, match="read-only file system.*writable --out"):
-        rundir.write_text_atomic(tmp_path / "config.json", "{}")
+        files.write_text_atomic(tmp_path / "config.json", "{}")
     with pytest.raises(ConfigError, match="the run lock.*writable --out"):
-        rundir.RunLock(tmp_path / "run").acquire()
+        RunLock(tmp_path / "run").acquire()
 
 
 def test_every_torch_load_in_the_package_is_weights_only():
@@ -225,31 +227,31 @@ def test_every_torch_load_in_the_package_is_weights_only():
 def test_a_half_written_last_metrics_line_is_dropped_with_a_warning(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "d_loss": 1.5}\n{"step": 2, "d_loss": 1.25}\n{"step": 3, "d_lo')
-    with pytest.warns(rundir.RunDirectoryWarning, match="half-written last line"):
-        records = rundir.read_metrics(path)
+    with pytest.warns(files.RunDirectoryWarning, match="half-written last line"):
+        records = files.read_metrics(path)
     assert records == [{"step": 1, "d_loss": 1.5}, {"step": 2, "d_loss": 1.25}]
-    with pytest.warns(rundir.RunDirectoryWarning, match="half-written last line"):
-        rundir.append_metrics(path, {"step": 3, "d_loss": 1.0})
+    with pytest.warns(files.RunDirectoryWarning, match="half-written last line"):
+        files.append_metrics(path, {"step": 3, "d_loss": 1.0})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert [r["step"] for r in rundir.read_metrics(path)] == [1, 2, 3]
+        assert [r["step"] for r in files.read_metrics(path)] == [1, 2, 3]
     assert path.read_text().endswith('{"step": 3, "d_loss": 1.0}\n')
-    assert rundir.read_metrics(tmp_path / "none.jsonl") == []
+    assert files.read_metrics(tmp_path / "none.jsonl") == []
 
 
 def test_a_damaged_line_inside_the_metrics_names_its_number(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(CheckpointError, match=r"metrics.jsonl', line 2: not a JSON record"):
-        rundir.read_metrics(path)
+        files.read_metrics(path)
 
 
 def test_truncate_metrics_keeps_the_steps_of_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     for step in range(1, 11):
-        rundir.append_metrics(path, {"step": step, "g_loss": step / 4})
-    assert rundir.truncate_metrics(path, 6) == 4
-    assert [r["step"] for r in rundir.read_metrics(path)] == [1, 2, 3, 4, 5, 6]
+        files.append_metrics(path, {"step": step, "g_loss": step / 4})
+    assert files.truncate_metrics(path, 6) == 4
+    assert [r["step"] for r in files.read_metrics(path)] == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
@@ -257,7 +259,7 @@ def test_truncate_metrics_keeps_the_steps_of_the_checkpoint(tmp_path):
 
 LOCK_HOLDER = """
 import sys, time
-from gali_ext.recipes.rundir import RunLock
+from gali_ext.recipes.lock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -270,22 +272,22 @@ def test_a_second_process_is_refused_with_the_holders_pid_until_it_dies(tmp_path
     try:
         wait_for(holder, "locked")
         with pytest.raises(ConfigError, match=rf"in use by another process \(PID {holder.pid},"):
-            rundir.RunLock(run).acquire()
+            RunLock(run).acquire()
     finally:
         kill(holder)
     # kill -9 leaves the file but the kernel dropped the lock
-    with rundir.RunLock(run) as lock:
+    with RunLock(run) as lock:
         assert lock.held and (run / ".lock").read_text() == f"{os.getpid()}\n"
         with pytest.raises(ConfigError, match=f"PID {os.getpid()},"):
-            rundir.RunLock(run).acquire()  # also a second lock in this process
-    again = rundir.RunLock(run).acquire()
+            RunLock(run).acquire()  # also a second lock in this process
+    again = RunLock(run).acquire()
     assert again.held
     again.release()
 
 
 LOCK_HOLDER_WITH_WORKER = """
 import os, sys, time
-from gali_ext.recipes.rundir import RunLock
+from gali_ext.recipes.lock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 if os.fork() == 0:  # a DataLoader worker: it shares the lock and outlives its parent briefly
     time.sleep(1.5)
@@ -300,16 +302,16 @@ def test_a_killed_holders_forked_workers_are_waited_for(tmp_path):
     holder = child(LOCK_HOLDER_WITH_WORKER, str(run))
     wait_for(holder, "locked")
     kill(holder)  # the worker still holds the lock for about a second
-    lock = rundir.RunLock(run).acquire()  # waits for it, where it used to fail at once
+    lock = RunLock(run).acquire()  # waits for it, where it used to fail at once
     assert lock.held
     lock.release()
 
 
 def test_a_lock_that_made_the_folder_removes_it_when_nothing_was_written(tmp_path):
-    with rundir.RunLock(tmp_path / "new"):
+    with RunLock(tmp_path / "new"):
         assert (tmp_path / "new" / ".lock").is_file()
     assert not (tmp_path / "new").exists()
-    with rundir.RunLock(tmp_path / "used"):
+    with RunLock(tmp_path / "used"):
         (tmp_path / "used" / "config.json").write_text("{}")
     assert (tmp_path / "used" / "config.json").is_file()
 
@@ -343,7 +345,7 @@ def test_overwrite_empties_a_run_but_keeps_the_lock(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "keep.txt").write_text("x")
     (run / "link").symlink_to(tmp_path / "elsewhere")
-    with rundir.RunLock(run):
+    with RunLock(run):
         assert rundir.check_overwrite(run) is True
         assert rundir.clear_run_directory(run) == ["link"]  # not gali-ext's: kept, and named
         assert sorted(p.name for p in run.iterdir()) == [".lock", "link"]
@@ -399,8 +401,8 @@ def prepared(accelerator):
 def save_checkpoint(accelerator, folder: Path, step: int) -> None:
     """What the loop does: Accelerate's state, the loop's state as JSON, the manifest last."""
     accelerator.save_state(str(folder))
-    rundir.save_train_state_json(folder, {"step": step, "epoch": 0, "position": step})
-    rundir.write_manifest(folder, step)
+    checkpoints.save_train_state_json(folder, {"step": step, "epoch": 0, "position": step})
+    checkpoints.write_manifest(folder, step)
 
 
 def test_checkpoint_names_sort_by_number_past_seven_digits(tmp_path):
@@ -414,7 +416,7 @@ def test_checkpoint_names_sort_by_number_past_seven_digits(tmp_path):
         "notes",
     ):
         (tmp_path / name).mkdir()
-    names = [p.name for p in rundir.list_checkpoints(tmp_path)]
+    names = [p.name for p in checkpoints.list_checkpoints(tmp_path)]
     assert names == [
         "checkpoint_2",
         "checkpoint_10",
@@ -429,7 +431,7 @@ def test_the_manifest_finds_every_kind_of_damage(tmp_path, accelerator):
     prepared(accelerator)
     folder = tmp_path / "step-0000005"
     save_checkpoint(accelerator, folder, 5)
-    assert rundir.verify_checkpoint(folder) == []
+    assert checkpoints.verify_checkpoint(folder) == []
     manifest = json.loads((folder / "manifest.json").read_text())
     names = sorted(manifest["files"])
     assert names == [
@@ -447,7 +449,7 @@ def test_the_manifest_finds_every_kind_of_damage(tmp_path, accelerator):
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(folder, copy)
         change(copy)
-        return rundir.verify_checkpoint(copy)
+        return checkpoints.verify_checkpoint(copy)
 
     def truncate(c):
         data = (c / "model.safetensors").read_bytes()
@@ -473,7 +475,7 @@ def test_the_manifest_finds_every_kind_of_damage(tmp_path, accelerator):
     assert damaged(lambda c: (c / "manifest.json").write_text("{"))[0].startswith(
         "manifest.json is damaged"
     )
-    assert "random_states_1.pkl is missing from the checkpoint" in rundir.verify_checkpoint(
+    assert "random_states_1.pkl is missing from the checkpoint" in checkpoints.verify_checkpoint(
         folder, num_processes=2
     )
 
@@ -486,8 +488,8 @@ def test_the_newest_intact_checkpoint_is_chosen_and_the_skipped_ones_named(tmp_p
     (root / "step-10000001" / "model.safetensors").unlink()
     # damaged random states whose manifest was rewritten: only loading them finds it
     torch.save({"step": 3}, root / "step-10000000" / "random_states_0.pkl")
-    rundir.write_manifest(root / "step-10000000", 10000000)
-    best, skipped = rundir.newest_intact_checkpoint(root)
+    checkpoints.write_manifest(root / "step-10000000", 10000000)
+    best, skipped = checkpoints.newest_intact_checkpoint(root)
     assert best == root / "step-9999999"
     assert [(p.name, reason.split(":")[0]) for p, reason in skipped] == [
         ("step-10000001", "model.safetensors is missing"),
@@ -498,7 +500,7 @@ def test_the_newest_intact_checkpoint_is_chosen_and_the_skipped_ones_named(tmp_p
             "torch_manual_seed",
         ),
     ]
-    moved = rundir.set_aside_checkpoint(root / "step-10000001", tmp_path)
+    moved = checkpoints.set_aside_checkpoint(root / "step-10000001", tmp_path)
     assert moved == tmp_path / "damaged-checkpoints" / "step-10000001" and moved.is_dir()
 
 
@@ -528,14 +530,14 @@ def test_planted_pickles_never_run_through_the_safe_path(tmp_path, accelerator):
             else:
                 (planted / target).write_bytes(pickle.dumps(Payload(marker), protocol=2))
             if target != "manifest.json":
-                rundir.write_manifest(planted, 3)  # the attacker rewrites the manifest too
+                checkpoints.write_manifest(planted, 3)  # the attacker rewrites the manifest too
             with pytest.raises(CheckpointError) as caught:
-                rundir.load_state_safely(accelerator, planted)
+                checkpoints.load_state_safely(accelerator, planted)
             assert not marker.exists(), (target, fmt)
             if target.endswith((".bin", ".pkl")):
                 assert "refusing to load" in str(caught.value)
                 assert fmt == "raw" or "(io.open)" in str(caught.value)
-            best, skipped = rundir.newest_intact_checkpoint(planted.parent)
+            best, skipped = checkpoints.newest_intact_checkpoint(planted.parent)
             assert best is None and [p for p, _ in skipped] == [planted]
             assert not marker.exists(), (target, fmt)
 
@@ -550,7 +552,7 @@ def test_planted_pickles_never_run_through_the_safe_path(tmp_path, accelerator):
 
     accelerator.register_for_checkpointing(State())
     with pytest.raises(ConfigError, match="register_for_checkpointing"):
-        rundir.load_state_safely(accelerator, folder)
+        checkpoints.load_state_safely(accelerator, folder)
     torch.save({"state": Payload(marker)}, folder / "custom_checkpoint_0.pkl")
     accelerator.load_state(str(folder))
     assert marker.exists()
@@ -570,7 +572,7 @@ def test_load_state_safely_restores_weights_optimizers_generators_and_the_loop_s
         for p in model.parameters():
             p.zero_()
     torch.manual_seed(1)
-    state = rundir.load_state_safely(accelerator, folder)
+    state = checkpoints.load_state_safely(accelerator, folder)
     assert state == {"step": 7, "epoch": 0, "position": 7}
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert torch.equal(d_opt.state_dict()["state"][0]["exp_avg"], optimizer)
@@ -582,10 +584,10 @@ def test_damaged_random_states_are_refused_where_accelerate_only_logs(tmp_path, 
     folder = tmp_path / "step-0000004"
     save_checkpoint(accelerator, folder, 4)
     (folder / "random_states_0.pkl").write_bytes(b"PK\x03\x04 damaged")
-    rundir.write_manifest(folder, 4)
+    checkpoints.write_manifest(folder, 4)
     accelerator.load_state(str(folder))  # Accelerate goes on with other random numbers
     with pytest.raises(CheckpointError, match="random_states_0.pkl' is damaged"):
-        rundir.load_state_safely(accelerator, folder)
+        checkpoints.load_state_safely(accelerator, folder)
 
 
 # ----------------------------------------------------------------------------- resume policy
@@ -606,10 +608,10 @@ def metrics(last: int) -> str:
 def test_resume_decisions(tmp_path, accelerator):
     config = run_config_text()  # checkpoint_every=500
     fresh = [
-        rundir.resume_decision(tmp_path / "never-started"),
-        rundir.resume_decision(make_run(tmp_path, "empty")),
-        rundir.resume_decision(make_run(tmp_path, "config-only", config_dot_json=config)),
-        rundir.resume_decision(
+        start.resume_decision(tmp_path / "never-started"),
+        start.resume_decision(make_run(tmp_path, "empty")),
+        start.resume_decision(make_run(tmp_path, "config-only", config_dot_json=config)),
+        start.resume_decision(
             make_run(tmp_path, "early", config_dot_json=config, metrics_dot_jsonl=metrics(40))
         ),
     ]
@@ -619,43 +621,43 @@ def test_resume_decisions(tmp_path, accelerator):
     first = make_run(tmp_path, "first", config_dot_json=config, metrics_dot_jsonl=metrics(500))
     (first / "checkpoints" / "checkpoint_0").mkdir(parents=True)
     (first / "checkpoints" / "checkpoint_0" / "model.safetensors").write_bytes(b"half")
-    decision = rundir.resume_decision(first)
+    decision = start.resume_decision(first)
     assert decision.action == "fresh"
     assert [(p.name, r.split(" (")[0]) for p, r in decision.skipped] == [
         ("checkpoint_0", "no manifest.json")
     ]
     save_file({"w": torch.ones(1)}, str(first / "encoder.safetensors"))
     with pytest.raises(CheckpointError, match="no intact checkpoint .*checkpoint_0: no manifest"):
-        rundir.resume_decision(first)
+        start.resume_decision(first)
 
     deleted = make_run(tmp_path, "deleted", config_dot_json=config, metrics_dot_jsonl=metrics(3))
     save_file({"w": torch.ones(1)}, str(deleted / "generator.safetensors"))
     with pytest.raises(ConfigError, match=r"trained run \(generator.safetensors\) but no checkp"):
-        rundir.resume_decision(deleted)
+        start.resume_decision(deleted)
     logged = make_run(tmp_path, "logged", config_dot_json=config, metrics_dot_jsonl=metrics(600))
     with pytest.raises(ConfigError, match="metrics up to step 600.*starting over would"):
-        rundir.resume_decision(logged)
+        start.resume_decision(logged)
     with pytest.raises(ConfigError, match="holds no run .*thesis.tex"):
-        rundir.resume_decision(make_run(tmp_path, "thesis", thesis_dot_tex="x"))
+        start.resume_decision(make_run(tmp_path, "thesis", thesis_dot_tex="x"))
 
     prepared(accelerator)
     run = make_run(tmp_path, "ok", config_dot_json=config)
     save_checkpoint(accelerator, run / "checkpoints" / "step-0000500", 500)
     save_checkpoint(accelerator, run / "checkpoints" / "step-0001000", 1000)
     (run / "checkpoints" / "step-0001000" / "optimizer.bin").write_bytes(b"")
-    decision = rundir.resume_decision(run)
+    decision = start.resume_decision(run)
     assert decision.action == "continue"
     assert decision.checkpoint == run / "checkpoints" / "step-0000500"
     assert [p.name for p, _ in decision.skipped] == ["step-0001000"]
     (run / "checkpoints" / "step-0000500" / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="no intact checkpoint .*step-0001000: optimizer"):
-        rundir.resume_decision(run)
+        start.resume_decision(run)
 
 
 def test_resume_overrides_apply_or_refuse_each_setting():
     saved = get_recipe("digits-gali4").with_overrides({"batch_size": "64", "steps": "1500"})
     new = saved.with_overrides({"lr": "1e-3", "steps": "3000", "betas": "0.5,0.999"})
-    assert rundir.check_resume_overrides(saved, new) == {
+    assert start.check_resume_overrides(saved, new) == {
         "lr": (saved.lr, 1e-3),
         "steps": (1500, 3000),
     }
@@ -665,8 +667,8 @@ def test_resume_overrides_apply_or_refuse_each_setting():
         match=r"cannot change batch_size \(64 -> 32\), spec "
         r"\('gali4' -> 'gali8'\)",
     ):
-        rundir.check_resume_overrides(saved, refused)
-    assert rundir.check_resume_overrides(json.loads(saved.to_json()), saved) == {}
+        start.check_resume_overrides(saved, refused)
+    assert start.check_resume_overrides(json.loads(saved.to_json()), saved) == {}
 
 
 def test_a_changed_learning_rate_reaches_the_optimizer():
@@ -676,12 +678,12 @@ def test_a_changed_learning_rate_reaches_the_optimizer():
     resumed = torch.optim.SGD([w], lr=0.5)
     resumed.load_state_dict(old.state_dict())  # what load_state does: the saved lr comes back
     assert resumed.param_groups[0]["lr"] == 0.1
-    assert rundir.apply_optimizer_settings(resumed, 0.5) == ["lr 0.1 -> 0.5"]
+    assert start.apply_optimizer_settings(resumed, 0.5) == ["lr 0.1 -> 0.5"]
     (w * torch.tensor([3.0, 4.0])).sum().backward()
     resumed.step()
     assert torch.equal(w.detach(), torch.tensor([1.0 - 0.5 * 3, -2.0 - 0.5 * 4]))
     adam = torch.optim.Adam([w], lr=1e-4, betas=(0.5, 0.999))
-    assert rundir.apply_optimizer_settings(adam, 1e-4, (0.9, 0.99)) == [
+    assert start.apply_optimizer_settings(adam, 1e-4, (0.9, 0.99)) == [
         "betas (0.5, 0.999) -> (0.9, 0.99)"
     ]
 
@@ -903,8 +905,8 @@ def test_check_epochs_and_data_size():
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["--seed", "-1"], "--seed must be an int in [0, 2**32), got -1"),
-        (["--seed", str(2**32)], "--seed must be an int in [0, 2**32), got 4294967296"),
+        (["--seed", "-1"], "seed=-1 is invalid: expected an int in [0, 2**32)"),
+        (["--seed", str(2**32)], "seed=4294967296 is invalid: expected an int in [0, 2**32)"),
         (["--epochs", "nan"], "--epochs must be a positive finite number, got nan"),
         (["--epochs", "inf"], "--epochs must be a positive finite number, got inf"),
         (["--set", "betas=0.5,1.5"], "betas=(0.5, 1.5) is invalid"),
