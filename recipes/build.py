@@ -1,4 +1,12 @@
-"""TODO build"""
+"""Build once, then run: a run's settings resolved into the objects it trains with.
+
+:func:`build_run` turns a validated :class:`~gali_ext.recipes.settings.RecipeConfig` into a
+:class:`BuiltRun`: the data (:func:`load_run_data`), the networks and the :class:`GALI`
+objective with its resolved prior (:func:`build_model`), both optimizers, the sharded loader,
+the training step (:func:`make_step`: eager or a captured CUDA graph) and the EMA of E and G
+(:func:`build_ema`), all prepared by the run's ``Accelerator`` (:func:`make_accelerator`). The
+loop (:func:`gali_ext.recipes.train.train`) receives these objects and resolves nothing again.
+"""
 
 from __future__ import annotations
 
@@ -45,16 +53,19 @@ from gali_ext.trainer import StepMetrics, build_optimizer, train_step
 
 __all__ = [
     "BuiltModel",
+    "BuiltRun",
     "EMA_STATISTICS_INPUTS",
     "build_ema",
     "build_model",
     "build_optimizers",
+    "build_run",
     "check_conditions",
     "check_trackers",
     "first_images",
     "grids",
     "launch_info",
     "load_data",
+    "load_run_data",
     "make_accelerator",
     "make_step",
     "refresh_ema_statistics",

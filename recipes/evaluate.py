@@ -1,5 +1,5 @@
-"""Evaluate trained runs with the paper's metrics, and the digits study (``gali-ext eval``,
-``gali-ext study digits``).
+"""Evaluate trained runs with the paper's metrics (``gali-ext eval``; the study,
+:mod:`gali_ext.recipes.study`, evaluates its runs here).
 
 A run is scored on its data set's test split: pixel MSE, feature MSE with the evaluator
 classifier ``M_eval``, linear-SVM misclassification on encoder features, Frechet distance of
@@ -43,7 +43,9 @@ from gali_ext.recipes.settings import RecipeConfig
 
 __all__ = [
     "METRICS",
+    "SVM_DEFAULTS",
     "check_svm_options",
+    "encoder_features",
     "evaluate_run",
     "format_table",
     "inception_features",
@@ -88,7 +90,7 @@ def inception_features(
     return PretrainedFeatures("inception_v3", weights, input_size=input_size)
 
 
-def _encoder_features(
+def encoder_features(
     encoder, images: torch.Tensor, latent_only: bool = False, batch_size: int = 500
 ) -> np.ndarray:
     """The encoder's SVM representation: its ``hidden_features`` concatenated (the paper's last
@@ -119,8 +121,8 @@ def _svm_scores(
         representations = {"svm_error": lambda x: x.flatten(1).float().numpy()}
     else:
         representations = {
-            "svm_error": lambda x: _encoder_features(encoder, x),
-            "svm_latent_error": lambda x: _encoder_features(encoder, x, latent_only=True),
+            "svm_error": lambda x: encoder_features(encoder, x),
+            "svm_latent_error": lambda x: encoder_features(encoder, x, latent_only=True),
         }
     result: dict[str, Any] = {"svm_protocol": f"N={samples} labelled images, R={draws} draws"}
     for key, represent in representations.items():

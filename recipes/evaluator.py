@@ -2,7 +2,9 @@
 
 A small CNN trained on the domain's labels (digits or SVHN: the digit; CelebA: the 40
 attributes), saved as ``evaluator.safetensors`` with ``evaluator.json`` (its shape and test
-accuracy). Its last hidden layer is the feature ``M_eval(x)``.
+accuracy). Its last hidden layer is the feature ``M_eval(x)``. One evaluator per data set lives
+in ``evaluator-DATASET`` beside the runs (:func:`default_evaluator_dir`); for digits
+:func:`ensure_evaluator` trains it the first time it is needed.
 """
 
 from __future__ import annotations

@@ -31,10 +31,14 @@ from gali_ext.errors import CheckpointError, ConfigError, GaliError
 
 __all__ = [
     "RunDirectoryWarning",
+    "TEMPORARY_PATTERN",
     "append_metrics",
     "atomic_output",
+    "open_no_follow",
     "read_metrics",
+    "remove_path",
     "save_file_atomic",
+    "storage_error",
     "storage_errors",
     "truncate_metrics",
     "write_bytes_atomic",

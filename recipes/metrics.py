@@ -17,7 +17,8 @@
 - :func:`conditional_reconstruction_agreement`: for a class-conditional pair, the class
   agreement of ``G(E(x), y)`` with x's own label and of ``G(E(x), y_perm)`` with a shuffled
   label, which separates inference from label copying (docs/design.md, section 6.10,
-  eqs. 6.14-6.17).
+  eqs. 6.14-6.17);
+- :func:`summary_metrics`: those a run's ``summary.json`` reports at the end of training.
 """
 
 from __future__ import annotations

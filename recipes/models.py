@@ -38,12 +38,14 @@ from gali_ext.errors import ConfigError, ShapeError
 
 __all__ = [
     "ALIModels",
+    "Architecture",
     "ConvLayer",
     "GaussianEncoder",
     "Generator",
     "ImageFeatures",
     "LatentFeatures",
     "arch_image_shape",
+    "architecture",
     "available_archs",
     "build_ali_models",
     "init_weights",
@@ -83,7 +85,11 @@ def _t(kernel: int, channels: int, stride: int = 1, padding: int = 0) -> ConvLay
 
 
 @dataclass(frozen=True)
-class _Arch:
+class Architecture:
+    """The layers of one reference architecture (ALI's appendix A tables): image shape, default
+    latent size, E's and G's convolutions, D(x)'s convolutions, D(z)'s and the joint's widths,
+    the leaky ReLU slope and the standard deviation of the initial weights."""
+
     image_shape: tuple[int, int, int]
     latent_dim: int
     encoder: tuple[ConvLayer, ...]
@@ -98,7 +104,7 @@ class _Arch:
 # ALI, appendix A, table "SVHN model hyperparameters (unsupervised)"; the same layers are in the
 # authors' experiments/ali_svhn.py. Leaky ReLU slope 0.01, N(0, 0.01) weights. D's dropout (0.2)
 # and batch norm are replaced by spectral normalisation.
-_SVHN = _Arch(
+_SVHN = Architecture(
     image_shape=(3, 32, 32),
     latent_dim=256,
     encoder=(_c(5, 32), _c(4, 64, 2), _c(4, 128), _c(4, 256, 2), _c(4, 512), _c(1, 512)),
@@ -122,7 +128,7 @@ _SVHN = _Arch(
 # (mean and log sigma, as the 512 = 2 x 256 of SVHN), while it gives G_x(z) and D(z) a 512 x 1 x 1
 # input (and D(x, z) a 1024-wide one, copied from SVHN, where 512 + 1024 would be 1536). We read
 # the encoder's row: a 256-dimensional latent, as ALI's released code (NLAT = 256) uses.
-_CELEBA = _Arch(
+_CELEBA = Architecture(
     image_shape=(3, 64, 64),
     latent_dim=256,
     encoder=(_c(2, 64), _c(7, 128, 2), _c(5, 256, 2), _c(7, 256, 2), _c(4, 512)),
@@ -147,7 +153,7 @@ _CELEBA = _Arch(
 # 32-64-128-256 variant used before (whose joint MLP alone made a quarter of a GALI-8 step's
 # FLOPs): a quarter of its FLOPs and 2 to 2.4 times faster per step on two CPU cores, so that
 # `gali-ext study digits` (15 runs) fits in half an hour on a 2-core machine.
-_DIGITS = _Arch(
+_DIGITS = Architecture(
     image_shape=(1, 16, 16),
     latent_dim=32,
     encoder=(_c(4, 16, 2, 1), _c(4, 32, 2, 1), _c(3, 64, 1, 1), _c(4, 128)),
@@ -159,7 +165,7 @@ _DIGITS = _Arch(
     init_std=0.02,
 )
 
-_ARCHS: dict[str, _Arch] = {"svhn": _SVHN, "celeba": _CELEBA, "digits": _DIGITS}
+_ARCHS: dict[str, Architecture] = {"svhn": _SVHN, "celeba": _CELEBA, "digits": _DIGITS}
 
 
 def available_archs() -> list[str]:
@@ -167,7 +173,9 @@ def available_archs() -> list[str]:
     return sorted(_ARCHS)
 
 
-def _arch(name: str) -> _Arch:
+def architecture(name: str) -> Architecture:
+    """The :class:`Architecture` of a name of :func:`available_archs`; another name is a
+    :class:`ConfigError` listing them."""
     if not isinstance(name, str) or name not in _ARCHS:
         raise ConfigError(
             f"unknown architecture {name!r}; available: {', '.join(available_archs())}"
@@ -183,7 +191,7 @@ def _positive_int(name: str, value: object) -> int:
 
 def arch_image_shape(name: str, channels: int | None = None) -> tuple[int, int, int]:
     """``(C, H, W)`` of the images architecture ``name`` takes (``C`` replaced by ``channels``)."""
-    c, h, w = _arch(name).image_shape
+    c, h, w = architecture(name).image_shape
     return (c if channels is None else _positive_int("channels", channels), h, w)
 
 
@@ -562,7 +570,7 @@ def build_ali_models(
         ConfigError: an unknown ``arch`` (the message lists the available ones), or a
             ``latent_dim`` or ``channels`` that is not a positive int.
     """
-    spec = _arch(arch)
+    spec = architecture(arch)
     latent = spec.latent_dim if latent_dim is None else _positive_int("latent_dim", latent_dim)
     image_shape = arch_image_shape(arch, channels)
     slope, std = spec.negative_slope, spec.init_std

@@ -48,6 +48,7 @@ __all__ = [
     "foreign_checkpoint_entries",
     "is_run_directory",
     "remove_temporaries",
+    "visible_entries",
 ]
 
 CONFIG_NAME = "config.json"

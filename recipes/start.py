@@ -56,10 +56,12 @@ __all__ = [
     "apply_optimizer_settings",
     "check_resume_overrides",
     "check_run_dir",
+    "decided_on_main",
     "fitting_checkpoint",
     "model_mismatch",
     "plan_start",
     "resume_decision",
+    "start_run",
 ]
 
 

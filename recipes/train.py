@@ -1,11 +1,13 @@
 """The reference training loop on HF Accelerate (``gali-ext recipe NAME``).
 
-:func:`train_loop` reads like Accelerate's ``examples/by_feature`` scripts: an ``Accelerator``
-(:func:`make_accelerator`), ``prepare`` of the GALI module, both optimizers and a sharded
-``DataLoader``, the steps (``backward`` is inside :func:`gali_ext.trainer.train_step`),
-``save_state`` checkpoints and ``log`` to any tracker. The helpers around it each do one job.
-Several processes: ``torchrun --nproc_per_node N -m gali_ext.cli recipe NAME`` (CPU, gloo) or
-``accelerate launch --multi_gpu --num_processes N -m gali_ext.cli recipe NAME``.
+:func:`train` reads top to bottom like Accelerate's ``examples/by_feature`` scripts: the
+settings validated, the data loaded, the run directory checked, an ``Accelerator``
+(:func:`.build.make_accelerator`), the start decided under the run's lock (:mod:`.start`), the
+run built once (:func:`.build.build_run`: models, optimizers and loader prepared, the step, the
+EMA), then the loop: steps, ``save_state`` checkpoints, ``log`` to any tracker, and the summary
+(:class:`RunLog`). Several processes: ``torchrun --nproc_per_node N -m gali_ext.cli recipe
+NAME`` (CPU, gloo) or ``accelerate launch --multi_gpu --num_processes N -m gali_ext.cli recipe
+NAME``.
 
 What a run directory holds is described in :mod:`gali_ext.recipes.runs`.
 """
@@ -59,7 +61,7 @@ from gali_ext.recipes.start import StartPlan, check_run_dir, decided_on_main, pl
 from gali_ext.recipes.visual import image_grid, save_image_grid
 from gali_ext.trainer import StepMetrics, instance_noise_std
 
-__all__ = ["RunLog", "train"]
+__all__ = ["RunLog", "one_process_state", "train"]
 
 
 class RunLog:

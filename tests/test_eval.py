@@ -319,17 +319,17 @@ def test_study_refuses_a_bad_setting_before_training(tmp_path, monkeypatch):
 
 
 def test_latent_only_svm_features_are_the_encoder_output():
-    from gali_ext.recipes.evaluate import _encoder_features
+    from gali_ext.recipes.evaluate import encoder_features
     from gali_ext.recipes.models import build_ali_models
 
     encoder = build_ali_models("digits", latent_dim=8, channels=1).encoder
     x = torch.rand(5, 1, 16, 16) * 2 - 1
-    latent = _encoder_features(encoder, x, latent_only=True)
+    latent = encoder_features(encoder, x, latent_only=True)
     encoder.eval()
     with torch.no_grad():
         mu = encoder(x)[0]
     np.testing.assert_allclose(latent, mu.numpy(), rtol=1e-5, atol=1e-6)
-    assert _encoder_features(encoder, x).shape == (5, sum(encoder.hidden_dims))
+    assert encoder_features(encoder, x).shape == (5, sum(encoder.hidden_dims))
 
 
 def test_fid_with_fewer_samples_than_dimensions_closed_forms():
@@ -408,7 +408,7 @@ class _DeviceProbe(nn.Module):
 
 
 def test_metrics_feed_each_network_on_its_own_device():
-    from gali_ext.recipes.evaluate import _encoder_features
+    from gali_ext.recipes.evaluate import encoder_features
     from gali_ext.recipes.metrics import model_device, reconstruct
 
     images = torch.rand(3, 1, 2, 2)  # on the CPU, as data sets load them
@@ -417,7 +417,7 @@ def test_metrics_feed_each_network_on_its_own_device():
         lambda: reconstruct(probe, nn.Identity(), images),
         lambda: reconstruct(nn.Identity(), probe, images),
         lambda: fid(probe, images, images),
-        lambda: _encoder_features(probe, images),
+        lambda: encoder_features(probe, images),
     ):
         with pytest.raises(_Reached):
             run()
