@@ -13,15 +13,17 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gali_ext import recipes as registry
 from gali_ext.errors import ConfigError
+from gali_ext.recipes import registry
 from gali_ext.recipes.build import first_images, load_data
 from gali_ext.recipes.evaluate import (
     check_svm_options,
@@ -120,26 +122,119 @@ def die_with_parent(parent: int, interval: float = 0.5) -> None:
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
+@dataclass(frozen=True)
+class StudyRun:
+    """One run of the study: its settings, resolved once (recipe, ``--set`` overrides, steps,
+    seed, the evaluator as M where the recipe uses one), and its folder."""
+
+    config: RecipeConfig
+    folder: Path
+
+
+def plan_runs(
+    out: Path,
+    names: list[str],
+    seeds: int,
+    steps: int,
+    overrides: dict[str, str] | None,
+    echo: Callable[[str], Any] = print,
+) -> tuple[Path, list[StudyRun]]:
+    """The evaluator folder (trained first when there is none) and every run of the study,
+    ``names x range(seeds)``. A bad recipe name or ``--set`` key fails before the evaluator is
+    trained; a finished run trained with other settings (:func:`check_reusable`) before any
+    training."""
+    bases = {
+        name: dataclasses.replace(registry.get(name).with_overrides(overrides or {}), steps=steps)
+        for name in names
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    evaluator = ensure_evaluator("digits", default_evaluator_dir("digits", out), echo=echo)
+    runs = []
+    for name, base in bases.items():
+        if base.uses_features:
+            base = dataclasses.replace(base, features_weights=str(evaluator))
+        for seed in range(seeds):
+            runs.append(StudyRun(dataclasses.replace(base, seed=seed), out / f"{name}-seed{seed}"))
+    for run in runs:
+        check_reusable(run.folder, run.config)
+    return evaluator, runs
+
+
 def _train_and_evaluate(
-    name: str,
-    seed: int,
-    settings: dict[str, str],
-    run: Path,
+    run: StudyRun,
     evaluator: Path,
     svm_samples: int | None,
     svm_draws: int | None,
     progress: bool,
     threads: int | None,
 ) -> dict[str, Any]:
-    """One study run: train (unless ``run`` already holds a finished run) and evaluate. Runs in
-    the study's process or in a worker process; ``threads`` sets torch's intra-op threads."""
-
+    """One study run: train (unless its folder already holds a finished run) and evaluate. Runs
+    in the study's process or in a worker process; ``threads`` sets torch's intra-op threads."""
     if threads is not None:
         torch.set_num_threads(threads)
-    if not (run / "summary.json").is_file():
-        config = dataclasses.replace(registry.get(name).with_overrides(settings), seed=seed)
-        train(config, run, progress=progress, overwrite=True)
-    return evaluate_run(run, evaluator, svm_samples, svm_draws, echo=None)
+    if not (run.folder / "summary.json").is_file():
+        train(run.config, run.folder, progress=progress, overwrite=True)
+    return evaluate_run(run.folder, evaluator, svm_samples, svm_draws, echo=None)
+
+
+def _result_line(result: dict[str, Any]) -> str:
+    """One line of a run's scores, as the study reports each run when it ends."""
+    if "cond_recon_agreement_own_label" in result:  # a class-conditional run (section 6.10)
+        own = result["cond_recon_agreement_own_label"]
+        shuffled = result["cond_recon_agreement_shuffled_label"]
+        return (
+            f"{result['recipe']} seed {result['seed']}: cond. recon. agreement {own:.3f} "
+            f"(own label), {shuffled:.3f} (shuffled label), cond. sample accuracy "
+            f"{result['cond_sample_accuracy']:.3f}, pixel MSE {result['pixel_mse']:.4f}"
+        )
+    return (
+        f"{result['recipe']} seed {result['seed']}: recon. class agreement "
+        f"{result.get('class_agreement', float('nan')):.3f}, confident samples "
+        f"{result.get('sample_confidence', float('nan')):.3f}, pixel MSE "
+        f"{result['pixel_mse']:.4f}"
+    )
+
+
+def run_all(
+    runs: list[StudyRun],
+    evaluator: Path,
+    svm_samples: int | None,
+    svm_draws: int | None,
+    *,
+    jobs: int,
+    threads: int,
+    progress: bool,
+    echo: Callable[[str], Any] = print,
+) -> list[dict[str, Any]]:
+    """Train and evaluate every run, ``jobs`` at a time (each job its own spawned process that
+    dies with the study, :func:`die_with_parent`), each run's line echoed as it ends; the
+    results in the order of ``runs``."""
+    results = []
+    if jobs == 1:
+        previous = torch.get_num_threads()
+        try:
+            for run in runs:
+                config = run.config
+                echo(f"training {config.name} seed {config.seed} for {config.steps} steps")
+                results.append(
+                    _train_and_evaluate(run, evaluator, svm_samples, svm_draws, progress, threads)
+                )
+                echo(_result_line(results[-1]))
+        finally:
+            torch.set_num_threads(previous)
+        return results
+    with ProcessPoolExecutor(
+        jobs, mp_context=get_context("spawn"), initializer=die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
+        futures = [
+            pool.submit(_train_and_evaluate, run, evaluator, svm_samples, svm_draws, False, threads)
+            for run in runs
+        ]
+        for future in as_completed(futures):
+            results.append(future.result())
+            echo(_result_line(results[-1]))
+    order = {(run.config.name, run.config.seed): i for i, run in enumerate(runs)}
+    return sorted(results, key=lambda r: order[(r["recipe"], r["seed"])])
 
 
 def study(
@@ -148,7 +243,7 @@ def study(
     seeds: int = STUDY_SEEDS,
     recipes: list[str] | None = None,
     progress: bool = True,
-    echo=print,
+    echo: Callable[[str], Any] = print,
     svm_samples: int | None = None,
     svm_draws: int | None = None,
     overrides: dict[str, str] | None = None,
@@ -168,7 +263,6 @@ def study(
     recipe. The table ends with reference rows: the raw pixels and the untrained encoder (one
     per seed) for the SVM columns, the test digits for the sample columns.
     """
-
     if jobs < 1 or seeds < 1 or steps < 1:
         raise ConfigError(f"jobs, seeds and steps must be >= 1, got {jobs}, {seeds}, {steps}")
     check_svm_options(svm_samples, svm_draws)
@@ -177,116 +271,52 @@ def study(
     started = time.perf_counter()
     out = Path(out_dir)
     names = recipes or STUDY_RECIPES
-    for name in names:  # a bad recipe name or --set key fails here, before any training
-        registry.get(name).with_overrides({**(overrides or {}), "steps": str(steps)})
-    out.mkdir(parents=True, exist_ok=True)
-    evaluator = ensure_evaluator("digits", default_evaluator_dir("digits", out), echo=echo)
-    tasks = []
-    for name in names:
-        for seed in range(seeds):
-            settings = {**(overrides or {}), "steps": str(steps)}
-            if registry.get(name).uses_features:
-                settings["features_weights"] = str(evaluator)
-            tasks.append(
-                (
-                    name,
-                    seed,
-                    settings,
-                    out / f"{name}-seed{seed}",
-                    evaluator,
-                    svm_samples,
-                    svm_draws,
-                )
-            )
-    for name, seed, settings, run, *_ in tasks:  # before any training
-        check_reusable(
-            run, dataclasses.replace(registry.get(name).with_overrides(settings), seed=seed)
-        )
+    evaluator, runs = plan_runs(out, names, seeds, steps, overrides, echo)
     echo(
-        f"study: {len(tasks)} runs ({len(names)} recipes x {seeds} seeds, {steps} steps each), "
+        f"study: {len(runs)} runs ({len(names)} recipes x {seeds} seeds, {steps} steps each), "
         f"{jobs} at a time"
     )
-
-    def report(result: dict[str, Any]) -> None:
-        if "cond_recon_agreement_own_label" in result:  # a class-conditional run (section 6.10)
-            own = result["cond_recon_agreement_own_label"]
-            shuffled = result["cond_recon_agreement_shuffled_label"]
-            echo(
-                f"{result['recipe']} seed {result['seed']}: cond. recon. agreement {own:.3f} "
-                f"(own label), {shuffled:.3f} (shuffled label), cond. sample accuracy "
-                f"{result['cond_sample_accuracy']:.3f}, pixel MSE {result['pixel_mse']:.4f}"
-            )
-            return
-        echo(
-            f"{result['recipe']} seed {result['seed']}: recon. class agreement "
-            f"{result.get('class_agreement', float('nan')):.3f}, confident samples "
-            f"{result.get('sample_confidence', float('nan')):.3f}, pixel MSE "
-            f"{result['pixel_mse']:.4f}"
-        )
-
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    results = []
-    if jobs == 1:
-        previous = torch.get_num_threads()
-        try:
-            for task in tasks:
-                echo(f"training {task[0]} seed {task[1]} for {steps} steps")
-                results.append(_train_and_evaluate(*task, progress, threads))
-                report(results[-1])
-        finally:
-            torch.set_num_threads(previous)
-    else:
-        with ProcessPoolExecutor(
-            jobs,
-            mp_context=get_context("spawn"),
-            initializer=die_with_parent,
-            initargs=(os.getpid(),),
-        ) as pool:
-            futures = {
-                pool.submit(_train_and_evaluate, *task, False, threads): task for task in tasks
-            }
-            for future in as_completed(futures):
-                results.append(future.result())
-                report(results[-1])
-        order = {(t[0], t[1]): i for i, t in enumerate(tasks)}
-        results.sort(key=lambda r: order[(r["recipe"], r["seed"])])
-    references = svm_references(registry.get(names[0]), seeds, svm_samples, svm_draws)
-    references.append(
-        test_data_reference(load_evaluator(evaluator), load_data(registry.get(names[0]), "test"))
+    results = run_all(
+        runs,
+        evaluator,
+        svm_samples,
+        svm_draws,
+        jobs=jobs,
+        threads=threads,
+        progress=progress,
+        echo=echo,
     )
+    first = registry.get(names[0])
+    references = svm_references(first, seeds, svm_samples, svm_draws)
+    references.append(test_data_reference(load_evaluator(evaluator), load_data(first, "test")))
     summary = summarise(results + references)
     table = format_table(summary)
     paired = paired_table(results)
     paired_md = format_paired_table(paired)
     seconds = time.perf_counter() - started
-    write_text_atomic(
-        out / "study.json",
-        json.dumps(
-            {
-                "results": results + references,
-                "summary": summary,
-                "paired": paired,
-                "settings": {
-                    "steps": steps,
-                    "seeds": seeds,
-                    "recipes": names,
-                    "jobs": jobs,
-                    "threads_per_run": threads,
-                    "overrides": overrides or {},
-                },
-                "seconds": seconds,
-            },
-            indent=2,
-        ),
-    )
+    settings = {
+        "steps": steps,
+        "seeds": seeds,
+        "recipes": names,
+        "jobs": jobs,
+        "threads_per_run": threads,
+        "overrides": overrides or {},
+    }
+    record = {
+        "results": results + references,
+        "summary": summary,
+        "paired": paired,
+        "settings": settings,
+        "seconds": seconds,
+    }
+    write_text_atomic(out / "study.json", json.dumps(record, indent=2))
     write_text_atomic(out / "study.md", table + "\n")
     write_text_atomic(out / "paired.md", paired_md + "\n")
     write_text_atomic(out / "paired.json", json.dumps(paired, indent=2))
     _figure(out, names)
-    echo(table)
-    echo("")
-    echo(paired_md)
-    echo(f"study written to {out} in {seconds:.0f} s")
+    for line in (table, "", paired_md, f"study written to {out} in {seconds:.0f} s"):
+        echo(line)
     return summary
 
 
