@@ -174,6 +174,7 @@ def test_every_markdown_reference_points_at_an_existing_file_and_section():
 
 def test_design_document_has_the_cited_sections_in_order():
     text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    assert re.findall(r"^## (.+)$", text, re.MULTILINE)[0] == "Architecture"  # read first
     titles = re.findall(r"^## (\d+)\. (.+)$", text, re.MULTILINE)
     assert [int(n) for n, _ in titles] == list(range(1, 12))
     assert [t for _, t in titles] == [
@@ -239,3 +240,14 @@ def test_repository_files_outside_git_walks_the_folder_and_skips_environments(tm
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("text")
     assert repository_files(tmp_path) == {"README.md", "docs/design.md"}
+
+
+def test_the_architecture_table_names_every_module_of_the_recipes_once():
+    """docs/design.md's Architecture section gives each module of recipes/ its job: a module
+    added, renamed or removed without the table is a newcomer's wrong map."""
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    section = text.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    named = [name for row in rows for name in re.findall(r"`(\w+)`", row)]
+    modules = sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if p.stem != "__init__")
+    assert sorted(named) == modules
