@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from gali_ext.errors import DataError
 
 __all__ = [
+    "check_batch_size",
     "DATASETS",
     "BatchStream",
     "ImageData",
@@ -738,6 +739,18 @@ def data_mean(data: ImageData, chunk: int = 4096, limit: int | None = None) -> f
     return total / (255.0 * count * data.channels * data.image_size**2)
 
 
+def check_batch_size(dataset: ImageData, batch_size: int) -> None:
+    """Refuse a ``batch_size`` that is not a positive int or exceeds the images of ``dataset``
+    (no full batch to draw), with a :class:`DataError`."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
+    if batch_size > len(dataset):
+        raise DataError(
+            f"batch size {batch_size} exceeds the {len(dataset)} images of the "
+            f"{dataset.name} {dataset.split} split"
+        )
+
+
 def training_loader(
     dataset: ImageData,
     batch_size: int,
@@ -760,13 +773,7 @@ def training_loader(
     GPU. The loader has its own ``torch.Generator``: making an iterator draws nothing from the
     global RNG, so a resumed run's noise stays the uninterrupted run's.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
-    if batch_size > len(dataset):
-        raise DataError(
-            f"batch size {batch_size} exceeds the {len(dataset)} images of the "
-            f"{dataset.name} {dataset.split} split"
-        )
+    check_batch_size(dataset, batch_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -823,13 +830,7 @@ class BatchStream:
     """
 
     def __init__(self, dataset: ImageData, batch_size: int, seed: int = 0) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
-        if batch_size > len(dataset):
-            raise DataError(
-                f"batch size {batch_size} exceeds the {len(dataset)} images of the "
-                f"{dataset.name} {dataset.split} split"
-            )
+        check_batch_size(dataset, batch_size)
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = int(seed)
