@@ -58,10 +58,10 @@ class RecipeConfig:
     features_weights: str = ""  # local .safetensors file (evaluator: its folder); no download
     features_input_size: int = 0  # resize images to this for M (0: the model's own size)
     # folder with the SVHN .mat files or CelebA ("": ~/.cache/gali-ext/DATASET, or under
-    # $XDG_CACHE_HOME); `gali-ext recipe` records the folder it resolved
+    # $XDG_CACHE_HOME); a run (`train`) records the folder it resolved
     data_dir: str = ""
     # fetch the data set into data_dir first, checksums verified (SVHN from torchvision's URLs,
-    # CelebA from Google Drive); resolved once by `gali-ext recipe` (recipes.data.prepare_data)
+    # CelebA from Google Drive); resolved once by `train` (recipes.data.prepare_data)
     download: bool = False
     seed: int = 0
     mixed_precision: str = "no"
