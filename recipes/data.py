@@ -699,7 +699,7 @@ def prepare_data(
     download: bool = False,
     echo: Callable[[str], None] = print,
 ) -> str:
-    """The data folder of a run, resolved once where the run is built (``gali-ext recipe``):
+    """The data folder of a run, resolved once where the run is built (:func:`.train.train`):
     ``data_dir``, or :func:`default_data_dir` when it is empty; with ``download``, SVHN's train
     and test files or CelebA are fetched there and verified first (:func:`download_svhn`,
     :func:`download_celeba`). Digits need no folder (``data_dir`` is returned as given)."""
