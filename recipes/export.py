@@ -470,51 +470,67 @@ def model_card(
         + " Both load in eval mode.",
         "",
     ]
-    lines += ["## Metrics", ""]
+    lines += _card_metrics(summary)
+    lines += _card_grids(grids, config["num_classes"])
+    lines += _card_settings(recipe)
+    return "\n".join(lines)
+
+
+def _card_metrics(summary: dict[str, Any] | None) -> list[str]:
+    """The card's Metrics section: every number of ``summary`` as ``json`` writes it."""
+    lines = ["## Metrics", ""]
     if summary is None:
-        lines += ["The run has no `summary.json` (it did not finish); no metrics.", ""]
-    else:
-        shown = summary.get("weights")
-        lines += [
-            f"From the run's `summary.json` (copied beside this card), computed with the "
-            f"{'EMA' if shown == 'ema' else 'trained'} weights"
-            + (
-                " (`test_pixel_mse_raw`: the trained weights)"
-                if "test_pixel_mse_raw" in summary
-                else ""
-            )
-            + "; metric definitions: gali-ext's docs/design.md, section 6.",
-            "",
-            "| metric | value |",
-            "|---|---|",
-        ]
-        for key, value in summary.items():
-            if _number(value):
-                lines.append(f"| `{key}` | {json.dumps(value)} |")
-        lines.append("")
-    if grids:
-        lines += [
-            "## Grids",
-            "",
-            "The grids training drew last, with the weights the metrics are computed with.",
-            "",
-        ]
-        for name in grids:
-            caption = GRIDS[name]
-            if config["num_classes"] and name == "samples.png":
-                caption = "Samples `G(z, y)`, sample i of class `y = i mod num_classes`"
-            lines += [f"{caption}:", "", f"![{name[:-4]}]({name})", ""]
-    lines += ["## Settings", "", "| setting | value |", "|---|---|"]
+        return lines + ["The run has no `summary.json` (it did not finish); no metrics.", ""]
+    shown = summary.get("weights")
+    lines += [
+        f"From the run's `summary.json` (copied beside this card), computed with the "
+        f"{'EMA' if shown == 'ema' else 'trained'} weights"
+        + (
+            " (`test_pixel_mse_raw`: the trained weights)"
+            if "test_pixel_mse_raw" in summary
+            else ""
+        )
+        + "; metric definitions: gali-ext's docs/design.md, section 6.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for key, value in summary.items():
+        if _number(value):
+            lines.append(f"| `{key}` | {json.dumps(value)} |")
+    return lines + [""]
+
+
+def _card_grids(grids: list[str], num_classes: int) -> list[str]:
+    """The card's Grids section (none without grids)."""
+    if not grids:
+        return []
+    lines = [
+        "## Grids",
+        "",
+        "The grids training drew last, with the weights the metrics are computed with.",
+        "",
+    ]
+    for name in grids:
+        caption = GRIDS[name]
+        if num_classes and name == "samples.png":
+            caption = "Samples `G(z, y)`, sample i of class `y = i mod num_classes`"
+        lines += [f"{caption}:", "", f"![{name[:-4]}]({name})", ""]
+    return lines
+
+
+def _card_settings(recipe: dict[str, Any]) -> list[str]:
+    """The card's Settings section: :data:`CARD_SETTINGS` and how to train the same."""
+    lines = ["## Settings", "", "| setting | value |", "|---|---|"]
     for key in CARD_SETTINGS:
         lines.append(f"| `{key}` | `{json.dumps(recipe[key])}` |")
-    lines += [
+    return lines + [
         "",
         'Every setting is in `config.json`, under `"recipe"` (paths reduced to their '
         "last part); train the same with `gali-ext recipe "
         f"{recipe['name']} --set KEY=VALUE ...`.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def push_to_hub(
