@@ -37,7 +37,7 @@ from gali_ext.errors import CheckpointError, ConfigError, first_line
 from gali_ext.providers.pretrained import load_safetensors_into
 
 from . import RecipeConfig
-from .models import GaussianEncoder, Generator, _arch, arch_image_shape
+from .models import GaussianEncoder, Generator, arch_image_shape, architecture_table
 from .runs import EMA_FILES, load_run_models
 
 __all__ = [
@@ -171,7 +171,7 @@ class HubEncoder(GaussianEncoder, _HubModel):
     def __init__(
         self, arch: str, latent_dim: int, channels: int, deterministic: bool = False
     ) -> None:
-        table = _arch(arch)
+        table = architecture_table(arch)
         super().__init__(
             arch_image_shape(arch, channels),
             table.encoder,
@@ -200,7 +200,7 @@ class HubGenerator(Generator, _HubModel):
     def __init__(
         self, arch: str, latent_dim: int, channels: int, num_classes: int | None = None
     ) -> None:
-        table = _arch(arch)
+        table = architecture_table(arch)
         super().__init__(
             arch_image_shape(arch, channels),
             table.generator,

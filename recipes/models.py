@@ -167,7 +167,10 @@ def available_archs() -> list[str]:
     return sorted(_ARCHS)
 
 
-def _arch(name: str) -> _Arch:
+def architecture_table(name: str) -> _Arch:
+    """The layer table of reference architecture ``name`` (ALI's SVHN or CelebA networks, or
+    the digits one): image shape, latent size, each network's layers, slope and init std.
+    An unknown name raises :class:`~gali_ext.errors.ConfigError` listing the known ones."""
     if not isinstance(name, str) or name not in _ARCHS:
         raise ConfigError(
             f"unknown architecture {name!r}; available: {', '.join(available_archs())}"
@@ -183,7 +186,7 @@ def _positive_int(name: str, value: object) -> int:
 
 def arch_image_shape(name: str, channels: int | None = None) -> tuple[int, int, int]:
     """``(C, H, W)`` of the images architecture ``name`` takes (``C`` replaced by ``channels``)."""
-    c, h, w = _arch(name).image_shape
+    c, h, w = architecture_table(name).image_shape
     return (c if channels is None else _positive_int("channels", channels), h, w)
 
 
@@ -562,7 +565,7 @@ def build_ali_models(
         ConfigError: an unknown ``arch`` (the message lists the available ones), or a
             ``latent_dim`` or ``channels`` that is not a positive int.
     """
-    spec = _arch(arch)
+    spec = architecture_table(arch)
     latent = spec.latent_dim if latent_dim is None else _positive_int("latent_dim", latent_dim)
     image_shape = arch_image_shape(arch, channels)
     slope, std = spec.negative_slope, spec.init_std
