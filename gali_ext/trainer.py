@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, DivergenceError
-from .losses import finite_logits_check, tuple_class_accuracy
+from .losses import tuple_class_accuracy
 
 __all__ = [
     "DivergenceGuard",
@@ -183,7 +183,7 @@ class StepMetrics:
         }
 
 
-def _check_finite(value: Tensor, name: str, step: int | None) -> None:
+def _raise_if_not_finite(value: Tensor, name: str, step: int | None) -> None:
     """The host-side guard (one sync): for optimizers that cannot skip an update on the device."""
     if not torch.isfinite(value):
         where = f" at step {step}" if step is not None else ""
@@ -314,13 +314,14 @@ def run_step(
     """The work of one step, with no host sync when ``guard`` is given (else the host-side
     check before each optimizer step): returns ``[mean D loss, G/E loss, *parts, *accuracy]``
     as one float32 device tensor, and the names of the parts. ``call`` runs the objective
-    (``gali(x, role=..., ...)``); :func:`train_step` and
-    :class:`~gali_ext.capture.CapturedStep` share this function, so that the captured step
-    computes what the eager one does."""
+    (``gali(x, role=..., check_finite=...)``); the losses check their logits for NaN or inf
+    on the host (``check_finite``) exactly when the step checks the losses there, without a
+    ``guard``. :func:`train_step` and :class:`~gali_ext.capture.CapturedStep` share this
+    function, so that the captured step computes what the eager one does."""
 
     def finite(value: Tensor, name: str) -> None:
         if guard is None:
-            _check_finite(value.detach(), name, step)
+            _raise_if_not_finite(value.detach(), name, step)
         else:
             guard.watch(value, name)
 
@@ -345,7 +346,7 @@ def run_step(
 
     def objective(x: Tensor, **kwargs: Any) -> Any:
         try:
-            return call(x, **kwargs)
+            return call(x, check_finite=guard is None, **kwargs)
         except DivergenceError as error:  # non-finite logits, found by the losses
             if step is None:
                 raise
@@ -479,21 +480,20 @@ def train_step(
     if on_device:
         guard = guard if guard is not None else DivergenceGuard()
         guard.at_step(step)
-    # With the guard on the device, the losses' own host-side check of the logits is off: the
-    # guard catches what it would, without a sync inside the step.
-    with finite_logits_check(not on_device):
-        logged, parts = run_step(
-            gali,
-            iter(batches),
-            d_optimizer,
-            g_optimizer,
-            n_dis=n_dis,
-            instance_noise=instance_noise,
-            backward=backward,
-            shared_forward=shared_forward,
-            guard=guard if on_device else None,
-            step=step,
-        )
+    # With the guard on the device, the losses' own host-side check of the logits is off
+    # (run_step's check_finite): the guard catches what it would, without a sync in the step.
+    logged, parts = run_step(
+        gali,
+        iter(batches),
+        d_optimizer,
+        g_optimizer,
+        n_dis=n_dis,
+        instance_noise=instance_noise,
+        backward=backward,
+        shared_forward=shared_forward,
+        guard=guard if on_device else None,
+        step=step,
+    )
     if not sync:
         return None
     # One host sync for everything logged and the device-side NaN flag.
