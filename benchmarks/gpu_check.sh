@@ -79,11 +79,11 @@ elif ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/pip.l
   ln -sfn "$PWD/adapters" gali_ext/adapters
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$PY" -c "import gali_ext, gali_ext.capture, gali_ext.recipes.bench; print('gali_ext', gali_ext.__version__, gali_ext.__file__)"
+"$PY" -c "import gali_ext, gali_ext.capture, gali_ext.recipes.graph_bench; print('gali_ext', gali_ext.__version__, gali_ext.__file__)"
 
 run_part "(a) captured step == eager step, fp32, CUDA" 60 "$PY" - "$OUT/equality.json" <<'PYEOF'
 import json, os, sys
-from gali_ext.recipes.bench import graph_equality
+from gali_ext.recipes.graph_bench import graph_equality
 results = {}
 device, batch = os.environ["GPU_CHECK_DEVICE"], int(os.environ["GPU_CHECK_B1"])
 for label, kwargs in (("n_dis 1", {}), ("n_dis 2", {"specs": ("gali8",), "n_dis": 2})):
@@ -147,7 +147,7 @@ for name in ("graphs-small.json", "graphs-big.json"):
     sizes = sorted({r["batch"] for r in result["rows"]}) if result else "?"
     print(f"\n### (b, c) training step, batch {sizes} (`gali-ext bench --graphs`)\n")
     if result:
-        from gali_ext.recipes.bench import format_graph_table
+        from gali_ext.recipes.graph_bench import format_graph_table
         print(format_graph_table(result))
     else:
         print("(not measured: see the log)")

@@ -1,6 +1,7 @@
 """Step-cost benchmark: `python benchmarks/step_cost.py [--preset svhn] [--repeats 10]`.
 
-The same as `gali-ext bench`; see gali_ext/bench.py for what it measures.
+The same as `gali-ext bench`; see recipes/bench.py (`gali_ext.recipes.bench`) for what it
+measures.
 """
 
 from gali_ext.recipes.cli import app

@@ -7,7 +7,7 @@ registry (:mod:`gali_ext.presets`), the chains (:mod:`gali_ext.chains`), the fus
 :class:`GALI` objective and the training step (:mod:`gali_ext.trainer`; replayed as a CUDA graph:
 :mod:`gali_ext.capture`). The adapters
 (:mod:`gali_ext.adapters`) and the application (:mod:`gali_ext.recipes`: data, reference
-architectures, evaluation, the recipe loop, the benchmark, the CLI) are imported on demand.
+architectures, evaluation, the recipe loop, the benchmarks, the CLI) are imported on demand.
 """
 
 from .capture import CapturedStep

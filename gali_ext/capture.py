@@ -36,8 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, ShapeError
-from .losses import finite_logits_check
-from .trainer import DivergenceGuard, StepMetrics, _metrics, _run_step, _unwrapped
+from .trainer import DivergenceGuard, StepMetrics, run_step, unpack_metrics, unwrap_optimizer
 
 __all__ = ["CapturedStep", "tf32_mode"]
 
@@ -146,10 +145,10 @@ class CapturedStep:
             )
         if self.capture:
             for name, optimizer in (("d_optimizer", d_optimizer), ("g_optimizer", g_optimizer)):
-                groups = _unwrapped(optimizer).param_groups
+                groups = unwrap_optimizer(optimizer).param_groups
                 if not all(group.get("capturable", False) for group in groups):
                     raise ConfigError(
-                        f"{name} ({type(_unwrapped(optimizer)).__name__}) is not capturable: "
+                        f"{name} ({type(unwrap_optimizer(optimizer)).__name__}) is not capturable: "
                         "build it with build_optimizer(..., capturable=True) or "
                         "torch.optim.Adam(..., capturable=True, fused=True)"
                     )
@@ -245,7 +244,7 @@ class CapturedStep:
             self.guard.raise_if_diverged(values[-4:])
             values = values[:-4]
         seconds = time.perf_counter() - start if start is not None else 0.0
-        return _metrics(values, self._parts, seconds)
+        return unpack_metrics(values, self._parts, seconds)
 
     def _load(self, xs: list[Tensor]) -> None:
         """Copy the batches into the static input buffers (made from the first call's)."""
@@ -285,19 +284,20 @@ class CapturedStep:
     def _step(self) -> None:
         """The step's work, writing its metrics into the static output tensor."""
         assert self._inputs is not None
-        with finite_logits_check(False):  # the guard watches the losses, on the device
-            logged, parts = _run_step(
-                self._call,
-                iter(self._inputs),
-                self.d_optimizer,
-                self.g_optimizer,
-                n_dis=self.n_dis,
-                instance_noise=self.instance_noise if self._noise else 0.0,
-                backward=Tensor.backward,
-                shared_forward=self.shared_forward,
-                guard=self.guard,
-                step=None,
-            )
+        # With the guard (on the device) watching the losses, the losses do not check their
+        # logits on the host (run_step's check_finite).
+        logged, parts = run_step(
+            self._call,
+            iter(self._inputs),
+            self.d_optimizer,
+            self.g_optimizer,
+            n_dis=self.n_dis,
+            instance_noise=self.instance_noise if self._noise else 0.0,
+            backward=Tensor.backward,
+            shared_forward=self.shared_forward,
+            guard=self.guard,
+            step=None,
+        )
         if self._logged is None:
             self._logged = torch.empty_like(logged)
             self._parts = parts

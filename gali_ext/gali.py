@@ -19,7 +19,7 @@ from .audit import StepAudit
 from .chains import Chains, ConditionSampler, split_batch
 from .errors import ConfigError, ShapeError, SpecError
 from .head import DiscriminatorOutput, MultiClassJointDiscriminatorHead, SpectralMLP
-from .losses import DiscriminatorLoss, ProductOfTermsLoss
+from .losses import DiscriminatorLoss, LogitsLoss, ProductOfTermsLoss
 from .presets import get_preset
 from .priors import resolve_prior
 from .providers.base import FeedbackProvider, resolve_node_functions
@@ -39,6 +39,18 @@ class ObjectiveValue:
     parts: dict[str, Tensor] = field(default_factory=dict)
     chains: Chains | None = None
     output: DiscriminatorOutput | None = None
+
+
+def _criterion_loss(
+    criterion: nn.Module, output: DiscriminatorOutput, check_finite: bool
+) -> Tensor:
+    """``criterion(output)``, the library's losses (:class:`~gali_ext.losses.LogitsLoss`) told
+    whether to check the logits for NaN or inf (``check_finite``); a user's own criterion, or a
+    subclass of a library loss with its own ``forward(logits)``, is called on the output alone
+    (and checks as its own code says)."""
+    if type(criterion).forward is LogitsLoss.forward:
+        return criterion(output, check_finite=check_finite)
+    return criterion(output)
 
 
 @contextmanager
@@ -243,6 +255,7 @@ class GALI(nn.Module):
         rng: torch.Generator | None = None,
         *,
         differentiable_chains: bool = False,
+        check_finite: bool = True,
     ) -> ObjectiveValue:
         """D's loss (eq. 3) on one batch ``x`` or ``(x, y)``; D sees the chain nodes detached
         from E and G.
@@ -250,13 +263,16 @@ class GALI(nn.Module):
         The chains run without gradients unless ``differentiable_chains=True``: then they keep
         their graph, so that the generator-encoder step on the same batch reuses them
         (``generator_objective(chains=d.chains)``) instead of running E and G again.
+        ``check_finite``: the loss raises :class:`~gali_ext.errors.DivergenceError` on NaN or
+        inf logits (a host sync; :func:`~gali_ext.trainer.train_step` passes ``False`` when its
+        device-side guard watches the losses).
         """
         with torch.set_grad_enabled(differentiable_chains and torch.is_grad_enabled()):
             chains = self.chains(x, z, rng)
             variables = chains.compute(self.spec.nodes)
         variables = {name: value.detach() for name, value in variables.items()}
         output = self._head(chains, variables, instance_noise_std, rng)
-        loss = self.discriminator_criterion(output)
+        loss = _criterion_loss(self.discriminator_criterion, output, check_finite)
         self.audit.discriminator_loss(loss, self.head)
         return ObjectiveValue(loss, output.joint, {"discriminator": loss.detach()}, chains, output)
 
@@ -268,13 +284,15 @@ class GALI(nn.Module):
         rng: torch.Generator | None = None,
         *,
         chains: Chains | None = None,
+        check_finite: bool = True,
     ) -> ObjectiveValue:
         """The generator-encoder loss (eq. 4 by default) plus the providers' extra terms.
 
         D's parameters take no gradient from it. ``chains``: the chains of a discriminator
         step on this batch, made with ``differentiable_chains=True``; their nodes (the same
         prior sample, encoder noise and conditions) are reused, so E and G do not run again,
-        and ``x`` may be omitted (it is ignored, as is ``z``).
+        and ``x`` may be omitted (it is ignored, as is ``z``). ``check_finite``: as in
+        :meth:`discriminator_objective`.
         """
         reused = chains is not None
         if chains is None:
@@ -293,7 +311,7 @@ class GALI(nn.Module):
             )
         with _frozen(self.head):
             output = self._head(chains, variables, instance_noise_std, rng)
-        return self._generator_terms(output, chains)
+        return self._generator_terms(output, chains, check_finite)
 
     def shared_objectives(
         self,
@@ -301,6 +319,8 @@ class GALI(nn.Module):
         z: Tensor | None = None,
         instance_noise_std: float | Tensor = 0.0,
         rng: torch.Generator | None = None,
+        *,
+        check_finite: bool = True,
     ) -> tuple[ObjectiveValue, ObjectiveValue]:
         """D's loss (eq. 3) and the generator-encoder loss (eq. 4 by default, plus the
         providers' terms) from one forward pass of the chains and the head.
@@ -312,17 +332,20 @@ class GALI(nn.Module):
         (``d.loss.backward(inputs=d_params, retain_graph=True)``, then
         ``g.loss.backward(inputs=g_params)``) before either optimizer steps, as
         :func:`~gali_ext.trainer.train_step` does with ``shared_forward=True``.
+        ``check_finite``: as in :meth:`discriminator_objective`, for both losses.
         """
         chains = self.chains(x, z, rng)
         variables = chains.compute(self.spec.nodes)
         output = self._head(chains, variables, instance_noise_std, rng)
-        d_loss = self.discriminator_criterion(output)
+        d_loss = _criterion_loss(self.discriminator_criterion, output, check_finite)
         self.audit.discriminator_loss(d_loss, self.head)
         d = ObjectiveValue(d_loss, output.joint, {"discriminator": d_loss.detach()}, chains, output)
-        return d, self._generator_terms(output, chains)
+        return d, self._generator_terms(output, chains, check_finite)
 
-    def _generator_terms(self, output: DiscriminatorOutput, chains: Chains) -> ObjectiveValue:
-        adversarial = self.generator_criterion(output)
+    def _generator_terms(
+        self, output: DiscriminatorOutput, chains: Chains, check_finite: bool
+    ) -> ObjectiveValue:
+        adversarial = _criterion_loss(self.generator_criterion, output, check_finite)
         parts = {"adversarial": adversarial.detach()}
         loss = adversarial
         for i, p in enumerate(self.providers):
@@ -342,26 +365,35 @@ class GALI(nn.Module):
         rng: torch.Generator | None = None,
         differentiable_chains: bool = False,
         chains: Chains | None = None,
+        check_finite: bool = True,
     ) -> ObjectiveValue | tuple[ObjectiveValue, ObjectiveValue]:
         """The objective of ``role`` (``"discriminator"`` or ``"generator"``) on a batch, or
         both from one pass (``role="shared"``, :meth:`shared_objectives`).
 
         One forward per backward, so that ``accelerator.prepare(gali)`` (DDP, autocast) wraps
         the whole step. ``differentiable_chains`` goes to :meth:`discriminator_objective`,
-        ``chains`` to :meth:`generator_objective`.
+        ``chains`` to :meth:`generator_objective`, ``check_finite`` (check the logits for NaN
+        or inf in the losses, a host sync each) to all three.
         """
         if role == "discriminator":
             if x is None:
                 raise ConfigError("the discriminator objective needs a batch")
             return self.discriminator_objective(
-                x, z, instance_noise_std, rng, differentiable_chains=differentiable_chains
+                x,
+                z,
+                instance_noise_std,
+                rng,
+                differentiable_chains=differentiable_chains,
+                check_finite=check_finite,
             )
         if role == "generator":
-            return self.generator_objective(x, z, instance_noise_std, rng, chains=chains)
+            return self.generator_objective(
+                x, z, instance_noise_std, rng, chains=chains, check_finite=check_finite
+            )
         if role == "shared":
             if x is None:
                 raise ConfigError("the shared objectives need a batch")
-            return self.shared_objectives(x, z, instance_noise_std, rng)
+            return self.shared_objectives(x, z, instance_noise_std, rng, check_finite=check_finite)
         raise ConfigError(f"role must be 'discriminator', 'generator' or 'shared', got {role!r}")
 
     def discriminator_loss(

@@ -6,7 +6,9 @@ B tuples of class i, computes its per-sample values in float32 (also under autoc
 over the classes and averages over the batch. An objective with T terms is weighted by ``2 / T``
 so that every preset trains on ALI's scale (the paper, "Architecture and Setup");
 ``weighted=False`` turns that off. Logits holding NaN or inf raise
-:class:`~gali_ext.errors.DivergenceError` naming the loss, instead of a NaN loss.
+:class:`~gali_ext.errors.DivergenceError` naming the loss, instead of a NaN loss (the
+cross-entropy family; a host sync per loss). ``check_finite=False`` skips that check, as
+:func:`~gali_ext.trainer.train_step` asks when its device-side guard watches the losses.
 
 | loss                           | minimised by | per-sample value, class i             | T      |
 |--------------------------------|--------------|---------------------------------------|--------|
@@ -24,9 +26,6 @@ each unary term times its weight, each by the same per-logits loss (section 9.1,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor, nn
 
@@ -42,6 +41,7 @@ __all__ = [
     "hinge_discriminator_loss",
     "hinge_generator_loss",
     "tuple_class_accuracy",
+    "LogitsLoss",
     "DiscriminatorLoss",
     "ProductOfTermsLoss",
     "MinimaxLoss",
@@ -56,24 +56,9 @@ __all__ = [
 ]
 
 
-_finite_check = True
-
-
-@contextmanager
-def finite_logits_check(enabled: bool) -> Iterator[None]:
-    """Turn the losses' check for NaN or inf logits (a host sync per loss) on or off inside the
-    block. :func:`~gali_ext.trainer.train_step` turns it off when its device-side guard watches
-    the losses instead; it is always off while a CUDA graph is being captured."""
-    global _finite_check
-    previous, _finite_check = _finite_check, enabled
-    try:
-        yield
-    finally:
-        _finite_check = previous
-
-
-def _check_logits(logits: Tensor, loss: str | None = None) -> int:
-    """K of ``logits: [K, B, K]``; ``loss`` names the loss for which they must be finite."""
+def _check_logits(logits: Tensor, loss: str | None = None, check_finite: bool = True) -> int:
+    """K of ``logits: [K, B, K]``; ``loss`` names the loss for which they must be finite, checked
+    when ``check_finite`` (never while ``torch.compile`` traces or a CUDA graph is captured)."""
     if not isinstance(logits, Tensor):
         raise ShapeError(f"expected logits to be a tensor, got {type(logits).__name__}")
     if logits.dim() != 3 or logits.shape[0] != logits.shape[2]:
@@ -87,7 +72,7 @@ def _check_logits(logits: Tensor, loss: str | None = None) -> int:
     # skipped while torch.compile traces, where it would break the graph.
     if (
         loss is not None
-        and _finite_check
+        and check_finite
         and not torch.compiler.is_compiling()
         and not (logits.is_cuda and torch.cuda.is_current_stream_capturing())
     ):
@@ -116,46 +101,65 @@ def log_probabilities(logits: Tensor) -> Tensor:
     return _log_softmax32(logits)
 
 
-def discriminator_loss(logits: Tensor, weighted: bool = True) -> Tensor:
-    """Eq. 3 negated: ``-(1/B) sum_b sum_i log D_i(t_ib)``, times ``2/K`` when weighted."""
-    k = _check_logits(logits, "discriminator_loss")
+def discriminator_loss(
+    logits: Tensor, weighted: bool = True, *, check_finite: bool = True
+) -> Tensor:
+    """Eq. 3 negated: ``-(1/B) sum_b sum_i log D_i(t_ib)``, times ``2/K`` when weighted.
+
+    ``check_finite``: first raise :class:`~gali_ext.errors.DivergenceError` if the logits hold
+    NaN or inf (one host sync); ``False`` skips the check.
+    """
+    k = _check_logits(logits, "discriminator_loss", check_finite)
     log_p = _log_softmax32(logits)
     loss = -log_p.diagonal(dim1=0, dim2=2).sum(-1).mean()
     return loss * (2.0 / k) if weighted else loss
 
 
-def product_of_terms_loss(logits: Tensor, weighted: bool = True) -> Tensor:
+def product_of_terms_loss(
+    logits: Tensor, weighted: bool = True, *, check_finite: bool = True
+) -> Tensor:
     """Eq. 4, the non-saturating product of terms for G and E.
 
     ``-(1/B) sum_b sum_i sum_{j != i} log D_j(t_ib)``, times ``2/(K(K-1))`` when weighted. For
     K = 2 it is ALI/BiGAN's non-saturating generator loss
     ``-log(1 - D(x, E(x))) - log D(G(z), z)``.
+
+    ``check_finite``: first raise :class:`~gali_ext.errors.DivergenceError` if the logits hold
+    NaN or inf (one host sync); ``False`` skips the check.
     """
-    k = _check_logits(logits, "product_of_terms_loss")
+    k = _check_logits(logits, "product_of_terms_loss", check_finite)
     log_p = _log_softmax32(logits)
     off_class = log_p.masked_fill(_own_class_mask(k, logits.device), 0.0)
     loss = -off_class.sum(dim=(0, 2)).mean()
     return loss * (2.0 / (k * (k - 1))) if weighted else loss
 
 
-def minimax_loss(logits: Tensor, weighted: bool = True) -> Tensor:
+def minimax_loss(logits: Tensor, weighted: bool = True, *, check_finite: bool = True) -> Tensor:
     """Eq. 2 for G and E (they minimise D's log-likelihood): ``(1/B) sum_b sum_i log D_i(t_ib)``.
 
     Saturates: its gradient vanishes when D is confident (the paper's motivation for eq. 4).
+
+    ``check_finite``: first raise :class:`~gali_ext.errors.DivergenceError` if the logits hold
+    NaN or inf (one host sync); ``False`` skips the check.
     """
-    k = _check_logits(logits, "minimax_loss")
+    k = _check_logits(logits, "minimax_loss", check_finite)
     log_p = _log_softmax32(logits)
     loss = log_p.diagonal(dim1=0, dim2=2).sum(-1).mean()
     return loss * (2.0 / k) if weighted else loss
 
 
-def misclassification_loss(logits: Tensor, weighted: bool = True) -> Tensor:
+def misclassification_loss(
+    logits: Tensor, weighted: bool = True, *, check_finite: bool = True
+) -> Tensor:
     """``-(1/B) sum_b sum_i log(1 - D_i(t_ib))``, times ``2/K`` when weighted.
 
     Computed stably as ``log(1 - p_i) = logsumexp_{j != i} l_j - logsumexp_j l_j``, which stays
     finite when ``p_i`` rounds to 1.
+
+    ``check_finite``: first raise :class:`~gali_ext.errors.DivergenceError` if the logits hold
+    NaN or inf (one host sync); ``False`` skips the check.
     """
-    k = _check_logits(logits, "misclassification_loss")
+    k = _check_logits(logits, "misclassification_loss", check_finite)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logits32 = logits.float()
         others = logits32.masked_fill(_own_class_mask(k, logits.device), float("-inf"))
@@ -175,13 +179,18 @@ def _pairwise_margins(logits: Tensor) -> Tensor:
     return margins.masked_fill(_own_class_mask(k, logits.device), 0.0)
 
 
-def hinge_discriminator_loss(logits: Tensor, weighted: bool = True) -> Tensor:
+def hinge_discriminator_loss(
+    logits: Tensor, weighted: bool = True, *, check_finite: bool = True
+) -> Tensor:
     """D's multi-class hinge (Weston-Watkins), docs/design.md eq. 9.4:
     ``(1/B) sum_b sum_i sum_{j != i} max(0, 1 - (l_i - l_j))``, times ``2/(K(K-1))`` when
     weighted.
 
     At K = 2, with ``s = l_0 - l_1``, it is BigBiGAN's (and BigGAN's) hinge
     ``h(s) + h(-s)``: ``h(y s)`` with y = +1 on class 0 (encoder pairs) and -1 on class 1.
+
+    The hinge losses do not check their logits for NaN or inf (a NaN logit gives a NaN loss):
+    ``check_finite`` has no effect, it is taken for the signature all the losses share.
     """
     k = _check_logits(logits)
     hinge = torch.relu(1.0 - _pairwise_margins(logits))
@@ -190,13 +199,18 @@ def hinge_discriminator_loss(logits: Tensor, weighted: bool = True) -> Tensor:
     return loss * (2.0 / (k * (k - 1))) if weighted else loss
 
 
-def hinge_generator_loss(logits: Tensor, weighted: bool = True) -> Tensor:
+def hinge_generator_loss(
+    logits: Tensor, weighted: bool = True, *, check_finite: bool = True
+) -> Tensor:
     """The generator-encoder loss of the hinge family, docs/design.md eq. 9.5:
     ``(1/B) sum_b sum_i sum_{j != i} (l_i - l_j)``, times ``2/(K(K-1))`` when weighted.
 
     E and G lower each tuple's own-class logit against every other class's, the margins D's
     hinge raises. At K = 2, with ``s = l_0 - l_1``, it is BigBiGAN's ``y s``: ``s`` on class 0
     and ``-s`` on class 1. Per sample it equals ``K l_i - sum_j l_j``.
+
+    The hinge losses do not check their logits for NaN or inf (a NaN logit gives a NaN loss):
+    ``check_finite`` has no effect, it is taken for the signature all the losses share.
     """
     k = _check_logits(logits)
     loss = _pairwise_margins(logits).sum(dim=(0, 2)).mean()
@@ -213,62 +227,70 @@ def tuple_class_accuracy(logits: Tensor | DiscriminatorOutput) -> Tensor:
     return (logits.argmax(-1) == truth).float().mean(1)
 
 
-class _LogitsLoss(nn.Module):
+class LogitsLoss(nn.Module):
+    """The base of the loss modules on the discriminator's logits: a subclass names its loss
+    function ``_fn(logits, weighted, *, check_finite)`` (one of this module's), and
+    :meth:`forward` applies it to the logits or to each term of a
+    :class:`~gali_ext.head.DiscriminatorOutput`."""
+
     _fn = staticmethod(discriminator_loss)
 
     def __init__(self, weighted: bool = True) -> None:
         super().__init__()
         self.weighted = weighted
 
-    def forward(self, logits: Tensor | DiscriminatorOutput) -> Tensor:
+    def forward(self, logits: Tensor | DiscriminatorOutput, *, check_finite: bool = True) -> Tensor:
         """The loss of ``logits [K, B, K]``; of a :class:`~gali_ext.head.DiscriminatorOutput`,
-        the joint term plus each unary term times its weight (docs/design.md, eq. 9.2)."""
+        the joint term plus each unary term times its weight (docs/design.md, eq. 9.2).
+        ``check_finite``: check each term's logits for NaN or inf first (the loss function's
+        check, a host sync each); :class:`~gali_ext.GALI` passes ``False`` when the training
+        step's device-side guard watches the losses instead."""
         fn = type(self)._fn
         if not isinstance(logits, DiscriminatorOutput):
-            return fn(logits, self.weighted)
-        total = fn(logits.joint, self.weighted)
+            return fn(logits, self.weighted, check_finite=check_finite)
+        total = fn(logits.joint, self.weighted, check_finite=check_finite)
         for weight, unary in logits.terms()[1:]:
             if weight != 0:
-                total = total + weight * fn(unary, self.weighted)
+                total = total + weight * fn(unary, self.weighted, check_finite=check_finite)
         return total
 
     def extra_repr(self) -> str:
         return f"weighted={self.weighted}"
 
 
-class DiscriminatorLoss(_LogitsLoss):
+class DiscriminatorLoss(LogitsLoss):
     """D's loss, eq. 3 negated (see :func:`discriminator_loss`). ``logits: [K, B, K]``."""
 
     _fn = staticmethod(discriminator_loss)
 
 
-class ProductOfTermsLoss(_LogitsLoss):
+class ProductOfTermsLoss(LogitsLoss):
     """The generator-encoder's non-saturating product of terms, eq. 4
     (see :func:`product_of_terms_loss`). ``logits: [K, B, K]``."""
 
     _fn = staticmethod(product_of_terms_loss)
 
 
-class MinimaxLoss(_LogitsLoss):
+class MinimaxLoss(LogitsLoss):
     """The generator-encoder's saturating minimax loss, eq. 2 (see :func:`minimax_loss`)."""
 
     _fn = staticmethod(minimax_loss)
 
 
-class MisclassificationLoss(_LogitsLoss):
+class MisclassificationLoss(LogitsLoss):
     """The generator-encoder's misclassification likelihood (see :func:`misclassification_loss`)."""
 
     _fn = staticmethod(misclassification_loss)
 
 
-class HingeDiscriminatorLoss(_LogitsLoss):
+class HingeDiscriminatorLoss(LogitsLoss):
     """D's multi-class hinge, eq. 9.4 (see :func:`hinge_discriminator_loss`); BigBiGAN's hinge
     at K = 2. ``logits: [K, B, K]``."""
 
     _fn = staticmethod(hinge_discriminator_loss)
 
 
-class HingeGeneratorLoss(_LogitsLoss):
+class HingeGeneratorLoss(LogitsLoss):
     """The generator-encoder loss of the hinge family, eq. 9.5 (see
     :func:`hinge_generator_loss`); BigBiGAN's ``y s`` at K = 2."""
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, DivergenceError
-from .losses import finite_logits_check, tuple_class_accuracy
+from .losses import tuple_class_accuracy
 
 __all__ = [
     "DivergenceGuard",
@@ -35,7 +35,10 @@ __all__ = [
     "available_optimizers",
     "build_optimizer",
     "instance_noise_std",
+    "run_step",
     "train_step",
+    "unpack_metrics",
+    "unwrap_optimizer",
 ]
 
 
@@ -180,7 +183,7 @@ class StepMetrics:
         }
 
 
-def _check_finite(value: Tensor, name: str, step: int | None) -> None:
+def _raise_if_not_finite(value: Tensor, name: str, step: int | None) -> None:
     """The host-side guard (one sync): for optimizers that cannot skip an update on the device."""
     if not torch.isfinite(value):
         where = f" at step {step}" if step is not None else ""
@@ -191,8 +194,9 @@ def _parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside an ``accelerate`` ``AcceleratedOptimizer`` (or itself)."""
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer that steps: the one inside an ``accelerate``
+    ``AcceleratedOptimizer``, or ``optimizer`` itself when it is not wrapped."""
     return getattr(optimizer, "optimizer", optimizer)
 
 
@@ -225,7 +229,7 @@ class DivergenceGuard:
     @staticmethod
     def can_skip(optimizer: torch.optim.Optimizer) -> bool:
         """Whether the guard can skip ``optimizer``'s update on the device (``found_inf``)."""
-        return bool(getattr(_unwrapped(optimizer), "_step_supports_amp_scaling", False))
+        return bool(getattr(unwrap_optimizer(optimizer), "_step_supports_amp_scaling", False))
 
     @property
     def skip(self) -> Tensor | None:
@@ -262,7 +266,7 @@ class DivergenceGuard:
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()``, skipped on the device once a watched value was non-finite
         (when :meth:`can_skip`; otherwise a plain step)."""
-        inner = _unwrapped(optimizer)
+        inner = unwrap_optimizer(optimizer)
         if self._skip is None or not self.can_skip(optimizer) or hasattr(inner, "found_inf"):
             optimizer.step()
             return
@@ -294,7 +298,7 @@ class DivergenceGuard:
             self.raise_if_diverged(packed.tolist())
 
 
-def _run_step(
+def run_step(
     call: Callable[..., Any],
     batches: Iterator[Tensor],
     d_optimizer: torch.optim.Optimizer,
@@ -310,13 +314,14 @@ def _run_step(
     """The work of one step, with no host sync when ``guard`` is given (else the host-side
     check before each optimizer step): returns ``[mean D loss, G/E loss, *parts, *accuracy]``
     as one float32 device tensor, and the names of the parts. ``call`` runs the objective
-    (``gali(x, role=..., ...)``); :func:`train_step` and
-    :class:`~gali_ext.capture.CapturedStep` share this function, so that the captured step
-    computes what the eager one does."""
+    (``gali(x, role=..., check_finite=...)``); the losses check their logits for NaN or inf
+    on the host (``check_finite``) exactly when the step checks the losses there, without a
+    ``guard``. :func:`train_step` and :class:`~gali_ext.capture.CapturedStep` share this
+    function, so that the captured step computes what the eager one does."""
 
     def finite(value: Tensor, name: str) -> None:
         if guard is None:
-            _check_finite(value.detach(), name, step)
+            _raise_if_not_finite(value.detach(), name, step)
         else:
             guard.watch(value, name)
 
@@ -341,7 +346,7 @@ def _run_step(
 
     def objective(x: Tensor, **kwargs: Any) -> Any:
         try:
-            return call(x, **kwargs)
+            return call(x, check_finite=guard is None, **kwargs)
         except DivergenceError as error:  # non-finite logits, found by the losses
             if step is None:
                 raise
@@ -386,8 +391,10 @@ def _run_step(
     return torch.cat([losses.float(), accuracy.float()]), list(g.parts)
 
 
-def _metrics(values: Sequence[float], parts: list[str], seconds: float) -> StepMetrics:
-    """:class:`StepMetrics` from the host copy of :func:`_run_step`'s tensor."""
+def unpack_metrics(values: Sequence[float], parts: list[str], seconds: float) -> StepMetrics:
+    """The :class:`StepMetrics` of one step from the host copy of :func:`run_step`'s tensor:
+    ``values`` is ``[mean D loss, G/E loss, *parts, *accuracy]``, ``parts`` the names of the
+    parts (as :func:`run_step` returns them), ``seconds`` the step's wall time."""
     return StepMetrics(
         d_loss=values[0],
         g_loss=values[1],
@@ -473,21 +480,20 @@ def train_step(
     if on_device:
         guard = guard if guard is not None else DivergenceGuard()
         guard.at_step(step)
-    # With the guard on the device, the losses' own host-side check of the logits is off: the
-    # guard catches what it would, without a sync inside the step.
-    with finite_logits_check(not on_device):
-        logged, parts = _run_step(
-            gali,
-            iter(batches),
-            d_optimizer,
-            g_optimizer,
-            n_dis=n_dis,
-            instance_noise=instance_noise,
-            backward=backward,
-            shared_forward=shared_forward,
-            guard=guard if on_device else None,
-            step=step,
-        )
+    # With the guard on the device, the losses' own host-side check of the logits is off
+    # (run_step's check_finite): the guard catches what it would, without a sync in the step.
+    logged, parts = run_step(
+        gali,
+        iter(batches),
+        d_optimizer,
+        g_optimizer,
+        n_dis=n_dis,
+        instance_noise=instance_noise,
+        backward=backward,
+        shared_forward=shared_forward,
+        guard=guard if on_device else None,
+        step=step,
+    )
     if not sync:
         return None
     # One host sync for everything logged and the device-side NaN flag.
@@ -499,4 +505,4 @@ def train_step(
         values = values[:-4]
     elif guard is not None:
         guard.check()  # a guard passed in from earlier device-checked steps
-    return _metrics(values, parts, time.perf_counter() - start)
+    return unpack_metrics(values, parts, time.perf_counter() - start)

@@ -444,7 +444,8 @@ def bench(
     """Step cost of K classes, fused vs per-class head, and mixed precision, as ratios."""
     import math
 
-    from gali_ext.recipes.bench import GRAPH_MODES, PRESETS, SPECS, graph_benchmark, run_benchmark
+    from gali_ext.recipes.bench import PRESETS, SPECS, run_benchmark
+    from gali_ext.recipes.graph_bench import GRAPH_MODES, graph_benchmark
 
     out = _out(out)
     ranges = (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--batch", batch, 2))

@@ -1,4 +1,5 @@
-"""The step-cost benchmark runs in a tiny configuration (it is a script, not a timed test)."""
+"""The step-cost and CUDA-graph benchmarks run in a tiny configuration (they are scripts, not
+timed tests)."""
 
 import json
 import subprocess
@@ -221,7 +222,7 @@ def test_recipe_throughput_variants_parse_to_settings():
 
 
 def test_graph_benchmark_on_the_cpu_skips_the_captured_step(tmp_path):
-    from gali_ext.recipes.bench import graph_benchmark
+    from gali_ext.recipes.graph_bench import graph_benchmark
 
     lines = []
     result = graph_benchmark(
@@ -247,7 +248,7 @@ def test_graph_benchmark_on_the_cpu_skips_the_captured_step(tmp_path):
 
 
 def test_gpu_busy_time_is_the_union_of_activity_intervals():
-    from gali_ext.recipes.bench import busy_seconds
+    from gali_ext.recipes.graph_bench import busy_seconds
 
     # [0, 3] covered by two overlapping kernels, [5, 6] by one containing another
     assert busy_seconds([(1, 3), (0, 2), (5, 6), (5.5, 5.7)]) == pytest.approx(4.0)
@@ -255,7 +256,7 @@ def test_gpu_busy_time_is_the_union_of_activity_intervals():
 
 
 def test_graph_table_reports_speedups_and_gpu_busy():
-    from gali_ext.recipes.bench import _graph_speedups, format_graph_table
+    from gali_ext.recipes.graph_bench import _graph_speedups, format_graph_table
 
     def row(mode, precision, rate, gpu_ms):
         return {
@@ -297,7 +298,7 @@ def test_graph_table_reports_speedups_and_gpu_busy():
 
 
 def test_graph_equality_check_runs_on_the_cpu():
-    from gali_ext.recipes.bench import graph_equality
+    from gali_ext.recipes.graph_bench import graph_equality
 
     result = graph_equality("digits", batch=3, device="cpu", specs=("ali",), steps=2)
     assert result["ali"]["allclose"] and result["ali"]["max_loss_rel_diff"] == 0.0
@@ -320,7 +321,7 @@ def test_device_intervals_read_only_gpu_activities():
 
     from torch.autograd import DeviceType
 
-    from gali_ext.recipes.bench import _device_intervals, busy_seconds
+    from gali_ext.recipes.graph_bench import _device_intervals, busy_seconds
 
     def event(device, start_ns, duration_ns):
         return SimpleNamespace(

@@ -719,6 +719,51 @@ def optimizers(gali):
     return torch.optim.SGD(gali.head.parameters(), lr=0.1), torch.optim.SGD(eg, lr=0.1)
 
 
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda f: f.__name__)
+def test_check_finite_false_leaves_non_finite_logits_to_the_caller(loss):
+    logits = torch.zeros(3, 4, 3)
+    logits[1, 2, 0] = math.nan
+    assert torch.isnan(loss(logits, check_finite=False))
+
+
+def test_the_objectives_pass_check_finite_to_the_library_losses_only():
+    class UserLoss(nn.Module):  # a user's criterion: it takes the head's output alone
+        def forward(self, output):
+            return output.joint.float().mean()
+
+    torch.manual_seed(0)
+    gali = build_gali()
+    with torch.no_grad():
+        gali.generator[0].weight.fill_(math.nan)
+    x = torch.rand(4, 1, 8, 8)
+    with pytest.raises(DivergenceError, match="given to discriminator_loss"):
+        gali(x, role="discriminator")
+    for role in ("discriminator", "generator"):
+        assert torch.isnan(gali(x, role=role, check_finite=False).loss)
+    assert all(torch.isnan(v.loss) for v in gali(x, role="shared", check_finite=False))
+    users = build_gali(discriminator_criterion=UserLoss(), generator_criterion=UserLoss())
+    for check_finite in (True, False):
+        d, g = users(x, role="shared", check_finite=check_finite)
+        assert torch.isfinite(d.loss) and torch.isfinite(g.loss)
+
+
+def test_a_subclass_of_a_library_loss_with_its_own_forward_still_works():
+    """A project's loss written before `check_finite` existed, `forward(self, logits)` over a
+    library loss, is called as it was written (no unexpected keyword)."""
+    from gali_ext.losses import DiscriminatorLoss
+
+    class Scaled(DiscriminatorLoss):
+        def forward(self, logits):
+            return 2 * super().forward(logits)
+
+    x = torch.rand(4, 1, 8, 8)
+    torch.manual_seed(0)
+    plain = build_gali()(x, role="discriminator").loss
+    torch.manual_seed(0)
+    scaled = build_gali(discriminator_criterion=Scaled())(x, role="discriminator").loss
+    torch.testing.assert_close(scaled, 2 * plain)
+
+
 def test_train_step_names_non_finite_logits_and_the_step():
     torch.manual_seed(0)
     gali = build_gali()

@@ -1,0 +1,58 @@
+"""What the step benchmark (:mod:`gali_ext.recipes.bench`) and the CUDA-graph benchmark
+(:mod:`gali_ext.recipes.graph_bench`) share: the GALI objective of a preset on the reference
+networks, built from a seed, and the wait for the device before a clock is read."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gali_ext.gali import GALI, build_gali
+from gali_ext.head import MultiClassJointDiscriminatorHead
+from gali_ext.presets import get_preset
+from gali_ext.providers import PretrainedFeatures
+from gali_ext.recipes.models import ALIModels, build_ali_models
+
+__all__ = ["build_objective", "synchronize"]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has run all the work queued on it (CUDA); nothing on the CPU,
+    where every operation has finished when it returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _FrozenFeatures(nn.Module):
+    """A small frozen conv net standing in for a pretrained model M (no weights to download)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, 2, 1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_objective(
+    preset: str, arch: str, device: torch.device, seed: int = 0
+) -> tuple[ALIModels, MultiClassJointDiscriminatorHead, GALI]:
+    """The reference networks of architecture ``arch``, and the head and :class:`~gali_ext.GALI`
+    objective of ``preset`` over them, on ``device``. The weights are drawn after
+    ``torch.manual_seed(seed)``: the same seed gives every preset the same E, G, Dx and Dz
+    weights. A preset that needs pretrained features gets a small frozen conv net in their
+    place (nothing to download)."""
+    torch.manual_seed(seed)
+    models = build_ali_models(arch)
+    features = None
+    if get_preset(preset).needs_features:
+        features = PretrainedFeatures(_FrozenFeatures(models.image_shape[0]))
+    gali = build_gali(preset, models, features)
+    return models, gali.head, gali.to(device)
