@@ -7,7 +7,7 @@ conditional objective (docs/design.md, section 9.3); the prior of ``zp0`` is any
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from .audit import StepAudit
 from .chains import Chains, ConditionSampler, split_batch
-from .errors import ConfigError, ShapeError, SpecError
+from .errors import ConfigError, ProviderError, ShapeError, SpecError
 from .head import DiscriminatorOutput, MultiClassJointDiscriminatorHead, SpectralMLP
 from .losses import DiscriminatorLoss, LogitsLoss, ProductOfTermsLoss
-from .presets import get_preset
+from .presets import FEATURES, get_preset
 from .priors import resolve_prior
 from .providers.base import FeedbackProvider, resolve_node_functions
 
@@ -434,12 +434,33 @@ def _first_tensor(network: Any) -> Tensor | None:
     return None
 
 
+def _provider_options(options: Mapping[str, Any] | None, preset: str) -> dict[str, Any]:
+    """``options`` as keyword arguments for :meth:`~gali_ext.presets.Preset.providers`: a
+    mapping of option names (strings other than ``features``, which is M) to values."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ProviderError(
+            f"provider_options must be a mapping of option names to values, got "
+            f"{type(options).__name__}"
+        )
+    for name in options:
+        if not isinstance(name, str):
+            raise ProviderError(f"provider_options names must be strings, got {name!r}")
+        if name == FEATURES:
+            raise ProviderError(
+                f"preset {preset!r}: pass the pretrained feature model M as build_gali's "
+                f"features argument, not as the provider option {FEATURES!r}"
+            )
+    return dict(options)
+
+
 def build_gali(
     preset: str,
     models: Any,
     features: FeedbackProvider | None = None,
     *,
-    alice_weight: float = 1.0,
+    provider_options: Mapping[str, Any] | None = None,
     generator_criterion: nn.Module | None = None,
     discriminator_criterion: nn.Module | None = None,
     extra_hidden: int = 512,
@@ -457,10 +478,19 @@ def build_gali(
     projection terms of ``y`` (docs/design.md, section 9.3). An extra kind such as ``M`` gets a
     spectrally normalised MLP feature network of width ``extra_hidden``. ``prior`` and the
     criteria go to :class:`GALI`, ``unary`` and ``unary_weights`` to the head.
+
+    ``features`` is the pretrained feature model M of the presets that need one (``gali_pt``,
+    ``alice_pt``). ``provider_options`` go to the preset's provider factory and from it to the
+    providers' constructors (:meth:`~gali_ext.presets.Preset.providers`): ``{"weight": 0.25}``
+    is ALICE's lambda for ``alice`` and ``alice_pt`` (eq. (3.11) of docs/design.md),
+    ``{"fill": 0.0}`` the masks' fill for ``gali_mix``. An option left out keeps the provider's
+    own default; one the preset does not take raises :class:`ProviderError` listing those it
+    takes (``get_preset(preset).options``).
     """
     registered = get_preset(preset)
     spec = registered.spec
-    providers = registered.providers(features, alice_weight)
+    options = _provider_options(provider_options, preset)
+    providers = registered.providers(features, **options)
     extras: dict[str, nn.Module] = {}
     for p in providers:
         name = getattr(p, "name", None)

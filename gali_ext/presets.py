@@ -14,43 +14,99 @@ registered from Python is usable by all of them::
         providers=[ReconstructionChain],
         title="three classes: ALI's two and (x, E(G(E(x))))",
     )
+
+A preset whose providers take options registers a function of keyword arguments, the options,
+each with a default, which it passes to the providers' constructors; it takes ``features`` too
+when it needs the pretrained feature model M::
+
+    def noisy_chain(*, std: float = 0.1) -> list[FeedbackProvider]:
+        return [ReconstructionChain(), Noise(std)]  # Noise: a provider of one's own
+
+    register_preset("noisy", classes, noisy_chain)
+    build_gali("noisy", models, provider_options={"std": 0.05})
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .errors import ProviderError, SpecError
 from .providers import AliceReconstruction, FeedbackProvider, MaskMix, ReconstructionChain
 from .providers.base import resolve_node_functions
 from .spec import TupleSpec
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "Preset",
-    "PresetOptions",
+    "ProviderFactory",
     "available_presets",
     "build_spec",
     "get_preset",
     "register_preset",
 ]
 
+ProviderFactory = Callable[..., Sequence[FeedbackProvider]]
+"""A preset's provider factory: a function of keyword arguments, the provider options (each with
+a default) and, for a preset that needs M, ``features``, that returns fresh providers."""
 
-@dataclass(frozen=True)
-class PresetOptions:
-    """What a preset's provider factory may use beyond the networks.
+FEATURES = "features"
+"""The factory parameter that receives the pretrained feature model M; not a provider option."""
 
-    ``features``: the pretrained feature model M (a
-    :class:`~gali_ext.providers.PretrainedFeatures`) for presets that need one;
-    ``alice_weight``: lambda of ALICE's reconstruction penalty.
+
+def _factory_options(factory: Callable[..., Any], preset: str) -> dict[str, Any]:
+    """The provider options ``factory`` takes, name -> default, read from its signature.
+
+    Every parameter other than ``features`` is an option and must be passable by keyword and
+    have a default, so that the options can be listed and checked; ``*args``, ``**kwargs`` and
+    a required option (such as the former ``lambda options: ...``) raise :class:`SpecError`.
     """
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError) as error:
+        raise SpecError(
+            f"preset {preset!r}: cannot read the signature of its provider factory {factory!r} "
+            f"({error})"
+        ) from None
+    options: dict[str, Any] = {}
+    for parameter in parameters:
+        if parameter.name == FEATURES:
+            if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.VAR_POSITIONAL):
+                raise SpecError(
+                    f"preset {preset!r}: its provider factory must take {FEATURES!r} by keyword"
+                )
+            continue
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise SpecError(
+                f"preset {preset!r}: its provider factory takes {parameter}; name each provider "
+                "option as a keyword parameter with a default, so that the options can be listed "
+                "and checked"
+            )
+        if parameter.kind is parameter.POSITIONAL_ONLY or parameter.default is parameter.empty:
+            raise SpecError(
+                f"preset {preset!r}: its provider factory's parameter {parameter.name!r} has no "
+                "default; a factory takes the provider options as keyword arguments with "
+                f"defaults (and {FEATURES!r} when it needs M), e.g. "
+                "def make(*, option=default): ... (PresetOptions and "
+                "'lambda options: ...' factories are gone)"
+            )
+        options[parameter.name] = parameter.default
+    return options
 
-    features: FeedbackProvider | None = None
-    alice_weight: float = 1.0
+
+def _takes_features(factory: Callable[..., Any]) -> bool:
+    """``factory`` has a ``features`` parameter (gets the pretrained feature model M)."""
+    return FEATURES in inspect.signature(factory).parameters
 
 
-ProviderFactory = Callable[[PresetOptions], Sequence[FeedbackProvider]]
+def _describe_options(options: Mapping[str, Any]) -> str:
+    """``name (default value), ...`` for an error message."""
+    return ", ".join(f"{name} (default {default!r})" for name, default in options.items())
 
 
 @dataclass(frozen=True)
@@ -60,11 +116,12 @@ class Preset:
     Attributes:
         name: the registry key (``"gali8"``).
         classes: the tuple classes, as sequences of node names.
-        make_providers: ``options -> providers``; called once per built objective, so every
-            objective gets its own provider modules.
+        make_providers: the provider factory: keyword arguments (the provider options, and
+            ``features`` when the preset needs M) -> providers. Called once per built
+            objective, so every objective gets its own provider modules.
         title: one line for listings.
-        needs_features: the providers need a pretrained feature model M
-            (``PresetOptions.features``).
+        needs_features: the providers need a pretrained feature model M (the ``features``
+            argument of :meth:`providers` and :func:`~gali_ext.build_gali`).
     """
 
     name: str
@@ -78,16 +135,49 @@ class Preset:
         """The preset's :class:`~gali_ext.spec.TupleSpec`."""
         return TupleSpec(self.classes, name=self.name)
 
+    @property
+    def options(self) -> dict[str, Any]:
+        """The provider options this preset takes, name -> default (the factory's keyword
+        parameters; the defaults are the providers' own)."""
+        return _factory_options(self.make_providers, self.name)
+
     def providers(
-        self, features: FeedbackProvider | None = None, alice_weight: float = 1.0
+        self, features: FeedbackProvider | None = None, **options: Any
     ) -> list[FeedbackProvider]:
-        """Fresh feedback providers for one objective of this preset."""
+        """Fresh feedback providers for one objective of this preset.
+
+        Args:
+            features: the pretrained feature model M (a
+                :class:`~gali_ext.providers.PretrainedFeatures`), required when
+                ``needs_features``; passed to a factory that takes ``features``.
+            **options: provider options (:attr:`options`), passed to the factory and by it to
+                the providers' constructors; an option left out keeps the constructor's default.
+
+        Raises:
+            ProviderError: M is missing, an option is not one the preset takes (the message
+                lists those it takes), or the factory returned something else than providers.
+        """
         if self.needs_features and features is None:
             raise ProviderError(
                 f"preset {self.name!r} needs a pretrained feature model M: pass "
                 "features=PretrainedFeatures(...)"
             )
-        made = list(self.make_providers(PresetOptions(features, alice_weight)))
+        accepted = self.options
+        unknown = [name for name in options if name not in accepted]
+        if unknown:
+            names = ", ".join(map(repr, unknown))
+            if not accepted:
+                raise ProviderError(f"preset {self.name!r} takes no provider options, got {names}")
+            close = difflib.get_close_matches(unknown[0], list(accepted), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ProviderError(
+                f"preset {self.name!r} has no provider option {names}{hint}; its options: "
+                f"{_describe_options(accepted)}"
+            )
+        arguments = dict(options)
+        if _takes_features(self.make_providers):
+            arguments[FEATURES] = features
+        made = list(self.make_providers(**arguments))
         for p in made:
             if not isinstance(p, FeedbackProvider):
                 raise ProviderError(
@@ -100,13 +190,17 @@ class Preset:
 _REGISTRY: dict[str, Preset] = {}
 
 
-def _factory(providers: ProviderFactory | Sequence[Callable[[], FeedbackProvider]]):
+def _factory(
+    providers: ProviderFactory | Sequence[Callable[[], FeedbackProvider]],
+) -> ProviderFactory:
+    """The preset's provider factory: ``providers`` itself when it is a function, else a
+    factory without options that calls each listed class (or zero-argument function) once."""
     if callable(providers):
         return providers
     if isinstance(providers, (str, bytes)) or not isinstance(providers, Sequence):
         raise SpecError(
-            "providers must be a function of PresetOptions or a list of provider classes "
-            f"(e.g. [ReconstructionChain]), got {type(providers).__name__}"
+            "providers must be a function of keyword arguments (the provider options) or a list "
+            f"of provider classes (e.g. [ReconstructionChain]), got {type(providers).__name__}"
         )
     makers = tuple(providers)
     for maker in makers:
@@ -115,7 +209,11 @@ def _factory(providers: ProviderFactory | Sequence[Callable[[], FeedbackProvider
                 f"providers lists {maker!r}, which is not a provider class or factory; "
                 "list classes such as ReconstructionChain, not instances"
             )
-    return lambda options: [maker() for maker in makers]
+
+    def make() -> list[FeedbackProvider]:
+        return [maker() for maker in makers]
+
+    return make
 
 
 def register_preset(
@@ -130,9 +228,13 @@ def register_preset(
     and the benchmark can build it by name.
 
     ``providers`` is a list of zero-argument factories (provider classes such as
-    ``ReconstructionChain``), or one function ``PresetOptions -> providers`` when they need the
-    options (M, ALICE's lambda). The tuple classes are validated now, and checked against the
-    providers (a node no provider makes is refused here, not at the first training step).
+    ``ReconstructionChain``), which takes no options, or one function of keyword arguments: the
+    provider options, each with a default (use the provider constructor's own, so that it is
+    written once), and ``features``, the pretrained feature model M, when the preset needs it
+    (``needs_features=True``). :meth:`Preset.providers` and :func:`~gali_ext.build_gali` pass
+    the options given to it and refuse any other. The tuple classes are validated now, and
+    checked against the providers built with the default options (a node no provider makes is
+    refused here, not at the first training step).
     """
     if not isinstance(name, str) or not name:
         raise SpecError(f"a preset name must be a non-empty string, got {name!r}")
@@ -146,6 +248,12 @@ def register_preset(
         needs_features=needs_features,
     )
     spec = preset.spec  # validates the classes
+    _factory_options(preset.make_providers, name)  # validates the factory's signature
+    if needs_features and not _takes_features(preset.make_providers):
+        raise SpecError(
+            f"preset {name!r} needs a pretrained feature model M, but its provider factory takes "
+            f"no {FEATURES!r} argument to receive it"
+        )
     if not needs_features:
         _check_providers(preset, spec)
     _REGISTRY[name] = preset
@@ -189,9 +297,39 @@ def _permutations_of_four(x0: str, z0: str, x1: str, z1: str) -> list[tuple[str,
 _ALI = [("x0", "z0"), ("xp0", "zp0")]
 
 
-def _features(options: PresetOptions) -> list[FeedbackProvider]:
-    assert options.features is not None  # Preset.providers checks it
-    return [options.features]
+def _default(provider: type[FeedbackProvider], option: str) -> Any:
+    """The default of ``option`` in ``provider``'s constructor: a built-in factory's option
+    defaults are read from there, so that each is written once."""
+    return inspect.signature(provider).parameters[option].default
+
+
+def _gali_mix(
+    *,
+    fill: float = _default(MaskMix, "fill"),
+    rng: torch.Generator | None = _default(MaskMix, "rng"),
+) -> list[FeedbackProvider]:
+    """GALI-mix's node functions ``Mask{k}`` and ``Mix{k}`` (docs/design.md, section 5):
+    ``fill`` is the value of blacked-out pixels, ``rng`` the masks' generator."""
+    return [MaskMix(fill=fill, rng=rng)]
+
+
+def _gali_pt(features: FeedbackProvider) -> list[FeedbackProvider]:
+    """GALI-PT's reconstruction chain and the pretrained feature model M."""
+    return [ReconstructionChain(), features]
+
+
+def _alice(*, weight: float = _default(AliceReconstruction, "weight")) -> list[FeedbackProvider]:
+    """ALICE's penalty ``weight * mean((x0 - x1)^2)`` on the generator-encoder
+    (docs/design.md, eq. (3.11)); ``weight`` is lambda."""
+    return [AliceReconstruction(weight=weight)]
+
+
+def _alice_pt(
+    features: FeedbackProvider, *, weight: float = _default(AliceReconstruction, "weight")
+) -> list[FeedbackProvider]:
+    """The pretrained feature model M and ALICE-PT's penalty
+    ``weight * mean((M(x0) - M(x1))^2)`` (docs/design.md, eq. (3.11)); ``weight`` is lambda."""
+    return [features, AliceReconstruction(weight=weight, features="M")]
 
 
 register_preset("ali", _ALI, title="ALI baseline")
@@ -222,7 +360,7 @@ register_preset(
         ("x0", "E(Mask4(Mix1(x0)))"),
         ("G(E(Mask1(x0)))", "E(Mask4(Mix1(x0)))"),
     ],
-    lambda options: [MaskMix(fill=-1.0)],
+    _gali_mix,
     title="GALI-mix (K=8, inpainting self-supervision)",
 )
 register_preset(
@@ -233,7 +371,7 @@ register_preset(
         ("x0", "z1", "M(x1)"),
         ("xp1", "zp0", "M(xp0)"),
     ],
-    lambda options: [ReconstructionChain(), *_features(options)],
+    _gali_pt,
     title="GALI-PT (K=4, m=3, pretrained features M)",
     needs_features=True,
 )
@@ -242,13 +380,13 @@ register_preset(
 register_preset(
     "alice",
     _ALI,
-    lambda options: [AliceReconstruction(options.alice_weight)],
+    _alice,
     title="ALICE baseline (ALI + lambda ||x - G(E(x))||^2)",
 )
 register_preset(
     "alice_pt",
     _ALI,
-    lambda options: [*_features(options), AliceReconstruction(options.alice_weight, "M")],
+    _alice_pt,
     title="ALICE-PT baseline (ALI + lambda ||M(x) - M(G(E(x)))||^2)",
     needs_features=True,
 )

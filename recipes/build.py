@@ -36,6 +36,7 @@ from gali_ext.capture import CapturedStep
 from gali_ext.errors import ConfigError, DataError, first_line
 from gali_ext.gali import build_gali
 from gali_ext.losses import build_discriminator_criterion, build_generator_criterion
+from gali_ext.presets import get_preset
 from gali_ext.providers import PretrainedFeatures
 from gali_ext.recipes.data import (
     ImageData,
@@ -158,6 +159,13 @@ def _features(config: RecipeConfig) -> PretrainedFeatures | None:
     )
 
 
+def provider_options(config: RecipeConfig) -> dict[str, Any]:
+    """The options a run gives its preset's feedback providers: ALICE's lambda
+    (``alice_weight``) is the ``weight`` of the presets that take one (alice, alice_pt); the
+    other presets take none."""
+    return {"weight": config.alice_weight} if "weight" in get_preset(config.spec).options else {}
+
+
 def build_model(config: RecipeConfig, channels: int) -> BuiltModel:
     """Encoder, generator, discriminator head and :class:`GALI` objective for a recipe."""
     models = build_ali_models(
@@ -170,7 +178,7 @@ def build_model(config: RecipeConfig, channels: int) -> BuiltModel:
         config.spec,
         models,
         _features(config),
-        alice_weight=config.alice_weight,
+        provider_options=provider_options(config),
         generator_criterion=build_generator_criterion(config.generator_criterion),
         discriminator_criterion=build_discriminator_criterion(config.discriminator_criterion),
         prior=config.prior,

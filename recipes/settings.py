@@ -53,7 +53,8 @@ class RecipeConfig:
     # (0: unconditional); batches are (x, y)
     conditions: int = 0
     unary_weight: float = 0.0  # > 0: a unary head per slot, its loss term with this weight
-    alice_weight: float = 1.0
+    # ALICE's lambda (alice, alice_pt): its default is the provider's own (AliceReconstruction)
+    alice_weight: float = get_preset("alice").options["weight"]
     features_model: str = ""  # pretrained feature model M: a timm model name, or "evaluator"
     features_weights: str = ""  # local .safetensors file (evaluator: its folder); no download
     features_input_size: int = 0  # resize images to this for M (0: the model's own size)

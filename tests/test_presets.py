@@ -1,6 +1,7 @@
 """One preset registry: a preset registered from Python trains through build_gali, a recipe
 (`--set spec=NAME`, also from the command line) and the benchmark."""
 
+import inspect
 import json
 import math
 import subprocess
@@ -9,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 from gali_ext import (
     ProviderError,
@@ -17,11 +19,18 @@ from gali_ext import (
     build_gali,
     build_spec,
     get_preset,
+    presets,
     register_preset,
     train_step,
 )
 from gali_ext.presets import _REGISTRY
-from gali_ext.providers import MaskMix, ReconstructionChain
+from gali_ext.providers import (
+    AliceReconstruction,
+    FeedbackProvider,
+    MaskMix,
+    PretrainedFeatures,
+    ReconstructionChain,
+)
 
 TRI = [("x0", "z0"), ("xp0", "zp0"), ("x0", "z1")]  # ALI's two classes and (x, E(G(E(x))))
 
@@ -88,6 +97,121 @@ def test_registration_checks_the_classes_against_the_providers():
     mix = register_preset("mix_test", [("x0", "E(Mask1(x0))"), ("xp0", "zp0")], [MaskMix])
     _REGISTRY.pop("mix_test")
     assert mix.spec.num_classes == 2
+
+
+def constructor_default(provider, option):
+    """The default of ``option`` in ``provider``'s constructor signature."""
+    return inspect.signature(provider).parameters[option].default
+
+
+def digits_models():
+    from gali_ext.recipes.models import build_ali_models
+
+    torch.manual_seed(0)
+    return build_ali_models("digits", latent_dim=8)
+
+
+def flat_features():
+    """M for 1 x 16 x 16 images: a frozen linear map to 5 features."""
+    return PretrainedFeatures(nn.Sequential(nn.Flatten(), nn.Linear(256, 5)))
+
+
+def test_a_provider_option_reaches_the_providers_constructor():
+    (alice,) = get_preset("alice").providers(weight=0.25)
+    assert isinstance(alice, AliceReconstruction) and alice.loss.weight == 0.25
+    (mix,) = get_preset("gali_mix").providers(fill=0.0)
+    assert isinstance(mix, MaskMix) and mix.fill == 0.0
+    models = digits_models()
+    gali = build_gali("alice", models, provider_options={"weight": 0.25})
+    assert [p.loss.weight for p in gali.providers] == [0.25]
+    features = flat_features()
+    gali = build_gali("alice_pt", models, features, provider_options={"weight": 0.5})
+    m, penalty = gali.providers
+    assert m is features and (penalty.loss.weight, penalty.features) == (0.5, "M")
+    # the option changes the loss: the penalty term is the weight times ALICE's mean square
+    objective = gali.generator_objective(torch.rand(4, 1, 16, 16) * 2 - 1)
+    chains = objective.chains
+    expected = 0.5 * (chains["M(x0)"] - chains["M(x1)"]).pow(2).mean()
+    torch.testing.assert_close(objective.parts["alicereconstruction1"], expected.detach())
+
+
+def test_an_option_left_out_keeps_the_providers_own_default():
+    weight = constructor_default(AliceReconstruction, "weight")
+    fill = constructor_default(MaskMix, "fill")
+    assert get_preset("alice").options == {"weight": weight}
+    assert get_preset("alice_pt").options == {"weight": weight}
+    assert get_preset("gali_mix").options["fill"] == fill
+    assert get_preset("alice").providers()[0].loss.weight == weight
+    assert get_preset("gali_mix").providers()[0].fill == fill
+    gali = build_gali("alice", digits_models())
+    assert gali.providers[0].loss.weight == weight
+    for name in ("ali", "gali4", "gali8", "gali_pt"):
+        assert get_preset(name).options == {}
+
+
+def test_an_option_the_preset_does_not_take_is_refused_naming_those_it_takes():
+    with pytest.raises(ProviderError, match=r"'alice' has no provider option 'wieght' \(did you"):
+        get_preset("alice").providers(wieght=0.25)
+    with pytest.raises(ProviderError, match=r"its options: fill \(default -1.0\), rng"):
+        get_preset("gali_mix").providers(weight=0.25)
+    with pytest.raises(ProviderError, match="'gali4' takes no provider options, got 'weight'"):
+        build_gali("gali4", digits_models(), provider_options={"weight": 0.25})
+    models = digits_models()
+    with pytest.raises(ProviderError, match="features argument"):
+        build_gali("alice_pt", models, provider_options={"features": flat_features()})
+    with pytest.raises(ProviderError, match="mapping"):
+        build_gali("alice", models, provider_options=[("weight", 0.25)])
+    assert not hasattr(presets, "PresetOptions") and "PresetOptions" not in presets.__all__
+
+
+class Penalty(FeedbackProvider):
+    """A user's provider with an option of its own: ``scale * mean(z1^2)`` on E and G."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def extra_loss(self, chains):
+        return self.scale * chains["z1"].pow(2).mean()
+
+
+def penalised(*, scale: float = 0.5) -> list[FeedbackProvider]:
+    return [ReconstructionChain(), Penalty(scale)]
+
+
+@pytest.fixture
+def penalised_preset():
+    name = "penalised_test"
+    preset = register_preset(name, TRI, penalised)
+    try:
+        yield preset
+    finally:
+        _REGISTRY.pop(name, None)
+
+
+def test_a_user_preset_exposes_its_own_providers_option(penalised_preset):
+    assert penalised_preset.options == {"scale": constructor_default(penalised, "scale")}
+    assert penalised_preset.providers()[1].scale == 0.5
+    models = digits_models()
+    gali = build_gali("penalised_test", models, provider_options={"scale": 2.0})
+    assert gali.providers[1].scale == 2.0
+    objective = gali.generator_objective(torch.rand(4, 1, 16, 16) * 2 - 1)
+    expected = 2.0 * objective.chains["z1"].pow(2).mean()
+    torch.testing.assert_close(objective.parts["penalty1"], expected.detach())
+    with pytest.raises(ProviderError, match=r"its options: scale \(default 0.5\)"):
+        build_gali("penalised_test", models, provider_options={"weight": 2.0})
+
+
+def test_a_factory_takes_its_options_by_keyword_with_defaults():
+    with pytest.raises(SpecError, match="'options' has no default.*PresetOptions"):
+        register_preset("old_style", TRI, lambda options: [ReconstructionChain()])
+    with pytest.raises(SpecError, match=r"takes \*\*options; name each provider option"):
+        register_preset("any_options", TRI, lambda **options: [ReconstructionChain()])
+    with pytest.raises(SpecError, match="no 'features' argument"):
+        register_preset(
+            "no_m", [("x0", "z0", "M(x0)"), ("xp0", "zp0", "M(xp0)")], [], needs_features=True
+        )
+    assert not {"old_style", "any_options", "no_m"} & set(available_presets())
 
 
 @pytest.mark.slow

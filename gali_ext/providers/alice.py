@@ -18,6 +18,11 @@ class AliceReconstruction(FeedbackProvider):
     sections 2 and 3, eq. (3.11)).
 
     ``x1 = G(E(x0))`` comes from the step's chains, so it is shared with any tuple class using it.
+
+    Args:
+        weight: lambda, the penalty's weight (>= 0). This default is the one the ``alice`` and
+            ``alice_pt`` presets use (their ``weight`` option, read from here).
+        features: the node function whose outputs are compared (``"M"``), or None for pixels.
     """
 
     def __init__(self, weight: float = 1.0, features: str | None = None) -> None:
