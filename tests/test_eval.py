@@ -201,7 +201,7 @@ def test_eval_announces_the_evaluator_it_trains_beside_the_runs(
     from typer.testing import CliRunner
 
     from gali_ext import recipes
-    from gali_ext.recipes import evaluate
+    from gali_ext.recipes import evaluator
     from gali_ext.recipes.cli import app
     from gali_ext.recipes.train import train
 
@@ -218,7 +218,7 @@ def test_eval_announces_the_evaluator_it_trains_beside_the_runs(
         evaluator_copy(folder)
         return json.loads((Path(folder) / "evaluator.json").read_text())
 
-    monkeypatch.setattr(evaluate, "train_evaluator", fake_train_evaluator)
+    monkeypatch.setattr(evaluator, "train_evaluator", fake_train_evaluator)
     args = ["eval", "runs/a", "--svm-samples", "100", "--svm-draws", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
