@@ -317,7 +317,7 @@ def evaluate_run(
         conditions = [()] * len(parts) if y is None else [(c,) for c in y.split(500)]
         generated = torch.cat([generator(part, *c) for part, c in zip(parts, conditions)])
     result["fid_evaluator"] = fid(evaluator.features, x, generated)
-    result["fid_evaluator_network"] = f"the evaluator classifier's features (M_eval in {folder})"
+    result["fid_evaluator_network"] = f"the {config.dataset} evaluator classifier's features"
     if inception is not None:
         result["fid_inception"], result["fid_inception_network"] = inception(x, generated)
     inpaint = inpainting_errors(encoder, generator, x, evaluator.features, labels=y)

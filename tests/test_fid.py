@@ -152,17 +152,17 @@ def test_the_tables_and_the_paired_statistics_take_the_fid_and_its_network():
             "seed": seed,
             "fid_inception": value,
             "fid_inception_network": STANDARD_NETWORK,
-            "fid_evaluator_network": f"the evaluator classifier's features (M_eval in {folder})",
+            "fid_evaluator_network": f"the {dataset} evaluator classifier's features",
         }
-        for recipe, folder, values in (("a", "e1", (10.0, 12.0)), ("b", "e2", (20.0, 21.0)))
+        for recipe, dataset, values in (("a", "digits", (10.0, 12.0)), ("b", "svhn", (20.0, 21.0)))
         for seed, value in enumerate(values)
     ]
     summary = summarise(results)
     assert summary["a"]["fid_inception"] == 11.0 and "fid_inception_network" not in summary["a"]
     assert "| FID (TF Inception 2015-12-05) |" in format_table(summary)
     assert fid_networks(results) == {
-        "fid_evaluator": "the evaluator classifier's features (M_eval in e1) | "
-        "the evaluator classifier's features (M_eval in e2)",
+        "fid_evaluator": "the digits evaluator classifier's features | "
+        "the svhn evaluator classifier's features",
         "fid_inception": STANDARD_NETWORK,
     }
     (row,) = paired_table(results, [Claim("a beats b", "a", "b", ("fid_inception",))])
@@ -191,9 +191,8 @@ def test_eval_reports_the_fid_with_the_network_it_used(capsys, tmp_path, weights
     assert "| FID (TF Inception 2015-12-05) |" in header
     assert "| FID (evaluator features) |" in header
     assert (
-        "FID networks: fid_evaluator: the evaluator classifier's features (M_eval in "
-        f"{tmp_path / 'evaluator-digits'}); fid_inception: TF Inception 2015-12-05 architecture, "
-        "other weights (random-inception.pth, sha256 "
+        "FID networks: fid_evaluator: the digits evaluator classifier's features; fid_inception: "
+        "TF Inception 2015-12-05 architecture, other weights (random-inception.pth, sha256 "
     ) in out
     saved = json.loads((tmp_path / "eval.json").read_text())
     result = saved["results"][0]
