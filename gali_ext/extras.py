@@ -3,8 +3,9 @@
 ``pip install gali-ext`` installs the core (torch and safetensors): tuple specs, chains, the
 head, the losses, the providers, :class:`~gali_ext.GALI`, the training step and the adapters.
 The rest is an extra: ``recipes`` (the recipes, the data, the evaluation and the ``gali-ext``
-command: Accelerate, torchvision, typer, scikit-learn, ...), ``timm`` (pretrained feature
-models by name), ``hub`` (sharing trained models on the Hugging Face Hub), ``tensorboard``.
+command: Accelerate, torchvision, torchmetrics, typer, scikit-learn, ...), ``timm`` (pretrained
+feature models by name), ``hub`` (sharing trained models on the Hugging Face Hub),
+``tensorboard``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
         "torchvision",
         "torch_optimizer",
         "timm",
+        "torchmetrics",
+        "torch_fidelity",
         "huggingface_hub",
         "typer",
         "rich",

@@ -285,11 +285,12 @@ def eval_command(
     ),
     svm_samples: int = typer.Option(None, help="Labelled images per SVM draw (paper: 1000)."),
     svm_draws: int = typer.Option(None, help="SVM draws to average (paper: 100)."),
-    inception_weights: Path = typer.Option(
+    fid_weights: Path = typer.Option(
         None,
-        help="A local .safetensors file of timm's inception_v3 (e.g. inception_v3.tv_in1k): "
-        "adds FID on Inception features.",
+        help="A local copy of weights-inception-2015-12-05-6726825d.pth (torch-fidelity's "
+        "release v0.2.0: the TF Inception behind published FIDs): adds FID on that network.",
     ),
+    inception_weights: Path = typer.Option(None, hidden=True),  # removed: --fid-weights
     raw_weights: bool = typer.Option(
         False, help="Score the trained weights, not their moving average (EMA) when a run has one."
     ),
@@ -304,14 +305,25 @@ def eval_command(
         check_svm_options,
         evaluate_run,
         format_table,
-        inception_features,
         summarise,
     )
     from gali_ext.recipes.evaluator import default_evaluator_dir
+    from gali_ext.recipes.fid import (
+        STANDARD_WEIGHTS_FILE,
+        STANDARD_WEIGHTS_URL,
+        StandardInceptionFID,
+        fid_networks,
+    )
     from gali_ext.recipes.files import write_text_atomic
     from gali_ext.recipes.runs import EMA_FILES
     from gali_ext.recipes.settings import RecipeConfig
 
+    if inception_weights is not None:
+        raise ConfigError(
+            "--inception-weights (timm's inception_v3) was removed: FID is now computed on the "
+            f"TF Inception of published FIDs, pass --fid-weights {STANDARD_WEIGHTS_FILE} "
+            f"(from {STANDARD_WEIGHTS_URL})"
+        )
     check_svm_options(svm_samples, svm_draws)
     weights: dict[str, dict[str, list[str]]] = {}
     for run in run_dirs:
@@ -331,7 +343,7 @@ def eval_command(
             )
     folder = _out(out) or run_dirs[0].resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
-    inception = inception_features(inception_weights) if inception_weights else None
+    inception = StandardInceptionFID(fid_weights) if fid_weights else None
     results = []
     for run in run_dirs:
         dataset = RecipeConfig.from_json(run / "config.json").dataset
@@ -347,12 +359,15 @@ def eval_command(
             )
         )
     summary = summarise(results)
+    networks = fid_networks(results)
     path = folder / "eval.json"
-    write_text_atomic(path, json.dumps({"results": results, "summary": summary}, indent=2))
+    saved = {"results": results, "summary": summary, "fid_networks": networks}
+    write_text_atomic(path, json.dumps(saved, indent=2))
     typer.echo(format_table(summary, markdown=markdown))
     protocols = sorted({r["svm_protocol"] for r in results if "svm_protocol" in r})
     if protocols:
         typer.echo(f"SVM: {'; '.join(protocols)}.")
+    typer.echo(f"FID networks: {'; '.join(f'{k}: {v}' for k, v in networks.items())}.")
     conditional = [r for r in results if "cond_shuffled_label_chance" in r]
     chances = sorted({f"{r['cond_shuffled_label_chance']:.3f}" for r in conditional})
     if chances:

@@ -3,8 +3,9 @@
 
 A run is scored on its data set's test split: pixel MSE, feature MSE with the evaluator
 classifier ``M_eval``, linear-SVM misclassification on encoder features, Frechet distance of
-generated samples (on the evaluator's features, labelled as such, and on Inception-v3's when
-the user has its weights in a local file: nothing is downloaded), and inpainting errors. Runs
+generated samples (on the evaluator's features, labelled as such, and on the TF Inception
+network behind published FIDs when the user has its weights in a local file: nothing is
+downloaded; :mod:`gali_ext.recipes.fid`), and inpainting errors. Runs
 that share a recipe are summarised as mean ± std. A class-conditional run (``G(z, y)``) is
 scored with the labels (docs/design.md, section 6.10): samples of each class in turn,
 reconstructions with x's own label and with a shuffled one.
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 
 from gali_ext.errors import ConfigError
-from gali_ext.providers import PretrainedFeatures
 from gali_ext.recipes.build import first_images, load_data
 from gali_ext.recipes.data import ImageData
 from gali_ext.recipes.evaluator import default_evaluator_dir, ensure_evaluator, load_evaluator
+from gali_ext.recipes.fid import StandardInceptionFID
 from gali_ext.recipes.metrics import (
     eval_mode,
     feature_mse,
@@ -48,7 +49,6 @@ __all__ = [
     "encoder_features",
     "evaluate_run",
     "format_table",
-    "inception_features",
     "summarise",
     "svm_references",
     "test_data_reference",
@@ -69,25 +69,12 @@ METRICS = [
     ("feature_mse", "feature MSE", 4),
     ("svm_error", "SVM misclassification %", 2),
     ("svm_latent_error", "SVM % (latent only)", 2),
-    ("fid_inception", "FID (Inception features)", 2),
+    ("fid_inception", "FID (TF Inception 2015-12-05)", 2),
     ("fid_evaluator", "FID (evaluator features)", 2),
     ("inpaint_pixel_mse", "inpainting pixel MSE", 4),
     ("inpaint_feature_mse", "inpainting feature MSE", 4),
 ]
 SVM_DEFAULTS = {"digits": (500, 10), "svhn": (1000, 100), "celeba": (1000, 100)}
-
-
-def inception_features(
-    weights: str | Path, input_size: tuple[int, int] = (299, 299)
-) -> PretrainedFeatures:
-    """timm's Inception-v3 (``inception_v3``, 2048 pooled features, images resized to
-    ``input_size``) with weights from a local ``.safetensors`` file, e.g. those of timm's
-    ``inception_v3.tv_in1k``.
-
-    FID on these features ranks models as the paper's FID does; its values are not those of
-    the TensorFlow Inception graph behind published FIDs.
-    """
-    return PretrainedFeatures("inception_v3", weights, input_size=input_size)
 
 
 def encoder_features(
@@ -140,7 +127,7 @@ def evaluate_run(
     svm_samples: int | None = None,
     svm_draws: int | None = None,
     max_test_images: int = 2000,
-    inception: PretrainedFeatures | None = None,
+    inception: StandardInceptionFID | None = None,
     echo: Callable[[str], Any] | None = print,
     ema: bool = True,
 ) -> dict[str, Any]:
@@ -150,7 +137,8 @@ def evaluate_run(
     and on the encoder's output alone (``svm_latent_error``), FID and inpainting errors.
 
     FID is computed on the evaluator classifier's features (``fid_evaluator``) and, when
-    ``inception`` is given (:func:`inception_features`), on Inception's (``fid_inception``).
+    ``inception`` is given, on the TF Inception network's (``fid_inception``); ``KEY_network``
+    names each one's network.
     Without ``evaluator_dir`` the evaluator is looked up (for digits: trained) in
     ``evaluator-DATASET`` beside the run directory. E and G are the run's moving averages
     (``*_ema.safetensors``) when it has them and ``ema`` is true, else its trained weights;
@@ -208,8 +196,9 @@ def evaluate_run(
         conditions = [()] * len(parts) if y is None else [(c,) for c in y.split(500)]
         generated = torch.cat([generator(part, *c) for part, c in zip(parts, conditions)])
     result["fid_evaluator"] = fid(evaluator.features, x, generated)
+    result["fid_evaluator_network"] = f"the {config.dataset} evaluator classifier's features"
     if inception is not None:
-        result["fid_inception"] = fid(inception.features, x, generated, batch_size=50)
+        result["fid_inception"], result["fid_inception_network"] = inception(x, generated)
     inpaint = inpainting_errors(encoder, generator, x, evaluator.features, labels=y)
     result["inpaint_pixel_mse"] = inpaint["pixel_mse"]
     result["inpaint_feature_mse"] = inpaint["feature_mse"]

@@ -350,43 +350,6 @@ def test_fid_with_fewer_samples_than_dimensions_closed_forms():
     )
 
 
-def test_fid_on_inception_features_from_a_local_file(tmp_path, monkeypatch):
-    import timm
-    from safetensors.torch import save_file
-
-    from gali_ext import recipes
-    from gali_ext.errors import CheckpointError
-    from gali_ext.recipes.evaluate import evaluate_run, format_table, inception_features, summarise
-    from gali_ext.recipes.train import train
-
-    # Random Inception weights with calibrated batch-norm statistics, saved whole (classifier
-    # too) as a real file would be; 75 x 75 inputs (Inception's smallest) keep the test fast.
-    torch.manual_seed(0)
-    model = timm.create_model("inception_v3", pretrained=False)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # a plain average over the calibration batch
-    with torch.no_grad():
-        model.train()(torch.rand(16, 3, 75, 75))
-    weights = tmp_path / "inception_v3.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    inception = inception_features(weights, input_size=(75, 75))
-    x = torch.rand(12, 1, 16, 16) * 2 - 1
-    assert inception.features(x).shape == (12, 2048)  # pooled features of RGB images
-
-    monkeypatch.chdir(tmp_path)
-    run = train(
-        recipes.get("digits-ali").with_overrides({"steps": "1"}), tmp_path / "run", progress=False
-    )
-    result = evaluate_run(
-        run, svm_samples=100, svm_draws=1, max_test_images=24, inception=inception
-    )
-    assert result["fid_inception"] > 0 and result["fid_inception"] != result["fid_evaluator"]
-    assert "FID (Inception features)" in format_table(summarise([result]))
-    with pytest.raises(CheckpointError, match="does not exist"):
-        inception_features(tmp_path / "missing.safetensors")
-
-
 class _Reached(Exception):
     pass
 
