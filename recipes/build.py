@@ -45,6 +45,7 @@ from gali_ext.recipes.data import (
     load_dataset,
     training_loader,
 )
+from gali_ext.recipes.evaluator import load_evaluator
 from gali_ext.recipes.metrics import eval_mode, reconstruct
 from gali_ext.recipes.models import ALIModels, arch_image_shape, build_ali_models
 from gali_ext.recipes.runs import WEIGHT_FILES
@@ -148,8 +149,6 @@ def _features(config: RecipeConfig) -> PretrainedFeatures | None:
     if not config.uses_features:
         return None
     if config.features_model == "evaluator":
-        from gali_ext.recipes.evaluator import load_evaluator
-
         # The evaluator classifier takes images in [-1, 1] as they are: an identity range map.
         evaluator = load_evaluator(config.features_weights)
         return PretrainedFeatures(evaluator.body, image_range=(0.0, 1.0))

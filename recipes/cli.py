@@ -1,4 +1,9 @@
-"""The ``gali-ext`` command line: train recipes, list them, draw samples from a run."""
+"""The ``gali-ext`` command line: train recipes, list them, draw samples from a run.
+
+Each command imports the modules it needs inside its function: importing them all here doubles
+the start of every command (``gali-ext --version``: 7.0 s instead of 3.0 s on the project's
+machine), for the libraries only some commands use (torchmetrics, huggingface_hub, ...).
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ the check that the captured step computes the losses and weights of
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections import deque
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 
+from gali_ext.capture import CapturedStep
 from gali_ext.recipes.bench_setup import build_objective, synchronize
-from gali_ext.trainer import train_step
+from gali_ext.trainer import DivergenceGuard, build_optimizer, train_step
 
 __all__ = [
     "GRAPH_MODES",
@@ -46,8 +49,6 @@ def _graph_step(
 ) -> tuple[Callable[[], None], Callable[[], float]]:
     """One training step of spec ``name`` in ``mode`` and ``precision`` (``fp32``/``bf16``),
     on a fixed random batch; and a function that reads the last D loss (a sync)."""
-    from gali_ext.capture import CapturedStep
-    from gali_ext.trainer import DivergenceGuard, build_optimizer
 
     models, head, gali = build_objective(name, arch, device)
     eg = [*models.encoder.parameters(), *models.generator.parameters()]
@@ -124,7 +125,6 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 
 def _device_intervals(profiler: Any) -> list[tuple[float, float]]:
     """(start, end) in seconds of every GPU activity (kernels, copies, fills) the profiler saw."""
-    from torch.autograd import DeviceType
 
     intervals = []
     for event in profiler.profiler.kineto_results.events():
@@ -386,10 +386,6 @@ def graph_equality(
     and whether the losses are allclose at ``rtol``. On the CPU the captured step runs
     eagerly. cuDNN runs deterministically here.
     """
-    import copy
-
-    from gali_ext.capture import CapturedStep
-    from gali_ext.trainer import build_optimizer
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     deterministic = torch.backends.cudnn.deterministic

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors import safe_open
 from torch import nn
 
@@ -368,8 +369,6 @@ def decided_on_main(accelerator: Any, make: Any) -> Any:
         except GaliError as error:
             result[1] = error
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         result = broadcast_object_list(result)
     if result[1] is not None:
         raise result[1]
