@@ -307,10 +307,12 @@ def eval_command(
     import json
 
     from gali_ext.recipes.evaluate import (
+        check_same_weights,
         check_svm_options,
         evaluate_run,
         format_table,
         summarise,
+        table_notes,
     )
     from gali_ext.recipes.evaluator import default_evaluator_dir
     from gali_ext.recipes.fid import (
@@ -320,7 +322,6 @@ def eval_command(
         fid_networks,
     )
     from gali_ext.recipes.files import write_text_atomic
-    from gali_ext.recipes.runs import EMA_FILES
     from gali_ext.recipes.settings import RecipeConfig
 
     if inception_weights is not None:
@@ -330,22 +331,7 @@ def eval_command(
             f"(from {STANDARD_WEIGHTS_URL})"
         )
     check_svm_options(svm_samples, svm_draws)
-    weights: dict[str, dict[str, list[str]]] = {}
-    for run in run_dirs:
-        if not (run / "config.json").is_file():
-            raise ConfigError(f"{str(run)!r} is not a run directory (no config.json)")
-        ema = not raw_weights and all(
-            (run / f"{f}.safetensors").is_file() for f in EMA_FILES.values()
-        )
-        name = RecipeConfig.from_json(run / "config.json").name
-        weights.setdefault(name, {}).setdefault("EMA" if ema else "trained", []).append(str(run))
-    for name, kinds in weights.items():
-        if len(kinds) > 1:
-            raise ConfigError(
-                f"eval: the runs of {name} would mix EMA weights ({', '.join(kinds['EMA'])}) "
-                f"with trained weights ({', '.join(kinds['trained'])}) in one row: pass "
-                "--raw-weights to score the trained weights of all, or evaluate them apart"
-            )
+    check_same_weights(run_dirs, ema=not raw_weights)
     folder = _out(out) or run_dirs[0].resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
     inception = StandardInceptionFID(fid_weights) if fid_weights else None
@@ -369,18 +355,8 @@ def eval_command(
     saved = {"results": results, "summary": summary, "fid_networks": networks}
     write_text_atomic(path, json.dumps(saved, indent=2))
     typer.echo(format_table(summary, markdown=markdown))
-    protocols = sorted({r["svm_protocol"] for r in results if "svm_protocol" in r})
-    if protocols:
-        typer.echo(f"SVM: {'; '.join(protocols)}.")
-    typer.echo(f"FID networks: {'; '.join(f'{k}: {v}' for k, v in networks.items())}.")
-    conditional = [r for r in results if "cond_shuffled_label_chance" in r]
-    chances = sorted({f"{r['cond_shuffled_label_chance']:.3f}" for r in conditional})
-    if chances:
-        typer.echo(
-            "Class-conditional runs (docs/design.md, section 6.10): the class of G(E(x), y) "
-            "against x's class, y x's own label or a shuffled one; a generator that copies the "
-            f"label and ignores E(x) scores {' or '.join(chances)} with the shuffled label."
-        )
+    for line in table_notes(results, networks):
+        typer.echo(line)
     typer.echo(f"Results in {path}")
 
 

@@ -39,11 +39,13 @@ from gali_ext.recipes.metrics import (
     svm_misclassification,
 )
 from gali_ext.recipes.models import build_ali_models
-from gali_ext.recipes.runs import load_run_models
+from gali_ext.recipes.runs import has_ema_weights, load_run_models
 from gali_ext.recipes.settings import RecipeConfig
 
 __all__ = [
     "METRICS",
+    "check_same_weights",
+    "table_notes",
     "SVM_DEFAULTS",
     "check_svm_options",
     "encoder_features",
@@ -203,6 +205,45 @@ def evaluate_run(
     result["inpaint_pixel_mse"] = inpaint["pixel_mse"]
     result["inpaint_feature_mse"] = inpaint["feature_mse"]
     return result
+
+
+def check_same_weights(run_dirs: list[Path], ema: bool = True) -> None:
+    """Refuse run directories that are not runs, and runs of one recipe that would mix EMA
+    weights with trained weights in one row of the table (``ema``: score the moving averages
+    where a run has them)."""
+    weights: dict[str, dict[str, list[str]]] = {}
+    for run in run_dirs:
+        if not (run / "config.json").is_file():
+            raise ConfigError(f"{str(run)!r} is not a run directory (no config.json)")
+        kind = "EMA" if ema and has_ema_weights(run) else "trained"
+        name = RecipeConfig.from_json(run / "config.json").name
+        weights.setdefault(name, {}).setdefault(kind, []).append(str(run))
+    for name, kinds in weights.items():
+        if len(kinds) > 1:
+            raise ConfigError(
+                f"eval: the runs of {name} would mix EMA weights ({', '.join(kinds['EMA'])}) "
+                f"with trained weights ({', '.join(kinds['trained'])}) in one row: pass "
+                "--raw-weights to score the trained weights of all, or evaluate them apart"
+            )
+
+
+def table_notes(results: list[dict[str, Any]], networks: dict[str, str]) -> list[str]:
+    """The lines printed under the table of ``gali-ext eval``: the SVM protocol, the network of
+    each FID and, for class-conditional runs, the chance level of the shuffled label."""
+    lines = []
+    protocols = sorted({r["svm_protocol"] for r in results if "svm_protocol" in r})
+    if protocols:
+        lines.append(f"SVM: {'; '.join(protocols)}.")
+    lines.append(f"FID networks: {'; '.join(f'{k}: {v}' for k, v in networks.items())}.")
+    conditional = [r for r in results if "cond_shuffled_label_chance" in r]
+    chances = sorted({f"{r['cond_shuffled_label_chance']:.3f}" for r in conditional})
+    if chances:
+        lines.append(
+            "Class-conditional runs (docs/design.md, section 6.10): the class of G(E(x), y) "
+            "against x's class, y x's own label or a shuffled one; a generator that copies the "
+            f"label and ignores E(x) scores {' or '.join(chances)} with the shuffled label."
+        )
+    return lines
 
 
 def test_data_reference(

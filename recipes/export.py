@@ -38,7 +38,7 @@ from gali_ext import __version__
 from gali_ext.errors import CheckpointError, ConfigError, first_line
 from gali_ext.providers.pretrained import load_safetensors_into
 from gali_ext.recipes.models import GaussianEncoder, Generator, arch_image_shape, architecture
-from gali_ext.recipes.runs import EMA_FILES, load_run_models
+from gali_ext.recipes.runs import has_ema_weights, load_run_models
 from gali_ext.recipes.settings import RecipeConfig
 
 __all__ = [
@@ -390,13 +390,9 @@ def _write_export(
         grids,
         license=license,
         repo_id=repo_id or folder_name,
-        run_has_ema=_has_ema(run),
+        run_has_ema=has_ema_weights(run),
     )
     (folder / "README.md").write_text(card)
-
-
-def _has_ema(run: Path) -> bool:
-    return all((run / f"{f}.safetensors").is_file() for f in EMA_FILES.values())
 
 
 def _number(value: Any) -> bool:

@@ -58,6 +58,7 @@ from gali_ext.recipes.models import build_ali_models
 from gali_ext.recipes.settings import RecipeConfig
 
 __all__ = [
+    "has_ema_weights",
     "DIVERGED_WEIGHT",
     "EMA_FILES",
     "RunModels",
@@ -241,6 +242,11 @@ class RunModels:
     prior: Prior
 
 
+def has_ema_weights(run_dir: str | Path) -> bool:
+    """Whether a run directory holds the moving averages of E and G (``*_ema.safetensors``)."""
+    return all((Path(run_dir) / f"{f}.safetensors").is_file() for f in EMA_FILES.values())
+
+
 def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
     """E and G of a run directory: the moving averages (``encoder_ema.safetensors``,
     ``generator_ema.safetensors``) when ``ema`` and the run has them, else the trained weights.
@@ -255,7 +261,7 @@ def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
     models = build_ali_models(
         config.arch, latent_dim=config.latent_dim, num_classes=config.conditions or None
     )
-    use_ema = ema and all((run / f"{f}.safetensors").is_file() for f in EMA_FILES.values())
+    use_ema = ema and has_ema_weights(run)
     for name in ("encoder", "generator"):
         file = EMA_FILES[name] if use_ema else name
         load_safetensors_into(getattr(models, name), run / f"{file}.safetensors")
