@@ -270,30 +270,7 @@ def run_benchmark(
     arch = settings["arch"]
     image_shape = build_ali_models(arch).image_shape
     # Every variant of the step is timed in one interleaved loop (see _median_times).
-    variants = {
-        "alternating": step_functions(arch, batch, dev, specs),
-        "shared": step_functions(arch, batch, dev, specs, shared_forward=True),
-        "documented": step_functions(
-            arch, batch, dev, tuple(s for s in ("ali", "gali8") if s in specs), documented_loop=True
-        ),
-    }
-    compile_error = None
-    if torch_compile:
-        compiled = step_functions(arch, batch, dev, ("ali", "gali8"), compiled=True)
-        try:
-            for fn in compiled.values():
-                fn()  # compiles here: a failure leaves the compiled variant out, not the run
-        except Exception as error:  # what inductor raises varies with the torch version
-            compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
-            print_fn(f"torch.compile failed, its timings are left out: {compile_error}")
-        else:
-            variants["compiled"] = compiled
-    if dev.type == "cuda":
-        variants["bf16"] = step_functions(arch, batch, dev, specs, autocast_dtype=torch.bfloat16)
-        variants["nhwc"] = step_functions(arch, batch, dev, specs, channels_last=True)
-        variants["nhwc_bf16"] = step_functions(
-            arch, batch, dev, specs, autocast_dtype=torch.bfloat16, channels_last=True
-        )
+    variants, compile_error = _step_variants(arch, batch, dev, specs, torch_compile, print_fn)
     functions = {(v, spec): fn for v, steps in variants.items() for spec, fn in steps.items()}
     # a compiled step compiles in its first calls, and again for each grad mode
     step_warmup = max(warmup, 3) if torch_compile else warmup
@@ -329,7 +306,61 @@ def run_benchmark(
         result["compiled_step_seconds"] = timed["compiled"]
         result["compile_speedup"] = {k: steps[k] / v for k, v in timed["compiled"].items()}
     if dev.type == "cuda":
-        result["precision"] = {
+        result |= _precision_results(timed, peaks, specs)
+    if profile:
+        result["profile"] = profile_tables(arch, batch, dev, repeats)
+    print_fn(format_table(result))
+    if out is not None:
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _step_variants(
+    arch: str,
+    batch: int,
+    dev: torch.device,
+    specs: Sequence[str],
+    torch_compile: bool,
+    print_fn: Callable[[str], None],
+) -> tuple[dict[str, dict[str, Callable[[], Any]]], str | None]:
+    """The variants of the step to time, each ``{spec: step}``: alternating, shared forward,
+    the documented user loop, compiled (``torch_compile``; left out with the error when
+    compiling fails) and on CUDA bf16, channels-last and both."""
+    variants = {
+        "alternating": step_functions(arch, batch, dev, specs),
+        "shared": step_functions(arch, batch, dev, specs, shared_forward=True),
+        "documented": step_functions(
+            arch, batch, dev, tuple(s for s in ("ali", "gali8") if s in specs), documented_loop=True
+        ),
+    }
+    compile_error = None
+    if torch_compile:
+        compiled = step_functions(arch, batch, dev, ("ali", "gali8"), compiled=True)
+        try:
+            for fn in compiled.values():
+                fn()  # compiles here: a failure leaves the compiled variant out, not the run
+        except Exception as error:  # what inductor raises varies with the torch version
+            compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+            print_fn(f"torch.compile failed, its timings are left out: {compile_error}")
+        else:
+            variants["compiled"] = compiled
+    if dev.type == "cuda":
+        variants["bf16"] = step_functions(arch, batch, dev, specs, autocast_dtype=torch.bfloat16)
+        variants["nhwc"] = step_functions(arch, batch, dev, specs, channels_last=True)
+        variants["nhwc_bf16"] = step_functions(
+            arch, batch, dev, specs, autocast_dtype=torch.bfloat16, channels_last=True
+        )
+    return variants, compile_error
+
+
+def _precision_results(
+    timed: dict[str, dict[str, float]], peaks: dict[Any, int], specs: Sequence[str]
+) -> dict[str, Any]:
+    """On CUDA: step time and peak memory per precision and layout, and their speedups over
+    the fp32 contiguous step."""
+    steps = timed["alternating"]
+    return {
+        "precision": {
             label: {
                 "step_seconds": timed[variant],
                 "peak_bytes": {s: b for (v, s), b in peaks.items() if v == variant},
@@ -340,16 +371,11 @@ def run_benchmark(
                 ("fp32_channels_last", "nhwc"),
                 ("bf16_channels_last", "nhwc_bf16"),
             )
-        }
-        result["bf16_speedup"] = {k: steps[k] / timed["bf16"][k] for k in specs}
-        result["channels_last_speedup"] = {k: steps[k] / timed["nhwc"][k] for k in specs}
-        result["channels_last_bf16_speedup"] = {k: steps[k] / timed["nhwc_bf16"][k] for k in specs}
-    if profile:
-        result["profile"] = profile_tables(arch, batch, dev, repeats)
-    print_fn(format_table(result))
-    if out is not None:
-        Path(out).write_text(json.dumps(result, indent=2))
-    return result
+        },
+        "bf16_speedup": {k: steps[k] / timed["bf16"][k] for k in specs},
+        "channels_last_speedup": {k: steps[k] / timed["nhwc"][k] for k in specs},
+        "channels_last_bf16_speedup": {k: steps[k] / timed["nhwc_bf16"][k] for k in specs},
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
