@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate.utils import broadcast_object_list
 from safetensors import safe_open
 from torch import nn
 
 from gali_ext.errors import CheckpointError, ConfigError, GaliError
-from gali_ext.recipes.build import launch_info
+from gali_ext.recipes.build import BuiltRun, launch_info
 from gali_ext.recipes.checkpoints import (
     CHECKPOINTS_NAME,
     MANIFEST_NAME,
@@ -375,22 +374,15 @@ def decided_on_main(accelerator: Any, make: Any) -> Any:
     return result[0]
 
 
-def start_run(
-    accelerator: Any,
-    out: Path,
-    config: RecipeConfig,
-    plan: StartPlan,
-    ema: dict[str, Any],
-    optimizers: tuple[Any, Any],
-    model: torch.nn.Module,
-) -> int:
-    """The step to start from (a checkpoint's on resume). Everything was validated and built
-    before: a checkpoint of another architecture than ``model`` is passed over for an older one
-    (:func:`.runs.fitting_checkpoint`), the main process empties a replaced run, sets the
-    skipped checkpoints aside (with a warning each), the checkpoint is loaded and changed
-    ``lr``/``betas`` are put
-    into the optimizers (and printed), and only then ``config.json`` is written (atomically) and
-    the metrics logged after the checkpoint are dropped."""
+def start_run(accelerator: Any, out: Path, plan: StartPlan, run: BuiltRun) -> int:
+    """Carry out ``plan`` for the built ``run``; returns the step to start from (a
+    checkpoint's on resume). Everything was validated and built before: a checkpoint of
+    another architecture than the run's objective is passed over for an older one
+    (:func:`fitting_checkpoint`), the main process empties a replaced run, sets the skipped
+    checkpoints aside (with a warning each), the checkpoint is loaded (with the EMA) and changed
+    ``lr``/``betas`` are put into the optimizers (and printed), and only then ``config.json`` is
+    written (atomically) and the metrics logged after the checkpoint are dropped."""
+    config, ema, optimizers, model = run.config, run.ema, run.optimizers, run.built.gali
     decision = plan.decision
     if decision is not None and decision.action == "continue":
         decision = fitting_checkpoint(decision, model, out, accelerator.num_processes)

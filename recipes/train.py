@@ -61,7 +61,7 @@ from gali_ext.recipes.start import StartPlan, check_run_dir, decided_on_main, pl
 from gali_ext.recipes.visual import image_grid, save_image_grid
 from gali_ext.trainer import StepMetrics, instance_noise_std
 
-__all__ = ["RunLog", "one_process_state", "train"]
+__all__ = ["RunLog", "reset_accelerator_state_after", "train"]
 
 
 class RunLog:
@@ -228,7 +228,7 @@ def train(
         check_epochs(epochs)
     folder = prepare_data(config.dataset, config.data_dir, config.download)
     config = dataclasses.replace(config, data_dir=folder)
-    with tf32_mode(config.tf32), one_process_state():
+    with tf32_mode(config.tf32), reset_accelerator_state_after():
         train_data, test_data = load_run_data(config)
         check_run_dir(out, config, resume, overwrite)  # read-only: refuse before locking anything
         accelerator = make_accelerator(config, out)
@@ -246,9 +246,7 @@ def train(
             plan = decided_on_main(accelerator, decide)
             run = build_run(config, accelerator, train_data, test_data, epochs)
             config = run.config
-            step = start_run(
-                accelerator, out, config, plan, run.ema, run.optimizers, run.built.gali
-            )
+            step = start_run(accelerator, out, plan, run)
             batches = run.batches(accelerator, step)
             with RunLog(accelerator, out, run, step, progress) as log:
                 while step < config.steps:
@@ -288,7 +286,7 @@ def train(
 
 
 @contextlib.contextmanager
-def one_process_state() -> Iterator[None]:
+def reset_accelerator_state_after() -> Iterator[None]:
     """Accelerate keeps one ``AcceleratorState`` per process and refuses a second
     ``Accelerator`` with another mixed precision; it has no public reset. Like Accelerate's own
     test scripts, forget the state after a one-process run, so that a study or a test suite may
