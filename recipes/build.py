@@ -384,11 +384,14 @@ class BuiltRun:
 
     @property
     def weights(self) -> dict[str, torch.nn.Module]:
+        """E, G and the discriminator head by their weight files' names
+        (:data:`.runs.WEIGHT_FILES`): what a checkpoint saves."""
         models = self.built.models
         return dict(zip(WEIGHT_FILES, (models.encoder, models.generator, self.built.head)))
 
     @property
     def shown(self) -> list[torch.nn.Module]:
+        """``[E, G]`` as grids and the summary show them: the EMA's when the run keeps one."""
         weights, ema = self.weights, self.ema
         return [ema[n].module if ema else weights[n] for n in ("encoder", "generator")]
 
