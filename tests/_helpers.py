@@ -41,6 +41,22 @@ class TinyImageFeatures(nn.Module):
         return self.net(x)
 
 
+# A small digits-ali run for the reliability tests: batch 16, a checkpoint every 2 steps, every
+# step logged, no grids, no progress bar (`gali-ext recipe *TINY_RUN --steps N --out DIR`).
+TINY_RUN = [
+    "digits-ali",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "checkpoint_every=2",
+    "--set",
+    "log_every=1",
+    "--set",
+    "sample_every=1000",
+    "--no-progress",
+]
+
+
 def make_head(spec, latent_dim=6, extra_dim=5, counting=False):
     dx = TinyImageFeatures()
     dz = SpectralMLP(latent_dim, (12,), 10, activate_output=True)

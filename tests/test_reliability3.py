@@ -19,21 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from gali_ext.recipes import checkpoints, files
-from tests._helpers import error_lines, train_run
+from tests._helpers import TINY_RUN, error_lines, train_run
 from tests._helpers import run_cli as cli
 
-BASE = [
-    "digits-ali",
-    "--set",
-    "batch_size=16",
-    "--set",
-    "checkpoint_every=2",
-    "--set",
-    "log_every=1",
-    "--set",
-    "sample_every=1000",
-    "--no-progress",
-]
+BASE = TINY_RUN
 
 
 def one_error(code: int, err: str) -> str:

@@ -19,20 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from gali_ext.recipes import checkpoints, files
-from tests._helpers import error_lines, run_cli, train_run
+from tests._helpers import TINY_RUN, error_lines, run_cli, train_run
 
-BASE = [
-    "digits-ali",
-    "--set",
-    "batch_size=16",
-    "--set",
-    "checkpoint_every=2",
-    "--set",
-    "log_every=1",
-    "--set",
-    "sample_every=1000",
-    "--no-progress",
-]
+BASE = TINY_RUN
 LOCK_HOLDER = """
 import sys, time
 from gali_ext.recipes.lock import RunLock
