@@ -152,9 +152,9 @@ def evaluate_run(
     errors) and, for the FID, draws one sample ``G(z_i, y_i)`` per test label ``y_i``.
     """
     run = Path(run_dir)
-    config = RecipeConfig.from_json(run / "config.json")
-    test, train, val = (load_data(config, s) for s in ("test", "train", "val"))
     models = load_run_models(run, ema=ema)
+    config = models.config
+    test, train, val = (load_data(config, s) for s in ("test", "train", "val"))
     encoder, generator = models.encoder, models.generator
     folder = (
         Path(evaluator_dir)

@@ -325,11 +325,11 @@ def _figure(out: Path, names: list[str], count: int = 10) -> Path:
     rows = None
     for name in names:
         run = out / f"{name}-seed0"
-        config = RecipeConfig.from_json(run / "config.json")
+        models = load_run_models(run, ema=False)  # the trained weights, as the paper shows
+        config = models.config
         test = load_data(config, "test")
         x = first_images(test, count)
         y = test.labels_tensor()[:count] if config.conditions else None  # own labels (6.10)
-        models = load_run_models(run, ema=False)  # the trained weights, as the paper shows
         recon = reconstruct(models.encoder, models.generator, x, labels=y)
         rows = [x] if rows is None else rows
         rows.append(recon)

@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(worker: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun(worker: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Two ranks of ``worker`` under torchrun (gloo). On a loaded machine a launch now and then
     dies before training (a rank aborted by gloo, a port taken between free_port() and its use,
     the time limit): such a launch is tried once more, on a fresh port. A real failure fails
@@ -41,7 +41,7 @@ def torchrun(worker: Path, *args: str) -> subprocess.CompletedProcess:
                 command,
                 capture_output=True,
                 text=True,
-                timeout=300,
+                timeout=timeout,
                 cwd=Path(__file__).parent.parent,
             )
         except subprocess.TimeoutExpired as error:
@@ -68,21 +68,7 @@ def test_two_cpu_processes_keep_identical_parameters(tmp_path, n_dis):
 
 
 def test_two_processes_share_each_epoch_and_one_epoch_is_one_pass(tmp_path):
-    worker = Path(__file__).with_name("_ddp_data_worker.py")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(worker),
-        str(tmp_path),
-    ]
-    run = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent
-    )
+    run = torchrun(Path(__file__).with_name("_ddp_data_worker.py"), str(tmp_path), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["processes"] for r in ranks] == [2, 2]
