@@ -4,11 +4,13 @@
 #   (b) images/s of ALI and GALI-8 steps, eager vs captured, fp32 vs bf16, at batch 100 (with
 #       the GPU-busy fraction from torch.profiler: part (c)) and batch 1000;
 #   (d) the recipe loop's images/s (svhn-ali, svhn-gali8; batch 100 and 1000; fp32 and bf16;
-#       eager and cuda_graphs) on stand-in SVHN.
+#       eager and cuda_graphs) on stand-in SVHN;
+#   (e) the README's user loop (discriminator_objective + generator_objective) against
+#       train_step, GALI-8 at batch 100 (`gali-ext bench`'s documented-loop ratio).
 # Then a Markdown summary. Each part runs in its own process under its own time limit, so a
 # failure or a timeout loses only that part; everything is printed as it comes and written to
 # $OUT (gpu_check.log, equality.json, graphs-small.json, graphs-big.json, throughput.json,
-# summary.md). About 5 minutes on an H100; it stops starting parts after GPU_CHECK_SECONDS
+# step-cost.json, summary.md). About 5 minutes on an H100; it stops starting parts after GPU_CHECK_SECONDS
 # (default 440).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
@@ -23,10 +25,10 @@ START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_SECONDS:-440}))
 WORK=$(mktemp -d)
 DEVICE=cuda PRESET=svhn B1=100 B2=1000 STEPS=120,40 WARMUP=30,10 IMAGES=12000 TEST_IMAGES=2000
-SECONDS_PER_VARIANT=1.0
+SECONDS_PER_VARIANT=1.0 REPEATS=20
 if [[ ${GPU_CHECK_DRY_RUN:-0} == 1 ]]; then  # the digits nets on the CPU: plumbing only
   DEVICE=cpu PRESET=digits B1=4 B2=8 STEPS=3,3 WARMUP=1,1 IMAGES=64 TEST_IMAGES=16
-  SECONDS_PER_VARIANT=0
+  SECONDS_PER_VARIANT=0.01 REPEATS=2  # the CLI takes only positive seconds; min_steps bounds it
 fi
 export GPU_CHECK_DEVICE=$DEVICE GPU_CHECK_ARCH=$PRESET GPU_CHECK_B1=$B1
 
@@ -108,6 +110,10 @@ run_part "(d) recipe loop images/s, stand-in SVHN" 170 \
   --warmup "$WARMUP" --train-images "$IMAGES" --test-images "$TEST_IMAGES" --out "$WORK/recipes"
 cp "$WORK/recipes/throughput.json" "$OUT/throughput.json" 2>/dev/null || true
 
+run_part "(e) documented user loop vs train_step, batch $B1" 60 \
+  "$PY" -m gali_ext.cli bench --preset "$PRESET" --device "$DEVICE" --specs gali8 --batch "$B1" \
+  --repeats "$REPEATS" --out "$OUT/step-cost.json"
+
 run_part "(b) step images/s, batch $B2" 90 \
   "$PY" -m gali_ext.cli bench --preset "$PRESET" --device "$DEVICE" --graphs --batches "$B2" \
   --modes baseline,eager,captured --seconds "$SECONDS_PER_VARIANT" --out "$OUT/graphs-big.json"
@@ -187,6 +193,10 @@ if steps:
     for key, by_mode in steps["speedups"]["bf16_over_fp32"].items():
         if "captured" in by_mode:
             print(f"- bf16 / fp32 captured step, {key}: {by_mode['captured']:.2f}x (target >= 1.3x)")
+cost = load("step-cost.json")
+for spec, ratio in (cost or {}).get("documented_loop_ratio", {}).items():
+    print(f"- documented user loop / train_step step time, {spec} batch {B1}: {ratio:.2f} "
+          f"(target <= 1.10)")
 for recipe in ("svhn-ali", "svhn-gali8"):
     r = rates.get((recipe, B1), {})
     if r.get("bf16+graphs") and r.get("no+graphs"):

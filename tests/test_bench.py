@@ -339,3 +339,29 @@ def test_device_intervals_read_only_gpu_activities():
     intervals = _device_intervals(profiler)
     assert intervals == [(1e-3, 3e-3), (2e-3, 4e-3)]  # the CPU event is left out
     assert busy_seconds(intervals) == pytest.approx(3e-3)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_part_on_the_cpu(tmp_path):
+    """The prepared GPU script must not fail for a reason the CPU can show: device time is
+    scarce, and a part that dies on a bad argument costs a lent GPU its measurement."""
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    run = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    parts = [line for line in run.stdout.splitlines() if line.startswith("[(")]
+    assert len(parts) == 5 and all(line.endswith(": done]") for line in parts), parts
+    summary = (tmp_path / "summary.md").read_text()
+    assert "(not measured" not in summary, summary
+    for name in ("equality", "graphs-small", "graphs-big", "throughput", "step-cost"):
+        assert json.loads((tmp_path / f"{name}.json").read_text())
+    assert "- documented user loop / train_step step time, gali8 batch 4:" in summary
