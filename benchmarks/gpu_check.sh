@@ -10,8 +10,8 @@
 # Then a Markdown summary. Each part runs in its own process under its own time limit, so a
 # failure or a timeout loses only that part; everything is printed as it comes and written to
 # $OUT (gpu_check.log, equality.json, graphs-small.json, graphs-big.json, throughput.json,
-# step-cost.json, summary.md). About 5 minutes on an H100; it stops starting parts after GPU_CHECK_SECONDS
-# (default 440).
+# step-cost.json, summary.md). About 5 minutes on an H100; it stops starting parts after
+# GPU_CHECK_SECONDS (default 440).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh   # tiny sizes on the CPU: the plumbing only
