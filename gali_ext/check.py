@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .audit import StepAudit, reachable_leaves
 from .errors import ConfigError
 from .gali import GALI
-from .head import ADDED_LAYERS, NetworkAdapter
+from .wiring import ADDED_LAYERS, NetworkAdapter
 
 __all__ = ["CheckReport", "check"]
 
