@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, GaliError, ProviderError, ShapeError
-from .spec import parse_node
-from .wiring import NetworkAdapter, first_layer_width
+from .errors import ConfigError, GaliError, ProviderError, ShapeError, SpecError
+from .spec import TupleSpec, parse_node
+from .wiring import NetworkAdapter, first_layer_width, kinds_by_argument
 
 __all__ = [
     "batch_dependent_layers",
     "batch_norm_layers",
     "call_error",
+    "check_conditioning",
     "check_conditions",
+    "check_settings",
     "check_variables",
+    "describe_failure",
+    "failing_layer",
     "feature_shape_error",
     "output_error",
     "warn_batch_norm",
@@ -59,46 +63,182 @@ def _ends_in_sigmoid(net: Any) -> bool:
     return bool(leaves) and isinstance(leaves[-1], nn.Sigmoid)
 
 
-def _required_positional(net: Any) -> int:
-    """How many positional arguments a network's ``forward`` requires (0 when unknown)."""
+def _positional(net: Any) -> list[str] | None:
+    """The required positional arguments of a network's ``forward`` (None when unknown)."""
     module = getattr(net, "module", net) if isinstance(net, NetworkAdapter) else net
     function = module.forward if isinstance(module, nn.Module) else module
     try:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
-        return 0
+        return None
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in parameters)
+    return [p.name for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty]
 
 
-def _failure_hint(net: Any, inputs: Sequence[Tensor], error: Exception, joint: bool) -> str:
-    """The usual fix for a user network that failed when the head called it."""
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _in_width(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def failing_layer(module: Any, call: Callable[[], Any]) -> tuple[str, nn.Module, tuple] | None:
+    """Where ``call()`` fails inside ``module``: the innermost of its sub-modules whose forward
+    was running when it raised, with its name and its inputs; None when ``call()`` does not
+    raise or fails outside every sub-module. ``call()`` runs without gradients, and the
+    buffers of ``module`` and torch's random state are restored after it."""
+    if not isinstance(module, nn.Module):
+        return None
+    names = {id(m): n for n, m in module.named_modules()}
+    running: list[tuple[str, nn.Module, tuple]] = []
+
+    def enter(m: nn.Module, args: tuple) -> None:
+        if id(m) in names:
+            running.append((names[id(m)], m, args))
+
+    def leave(m: nn.Module, args: tuple, out: Any) -> None:
+        if running and running[-1][1] is m:
+            running.pop()
+
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    rng = torch.random.get_rng_state()
+    hooks = [
+        nn.modules.module.register_module_forward_pre_hook(enter),
+        nn.modules.module.register_module_forward_hook(leave),
+    ]
+    try:
+        with torch.no_grad():
+            call()
+    except Exception:  # noqa: BLE001 - the failure being located
+        return running[-1] if running else None
+    finally:
+        for h in hooks:
+            h.remove()
+        for b, saved in buffers:
+            b.data.copy_(saved)
+        torch.random.set_rng_state(rng)
+    return None
+
+
+def _received(layer: nn.Module, args: tuple) -> tuple[int, Tensor] | None:
+    """The width a linear or convolution layer received (features or channels), and the
+    tensor; None for another layer."""
+    if not isinstance(layer, _WEIGHTED) or not args or not isinstance(args[0], Tensor):
+        return None
+    x = args[0]
+    if x.dim() == 0:
+        return None
+    return (x.shape[-1] if isinstance(layer, nn.Linear) else x.shape[1] if x.dim() > 1 else 0), x
+
+
+def describe_failure(module: Any, call: Callable[[], Any]) -> str:
+    """`` in its layer 'name' (Linear, 320 input features), which receives [2, 640]``: where
+    ``call()`` fails inside ``module`` (:func:`failing_layer`), or ``""``."""
+    found = failing_layer(module, call)
+    if found is None or found[0] == "":
+        return ""
+    name, layer, args = found
+    what = type(layer).__name__
+    if isinstance(layer, _WEIGHTED):
+        unit = "features" if isinstance(layer, nn.Linear) else "channels"
+        what += f", {_in_width(layer)} input {unit}"
+    got = f", which receives {list(args[0].shape)}" if args and isinstance(args[0], Tensor) else ""
+    return f" in its layer {name!r} ({what}){got}"
+
+
+def _argument_hint(head: Any, net: Any, inputs: Sequence[Tensor], joint: bool) -> str:
+    """For a ``TypeError``: the adapter setting that passes what the network's ``forward``
+    takes; never the one already in use."""
     adapter = "JointNetwork" if joint else "FeatureNetwork"
-    if isinstance(error, TypeError):
-        hint = f"if it takes other arguments (the condition: gali_ext.adapters.{adapter}(net, "
-        hint += "condition='y')"
-        if joint:
-            hint += ", or the slots separately: JointNetwork(net, inputs='separate')"
-        hint += "), wrap it"
-        if not joint and _required_positional(net) >= 2:
-            hint += (
-                "; a whole D(x, z) is not a feature network: use gali_ext.adapters."
-                "monolithic_head(spec, D) (specs of two slots), or give the head its image "
-                "network, latent network and joint network"
+    wrapped = isinstance(net, NetworkAdapter)
+    condition = getattr(net, "condition", None) if wrapped else None
+    current = getattr(net, "inputs", "concat") if wrapped else "concat"
+    kinds = len(kinds_by_argument(head.spec.slot_kinds))
+    given = {"concat": 1, "separate": len(inputs), "by_kind": kinds}.get(current, 1) if joint else 1
+    given += condition is True
+    names = _positional(net)
+    if names is None or len(names) == given:
+        return (
+            "the TypeError is raised inside its forward, which takes the arguments it is "
+            "given: check that code"
+        )
+    hints = []
+    takes = len(names)
+    if joint and takes == kinds and current != "by_kind":
+        hints.append(
+            "one argument per kind (the images' features, then the latents'): "
+            "JointNetwork(net, inputs='by_kind')"
+        )
+    if joint and takes == len(inputs) != kinds and current != "separate":
+        hints.append("one argument per slot: JointNetwork(net, inputs='separate')")
+    if joint and takes == 1 and current != "concat":
+        hints.append("the slots concatenated in one argument: JointNetwork(net, inputs='concat')")
+    if not hints and takes == given + 1 and condition is None:
+        hints.append(f"the condition: gali_ext.adapters.{adapter}(net, condition={names[-1]!r})")
+    if not joint and takes >= 2 + (condition is True):
+        hints.append(
+            "a whole D(x, z) is not a feature network: use gali_ext.adapters."
+            "monolithic_head(spec, D) (specs of two slots), or give the head its image "
+            "network, latent network and joint network"
+        )
+    if not hints:
+        return f"its forward requires {takes} positional arguments ({', '.join(names)}): wrap it"
+    return f"its forward requires {takes} positional arguments ({', '.join(names)}); for " + (
+        "; for ".join(hints)
+    )
+
+
+def _shape_hint(net: Any, inputs: Sequence[Tensor], joint: bool, rerun: Callable[[], Any]) -> str:
+    """For a ``RuntimeError``: the layer where the network fails and the fix of the usual
+    cause (a joint written for one pair, partly widened, or on [B, C, 1, 1] maps)."""
+    module = getattr(net, "module", net) if isinstance(net, NetworkAdapter) else net
+    found = failing_layer(module, rerun)
+    received = _received(found[1], found[2]) if found is not None and found[0] else None
+    if found is not None and received is not None:
+        name, layer = found[0], found[1]
+        got, x = received
+        takes = _in_width(layer)
+        unit = "features" if isinstance(layer, nn.Linear) else "channels"
+        if not isinstance(layer, nn.Linear) and x.dim() == 2:
+            return (
+                f"its layer {name!r} is a convolution and receives {list(x.shape)}: for "
+                "[B, C, 1, 1] maps, JointNetwork(net, input_shape=(-1, 1, 1))"
+                if joint
+                else f"its layer {name!r} is a convolution and receives {list(x.shape)}: give "
+                "FeatureNetwork(net, input_shape=(...)) the shape it takes"
             )
-        return hint
-    if joint and isinstance(error, RuntimeError):
-        takes = first_layer_width(getattr(net, "module", net))
+        if got != takes:
+            where = f"its layer {name!r} takes {takes} {unit} and receives {got}"
+            if joint and got > takes and got % takes == 0:
+                factor = got // takes
+                widened = [
+                    n
+                    for n, m in module.named_modules()
+                    if isinstance(m, _WEIGHTED) and _in_width(m) == got and m is not layer
+                ]
+                if widened:
+                    return (
+                        f"{where}, as {widened[0]!r} does after widening: it reads the joint's "
+                        "input too and was left at one pair's width. Widen every layer that "
+                        "reads the input at once, before building the optimizer: "
+                        f"gali_ext.adapters.widen_input(joint_module, {factor}) on the joint as "
+                        "written for one pair (it traces one call and widens the main, skip and "
+                        "parallel paths)"
+                    )
+                return (
+                    f"{where}, {factor} times as many (GALI-8's tuples hold two image-latent "
+                    "pairs): widen the joint in place before building its optimizer, "
+                    f"gali_ext.adapters.widen_input(joint_module, {factor})"
+                )
+            return f"{where}: check the input shape it expects"
+    if joint:
+        takes = first_layer_width(module)
         given = sum(t[0].numel() if t.dim() > 1 else 1 for t in inputs)
         if takes and given != takes and given % takes == 0:
             return (
                 f"its first layer takes {takes} features and the tuples give {given}: widen it "
                 f"in place, gali_ext.adapters.widen_input(joint_module, {given // takes})"
             )
-        return (
-            "check the input shape it expects (for [B, C, 1, 1] maps: JointNetwork(net, "
-            "input_shape=(-1, 1, 1)))"
-        )
     return "check the input shape it expects"
 
 
@@ -115,10 +255,22 @@ def _describe(value: Any) -> str:
 
 
 def call_error(
-    net: Any, inputs: Sequence[Tensor], error: Exception, what: str, joint: bool
+    head: Any,
+    net: Any,
+    inputs: Sequence[Tensor],
+    error: Exception,
+    what: str,
+    joint: bool,
+    rerun: Callable[[], Any],
 ) -> GaliError:
-    """The error a user network's failure is re-raised as, naming the usual fix."""
-    hint = _failure_hint(net, inputs, error, joint)
+    """The error a user network's failure is re-raised as, naming the usual fix; ``rerun()``
+    calls the network again as it failed (to find the layer where it fails)."""
+    if isinstance(error, TypeError):
+        hint = _argument_hint(head, net, inputs, joint)
+    elif isinstance(error, RuntimeError):
+        hint = _shape_hint(net, inputs, joint, rerun)
+    else:
+        hint = "check the input shape it expects"
     cls = ShapeError if isinstance(error, RuntimeError) else ConfigError
     return cls(
         f"the {what} failed on input of shape {_shapes(inputs)}: "
@@ -222,6 +374,39 @@ def warn_probabilities(head: Any, out: Tensor, what: str) -> None:
             "the sigmoid or select the score before it",
             UserWarning,
             stacklevel=2,
+        )
+
+
+def check_settings(
+    spec: Any, feature_pass: str, passes: Sequence[str], conditions: int | None
+) -> None:
+    """The head's spec, feature pass and number of conditions, checked when it is built."""
+    if not isinstance(spec, TupleSpec):
+        raise SpecError(f"expected a TupleSpec, got {type(spec).__name__}")
+    if feature_pass not in passes:
+        raise ConfigError(
+            f"feature_pass must be one of {', '.join(map(repr, passes))}, got {feature_pass!r}"
+        )
+    if conditions is not None and (
+        isinstance(conditions, bool) or not isinstance(conditions, int) or conditions < 1
+    ):
+        raise ConfigError(
+            "conditions must be None or a positive int (the number of classes of the "
+            f"condition, or the width of a float condition), got {conditions!r}"
+        )
+
+
+def check_conditioning(head: Any) -> None:
+    """A conditional head needs each tuple class within one chain (one condition per tuple)."""
+    if not head.conditional:
+        return
+    mixed = [i for i, root in enumerate(head._class_roots) if root is None]
+    if mixed:
+        c = head.spec.classes[mixed[0]]
+        raise SpecError(
+            f"class {mixed[0]} {c} mixes nodes of the real chain (from x0) and of the prior "
+            "chain (from zp0), which carry different conditions: a conditional head needs "
+            "each class within one chain"
         )
 
 

@@ -25,7 +25,9 @@ from .diagnostics import (
     batch_dependent_layers,
     batch_norm_layers,
     call_error,
+    check_conditioning,
     check_conditions,
+    check_settings,
     check_variables,
     feature_shape_error,
     output_error,
@@ -43,6 +45,7 @@ from .wiring import (
     added_layers,
     check_joint_width,
     declared_width,
+    discriminator_parts,
     feature_width,
     first_layer_width,
     own_score_layer,
@@ -143,13 +146,16 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             network has batch norm, else ``"fused"``. Batch norm found in a network with
             ``"fused"`` chosen explicitly is warned about.
         negative_slope: the default networks' leaky ReLU slope.
-        discriminator: your own discriminator module, the one your code optimises and saves:
-            the layers the head adds (K-way layers, projection terms, default networks) are
-            registered in it as the sub-module ``gali_head``, so that ``discriminator.
-            state_dict()`` and ``discriminator.parameters()`` hold them, and the first D step
-            warns about any of its parameters that the head's loss never reaches (a layer its
-            ``forward`` uses that the head does not call). Build the head before the D
-            optimizer, and before loading a checkpoint into ``discriminator``.
+        discriminator: your own discriminator, as your code optimises and saves it: its
+            module; or, for a D made of several modules of a larger model that also holds E and
+            G, the list of those modules or the list of parameters your D optimizer takes
+            (``model.get_disc_params()``, whose modules are the networks above that it holds).
+            The layers the head adds (K-way layers, projection terms, default networks) are
+            registered in it (in the module holding the joint network, for several) as the
+            sub-module ``gali_head``, so that its ``state_dict()`` and ``parameters()`` hold
+            them, and the first D step warns about any of its parameters that the head's loss
+            never reaches (a layer its ``forward`` uses that the head does not call). Build
+            the head before the D optimizer, and before loading a checkpoint.
 
     The head's own state (``self.state_dict()``) holds every parameter too; ``discriminator=``
     is for code that saves and optimises the user's module rather than the head.
@@ -170,28 +176,11 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         unary_weights: float | Mapping[str | int, float] = 1.0,
         conditions: int | None = None,
         feature_pass: str = "auto",
-        discriminator: nn.Module | None = None,
+        discriminator: nn.Module | Sequence[nn.Module] | Sequence[Tensor] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(spec, TupleSpec):
-            raise SpecError(f"expected a TupleSpec, got {type(spec).__name__}")
-        if feature_pass not in FEATURE_PASSES:
-            raise ConfigError(
-                f"feature_pass must be one of {', '.join(map(repr, FEATURE_PASSES))}, got "
-                f"{feature_pass!r}"
-            )
-        if conditions is not None and (
-            isinstance(conditions, bool) or not isinstance(conditions, int) or conditions < 1
-        ):
-            raise ConfigError(
-                "conditions must be None or a positive int (the number of classes of the "
-                f"condition, or the width of a float condition), got {conditions!r}"
-            )
-        if discriminator is not None and not isinstance(discriminator, nn.Module):
-            raise ConfigError(
-                f"discriminator must be your discriminator nn.Module (the one your code saves), "
-                f"got {type(discriminator).__name__}"
-            )
+        check_settings(spec, feature_pass, FEATURE_PASSES, conditions)
+        parts = discriminator_parts(discriminator) if discriminator is not None else None
         self.spec = spec
         self.conditions = conditions
         nets: dict[str, nn.Module] = dict(extra_features or {})
@@ -224,6 +213,8 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             self._joint = LogitsPath("mlp", tuple(range(m)), "joint MLP")
         else:
             self.joint = joint
+            if isinstance(joint, NetworkAdapter):
+                joint.bind(spec.slot_kinds)
             check_joint_width(self, joint, slots_width(self, range(m), None))
             mode, self.joint_scores = user_path(
                 self, joint, "joint network", slots_width(self, range(m), None)
@@ -259,7 +250,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
             roots.pop() if len(roots := {parse_node(n).root for n in c.nodes}) == 1 else None
             for c in spec.classes
         ]
-        self._check_conditioning()
+        check_conditioning(self)
         batch_norm = self.batch_norm_layers()
         if feature_pass == "auto":
             feature_pass = "per_chain" if any(batch_norm.values()) else "fused"
@@ -269,8 +260,9 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         warn_sigmoid(self)
         self._checked_range = False
         self.__dict__["_discriminator"] = None  # not a sub-module: the user's D holds the head's
-        if discriminator is not None:
-            register_in(self, discriminator)
+        self.__dict__["_discriminator_modules"] = []
+        if parts is not None:
+            register_in(self, parts)
 
     # -- construction helpers ---------------------------------------------------------------
 
@@ -282,18 +274,6 @@ class MultiClassJointDiscriminatorHead(nn.Module):
         """Whether D reads a per-sample condition (``conditions=`` or a network taking it)."""
         nets = [*self.feature_nets.values(), self.joint, *self.unary_heads.values()]
         return self.conditions is not None or any(self._takes_condition(n) for n in nets)
-
-    def _check_conditioning(self) -> None:
-        if not self.conditional:
-            return
-        mixed = [i for i, root in enumerate(self._class_roots) if root is None]
-        if mixed:
-            c = self.spec.classes[mixed[0]]
-            raise SpecError(
-                f"class {mixed[0]} {c} mixes nodes of the real chain (from x0) and of the prior "
-                "chain (from zp0), which carry different conditions: a conditional head needs "
-                "each class within one chain"
-            )
 
     def batch_norm_layers(self) -> dict[str, list[str]]:
         """The batch-dependent layers of each network the head calls, by network."""
@@ -310,6 +290,12 @@ class MultiClassJointDiscriminatorHead(nn.Module):
     def discriminator(self) -> nn.Module | None:
         """The user's discriminator module the head's layers are registered in, if any."""
         return self.__dict__["_discriminator"]
+
+    @property
+    def discriminator_modules(self) -> list[nn.Module]:
+        """The modules of the user's discriminator (``discriminator=``): the D itself, or the
+        modules of a larger model that make it up; empty without ``discriminator=``."""
+        return list(self.__dict__["_discriminator_modules"])
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -337,17 +323,20 @@ class MultiClassJointDiscriminatorHead(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """A user network's output (and the features an adapter returns), failures re-raised
         as :class:`GaliError` naming the fix."""
-        try:
+
+        def call() -> Any:
             if isinstance(net, NetworkAdapter):
-                out = net(inputs, condition)
-            elif joint:
-                out = net(torch.cat([t.flatten(1) for t in inputs], 1))
-            else:
-                out = net(inputs[0])
+                return net(inputs, condition)
+            if joint:
+                return net(torch.cat([t.flatten(1) for t in inputs], 1))
+            return net(inputs[0])
+
+        try:
+            out = call()
         except (GaliError, torch.cuda.OutOfMemoryError):
             raise
         except (TypeError, AttributeError, RuntimeError, ValueError, IndexError, KeyError) as error:
-            raise call_error(net, inputs, error, what, joint) from error
+            raise call_error(self, net, inputs, error, what, joint, call) from error
         features = None
         if isinstance(net, NetworkAdapter) and isinstance(out, tuple) and len(out) == 2:
             out, features = out

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import ConfigError, ShapeError, SpecError
 from .logits import ClassScores, Projection
+from .spec import IMAGE, LATENT
 
 __all__ = [
     "ADDED_LAYERS",
@@ -24,15 +25,19 @@ __all__ = [
     "NetworkAdapter",
     "added_layers",
     "check_joint_width",
+    "discriminator_parts",
     "declared_width",
     "feature_width",
     "first_layer_width",
+    "kinds_by_argument",
+    "labelled_modules",
     "own_score_layer",
     "register_in",
     "slots_of",
     "slots_width",
     "unary_networks",
     "unary_term_weights",
+    "user_networks",
     "user_path",
 ]
 
@@ -67,6 +72,19 @@ class NetworkAdapter(nn.Module):
     feature_dim: int | None = None
     returns: str = "logits"
     has_score: bool = False
+
+    def bind(self, slot_kinds: Sequence[str]) -> None:
+        """Called by the head when it is built, with the kind of each slot of the inputs it
+        will pass (``spec.slot_kinds`` for a joint network); the default ignores it."""
+
+
+def kinds_by_argument(slot_kinds: Sequence[str]) -> list[str]:
+    """The kinds of a spec's slots in the order of a joint network's arguments with one
+    argument per kind (``JointNetwork(J, inputs="by_kind")``): images, latents, then the other
+    kinds in the order the slots first name them."""
+    kinds = list(dict.fromkeys(slot_kinds))
+    first = [k for k in (IMAGE, LATENT) if k in kinds]
+    return first + [k for k in kinds if k not in (IMAGE, LATENT)]
 
 
 def declared_width(net: Any) -> int | None:
@@ -146,13 +164,18 @@ def slots_width(head: Any, slots: Sequence[int], needed_by: str | None) -> int |
 def check_joint_width(head: Any, joint: Any, width: int | None) -> None:
     """A joint network written for one (image, latent) pair, given GALI-8's two, is refused
     here, naming the fix, rather than failing inside the user's first layer."""
+    inputs = getattr(joint, "inputs", "concat") if isinstance(joint, NetworkAdapter) else "concat"
+    if inputs not in ("concat", "by_kind"):
+        return
     if isinstance(joint, NetworkAdapter):
-        if getattr(joint, "inputs", "concat") != "concat":
-            return
         joint = getattr(joint, "module", joint)
     takes = first_layer_width(joint)
     if width is None or takes is None or width == takes or width % takes:
         return
+    if inputs == "by_kind":  # only a first layer that reads one slot of each kind
+        kinds = dict.fromkeys(head.spec.slot_kinds)
+        if takes != sum(head.feature_dims[k] for k in kinds):
+            return
     factor = width // takes
     raise ShapeError(
         f"the joint network's first layer takes {takes} features, but the tuples of spec "
@@ -327,9 +350,96 @@ def added_layers(head: Any) -> nn.ModuleDict:
     return added
 
 
-def register_in(head: Any, discriminator: nn.Module) -> None:
-    """Register the layers the head adds in the user's ``discriminator`` as the sub-module
-    :data:`ADDED_LAYERS`, so that its ``state_dict()`` and ``parameters()`` hold them."""
+def discriminator_parts(value: Any) -> list[nn.Module] | list[Tensor]:
+    """What ``discriminator=`` names: the user's D module (``[d]``), the modules a larger model
+    makes it of, or the parameters the project's D optimizer takes; anything else is refused."""
+    if isinstance(value, nn.Module):
+        return [value]
+    items: list[Any] = []
+    if not isinstance(value, (str, bytes, Mapping, Tensor)):
+        try:
+            items = list(value)
+        except TypeError:
+            items = []
+    if items and all(isinstance(i, nn.Module) for i in items):
+        return items
+    if items and all(isinstance(i, Tensor) for i in items):
+        return items
+    raise ConfigError(
+        "discriminator must be what your code optimises and saves as D: your discriminator "
+        "nn.Module, a list of the modules that make it up in a larger model "
+        "([model.img_discriminator, model.latent_discriminator, model.comb_discriminator]), or "
+        f"the list of parameters your D optimizer takes (model.get_disc_params()); got "
+        f"{type(value).__name__}" + (" (empty)" if not items and value is not None else "")
+    )
+
+
+def user_networks(head: Any) -> list[tuple[str, nn.Module]]:
+    """The user's modules the head calls, each with what it is to the head (``"the 'image'
+    feature network"``, ``"the joint network"``, ...): adapters unwrapped, the layers the head
+    makes itself left out."""
+    found: list[tuple[str, Any]] = [
+        (f"the {kind!r} feature network", net) for kind, net in head.feature_nets.items()
+    ]
+    if head._joint.mode != "mlp":
+        found.append(("the joint network", head.joint))
+    for path in head._unary:
+        key = str(path.slots[0])
+        if path.mode not in ("default", "own") and key in head.unary_heads:
+            found.append((f"the unary head of slot {key}", head.unary_heads[key]))
+    networks: list[tuple[str, nn.Module]] = []
+    for what, net in found:
+        if isinstance(net, NetworkAdapter):
+            candidates = [getattr(net, "module", None), getattr(net, "score", None)]
+        else:
+            candidates = [net]
+        for module in candidates:
+            if isinstance(module, NetworkAdapter):  # a score layer given as a FeatureNetwork
+                module = getattr(module, "module", None)
+            if isinstance(module, nn.Module) and all(m is not module for _, m in networks):
+                networks.append((what, module))
+    return networks
+
+
+def _owned_modules(head: Any, parameters: list[Tensor]) -> list[nn.Module]:
+    """The user networks of the head whose trainable parameters are all among ``parameters``
+    (the outermost of nested ones)."""
+    given = {id(p) for p in parameters}
+    owned = []
+    for _, module in user_networks(head):
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        if trainable and all(id(p) in given for p in trainable):
+            owned.append(module)
+    return [m for m in owned if not any(o is not m and _holds(o, m) for o in owned)]
+
+
+def _holds(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def register_in(head: Any, parts: list[nn.Module] | list[Tensor]) -> None:
+    """Register the layers the head adds in the user's discriminator as the sub-module
+    :data:`ADDED_LAYERS`, so that its ``state_dict()`` and ``parameters()`` hold them.
+
+    ``parts`` (:func:`discriminator_parts`): one module, the D itself; several modules of a
+    larger model; or the parameters of the project's D optimizer, whose modules are the head's
+    networks that they hold entirely. With several modules, the layers go into the one holding
+    the joint network (else the first), where both the project's D optimizer and the larger
+    model's checkpoints see them."""
+    if all(isinstance(p, nn.Module) for p in parts):
+        modules: list[nn.Module] = list(parts)  # type: ignore[arg-type]
+    else:
+        modules = _owned_modules(head, parts)  # type: ignore[arg-type]
+        if not modules:
+            raise ConfigError(
+                "discriminator=: none of the networks the head calls has its parameters among "
+                "the ones given; pass the parameters your D optimizer takes, after any "
+                "widen_input (model.get_disc_params()), or the D's modules"
+            )
+    joint = head.joint if head._joint.mode != "mlp" else None
+    joint = getattr(joint, "module", joint) if isinstance(joint, NetworkAdapter) else joint
+    holders = [m for m in modules if isinstance(joint, nn.Module) and _holds(m, joint)]
+    discriminator = holders[0] if holders else modules[0]
     existing = getattr(discriminator, ADDED_LAYERS, None)
     if existing is not None and len(existing):
         raise ConfigError(
@@ -337,7 +447,22 @@ def register_in(head: Any, discriminator: nn.Module) -> None:
             "head is registered in it; build one head per discriminator (a new D for another "
             "preset)"
         )
-    if any(m is head for m in discriminator.modules()):
+    if any(m is head for module in modules for m in module.modules()):
         raise ConfigError("discriminator= is your own D module, not the head itself")
     discriminator.add_module(ADDED_LAYERS, added_layers(head))
     head.__dict__["_discriminator"] = discriminator
+    head.__dict__["_discriminator_modules"] = modules
+
+
+def labelled_modules(head: Any) -> list[tuple[str, nn.Module]]:
+    """The modules of the user's D (``discriminator=``), each with a label for the names of its
+    parameters: ``""`` for a single module; its class name (and what the head calls it as,
+    when it calls it) when the D is made of several."""
+    modules = head.__dict__.get("_discriminator_modules") or []
+    if len(modules) == 1:
+        return [("", modules[0])]
+    names = [type(m).__name__ for m in modules]
+    return [
+        (name if names.count(name) == 1 else f"{name}[{i}]", m)
+        for i, (name, m) in enumerate(zip(names, modules))
+    ]
