@@ -265,7 +265,7 @@ def check(
     *,
     discriminator: nn.Module | None = None,
     baseline: Callable[[Any], Any] | Baseline | None = None,
-    file: TextIO | None = sys.stdout,
+    file: TextIO | None | str = "stdout",
 ) -> CheckReport:
     """Run one D step and one E/G step of ``gali`` on ``batch`` and report what trains.
 
@@ -280,7 +280,8 @@ def check(
             once, not back-propagated), or a :class:`Baseline` taken from them before the
             switch (:func:`baseline_of`): a parameter they leave untouched too is reported, not
             an error, and one they train that GALI's losses do not is an error.
-        file: where the report is printed (None: not printed).
+        file: where the report is printed: ``"stdout"`` (``sys.stdout`` when it runs), a
+            file, or None (not printed).
 
     Returns the :class:`CheckReport`; raises :class:`~gali_ext.errors.ConfigError` listing the
     problems when anything is silently lost. Nothing of your networks changes: no parameter is
@@ -346,7 +347,7 @@ def check(
     for w in caught:
         report.lines.append(f"warning: {w.message}")
     if file is not None:
-        print(report, file=file)
+        print(report, file=sys.stdout if file == "stdout" else file)
     if report.problems:
         raise ConfigError(
             "gali_ext.adapters.check: something would be silently lost:\n"
