@@ -18,12 +18,13 @@ adapters bring other conventions to that contract:
 - :func:`widen_input`: a joint network written for one (image, latent) pair, widened in place
   for GALI-8's two;
 - :func:`check`: one D step and one E/G step on your networks, reporting what trains where and
-  failing on anything silently lost.
+  failing on anything silently lost (:func:`baseline_of`: what your project's own losses
+  train, so that what they never trained is told apart).
 
 See ``adapters/README.md`` for plugging gali-ext into an existing BiGAN loop.
 """
 
-from gali_ext.check import CheckReport, check
+from gali_ext.check import Baseline, CheckReport, baseline_of, check
 
 from .discriminators import FeatureNetwork, JointNetwork, monolithic_head
 from .encoders import LatentEncoder, LatentOutput, StochasticEncoder
@@ -32,6 +33,7 @@ from .layers import widen_input
 from .pair import EncoderGenerator
 
 __all__ = [
+    "Baseline",
     "CheckReport",
     "EncoderGenerator",
     "FeatureNetwork",
@@ -40,6 +42,7 @@ __all__ = [
     "LatentGenerator",
     "LatentOutput",
     "StochasticEncoder",
+    "baseline_of",
     "check",
     "monolithic_head",
     "widen_input",

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from gali_ext.errors import ConfigError, ShapeError, SpecError
 from gali_ext.head import MultiClassJointDiscriminatorHead, NetworkAdapter, declared_width
 from gali_ext.spec import IMAGE, LATENT, TupleSpec
+from gali_ext.wiring import kinds_by_argument
 
 from .layers import find_layer, layer_width
 
@@ -217,8 +218,16 @@ class JointNetwork(NetworkAdapter):
         module: the user's network.
         inputs: ``"concat"``: one argument, the slot features concatenated along dim 1
             (``[N, C, 1, 1]`` maps stay maps when the slots are maps of one spatial size);
-            ``"separate"``: one argument per slot, ``module(f_1, ..., f_m)`` (``J(F, H)``).
-        order: the slots in the order ``module`` takes them (default: the spec's).
+            ``"separate"``: one argument per slot, ``module(f_1, ..., f_m)`` (``J(F, H)``);
+            ``"by_kind"``: one argument per kind, the features of that kind's slots
+            concatenated in slot order: ``module(images, latents)``, the images' features
+            first, then the latents', then any other kind's (``forward(self, img, latent)``
+            that concatenates inside). GALI-8's ``(x0, z0, x1, z1)`` gives ``[F(x0), F(x1)]``
+            and ``[H(z0), H(z1)]``, so a joint written for one pair works once widened
+            (:func:`~gali_ext.adapters.widen_input`), whatever the arity.
+        order: the slots in the order ``module`` takes them (default: the spec's); with
+            ``inputs="by_kind"``, the kinds in the order it takes them (e.g.
+            ``["latent", "image"]``).
         input_shape: how to view each argument, without the batch dimension (``-1`` allowed
             once): one shape for every argument (``(-1, 1, 1)``: ALI's 1x1-convolution joint on
             ``[B, C, 1, 1]`` maps), or a list with one shape (or None: as is) per argument.
@@ -244,7 +253,7 @@ class JointNetwork(NetworkAdapter):
         module: Callable[..., Any],
         *,
         inputs: str = "concat",
-        order: Sequence[int] | None = None,
+        order: Sequence[int] | Sequence[str] | None = None,
         input_shape: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
         condition: bool | str | None = None,
         output: OutputSelector = None,
@@ -257,8 +266,11 @@ class JointNetwork(NetworkAdapter):
         super().__init__()
         if not callable(module):
             raise ConfigError(f"expected a callable network, got {type(module).__name__}")
-        if inputs not in ("concat", "separate"):
-            raise ConfigError(f"inputs must be 'concat' or 'separate', got {inputs!r}")
+        if inputs not in ("concat", "separate", "by_kind"):
+            raise ConfigError(f"inputs must be 'concat', 'separate' or 'by_kind', got {inputs!r}")
+        if order is not None and (inputs == "by_kind") != all(isinstance(o, str) for o in order):
+            expected = "kind names" if inputs == "by_kind" else "slot indices"
+            raise ConfigError(f"order= lists {expected} with inputs={inputs!r}, got {order!r}")
         if returns not in ("logits", "features"):
             raise ConfigError(f"returns must be 'logits' or 'features', got {returns!r}")
         if features is not None and score is not None:
@@ -271,6 +283,7 @@ class JointNetwork(NetworkAdapter):
         self.module = module
         self.inputs = inputs
         self.order = tuple(order) if order is not None else None
+        self.slot_kinds: tuple[str, ...] | None = None
         self.input_shape = _shapes(input_shape)
         self.condition = _check_condition_arg(condition)
         self.output = output
@@ -290,24 +303,38 @@ class JointNetwork(NetworkAdapter):
         score_takes = isinstance(score, NetworkAdapter) and score.takes_condition
         self.takes_condition = self.condition is not None or score_takes
 
+    def bind(self, slot_kinds: Sequence[str]) -> None:
+        """Keep the kind of each slot (the head calls it when it is built): ``"by_kind"``
+        groups the slots by it."""
+        self.slot_kinds = tuple(slot_kinds)
+
+    def _by_kind(self, slots: list[Tensor]) -> list[Tensor]:
+        kinds = self.slot_kinds
+        if kinds is None or len(kinds) != len(slots):
+            raise ConfigError(
+                "JointNetwork(inputs='by_kind') groups the slots by kind, which the head tells it "
+                "when it is built: give it to MultiClassJointDiscriminatorHead(joint=...), or "
+                "call adapter.bind(spec.slot_kinds) to use it alone"
+            )
+        order = list(self.order) if self.order is not None else kinds_by_argument(kinds)
+        if sorted(order) != sorted(set(kinds)):
+            raise ConfigError(
+                f"order={order} must list each kind of the tuples once: {sorted(set(kinds))}"
+            )
+        return [_concatenated([t for t, k in zip(slots, kinds) if k == kind]) for kind in order]
+
     def _arguments(self, inputs: Sequence[Tensor]) -> list[Tensor]:
         slots = list(inputs)
-        if self.order is not None:
-            if sorted(self.order) != list(range(len(slots))):
-                raise ConfigError(
-                    f"order={list(self.order)} must list each of the {len(slots)} slots once"
-                )
-            slots = [slots[i] for i in self.order]
-        if self.inputs == "concat":
-            same = len({tuple(t.shape[1:]) for t in slots}) == 1 or all(
-                t.dim() > 2 and t.shape[2:] == slots[0].shape[2:] for t in slots
-            )
-            if same and slots[0].dim() > 2:
-                arguments = [torch.cat(slots, 1)]
-            else:
-                arguments = [torch.cat([t.flatten(1) for t in slots], 1)]
+        if self.inputs == "by_kind":
+            arguments = self._by_kind(slots)
         else:
-            arguments = slots
+            if self.order is not None:
+                if sorted(self.order) != list(range(len(slots))):
+                    raise ConfigError(
+                        f"order={list(self.order)} must list each of the {len(slots)} slots once"
+                    )
+                slots = [slots[i] for i in self.order]
+            arguments = [_concatenated(slots)] if self.inputs == "concat" else slots
         shapes = self.input_shape
         if shapes is None:
             return arguments
@@ -351,6 +378,17 @@ class JointNetwork(NetworkAdapter):
         if self.condition is not None:
             parts.append(f"condition={self.condition!r}")
         return ", ".join(parts)
+
+
+def _concatenated(slots: list[Tensor]) -> Tensor:
+    """The slots' features along dim 1: ``[N, C, 1, 1]`` maps of one spatial size stay maps
+    (concatenated on the channel axis), anything else is flattened first."""
+    same = len({tuple(t.shape[1:]) for t in slots}) == 1 or all(
+        t.dim() > 2 and t.shape[2:] == slots[0].shape[2:] for t in slots
+    )
+    if same and slots[0].dim() > 2:
+        return torch.cat(slots, 1)
+    return torch.cat([t.flatten(1) for t in slots], 1)
 
 
 def _modules(module: Any) -> list[nn.Module]:

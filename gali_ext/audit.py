@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .errors import ConfigError
+from .wiring import labelled_modules
 
 __all__ = ["StepAudit", "reachable_leaves"]
 
@@ -43,13 +44,13 @@ def reachable_leaves(tensor: Tensor) -> set[int]:
 
 
 def discriminator_parameters(head: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
-    """The parameters of a head and of the user's discriminator it is registered in, by id,
-    each with its name in the user's module where it has one (else ``head.NAME``)."""
+    """The parameters of a head and of the user's discriminator (its module, or the modules it
+    is made of), by id, each with its name in the user's module where it has one (prefixed by
+    the module's class name when the D has several; else ``head.NAME``)."""
     named: dict[int, tuple[str, nn.Parameter]] = {}
-    owner = getattr(head, "discriminator", None)
-    if owner is not None:
-        for name, p in owner.named_parameters():
-            named.setdefault(id(p), (name, p))
+    for label, module in labelled_modules(head):
+        for name, p in module.named_parameters():
+            named.setdefault(id(p), (f"{label}.{name}" if label else name, p))
     for name, p in head.named_parameters():
         named.setdefault(id(p), (f"head.{name}", p))
     return named

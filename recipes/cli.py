@@ -495,8 +495,10 @@ def bench(
 def check_command(
     factory: str = typer.Argument(
         ...,
-        help="MODULE:FUNCTION returning (gali, batch) or (gali, batch, discriminator): your "
-        "GALI objective, one batch as your loop gives it, and optionally your own D module.",
+        help="MODULE:FUNCTION returning (gali, batch), (gali, batch, discriminator) or (gali, "
+        "batch, discriminator, baseline): your GALI objective, one batch as your loop gives it, "
+        "optionally the module your code saves (or None) and your project's own losses, "
+        "baseline(batch) -> (d_loss, eg_loss).",
     ),
 ) -> None:
     """One D step and one E/G step on your own networks: what trains in which step, the widths,
@@ -519,13 +521,19 @@ def check_command(
     if not callable(function):
         raise ConfigError(f"{factory}: {module_name} has no function {function_name!r}")
     built = function()
-    if not isinstance(built, tuple) or len(built) not in (2, 3):
+    if not isinstance(built, tuple) or len(built) not in (2, 3, 4):
         raise ConfigError(
-            f"{factory} should return (gali, batch) or (gali, batch, discriminator), got "
-            f"{type(built).__name__}"
+            f"{factory} should return (gali, batch), (gali, batch, discriminator) or (gali, "
+            f"batch, discriminator, baseline), got {type(built).__name__}"
         )
+    gali, batch, *rest = built
     try:
-        check(*built[:2], discriminator=built[2] if len(built) == 3 else None)
+        check(
+            gali,
+            batch,
+            discriminator=rest[0] if rest else None,
+            baseline=rest[1] if len(rest) > 1 else None,
+        )
     except ConfigError as error:
         typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
         raise typer.Exit(1) from error

@@ -251,3 +251,19 @@ def test_the_architecture_table_names_every_module_of_the_recipes_once():
     named = [name for row in rows for name in re.findall(r"`(\w+)`", row)]
     modules = sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if p.stem != "__init__")
     assert sorted(named) == modules
+
+
+def test_the_architecture_diagram_names_every_module_of_the_core():
+    """docs/design.md's Architecture section lists the core's modules by job: a module of
+    gali_ext/ added or split without it is a newcomer's wrong map."""
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    section = text.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    core = section.split("gali_ext/", 1)[1].split("adapters/", 1)[0]
+    named = {
+        name
+        for line in core.splitlines()[1:]
+        for name in re.findall(r"\b([a-z_]+)\b", line.split(" .")[0].split("  ")[1])
+    }
+    modules = {p.stem for p in (ROOT / "gali_ext").glob("*.py") if p.stem != "__init__"}
+    modules |= {p.name for p in (ROOT / "gali_ext").iterdir() if (p / "__init__.py").is_file()}
+    assert modules - named == set(), "modules missing from the Architecture diagram"

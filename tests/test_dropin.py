@@ -360,7 +360,7 @@ def test_user_network_failures_name_the_fix():
     dz = SpectralMLP(6, (12,), 10, activate_output=True)
     variables = random_variables(spec)
     head = MultiClassJointDiscriminatorHead(spec, TinyImageFeatures(), dz, joint=SeparateJoint())
-    with pytest.raises(ConfigError, match=r"TypeError.*JointNetwork\(net, inputs='separate'\)"):
+    with pytest.raises(ConfigError, match=r"TypeError.*JointNetwork\(net, inputs='by_kind'\)"):
         head(variables)
     head = MultiClassJointDiscriminatorHead(
         spec, TinyImageFeatures(), dz, joint=JointNetwork(SeparateJoint(), inputs="separate")

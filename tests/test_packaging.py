@@ -321,3 +321,12 @@ def test_the_cycle_finder_sees_absolute_relative_and_function_level_imports(tmp_
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from .evaluate import x\nfrom gali_ext.recipes import train\n")
     assert _imports(source, "gali_ext.recipes") == {"gali_ext.recipes.evaluate", "gali_ext.recipes"}
+
+
+def test_no_file_of_the_core_is_much_over_600_lines():
+    """One job per module: the head's computation, wiring and diagnostics live apart."""
+    lengths = {
+        path.relative_to(ROOT).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+        for path in (ROOT / "gali_ext").rglob("*.py")
+    }
+    assert {path: n for path, n in lengths.items() if n > 600} == {}

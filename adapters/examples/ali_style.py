@@ -14,7 +14,7 @@ as the features the head's K-way layer reads (its own score is kept), and the he
 the project's discriminator (so its checkpoints and optimizer hold the layers the head adds).
 ``D(x)``'s batch norm makes the head run each chain's nodes together and the real and the prior
 chain apart (``feature_pass="auto"``, docs/design.md, section 9.7). GALI-8's four-slot tuples
-give ``D(x, z)`` twice the input channels: its first layer is widened in place
+give ``D(x, z)`` twice the input channels: its layers that read its input are widened in place
 (:func:`gali_ext.adapters.widen_input`). In the loop, one line changes.
 
 Run it: ``python -m gali_ext.adapters.examples.ali_style``.

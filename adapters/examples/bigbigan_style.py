@@ -21,8 +21,8 @@ scores (projection included) become the unary heads, ``joint`` with its score an
 features of its ``body`` for the K-way layer, the head registered in the project's
 discriminator (so its checkpoints and optimizer hold the layers the head adds), the hinge
 family and the project's sampler. GALI-8's tuples hold two image-latent pairs, so ``joint``'s
-first layer is widened in place (:func:`gali_ext.adapters.widen_input`). In the loop, one line
-changes: the two losses come from :meth:`gali_ext.GALI.shared_objectives`. At K = 2
+layers that read its input are widened in place (:func:`gali_ext.adapters.widen_input`). In the
+loop, one line changes: the two losses come from :meth:`gali_ext.GALI.shared_objectives`. At K = 2
 (``preset="ali"``) the GALI losses are the project's own, exactly (tests/test_dropin.py).
 
 Run it: ``python -m gali_ext.adapters.examples.bigbigan_style``.

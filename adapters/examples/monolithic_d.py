@@ -134,13 +134,13 @@ def train_gali(
     opt_eg = torch.optim.Adam(eg, 2e-4, betas=(0.5, 0.999))
     losses = []
     for x, _ in digits_batches(steps, batch_size, seed):
-        d = gali.discriminator_objective(x, differentiable_chains=True)
+        d = gali.discriminator_objective(x, differentiable_chains=True)  # glue
         opt_d.zero_grad()
-        d.loss.backward()
+        d.loss.backward()  # glue
         opt_d.step()
-        g = gali.generator_objective(chains=d.chains)
+        g = gali.generator_objective(chains=d.chains)  # glue
         opt_eg.zero_grad()
-        g.loss.backward()
+        g.loss.backward()  # glue
         opt_eg.step()
         losses.append(d.loss.item())
     return losses
