@@ -444,7 +444,8 @@ register_preset(
     title="GALI-mix (K=8, inpainting self-supervision)",
 )
 # Negative data augmentation (Sinha et al., ICLR 2021) as GALI classes: real images taken out of
-# the data distribution, paired with the code of the image they came from.
+# the data distribution, paired with the code of the image they came from (on digits it costs
+# ALI most of its inference: docs/design.md, section 2.4).
 register_preset(
     "gali_nda",
     [*_ALI, ("Jigsaw(x0)", "z0"), ("Cutout(x0)", "z0")],

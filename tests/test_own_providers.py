@@ -24,6 +24,7 @@ from gali_ext.providers import (
     MaskMix,
     NegativeAugmentation,
     ReconstructionChain,
+    StopGradient,
     cutout,
     jigsaw,
 )
@@ -286,3 +287,12 @@ def test_the_nda_preset_trains_on_digits():
     g_opt = torch.optim.Adam([*models.encoder.parameters(), *models.generator.parameters()], 1e-4)
     metrics = train_step(gali, [torch.rand(4, 1, 16, 16) * 2 - 1], d_opt, g_opt)
     assert len(metrics.class_accuracy) == 4 and math.isfinite(metrics.g_loss)
+
+
+def test_detach_gives_a_class_to_d_alone():
+    spec = TupleSpec([("x0", "z0"), ("xp0", "zp0"), ("Jigsaw(x0)", "Detach(z0)")])
+    encoder, generator = toy_pair()
+    gali = GALI(encoder, generator, make_head(spec), [NegativeAugmentation(), StopGradient()])
+    chains = gali.chains(images())
+    assert chains["z0"].requires_grad and not chains["Detach(z0)"].requires_grad
+    torch.testing.assert_close(chains["Detach(z0)"], chains["z0"].detach())

@@ -6,7 +6,7 @@ Swap them through the Python API: ``GALI(encoder, generator, head, providers=[..
 from .alice import AliceReconstruction
 from .base import FeedbackProvider
 from .maskmix import MaskMix, sample_box_masks
-from .negative import NegativeAugmentation, cutout, jigsaw
+from .negative import NegativeAugmentation, StopGradient, cutout, jigsaw
 from .pretrained import PretrainedFeatures, load_safetensors_into
 from .reconstruction import ReconstructionChain
 
@@ -17,6 +17,7 @@ __all__ = [
     "NegativeAugmentation",
     "PretrainedFeatures",
     "ReconstructionChain",
+    "StopGradient",
     "cutout",
     "jigsaw",
     "load_safetensors_into",

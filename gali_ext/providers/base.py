@@ -112,13 +112,18 @@ def _expected_shape(kind: str, chains: Chains) -> tuple[int, ...] | None:
     return None
 
 
-def _checked(function: NodeFunction, signature: Signature, who: str) -> NodeFunction:
-    """``function`` with its output checked against ``signature``: one line naming the
-    provider, the node and the fix when it returns something else than a tensor of the batch
-    with the shape of its declared kind (shapes only: no host sync)."""
+class _Checked:
+    """A provider's node function with its output checked against its signature: one line
+    naming the provider, the node and the fix when it returns something else than a tensor of
+    the batch with the shape of its declared kind (shapes only: no host sync). A class rather
+    than a closure, so that it pickles when the function does."""
 
-    def compute(node: Node, chains: Chains) -> Tensor:
-        value = function(node, chains)
+    def __init__(self, function: NodeFunction, signature: Signature, who: str) -> None:
+        self.function, self.signature, self.who = function, signature, who
+
+    def __call__(self, node: Node, chains: Chains) -> Tensor:
+        value = self.function(node, chains)
+        signature, who = self.signature, self.who
         declared = f"{who} declares {node.fn}: {signature}"
         if not isinstance(value, Tensor):
             raise ShapeError(
@@ -128,11 +133,8 @@ def _checked(function: NodeFunction, signature: Signature, who: str) -> NodeFunc
         expected = _expected_shape(signature.output, chains)
         shape = tuple(value.shape)
         if shape[:1] != (chains.batch_size,) or (expected is not None and shape[1:] != expected):
-            want = (
-                f"[{chains.batch_size}, {', '.join(map(str, expected))}]"
-                if expected
-                else (f"[{chains.batch_size}, ...]")
-            )
+            dims = ", ".join(map(str, (chains.batch_size, *expected))) if expected else None
+            want = f"[{dims}]" if dims else f"[{chains.batch_size}, ...]"
             raise ShapeError(
                 f"{who}'s function {node.fn} made node {node.name!r} of shape {list(shape)}, but "
                 f"{declared}, and {_plural(signature.output)} here are {want}: return "
@@ -140,8 +142,6 @@ def _checked(function: NodeFunction, signature: Signature, who: str) -> NodeFunc
                 f"{who}.signatures"
             )
         return value
-
-    return compute
 
 
 def _plural(kind: str) -> str:
@@ -195,7 +195,7 @@ def resolve_node_functions(
                 f"({made.argument!r}, {made.output!r})}}) and make the spec after the class is "
                 "defined"
             )
-        functions[name] = _checked(maker.function_for(name), made, who)
+        functions[name] = _Checked(maker.function_for(name), made, who)
     allowed = max((p.chain_depth for p in providers), default=0)
     for name in spec.nodes:
         node = parse_node(name)

@@ -9,10 +9,10 @@ from torch import Tensor
 
 from ..chains import Chains, NodeFunction
 from ..errors import ConfigError, ShapeError
-from ..spec import IMAGE, Node
+from ..spec import IMAGE, LATENT, Node
 from .base import FeedbackProvider
 
-__all__ = ["NegativeAugmentation", "cutout", "jigsaw"]
+__all__ = ["NegativeAugmentation", "StopGradient", "cutout", "jigsaw"]
 
 
 def _draw(rng: torch.Generator | None, device: torch.device) -> torch.device:
@@ -66,6 +66,20 @@ def cutout(
     return images.masked_fill(inside.unsqueeze(1), fill)
 
 
+class StopGradient(FeedbackProvider):
+    """Makes ``Detach``, latent -> latent: the same code without its gradient, so that a tuple
+    class holding ``Detach(z0)`` gives E no feedback, e.g. negatives for D alone,
+    ``(Jigsaw(x0), Detach(z0))`` (docs/design.md, section 2.4)."""
+
+    signatures = {"Detach": (LATENT, LATENT)}
+
+    def _detach(self, node: Node, chains: Chains) -> Tensor:
+        return chains[node.arg.name].detach()
+
+    def function_for(self, name: str) -> NodeFunction | None:
+        return self._detach if name == "Detach" else None
+
+
 class NegativeAugmentation(FeedbackProvider):
     """Makes ``Jigsaw`` and ``Cutout``, two image -> image functions that take a real image out
     of the data distribution while keeping its local statistics, so that tuple classes such as
@@ -74,7 +88,8 @@ class NegativeAugmentation(FeedbackProvider):
 
     Each node draws its own tile orders or squares from the step's generator (``chains.rng``;
     ``rng`` overrides it). The real images ``x0`` carry no gradient, so through
-    ``(Jigsaw(x0), z0)`` only E gets feedback, through ``z0``.
+    ``(Jigsaw(x0), z0)`` only E gets feedback, through ``z0`` (``Detach(z0)``,
+    :class:`StopGradient`, leaves such a class to D alone).
 
     Args:
         grid: Jigsaw's tiles per side (2: four tiles, as the paper's 2 x 2 jigsaw).
