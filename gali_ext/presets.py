@@ -30,12 +30,21 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from .errors import ProviderError, SpecError
-from .providers import AliceReconstruction, FeedbackProvider, MaskMix, ReconstructionChain
+from .providers import (
+    AliceReconstruction,
+    FeedbackProvider,
+    MaskMix,
+    NegativeAugmentation,
+    ReconstructionChain,
+)
 from .providers.base import resolve_node_functions
 from .spec import TupleSpec
 
@@ -43,13 +52,20 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "Preset",
     "ProviderFactory",
     "available_presets",
     "build_spec",
     "get_preset",
+    "load_entry_points",
     "register_preset",
 ]
+
+ENTRY_POINT_GROUP = "gali_ext.presets"
+"""The entry-point group through which an installed package registers its presets and
+providers: each entry point names a module (imported) or a function (called) that calls
+:func:`register_preset`."""
 
 ProviderFactory = Callable[..., Sequence[FeedbackProvider]]
 """A preset's provider factory: a function of keyword arguments, the provider options (each with
@@ -122,6 +138,10 @@ class Preset:
         title: one line for listings.
         needs_features: the providers need a pretrained feature model M (the ``features``
             argument of :meth:`providers` and :func:`~gali_ext.build_gali`).
+        source: where it was registered: the module that called :func:`register_preset`
+            (``"gali_ext.presets"`` for the built-ins), or the installed package's entry point
+            (``"entry point nda = gali_nda.presets of gali-nda 0.1"``). A run records it, so
+            that a resume can say what to import.
     """
 
     name: str
@@ -129,6 +149,7 @@ class Preset:
     make_providers: ProviderFactory = field(repr=False)
     title: str = ""
     needs_features: bool = False
+    source: str = field(default="", compare=False)
 
     @property
     def spec(self) -> TupleSpec:
@@ -246,6 +267,7 @@ def register_preset(
         _factory(providers),
         title=title,
         needs_features=needs_features,
+        source=_loading or sys._getframe(1).f_globals.get("__name__", ""),
     )
     spec = preset.spec  # validates the classes
     _factory_options(preset.make_providers, name)  # validates the factory's signature
@@ -266,20 +288,66 @@ def _check_providers(preset: Preset, spec: TupleSpec) -> None:
     resolve_node_functions(spec, preset.providers())
 
 
+_loading: str | None = None  # the entry point being loaded: the source of what it registers
+_entry_points_loaded = False
+_entry_point_failures: list[str] = []
+
+
+def load_entry_points() -> None:
+    """Register the presets of the installed packages, once per process: every entry point of
+    the group :data:`ENTRY_POINT_GROUP` is loaded (a module is imported, a function called), as
+    pytest loads its plugins. :func:`get_preset` and :func:`available_presets` call it, so a
+    preset of an installed package needs no import.
+
+    An entry point that fails is one warning naming it and its package; its presets are then
+    missing, and :func:`get_preset` of one of them names the failure.
+    """
+    global _entry_points_loaded, _loading
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(point, "dist", None)
+        package = f" of {dist.name} {dist.version}" if dist is not None else ""
+        _loading = f"entry point {point.name} = {point.value}{package}"
+        try:
+            loaded = point.load()
+            if callable(loaded):
+                loaded()
+        except Exception as error:  # a broken plugin must not stop the others
+            text = str(error).strip().splitlines()
+            failure = (
+                f"the {_loading} (group {ENTRY_POINT_GROUP}) failed: "
+                f"{type(error).__name__}: {text[0] if text else ''}; fix or uninstall it"
+            )
+            _entry_point_failures.append(failure)
+            warnings.warn(failure, stacklevel=2)
+        finally:
+            _loading = None
+
+
 def get_preset(name: str) -> Preset:
-    """The registered preset ``name``; an unknown name suggests the closest."""
+    """The registered preset ``name``, the installed packages' included
+    (:func:`load_entry_points`); an unknown name suggests the closest."""
     preset = _REGISTRY.get(name) if isinstance(name, str) else None
     if preset is None:
-        close = difflib.get_close_matches(str(name), available_presets(), n=1)
+        names = available_presets()
+        preset = _REGISTRY.get(name) if isinstance(name, str) else None
+        if preset is not None:
+            return preset
+        close = difflib.get_close_matches(str(name), names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
+        failed = "".join(f"; {f}" for f in _entry_point_failures)
         raise SpecError(
-            f"unknown preset {name!r}{hint} (presets: {', '.join(available_presets())})"
+            f"unknown preset {name!r}{hint} (presets: {', '.join(names)}; a preset of your "
+            f"own: import the module that registers it first, gali-ext --import MODULE){failed}"
         )
     return preset
 
 
 def available_presets() -> list[str]:
-    """Names of the registered presets."""
+    """Names of the registered presets, the installed packages' included."""
+    load_entry_points()
     return sorted(_REGISTRY)
 
 
@@ -311,6 +379,18 @@ def _gali_mix(
     """GALI-mix's node functions ``Mask{k}`` and ``Mix{k}`` (docs/design.md, section 5):
     ``fill`` is the value of blacked-out pixels, ``rng`` the masks' generator."""
     return [MaskMix(fill=fill, rng=rng)]
+
+
+def _gali_nda(
+    *,
+    grid: int = _default(NegativeAugmentation, "grid"),
+    cutout_fraction: float = _default(NegativeAugmentation, "cutout_fraction"),
+    fill: float = _default(NegativeAugmentation, "fill"),
+) -> list[FeedbackProvider]:
+    """GALI-NDA's node functions ``Jigsaw`` and ``Cutout`` (docs/design.md, section 2.4):
+    ``grid`` tiles per side, the cut-out square's ``cutout_fraction`` of the image side, its
+    ``fill``."""
+    return [NegativeAugmentation(grid=grid, cutout_fraction=cutout_fraction, fill=fill)]
 
 
 def _gali_pt(features: FeedbackProvider) -> list[FeedbackProvider]:
@@ -362,6 +442,15 @@ register_preset(
     ],
     _gali_mix,
     title="GALI-mix (K=8, inpainting self-supervision)",
+)
+# Negative data augmentation (Sinha et al., ICLR 2021) as GALI classes: real images taken out of
+# the data distribution, paired with the code of the image they came from (on digits it costs
+# ALI most of its inference: docs/design.md, section 2.4).
+register_preset(
+    "gali_nda",
+    [*_ALI, ("Jigsaw(x0)", "z0"), ("Cutout(x0)", "z0")],
+    _gali_nda,
+    title="GALI-NDA (K=4, ALI + negative data augmentation: Jigsaw and Cutout classes)",
 )
 register_preset(
     "gali_pt",

@@ -42,20 +42,15 @@ def _options(
         [],
         "--import",
         help="Import a Python module first, e.g. one that calls gali_ext.register_preset "
-        "(repeatable): `gali-ext --import my_presets recipe digits-gali4 --set spec=mine`.",
+        "(repeatable): `gali-ext --import my_presets recipe digits-gali4 --set spec=mine`. A "
+        "run records it; a resume names it when it is missing.",
     ),
 ) -> None:
     """Generalized Adversarially Learned Inference: train and inspect GALI models."""
-    import importlib
-    import sys
+    from gali_ext.recipes.plugins import import_module
 
-    if imports and "" not in sys.path:
-        sys.path.insert(0, "")  # modules in the current folder, as `python -m` would find them
     for name in imports:
-        try:
-            importlib.import_module(name)
-        except ImportError as error:
-            raise ConfigError(f"--import {name}: cannot import it ({error})") from error
+        import_module(name)
 
 
 def _path(value: str) -> Path | str:
@@ -113,7 +108,10 @@ def recipe(
     out = _out(out) or Path("runs") / name
     config = recipes.get(name)
     if resume and (out / "config.json").is_file():
+        from gali_ext.recipes.plugins import check_run_preset
+
         saved = recipes.RecipeConfig.from_json(out / "config.json")
+        check_run_preset(out, saved.spec, f"recipe {saved.name} --resume --out {out}")
         if saved.name != name:
             raise ConfigError(
                 f"--resume: {str(out)!r} holds a run of {saved.name!r}, not {name!r}: resume it "
@@ -381,11 +379,11 @@ def study_command(
     progress: bool = typer.Option(True, help="Show progress bars (one job only)."),
     svm_samples: int = typer.Option(None, help="Labelled images per SVM draw (digits: 500)."),
     svm_draws: int = typer.Option(None, help="SVM draws to average (digits: 10)."),
-    recipes: str = typer.Option(None, help="Comma-separated recipes (default: all six)."),
+    recipes: str = typer.Option(None, help="Comma-separated recipes (default: all seven)."),
     set_: list[str] = typer.Option([], "--set", help="Override a setting in every recipe."),
 ) -> None:
-    """Train digits-ali, -alice, -gali4, -gali8, -gali-pt, -gali-mix over seeds, compare them,
-    and test the paper's claims seed by seed (paired.md)."""
+    """Train digits-ali, -alice, -gali4, -gali8, -gali-pt, -gali-mix, -gali-nda over seeds,
+    compare them, and test the paper's claims seed by seed (paired.md)."""
     from gali_ext.recipes.study import STUDY_SEEDS, STUDY_STEPS, study
 
     out = _out(out)

@@ -93,6 +93,15 @@ register(
 
 register(
     RecipeConfig(
+        name="digits-gali-nda",
+        spec="gali_nda",
+        description=f"{_title('gali_nda')} on digits, CPU minutes",
+        **DIGITS_DEFAULTS,
+    )
+)
+
+register(
+    RecipeConfig(
         name="digits-gali8-cond",
         spec="gali8",
         description=f"{_title('gali8')} on digits, class-conditional G(z, y) and projection D",

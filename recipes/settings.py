@@ -113,7 +113,13 @@ class RecipeConfig:
             ),
             (self.dataset in DATASETS, "dataset", ", ".join(DATASETS)),
             (self.arch in available_archs(), "arch", ", ".join(available_archs())),
-            (self.spec in available_presets(), "spec", ", ".join(available_presets())),
+            (
+                self.spec in available_presets(),
+                "spec",
+                f"{', '.join(available_presets())}, or a preset of your own, registered first "
+                "(gali-ext --import MODULE, or an installed package's gali_ext.presets entry "
+                "point)",
+            ),
             (self.latent_dim > 0, "latent_dim", "a positive int"),
             # every architecture has batch norm in E and G: batch statistics need two images
             (self.batch_size >= 2, "batch_size", "an int >= 2 (batch norm needs two images)"),

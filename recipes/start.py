@@ -36,6 +36,7 @@ from gali_ext.recipes.files import (
     truncate_metrics,
     write_text_atomic,
 )
+from gali_ext.recipes.plugins import imports_record
 from gali_ext.recipes.rundir import (
     CONFIG_NAME,
     METRICS_NAME,
@@ -426,7 +427,8 @@ def start_run(accelerator: Any, out: Path, plan: StartPlan, run: BuiltRun) -> in
         for change in sorted(set(changes)):
             accelerator.print(f"--resume: {change} from step {step} on")
     if accelerator.is_main_process:
-        write_text_atomic(out / CONFIG_NAME, config.to_json(launch_info(accelerator)) + "\n")
+        launch = {**launch_info(accelerator), **imports_record(config.spec)}
+        write_text_atomic(out / CONFIG_NAME, config.to_json(launch) + "\n")
         truncate_metrics(out / METRICS_NAME, step)  # steps after the checkpoint are trained again
     accelerator.wait_for_everyone()
     return step

@@ -149,6 +149,9 @@ CLAIMS = [
     Claim(
         "GALI-PT beats GALI-4 on feature MSE", "digits-gali-pt", "digits-gali4", ("feature_mse",)
     ),
+    # negative data augmentation (docs/design.md, section 2.4): does D's harder task of telling
+    # real pairs from negatives give E and G better feedback than ALI's?
+    Claim("GALI-NDA beats ALI", "digits-gali-nda", "digits-ali", _INFERENCE),
 ]
 
 

@@ -38,6 +38,7 @@ from gali_ext.recipes.files import write_text_atomic
 from gali_ext.recipes.metrics import (
     reconstruct,
 )
+from gali_ext.recipes.plugins import import_modules, imported_modules
 from gali_ext.recipes.runs import load_run_models
 from gali_ext.recipes.settings import RecipeConfig
 from gali_ext.recipes.stats import format_paired_table, paired_table
@@ -61,6 +62,7 @@ STUDY_RECIPES = [
     "digits-gali8",
     "digits-gali-pt",
     "digits-gali-mix",
+    "digits-gali-nda",
 ]
 
 
@@ -120,6 +122,14 @@ def die_with_parent(parent: int, interval: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _start_worker(parent: int, modules: list[str]) -> None:
+    """A study worker: it dies with the study (:func:`die_with_parent`) and imports what the
+    study imported with ``--import`` (a preset of the user's own), as a spawned process starts
+    without them."""
+    die_with_parent(parent)
+    import_modules(modules)
 
 
 @dataclass(frozen=True)
@@ -207,8 +217,8 @@ def run_all(
     echo: Callable[[str], Any] = print,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every run, ``jobs`` at a time (each job its own spawned process that
-    dies with the study, :func:`die_with_parent`), each run's line echoed as it ends; the
-    results in the order of ``runs``."""
+    dies with the study, :func:`die_with_parent`, and imports the study's ``--import`` modules),
+    each run's line echoed as it ends; the results in the order of ``runs``."""
     results = []
     if jobs == 1:
         previous = torch.get_num_threads()
@@ -224,7 +234,10 @@ def run_all(
             torch.set_num_threads(previous)
         return results
     with ProcessPoolExecutor(
-        jobs, mp_context=get_context("spawn"), initializer=die_with_parent, initargs=(os.getpid(),)
+        jobs,
+        mp_context=get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(os.getpid(), imported_modules()),
     ) as pool:
         futures = [
             pool.submit(_train_and_evaluate, run, evaluator, svm_samples, svm_draws, False, threads)

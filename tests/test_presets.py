@@ -4,9 +4,10 @@
 import inspect
 import json
 import math
+import re
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,53 +241,54 @@ def test_a_user_preset_trains_through_a_recipe_and_the_benchmark(tri, tmp_path):
     assert result["head"]  # the fused-head table still runs
 
 
-@pytest.mark.slow
-def test_a_user_preset_module_trains_from_the_command_line(tmp_path):
-    (tmp_path / "my_presets.py").write_text(
-        textwrap.dedent(
-            """
-            from gali_ext import register_preset
-            from gali_ext.providers import ReconstructionChain
+def readme_module(name: str) -> str:
+    """The README's Python block that starts with the comment ``# NAME``."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.+?)```", readme, re.S)
+    return next(b for b in blocks if b.startswith(f"# {name}\n"))
 
-            register_preset("tri_cli", [("x0", "z0"), ("xp0", "zp0"), ("x0", "z1")],
-                            [ReconstructionChain])
-            """
+
+@pytest.mark.slow
+def test_a_user_preset_module_trains_from_the_command_line_and_the_run_remembers_it(tmp_path):
+    # the README's provider of one's own, its preset and its digits run (README, "Write a
+    # feedback provider")
+    (tmp_path / "my_rotation.py").write_text(readme_module("my_rotation.py"))
+
+    def gali_ext(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "gali_ext.cli", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "gali_ext.cli",
-        "--import",
-        "my_presets",
-        "recipe",
-        "digits-gali4",
-        "--set",
-        "spec=tri_cli",
-        "--steps",
-        "2",
-        "--set",
-        "batch_size=8",
-        "--out",
-        str(tmp_path / "run"),
-        "--no-progress",
-    ]
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    settings = ["--set", "batch_size=8", "--set", "checkpoint_every=1", "--no-progress"]
+    train = ["recipe", "digits-ali", "--set", "spec=gali_rot", *settings, "--out", "run"]
+    run = gali_ext("--import", "my_rotation", *train, "--steps", "2")
     assert run.returncode == 0, run.stderr
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["spec"] == "tri_cli"
-    listed = subprocess.run(
-        [sys.executable, "-m", "gali_ext.cli", "--import", "my_presets", "presets"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["spec"] == "gali_rot"
+    assert config["launch"]["imports"] == ["my_rotation"]
+    assert config["launch"]["preset_source"] == "my_rotation"
+    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(json.loads(records[-1])["d_accuracy"]) == 4  # the preset's four classes
+    listed = gali_ext("--import", "my_rotation", "presets")
+    assert "gali_rot" in listed.stdout and "K=4 m=2" in listed.stdout
+    # without the import: a fresh run is refused, a resume names the module to import
+    unknown = gali_ext("recipe", "digits-ali", "--set", "spec=gali_rot")
+    assert unknown.returncode == 2 and "error: spec='gali_rot' is invalid" in unknown.stderr
+    resume = ["recipe", "digits-ali", "--resume", "--out", "run", *settings[-1:]]
+    forgotten = gali_ext(*resume, "--steps", "3")
+    assert forgotten.returncode == 2 and forgotten.stderr == (
+        "error: 'run' was trained with the preset 'gali_rot', registered by the module "
+        "my_rotation: import it, `gali-ext --import my_rotation recipe digits-ali --resume "
+        "--out run`\n"
     )
-    assert "tri_cli" in listed.stdout and "K=3 m=2" in listed.stdout
-    unknown = subprocess.run(
-        command[:3] + ["recipe", "digits-gali4", "--set", "spec=tri_cli"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert unknown.returncode == 2 and "error: spec='tri_cli' is invalid" in unknown.stderr
+    resumed = gali_ext("--import", "my_rotation", *resume, "--steps", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    # sample reads E and G only: no import needed
+    sampled = gali_ext("sample", "run", "--out", "grids")
+    assert sampled.returncode == 0, sampled.stderr
+    assert (tmp_path / "grids" / "samples-ema.png").is_file()

@@ -104,7 +104,7 @@ def test_custom_spec_any_k_and_m():
     [
         ([("x0", "z0")], "K >= 2"),
         ([("x0", "z0"), ("xp0", "zp0", "xp1")], "same arity"),
-        ([("x0", "z0"), ("zp0", "xp0")], "slot 0 holds a 'image'"),
+        ([("x0", "z0"), ("zp0", "xp0")], "slot 0 holds an image"),
         ([("x0", "z0"), ("x0", "E(x0)")], "duplicate tuple class"),
         ([("x0", "z0"), ("y0", "zp0")], "unknown node name 'y0'"),
         ([("x0", "z0"), ("E(z0)", "zp0")], "E takes an image"),

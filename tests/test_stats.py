@@ -100,6 +100,7 @@ def test_the_study_claims_name_the_paper_comparisons():
         ("digits-gali8", "digits-alice"),
         ("digits-gali-mix", "digits-ali"),
         ("digits-gali-pt", "digits-gali4"),
+        ("digits-gali-nda", "digits-ali"),
     }
     mix = next(c for c in CLAIMS if c.better == "digits-gali-mix")
     assert mix.metrics == ("inpaint_pixel_mse", "inpaint_feature_mse")

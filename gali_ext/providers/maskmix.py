@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..chains import Chains, NodeFunction
 from ..errors import ShapeError
-from ..spec import Node
+from ..spec import IMAGE, Node
 from .base import FeedbackProvider
 
 __all__ = ["MaskMix", "sample_box_masks"]
@@ -58,6 +58,8 @@ class MaskMix(FeedbackProvider):
         rng: a ``torch.Generator`` for the masks; else the step's rng, else the
             global one.
     """
+
+    signatures = {"Mask<k>": (IMAGE, IMAGE), "Mix<k>": (IMAGE, IMAGE)}
 
     def __init__(self, fill: float = -1.0, rng: torch.Generator | None = None) -> None:
         super().__init__()

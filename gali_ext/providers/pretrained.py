@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..chains import Chains, NodeFunction
 from ..errors import CheckpointError, ConfigError, ShapeError
 from ..extras import require
-from ..spec import Node
+from ..spec import IMAGE, LATENT, Node, Signature, function_signature
 from .base import FeedbackProvider
 
 __all__ = ["PretrainedFeatures", "load_safetensors_into"]
@@ -106,8 +106,17 @@ class PretrainedFeatures(FeedbackProvider):
         image_range: tuple[float, float] = (-1.0, 1.0),
     ) -> None:
         super().__init__()
-        if not name.isidentifier() or name in ("E", "G") or name.startswith(("Mask", "Mix")):
-            raise ConfigError(f"{name!r} cannot name a feature function")
+        if (
+            not isinstance(name, str)
+            or not name.isidentifier()
+            or name in (IMAGE, LATENT)
+            or function_signature(name) != Signature(IMAGE, name)
+        ):
+            raise ConfigError(
+                f"{name!r} cannot name a feature function: the node language or another "
+                "provider gives it other kinds (features map an image to a new kind named "
+                "after the function)"
+            )
         self.name = name
         if isinstance(model, str):
             require("timm", "a timm model name")
