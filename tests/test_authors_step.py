@@ -400,13 +400,15 @@ def test_one_cycle_equals_the_authors(model, svhn_folder, tmp_path):
     terms, weights, statistics, losses = compare(model, svhn_folder, tmp_path / "run", TEST_EPS)
     expected_terms = {"ali": 4 * 3, "gali4": 4 + 12, "gali8": 5 * 8 + 56}[model]
     assert len(terms) == expected_terms
-    assert max(terms.values()) < 2e-5, max(terms.items(), key=lambda t: t[1])
+    assert max(terms.values()) < 2e-6, max(terms.items(), key=lambda t: t[1])
     for label, ours, theirs in losses:
-        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6), label
+        assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-6), label
     assert len(weights) > 40
-    assert max(weights.values()) < 1e-5, max(weights.items(), key=lambda t: t[1])
-    if model != "gali8":  # GALI-8: we call G in another order within a step (section 4.9)
-        assert max(statistics.values()) < 1e-5, max(statistics.items(), key=lambda t: t[1])
+    assert max(weights.values()) < 1e-6, max(weights.items(), key=lambda t: t[1])
+    # the buffers too, but G's batch-norm statistics in GALI-8, where we call G in another
+    # order within the step (docs/design.md, section 4.9)
+    kept = {k: v for k, v in statistics.items() if model != "gali8" or not k.startswith("G.")}
+    assert max(kept.values()) < 1e-6, max(kept.items(), key=lambda t: t[1])
 
 
 def _report(model: str, folder, out, adam_eps: float) -> None:
