@@ -191,3 +191,12 @@ def test_svhn_gali8_end_to_end_on_svhn_format_digits(tmp_path, capsys):
     assert float((resumed - expected).abs().max()) > 0.5
     bias = load_file(run / "generator.safetensors")["output_bias"]
     torch.testing.assert_close(bias, expected, rtol=0, atol=1e-5)
+
+    # an export rebuilds G with its per-pixel bias
+    from gali_ext.recipes.export import HubGenerator
+
+    code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "hub"))
+    assert code == 0, err
+    generator = HubGenerator.from_pretrained(str(tmp_path / "hub"))
+    assert generator.output_bias_mode == "pixel"
+    torch.testing.assert_close(generator.output_bias.detach(), bias)
