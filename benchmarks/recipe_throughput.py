@@ -77,6 +77,8 @@ def measure(
     config = dataclasses.replace(
         recipes.get(recipe),
         steps=steps,
+        epochs=0.0,  # a length in steps, not the recipe's epochs
+        train_split="train",  # the stand-in's (throughput does not depend on the split)
         mixed_precision=precision,
         data_dir=str(data_dir),
         log_every=1,

@@ -36,7 +36,14 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, ShapeError
-from .trainer import DivergenceGuard, StepMetrics, run_step, unpack_metrics, unwrap_optimizer
+from .trainer import (
+    DivergenceGuard,
+    StepMetrics,
+    batches_per_step,
+    run_step,
+    unpack_metrics,
+    unwrap_optimizer,
+)
 
 __all__ = ["CapturedStep", "tf32_mode"]
 
@@ -83,6 +90,8 @@ class CapturedStep:
             :class:`~gali_ext.trainer.DivergenceGuard`).
         n_dis: D steps per step; each call takes ``n_dis`` batches.
         shared_forward: the last D step and the G/E step from one forward pass.
+        own_generator_batch: the G/E step on a batch of its own (one more per call), as
+            :func:`~gali_ext.trainer.train_step`'s option of that name.
         autocast_dtype: ``torch.bfloat16`` to run the objective under bf16 autocast (with its
             cast cache off, as capture needs); None for float32. fp16 is refused: its loss
             scaling is not captured.
@@ -105,6 +114,7 @@ class CapturedStep:
         *,
         n_dis: int = 1,
         shared_forward: bool = False,
+        own_generator_batch: bool = False,
         autocast_dtype: torch.dtype | None = None,
         capture: bool | None = None,
         warmup_steps: int = 3,
@@ -121,6 +131,8 @@ class CapturedStep:
             )
         if n_dis < 1:
             raise ConfigError(f"n_dis must be >= 1, got {n_dis}")
+        if shared_forward and own_generator_batch:
+            raise ConfigError("shared_forward and own_generator_batch exclude each other")
         if warmup_steps < (1 if self.capture else 0):
             raise ConfigError(f"warmup_steps must be >= 1 before a capture, got {warmup_steps}")
         if isinstance(gali, nn.parallel.DistributedDataParallel) or (
@@ -164,6 +176,9 @@ class CapturedStep:
         self.g_optimizer = g_optimizer
         self.n_dis = n_dis
         self.shared_forward = shared_forward
+        self.own_generator_batch = own_generator_batch
+        #: the batches each call takes
+        self.batches_per_step = batches_per_step(n_dis, own_generator_batch)
         self.autocast_dtype = autocast_dtype
         self.warmup_steps = warmup_steps
         #: the instance-noise std, a 0-dim device tensor filled in place before every step
@@ -191,7 +206,7 @@ class CapturedStep:
         step: int | None = None,
         sync: bool = True,
     ) -> StepMetrics | None:
-        """Run one step on the next ``n_dis`` batches.
+        """Run one step on the next :attr:`batches_per_step` batches.
 
         ``instance_noise``: this step's std (a float; it is written into
         :attr:`instance_noise`). The step draws instance noise if the first call's std was
@@ -205,12 +220,13 @@ class CapturedStep:
         start = time.perf_counter()
         iterator = iter(batches)
         xs = []
-        for _ in range(self.n_dis):
+        for _ in range(self.batches_per_step):
             try:
                 xs.append(next(iterator))
             except StopIteration:
+                own = " + 1 (own_generator_batch)" if self.own_generator_batch else ""
                 raise ConfigError(
-                    f"the step takes n_dis={self.n_dis} batches, got {len(xs)}"
+                    f"the step takes n_dis={self.n_dis}{own} batches, got {len(xs)}"
                 ) from None
         self._load(xs)
         self._set_noise(instance_noise)
@@ -297,6 +313,7 @@ class CapturedStep:
             shared_forward=self.shared_forward,
             guard=self.guard,
             step=None,
+            own_generator_batch=self.own_generator_batch,
         )
         if self._logged is None:
             self._logged = torch.empty_like(logged)

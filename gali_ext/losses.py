@@ -5,10 +5,13 @@ Every loss takes ``logits: [K, B, K]``, where ``logits[i]`` are the discriminato
 B tuples of class i, computes its per-sample values in float32 (also under autocast), sums them
 over the classes and averages over the batch. An objective with T terms is weighted by ``2 / T``
 so that every preset trains on ALI's scale (the paper, "Architecture and Setup");
-``weighted=False`` turns that off. Logits holding NaN or inf raise
-:class:`~gali_ext.errors.DivergenceError` naming the loss, instead of a NaN loss (the
-cross-entropy family; a host sync per loss). ``check_finite=False`` skips that check, as
-:func:`~gali_ext.trainer.train_step` asks when its device-side guard watches the losses.
+``weighted=False`` turns that off. :class:`DiscriminatorLoss` and :class:`ProductOfTermsLoss`
+also take a ``[K, K]`` matrix of per-term weights instead (``weights``, docs/design.md,
+section 3.7): ``W[i, j]`` multiplies the term of class i's tuples and class j's probability.
+Logits holding NaN or inf raise :class:`~gali_ext.errors.DivergenceError` naming the loss,
+instead of a NaN loss (the cross-entropy family; a host sync per loss). ``check_finite=False``
+skips that check, as :func:`~gali_ext.trainer.train_step` asks when its device-side guard
+watches the losses.
 
 | loss                           | minimised by | per-sample value, class i             | T      |
 |--------------------------------|--------------|---------------------------------------|--------|
@@ -25,6 +28,8 @@ each unary term times its weight, each by the same per-logits loss (section 9.1,
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +58,7 @@ __all__ = [
     "GENERATOR_CRITERIA",
     "build_discriminator_criterion",
     "build_generator_criterion",
+    "check_term_weights",
 ]
 
 
@@ -95,6 +101,41 @@ def _own_class_mask(k: int, device: torch.device) -> Tensor:
     return torch.eye(k, dtype=torch.bool, device=device).unsqueeze(1)
 
 
+def check_term_weights(weights: Any, k: int, loss: str, own_class: bool) -> Tensor:
+    """``weights`` as a float ``[K, K]`` tensor of per-term weights for ``loss``, checked: finite
+    and non-negative, and zero where the loss has no term (off the diagonal for D's loss,
+    ``own_class``; on it for the product of terms). Else :class:`ShapeError` or
+    :class:`ConfigError` saying what was expected."""
+    weights = torch.as_tensor(weights, dtype=torch.float32)
+    if weights.shape != (k, k):
+        raise ShapeError(
+            f"expected {loss} weights of shape [K, K] = [{k}, {k}], got {list(weights.shape)}"
+        )
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ConfigError(f"expected finite {loss} weights >= 0, got {weights.tolist()}")
+    eye = torch.eye(k, dtype=torch.bool, device=weights.device)
+    unused = ~eye if own_class else eye
+    if bool((weights[unused] != 0).any()):
+        where = "off the diagonal" if own_class else "on the diagonal"
+        terms = "one term per class, log p[i, b, i]" if own_class else "no term log p[i, b, i]"
+        raise ConfigError(
+            f"{loss} has {terms}: expected zero weights {where}, got {weights.tolist()}"
+        )
+    return weights
+
+
+def _weighted_terms(log_p: Tensor, weights: Tensor) -> Tensor:
+    """``-(1/B) sum_b sum_{i, j} W[i, j] log p[i, b, j]`` (eqs. 3.13, 3.14) of checked weights
+    (:func:`check_term_weights`; the shape is checked here, without a host sync)."""
+    k = log_p.shape[0]
+    if weights.shape != (k, k):
+        raise ShapeError(
+            f"expected logits [K, B, K] with K={weights.shape[0]} (the weights' K), "
+            f"got {list(log_p.shape)}"
+        )
+    return -(log_p.mean(1) * weights.to(log_p.device, log_p.dtype)).sum()
+
+
 def log_probabilities(logits: Tensor) -> Tensor:
     """``log_softmax(logits, -1)`` in float32, also inside an autocast region. ``[K, B, K]``."""
     _check_logits(logits)
@@ -102,21 +143,33 @@ def log_probabilities(logits: Tensor) -> Tensor:
 
 
 def discriminator_loss(
-    logits: Tensor, weighted: bool = True, *, check_finite: bool = True
+    logits: Tensor,
+    weighted: bool = True,
+    *,
+    check_finite: bool = True,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Eq. 3 negated: ``-(1/B) sum_b sum_i log D_i(t_ib)``, times ``2/K`` when weighted.
 
-    ``check_finite``: first raise :class:`~gali_ext.errors.DivergenceError` if the logits hold
-    NaN or inf (one host sync); ``False`` skips the check.
+    ``weights``: a diagonal ``[K, K]`` matrix; class i's term is then multiplied by
+    ``weights[i, i]`` instead (eq. 3.13; ``weighted`` is ignored). ``check_finite``: first
+    raise :class:`~gali_ext.errors.DivergenceError` if the logits hold NaN or inf (one host
+    sync); ``False`` skips the check.
     """
     k = _check_logits(logits, "discriminator_loss", check_finite)
     log_p = _log_softmax32(logits)
+    if weights is not None:
+        return _weighted_terms(log_p, check_term_weights(weights, k, "discriminator_loss", True))
     loss = -log_p.diagonal(dim1=0, dim2=2).sum(-1).mean()
     return loss * (2.0 / k) if weighted else loss
 
 
 def product_of_terms_loss(
-    logits: Tensor, weighted: bool = True, *, check_finite: bool = True
+    logits: Tensor,
+    weighted: bool = True,
+    *,
+    check_finite: bool = True,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Eq. 4, the non-saturating product of terms for G and E.
 
@@ -124,11 +177,16 @@ def product_of_terms_loss(
     K = 2 it is ALI/BiGAN's non-saturating generator loss
     ``-log(1 - D(x, E(x))) - log D(G(z), z)``.
 
+    ``weights``: a ``[K, K]`` matrix with a zero diagonal; the term of class i and wrong class
+    j is then multiplied by ``weights[i, j]`` instead (eq. 3.14; ``weighted`` is ignored).
     ``check_finite``: first raise :class:`~gali_ext.errors.DivergenceError` if the logits hold
     NaN or inf (one host sync); ``False`` skips the check.
     """
     k = _check_logits(logits, "product_of_terms_loss", check_finite)
     log_p = _log_softmax32(logits)
+    if weights is not None:
+        weights = check_term_weights(weights, k, "product_of_terms_loss", False)
+        return _weighted_terms(log_p, weights)
     off_class = log_p.masked_fill(_own_class_mask(k, logits.device), 0.0)
     loss = -off_class.sum(dim=(0, 2)).mean()
     return loss * (2.0 / (k * (k - 1))) if weighted else loss
@@ -231,13 +289,36 @@ class LogitsLoss(nn.Module):
     """The base of the loss modules on the discriminator's logits: a subclass names its loss
     function ``_fn(logits, weighted, *, check_finite)`` (one of this module's), and
     :meth:`forward` applies it to the logits or to each term of a
-    :class:`~gali_ext.head.DiscriminatorOutput`."""
+    :class:`~gali_ext.head.DiscriminatorOutput`.
+
+    ``weights``: a ``[K, K]`` matrix of per-term weights (eqs. 3.13, 3.14), for the losses whose
+    function takes them (:class:`DiscriminatorLoss`, :class:`ProductOfTermsLoss`); it replaces
+    the ``2/T`` of ``weighted``. Kept as a buffer outside the state dict, so it moves with the
+    module and checkpoints are those of a loss without it."""
 
     _fn = staticmethod(discriminator_loss)
+    _own_class: bool | None = None  # True/False: the loss takes per-term weights (see forward)
 
-    def __init__(self, weighted: bool = True) -> None:
+    def __init__(self, weighted: bool = True, weights: Tensor | None = None) -> None:
         super().__init__()
         self.weighted = weighted
+        if weights is not None:
+            if self._own_class is None:
+                raise ConfigError(
+                    f"{type(self).__name__} takes no per-term weights: they weigh the "
+                    "cross-entropy terms of DiscriminatorLoss and ProductOfTermsLoss"
+                )
+            weights = torch.as_tensor(weights)
+            k = weights.shape[0] if weights.dim() else 0
+            weights = check_term_weights(weights, k, type(self).__name__, self._own_class)
+        self.register_buffer("weights", weights, persistent=False)
+
+    def _apply_fn(self, logits: Tensor, check_finite: bool) -> Tensor:
+        if self.weights is None:
+            return type(self)._fn(logits, self.weighted, check_finite=check_finite)
+        # the weights were checked at construction: no host sync for them here
+        _check_logits(logits, type(self).__name__, check_finite)
+        return _weighted_terms(_log_softmax32(logits), self.weights)
 
     def forward(self, logits: Tensor | DiscriminatorOutput, *, check_finite: bool = True) -> Tensor:
         """The loss of ``logits [K, B, K]``; of a :class:`~gali_ext.head.DiscriminatorOutput`,
@@ -245,30 +326,35 @@ class LogitsLoss(nn.Module):
         ``check_finite``: check each term's logits for NaN or inf first (the loss function's
         check, a host sync each); :class:`~gali_ext.GALI` passes ``False`` when the training
         step's device-side guard watches the losses instead."""
-        fn = type(self)._fn
         if not isinstance(logits, DiscriminatorOutput):
-            return fn(logits, self.weighted, check_finite=check_finite)
-        total = fn(logits.joint, self.weighted, check_finite=check_finite)
+            return self._apply_fn(logits, check_finite)
+        total = self._apply_fn(logits.joint, check_finite)
         for weight, unary in logits.terms()[1:]:
             if weight != 0:
-                total = total + weight * fn(unary, self.weighted, check_finite=check_finite)
+                total = total + weight * self._apply_fn(unary, check_finite)
         return total
 
     def extra_repr(self) -> str:
+        if self.weights is not None:
+            return f"weights={[[round(w, 6) for w in row] for row in self.weights.tolist()]}"
         return f"weighted={self.weighted}"
 
 
 class DiscriminatorLoss(LogitsLoss):
-    """D's loss, eq. 3 negated (see :func:`discriminator_loss`). ``logits: [K, B, K]``."""
+    """D's loss, eq. 3 negated (see :func:`discriminator_loss`). ``logits: [K, B, K]``;
+    ``weights``: a diagonal ``[K, K]`` matrix of per-class weights (eq. 3.13)."""
 
     _fn = staticmethod(discriminator_loss)
+    _own_class = True
 
 
 class ProductOfTermsLoss(LogitsLoss):
     """The generator-encoder's non-saturating product of terms, eq. 4
-    (see :func:`product_of_terms_loss`). ``logits: [K, B, K]``."""
+    (see :func:`product_of_terms_loss`). ``logits: [K, B, K]``; ``weights``: a ``[K, K]``
+    matrix with a zero diagonal, the weight of each wrong-class term (eq. 3.14)."""
 
     _fn = staticmethod(product_of_terms_loss)
+    _own_class = False
 
 
 class MinimaxLoss(LogitsLoss):
@@ -312,21 +398,40 @@ GENERATOR_CRITERIA: dict[str, type[nn.Module]] = {
 """The generator-encoder losses by name (the recipe setting ``generator_criterion``)."""
 
 
-def _build(registry: dict[str, type[nn.Module]], what: str, name: str, weighted: bool):
+def _build(
+    registry: dict[str, type[nn.Module]],
+    what: str,
+    name: str,
+    weighted: bool,
+    weights: Tensor | None,
+):
     cls = registry.get(name)
     if cls is None:
         raise ConfigError(f"unknown {what} criterion {name!r}; known: {', '.join(registry)}")
-    return cls(weighted)
+    if weights is None:
+        return cls(weighted)
+    if getattr(cls, "_own_class", None) is None:
+        raise ConfigError(
+            f"the {what} criterion {name!r} takes no per-term weights: they weigh the "
+            "cross-entropy terms of cross_entropy (D) and product_of_terms (G and E)"
+        )
+    return cls(weighted, weights)
 
 
-def build_discriminator_criterion(name: str, weighted: bool = True) -> nn.Module:
-    """D's loss ``name`` of :data:`DISCRIMINATOR_CRITERIA`."""
-    return _build(DISCRIMINATOR_CRITERIA, "discriminator", name, weighted)
+def build_discriminator_criterion(
+    name: str, weighted: bool = True, weights: Tensor | None = None
+) -> nn.Module:
+    """D's loss ``name`` of :data:`DISCRIMINATOR_CRITERIA`; ``weights``: its per-class weights
+    (a diagonal ``[K, K]`` matrix, eq. 3.13), for ``cross_entropy`` only."""
+    return _build(DISCRIMINATOR_CRITERIA, "discriminator", name, weighted, weights)
 
 
-def build_generator_criterion(name: str, weighted: bool = True) -> nn.Module:
-    """The generator-encoder loss ``name`` of :data:`GENERATOR_CRITERIA`."""
-    return _build(GENERATOR_CRITERIA, "generator", name, weighted)
+def build_generator_criterion(
+    name: str, weighted: bool = True, weights: Tensor | None = None
+) -> nn.Module:
+    """The generator-encoder loss ``name`` of :data:`GENERATOR_CRITERIA`; ``weights``: its
+    per-term weights (``[K, K]``, zero diagonal, eq. 3.14), for ``product_of_terms`` only."""
+    return _build(GENERATOR_CRITERIA, "generator", name, weighted, weights)
 
 
 class AliceReconstructionLoss(nn.Module):

@@ -4,8 +4,9 @@
 then one generator-encoder step (no gradient for D) on the chains of the last D step, on HF
 Accelerate objects or plain ones, so a user's own loop can call it. With
 ``shared_forward=True`` the last D step and the G/E step come from one forward pass, as in the
-authors' GALI-4 script. The reference loop that calls it is ``recipes.train``
-(``--set shared_forward=true``).
+authors' GALI-4 script; with ``own_generator_batch=True`` the G/E step draws a batch of its own
+and runs its own forward, as in their ALI and GALI-8 scripts. The reference loop that calls it
+is ``recipes.train`` (``--set shared_forward=true``, ``--set own_generator_batch=true``).
 
 Its NaN guard reads no loss on the host when the optimizers can skip an update on the device
 (:class:`DivergenceGuard`; torch's fused optimizers, which :func:`build_optimizer` gives on
@@ -33,6 +34,7 @@ __all__ = [
     "DivergenceGuard",
     "StepMetrics",
     "available_optimizers",
+    "batches_per_step",
     "build_optimizer",
     "instance_noise_std",
     "run_step",
@@ -45,6 +47,12 @@ __all__ = [
 def _check_noise(std: float, what: str) -> None:
     if not math.isfinite(float(std)) or std < 0:
         raise ConfigError(f"expected {what} >= 0 (finite), got {float(std)}")
+
+
+def batches_per_step(n_dis: int, own_generator_batch: bool = False) -> int:
+    """The batches one :func:`train_step` draws: ``n_dis``, plus one when the G/E step has a
+    batch of its own (``own_generator_batch``)."""
+    return n_dis + int(own_generator_batch)
 
 
 def instance_noise_std(step: int, total_steps: int, initial: float = 0.1) -> float:
@@ -310,6 +318,7 @@ def run_step(
     shared_forward: bool,
     guard: DivergenceGuard | None,
     step: int | None,
+    own_generator_batch: bool = False,
 ) -> tuple[Tensor, list[str]]:
     """The work of one step, with no host sync when ``guard`` is given (else the host-side
     check before each optimizer step): returns ``[mean D loss, G/E loss, *parts, *accuracy]``
@@ -338,8 +347,11 @@ def run_step(
         try:
             batch = next(batches)
         except StopIteration:
+            needed = f"n_dis={n_dis}" + (
+                " + 1 (own_generator_batch)" if own_generator_batch else ""
+            )
             raise ConfigError(
-                f"train_step needs n_dis={n_dis} batches, the batches ran out after {drawn}"
+                f"train_step needs {needed} batches, the batches ran out after {drawn}"
             ) from None
         drawn += 1
         return batch
@@ -357,8 +369,9 @@ def run_step(
     for i in range(d_steps):
         x = next_batch()
         d_optimizer.zero_grad(set_to_none=True)
-        # The last D step keeps the chains' graph: the G/E step below reuses them.
-        reuse = not shared_forward and i == d_steps - 1
+        # The last D step keeps the chains' graph: the G/E step below reuses them (unless it
+        # draws a batch of its own).
+        reuse = not (shared_forward or own_generator_batch) and i == d_steps - 1
         d = objective(
             x, role="discriminator", instance_noise_std=instance_noise, differentiable_chains=reuse
         )
@@ -381,8 +394,11 @@ def run_step(
         update(g_optimizer)
         d_values.append(d.loss.detach())
     else:
+        chains = d.chains
+        if own_generator_batch:  # its own forward: fresh prior, encoder and instance noise
+            x, chains = next_batch(), None
         g_optimizer.zero_grad(set_to_none=True)
-        g = objective(x, role="generator", instance_noise_std=instance_noise, chains=d.chains)
+        g = objective(x, role="generator", instance_noise_std=instance_noise, chains=chains)
         finite(g.loss, "generator-encoder loss")
         backward(g.loss)
         update(g_optimizer)
@@ -417,19 +433,22 @@ def train_step(
     shared_forward: bool = False,
     sync: bool = True,
     guard: DivergenceGuard | None = None,
+    own_generator_batch: bool = False,
 ) -> StepMetrics | None:
     """One GALI step: ``n_dis`` D steps on fresh batches, then one G/E step on the last batch.
 
     The G/E step reuses the chains of the last D step (made with
     ``differentiable_chains=True``): the same prior sample and encoder noise, E and G run once
-    for both steps, and the G/E step still sees the updated D.
+    for both steps, and the G/E step still sees the updated D. With
+    ``own_generator_batch=True`` it draws a batch of its own instead (docs/design.md,
+    section 4.4).
 
     Args:
         gali: a :class:`~gali_ext.GALI` (or it wrapped by ``accelerator.prepare``); called as
             ``gali(x, role="discriminator" | "generator" | "shared", instance_noise_std=...)``.
-        batches: at least ``n_dis`` batches, each images ``x`` or a pair ``(x, y)`` with a
-            per-sample condition ``y`` (a conditional head); an iterator is advanced ``n_dis``
-            times.
+        batches: at least ``n_dis`` batches (``n_dis + 1`` with ``own_generator_batch``,
+            :func:`batches_per_step`), each images ``x`` or a pair ``(x, y)`` with a per-sample
+            condition ``y`` (a conditional head); an iterator is advanced that many times.
         d_optimizer: over the head's parameters; g_optimizer: over E's and G's.
         instance_noise: the std of the instance noise (:func:`~gali_ext.add_instance_noise`),
             a float or a 0-dim tensor on the device.
@@ -442,6 +461,11 @@ def train_step(
             just updated. One process only, and not with fp16 loss scaling
             (bf16 is fine): DDP reduces gradients once per backward, and the scaler's update
             after the D step would change the scale the G/E gradients were made with.
+        own_generator_batch: the G/E step takes one more batch and runs its own forward on it
+            (a fresh prior sample, encoder noise and instance noise), as the authors' ALI,
+            ALICE and GALI-8 SVHN scripts do (with ``n_dis=5``: D alone on five batches, then
+            E and G alone on a sixth). It costs an E and G pass without gradients per step.
+            Not with ``shared_forward``.
         sync: read the step's metrics on the host (one sync, at the end) and return them;
             ``False`` returns None without waiting for the device, so that a loop syncs only at
             its logging steps. It needs ``guard``.
@@ -459,6 +483,11 @@ def train_step(
     """
     if n_dis < 1:
         raise ConfigError(f"n_dis must be >= 1, got {n_dis}")
+    if shared_forward and own_generator_batch:
+        raise ConfigError(
+            "shared_forward and own_generator_batch exclude each other: the G/E step either "
+            "shares the last D step's forward or has a batch of its own"
+        )
     if not isinstance(instance_noise, Tensor):  # a device tensor is not read on the host
         _check_noise(instance_noise, "an instance-noise std")
     if not sync and guard is None:
@@ -493,6 +522,7 @@ def train_step(
         shared_forward=shared_forward,
         guard=guard if on_device else None,
         step=step,
+        own_generator_batch=own_generator_batch,
     )
     if not sync:
         return None

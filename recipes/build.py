@@ -38,6 +38,7 @@ from gali_ext.gali import build_gali
 from gali_ext.losses import build_discriminator_criterion, build_generator_criterion
 from gali_ext.presets import get_preset
 from gali_ext.providers import PretrainedFeatures
+from gali_ext.recipes.authors import loss_weight_matrices
 from gali_ext.recipes.data import (
     ImageData,
     data_mean,
@@ -51,7 +52,7 @@ from gali_ext.recipes.models import ALIModels, arch_image_shape, build_ali_model
 from gali_ext.recipes.runs import WEIGHT_FILES
 from gali_ext.recipes.settings import RecipeConfig
 from gali_ext.recipes.visual import interleave_rows
-from gali_ext.trainer import StepMetrics, build_optimizer, train_step
+from gali_ext.trainer import StepMetrics, batches_per_step, build_optimizer, train_step
 
 __all__ = [
     "BuiltModel",
@@ -71,6 +72,7 @@ __all__ = [
     "make_accelerator",
     "make_step",
     "refresh_ema_statistics",
+    "resolve_steps",
 ]
 
 
@@ -172,14 +174,20 @@ def build_model(config: RecipeConfig, channels: int) -> BuiltModel:
         latent_dim=config.latent_dim,
         channels=channels,
         num_classes=config.conditions or None,
+        output_bias=config.output_bias,
     )
+    d_weights, g_weights = loss_weight_matrices(config.loss_weights, config.spec)
     gali = build_gali(
         config.spec,
         models,
         _features(config),
         provider_options=provider_options(config),
-        generator_criterion=build_generator_criterion(config.generator_criterion),
-        discriminator_criterion=build_discriminator_criterion(config.discriminator_criterion),
+        generator_criterion=build_generator_criterion(
+            config.generator_criterion, weights=g_weights
+        ),
+        discriminator_criterion=build_discriminator_criterion(
+            config.discriminator_criterion, weights=d_weights
+        ),
         prior=config.prior,
         unary=config.unary_weight > 0,
         unary_weights=config.unary_weight,
@@ -252,6 +260,7 @@ def make_step(
             g_optimizer,
             n_dis=config.n_dis,
             shared_forward=config.shared_forward,
+            own_generator_batch=config.own_generator_batch,
             capture=True,
             autocast_dtype={"bf16": torch.bfloat16}.get(config.mixed_precision),
         )
@@ -263,6 +272,7 @@ def make_step(
         n_dis=config.n_dis,
         accelerator=accelerator,
         shared_forward=config.shared_forward,
+        own_generator_batch=config.own_generator_batch,
     )
 
 
@@ -353,11 +363,22 @@ def grids(
 
 
 def load_run_data(config: RecipeConfig) -> tuple[ImageData, ImageData]:
-    """The training and test splits of a run, checked against its architecture's image shape
-    and, for a class-conditional run, against ``conditions`` (:func:`check_conditions`)."""
-    train_data, test_data = load_data(config, "train"), load_data(config, "test")
+    """The training split (``config.train_split``) and the test split of a run, checked against
+    its architecture's image shape and, for a class-conditional run, against ``conditions``
+    (:func:`check_conditions`)."""
+    train_data, test_data = load_data(config, config.train_split), load_data(config, "test")
     check_conditions(config, train_data)
     return train_data, test_data
+
+
+def resolve_steps(config: RecipeConfig, batches_per_epoch: int) -> int:
+    """The run's training steps: ``config.steps``, or with ``config.epochs > 0`` the steps that
+    many passes take, ``ceil(epochs * batches_per_epoch / batches per step)`` (at least 1),
+    each step drawing ``n_dis`` batches (one more with ``own_generator_batch``)."""
+    if not config.epochs:
+        return config.steps
+    per_step = batches_per_step(config.n_dis, config.own_generator_batch)
+    return max(1, math.ceil(config.epochs * batches_per_epoch / per_step))
 
 
 @dataclass
@@ -365,7 +386,8 @@ class BuiltRun:
     """A run resolved once from its settings by :func:`build_run`: everything the loop trains,
     checkpoints and reports with.
 
-    ``config`` has ``steps`` resolved from ``--epochs``; ``built.gali`` is the objective as
+    ``config`` has ``steps`` resolved from ``epochs`` (:func:`resolve_steps`); ``built.gali``
+    is the objective as
     built (its ``prior`` the resolved prior every latent of the run is drawn from), ``step``
     the training step over the prepared objective, optimizers and data; ``weights`` are what a
     checkpoint saves (:data:`.runs.WEIGHT_FILES`), ``shown`` what grids and the summary show
@@ -395,15 +417,36 @@ class BuiltRun:
         weights, ema = self.weights, self.ema
         return [ema[n].module if ema else weights[n] for n in ("encoder", "generator")]
 
+    @property
+    def batches_per_step(self) -> int:
+        """The batches each training step draws (:func:`~gali_ext.trainer.batches_per_step`)."""
+        return batches_per_step(self.config.n_dis, self.config.own_generator_batch)
+
     def batches(self, accelerator: Any, step: int) -> Iterator[Any]:
         """This process's batches from training step ``step`` on (:func:`.data.endless_batches`)."""
         return endless_batches(
             self.loader,
             accelerator,
-            step * self.config.n_dis,
+            step * self.batches_per_step,
             self.memory_format,
             with_labels=self.config.conditions > 0,
         )
+
+    def init_output_bias(self, accelerator: Any, batches: Iterator[Any]) -> Iterator[Any]:
+        """G's per-pixel output bias (``output_bias="pixel"``) from the first batch of
+        ``batches``, the authors' initialisation (eq. 4.3; over all processes' first batches,
+        averaged); returns the same batches, the first one included. Call it on a fresh run's
+        batches only: a resumed run keeps its trained bias. ``output_bias="channel"`` was set
+        from the data's mean when the run was built: ``batches`` is returned as it is."""
+        if self.config.output_bias != "pixel":
+            return batches
+        first = next(batches)
+        images = first[0] if isinstance(first, (tuple, list)) else first
+        mean = ((images.detach().double() + 1) / 2).mean(0)
+        if accelerator.num_processes > 1:
+            mean = accelerator.reduce(mean.to(accelerator.device), reduction="mean")
+        self.built.models.generator.init_output_bias(mean.clamp(0.0, 1.0))
+        return itertools.chain([first], batches)
 
     def update_ema(self) -> None:
         """One EMA update of E and G after a step (eq. 10.2); nothing without an EMA."""
@@ -440,10 +483,12 @@ def build_run(
     epochs: float | None = None,
 ) -> BuiltRun:
     """Resolve a validated config once into the objects a run trains with: the seed set, the
-    models and :class:`GALI` (its prior resolved), G's output bias at the data mean, the memory
-    format, both optimizers, the sharded loader, all prepared by ``accelerator``, the step
-    (:func:`make_step`), the EMA and ``steps`` for ``epochs``. Out of memory while building is a
-    :class:`ConfigError` naming the settings."""
+    models and :class:`GALI` (its prior and loss weights resolved), G's per-channel output
+    bias at the data mean (a per-pixel one is set from the first batch:
+    :meth:`BuiltRun.init_output_bias`), the memory format, both optimizers, the sharded loader,
+    all prepared by ``accelerator``, the step (:func:`make_step`), the EMA and ``steps`` for
+    ``config.epochs`` (or ``epochs``, which replaces it: :func:`resolve_steps`). Out of memory
+    while building is a :class:`ConfigError` naming the settings."""
     set_seed(config.seed, device_specific=True)
     try:
         built = build_model(config, train_data.channels)
@@ -455,7 +500,8 @@ def build_run(
             f"batch_size={config.batch_size}): out of memory ({first_line(error)[:200]}); "
             "expected settings whose models fit in memory"
         ) from None
-    built.models.generator.init_output_bias(data_mean(train_data))
+    if config.output_bias == "channel":
+        built.models.generator.init_output_bias(data_mean(train_data))
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     if config.channels_last:  # in place: the optimizers keep the same parameter objects
         built.gali.to(memory_format=memory_format)
@@ -472,9 +518,10 @@ def build_run(
     )
     step = make_step(config, accelerator, gali, d_optimizer, g_optimizer)
     ema = build_ema(built.models, config.ema_decay)
-    if epochs is not None:  # each process draws len(loader) batches of its shard per epoch
-        steps = max(1, math.ceil(epochs * len(loader) / config.n_dis))
-        config = dataclasses.replace(config, steps=steps)
+    if epochs is not None:
+        config = dataclasses.replace(config, epochs=epochs)
+    # each process draws len(loader) batches of its shard per epoch
+    config = dataclasses.replace(config, steps=resolve_steps(config, len(loader)))
     return BuiltRun(
         config,
         train_data,

@@ -96,6 +96,12 @@ def recipe(
         None, help="Also log to these Accelerate trackers, e.g. tensorboard (run/logs/)."
     ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print what the run will cost (steps, epochs, images, FLOPs per step measured "
+        "here) and exit: nothing is trained, read or written.",
+    ),
 ) -> None:
     """Train a reference recipe (e.g. `gali-ext recipe digits-gali4`)."""
     from gali_ext import recipes
@@ -122,6 +128,7 @@ def recipe(
     config = config.with_overrides(parse_settings(set_))
     options = {
         "steps": steps,
+        "epochs": 0.0 if steps is not None else None,  # --steps replaces a recipe's epochs
         "mixed_precision": mixed_precision,
         "seed": seed,
         "data_dir": None if data_dir is None else str(data_dir),
@@ -129,6 +136,14 @@ def recipe(
         "download": download or None,
     }
     config = dataclasses.replace(config, **{k: v for k, v in options.items() if v is not None})
+    if dry_run:
+        from gali_ext.recipes.cost import dry_run_report
+        from gali_ext.recipes.settings import check_epochs
+
+        if epochs is not None:
+            config = dataclasses.replace(config, epochs=check_epochs(epochs))
+        typer.echo(dry_run_report(config))
+        return
     train(
         config,
         out,

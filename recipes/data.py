@@ -49,6 +49,7 @@ from gali_ext.errors import DataError
 __all__ = [
     "check_batch_size",
     "DATASETS",
+    "DATASET_SPLITS",
     "BatchStream",
     "ImageData",
     "ImageFiles",
@@ -82,6 +83,12 @@ SVHN_FILES = {
 }
 SVHN_VAL_SIZE = 5000
 CELEBA_SPLITS = {"train": "0", "val": "1", "test": "2"}
+DATASET_SPLITS = {
+    "digits": tuple(DIGITS_SPLITS),
+    "svhn": tuple(SVHN_FILES),
+    "celeba": tuple(CELEBA_SPLITS),
+}
+"""The splits of each data set (:func:`load_dataset`'s ``split``)."""
 CELEBA_ATTRIBUTES = 40
 LAZY_MEAN_LIMIT = 20000
 DIGIT_NAMES = [str(d) for d in range(10)]
@@ -494,7 +501,8 @@ name in place of torchvision's (a mirror; the tests' local server). Checksums st
 CELEBA_URL_ENV = "GALI_EXT_CELEBA_URL"
 """Environment variable: a URL base serving CelebA's files by name in place of Google Drive."""
 SVHN_DOWNLOAD_SPLITS = ("train", "test")
-"""The SVHN splits a recipe reads, so the files ``--download`` fetches (``extra`` is 1.3 GB)."""
+"""The SVHN splits every run reads (training, evaluation), so the files ``--download`` fetches;
+a run's ``train_split`` is fetched too (``extra``, 1.3 GB, for the SVHN recipes)."""
 CELEBA_FILES = ("img_align_celeba.zip", "list_attr_celeba.txt", "list_eval_partition.txt")
 """The files of torchvision's ``CelebA.file_list`` the loader needs."""
 CELEBA_MANUAL = (
@@ -698,11 +706,13 @@ def prepare_data(
     data_dir: str | Path | None = None,
     download: bool = False,
     echo: Callable[[str], None] = print,
+    splits: Sequence[str] = (),
 ) -> str:
     """The data folder of a run, resolved once where the run is built (:func:`.train.train`):
     ``data_dir``, or :func:`default_data_dir` when it is empty; with ``download``, SVHN's train
-    and test files or CelebA are fetched there and verified first (:func:`download_svhn`,
-    :func:`download_celeba`). Digits need no folder (``data_dir`` is returned as given)."""
+    and test files (and those of ``splits``, e.g. a run's ``extra``) or CelebA are fetched
+    there and verified first (:func:`download_svhn`, :func:`download_celeba`). Digits need no
+    folder (``data_dir`` is returned as given)."""
     if dataset not in DATASETS:
         raise DataError(f"unknown data set {dataset!r}; data sets: {', '.join(DATASETS)}")
     if dataset == "digits":
@@ -710,7 +720,7 @@ def prepare_data(
     folder = Path(data_dir).expanduser() if data_dir else default_data_dir(dataset)
     if download:
         if dataset == "svhn":
-            download_svhn(folder, echo=echo)
+            download_svhn(folder, (*SVHN_DOWNLOAD_SPLITS, *splits), echo=echo)
         else:
             download_celeba(folder, echo=echo)
     return str(folder)

@@ -193,12 +193,19 @@ class HubGenerator(Generator, _HubModel):
         latent_dim: the size of ``z``.
         channels: the image channels.
         num_classes: the classes of a class-conditional ``G(z, y)``; None: unconditional.
+        output_bias: ``"channel"`` or ``"pixel"`` (G's output bias; exports without it are
+            ``"channel"``).
     """
 
     weights_file = WEIGHT_NAMES["generator"]
 
     def __init__(
-        self, arch: str, latent_dim: int, channels: int, num_classes: int | None = None
+        self,
+        arch: str,
+        latent_dim: int,
+        channels: int,
+        num_classes: int | None = None,
+        output_bias: str = "channel",
     ) -> None:
         table = architecture(arch)
         super().__init__(
@@ -208,6 +215,7 @@ class HubGenerator(Generator, _HubModel):
             table.negative_slope,
             table.init_std,
             num_classes,
+            output_bias,
         )
 
 
@@ -352,6 +360,7 @@ def export_config(run: Path, models: Any) -> dict[str, Any]:
         "image_shape": list(encoder.image_shape),
         "deterministic": encoder.deterministic,
         "num_classes": generator.num_classes,
+        "output_bias": generator.output_bias_mode,
         "prior": models.config.prior,
         "image_range": [-1.0, 1.0],
         "weights": models.weights,

@@ -44,6 +44,7 @@ __all__ = [
     "Generator",
     "ImageFeatures",
     "LatentFeatures",
+    "OUTPUT_BIASES",
     "arch_image_shape",
     "architecture",
     "available_archs",
@@ -325,12 +326,21 @@ class GaussianEncoder(nn.Module):
         return [h.flatten(1) for h in hidden[-3:]] + [mean]
 
 
+OUTPUT_BIASES = ("channel", "pixel")
+"""The forms of G's output bias: one per channel (the output convolution's bias) or one per
+pixel (a ``[C, H, W]`` parameter added before the tanh, as the authors' SVHN generator)."""
+
+
 class Generator(nn.Module):
     """ALI's generator ``G_x(z)``: ``x = tanh(a(z))``, images in [-1, 1].
 
     ``z`` is read as a ``latent_dim x 1 x 1`` map; (transposed) convolutions without bias, each
-    followed by batch norm and a leaky ReLU, grow it to ``H x W``; a 1 x 1 convolution with bias,
-    :attr:`output`, gives the pre-activation ``a(z)`` with ``C`` channels.
+    followed by batch norm and a leaky ReLU, grow it to ``H x W``; a 1 x 1 convolution,
+    :attr:`output`, gives the pre-activation ``a(z)`` with ``C`` channels. Its bias is the
+    output convolution's, one per channel (``output_bias="channel"``), or, with
+    ``output_bias="pixel"``, a ``[C, H, W]`` parameter :attr:`output_bias` added to a
+    convolution without bias: ``x = tanh(conv(h) + b)``, the authors' SVHN generator
+    (docs/design.md, section 4.8).
 
     Args:
         image_shape: ``(C, H, W)`` of the images made, square (``H == W``).
@@ -342,6 +352,7 @@ class Generator(nn.Module):
         num_classes: a class-conditional generator ``G(z, y)`` (docs/design.md, section 9.3):
             the condition, one-hot class ids ``y: [B]`` or float vectors ``[B, num_classes]``,
             is concatenated to ``z`` as ``num_classes`` more input channels.
+        output_bias: ``"channel"`` or ``"pixel"`` (:data:`OUTPUT_BIASES`).
 
     Shapes: ``forward(z: [B, latent_dim]) -> [B, C, H, W]`` (``[B, latent_dim, 1, 1]`` works too);
     ``forward(z, y)`` when conditional.
@@ -355,8 +366,13 @@ class Generator(nn.Module):
         negative_slope: float = 0.2,
         init_std: float = 0.02,
         num_classes: int | None = None,
+        output_bias: str = "channel",
     ) -> None:
         super().__init__()
+        if output_bias not in OUTPUT_BIASES:
+            raise ConfigError(
+                f"output_bias must be one of {', '.join(OUTPUT_BIASES)}, got {output_bias!r}"
+            )
         out_channels, height, width = image_shape
         side = _spatial(layers, 1)[-1]
         if (side, side) != (height, width):
@@ -373,10 +389,15 @@ class Generator(nn.Module):
             ]
             channels = layer.channels
         self.body = nn.Sequential(*blocks)
-        self.output = nn.Conv2d(channels, out_channels, 1)
+        per_pixel = output_bias == "pixel"
+        self.output = nn.Conv2d(channels, out_channels, 1, bias=not per_pixel)
+        #: the per-pixel bias ``[C, H, W]`` (``output_bias="pixel"``), else None
+        self.output_bias = nn.Parameter(torch.zeros(image_shape)) if per_pixel else None
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
         self.num_classes = num_classes
+        #: ``"channel"`` or ``"pixel"``: where the output bias lives
+        self.output_bias_mode = output_bias
         init_weights(self, init_std)
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
@@ -388,7 +409,8 @@ class Generator(nn.Module):
             z = torch.cat([z, self._condition(y, z)], 1)
         elif y is not None:
             raise ShapeError("this generator is unconditional (num_classes=None); it takes no y")
-        return torch.tanh(self.output(self.body(z)))
+        out = self.output(self.body(z))
+        return torch.tanh(out if self.output_bias is None else out + self.output_bias)
 
     def _condition(self, y: Tensor | None, z: Tensor) -> Tensor:
         """The condition as ``[B, num_classes, 1, 1]`` input channels."""
@@ -408,15 +430,29 @@ class Generator(nn.Module):
             )
         return y.to(z.dtype).view(z.shape[0], n, 1, 1)
 
-    def init_output_bias(self, data_mean: float) -> None:
+    def init_output_bias(self, data_mean: float | Tensor) -> None:
         """Start the output near the data's mean pixel (the authors' code does this).
 
-        Sets every channel's output bias to ``b = logit(m) / 2``, with ``m = data_mean`` (the
-        mean pixel on the [0, 1] scale) clamped to ``[1e-3, 1 - 1e-3]``. Since
-        ``tanh(logit(m) / 2) = 2 m - 1``, a generator whose pre-activation is otherwise zero
-        outputs the data's mean on the [-1, 1] scale (ALI's sigmoid output: ``sigmoid(logit(m))
-        = m``).
+        Sets the output bias to ``b = logit(m) / 2``, with ``m = data_mean`` the mean pixel on
+        the [0, 1] scale: a number (every bias, clamped to ``[1e-3, 1 - 1e-3]``), or a tensor
+        of the bias's shape (``[C]`` per channel, ``[C, H, W]`` per pixel; clamped to
+        ``[1e-7, 1 - 1e-7]``, as the authors clamp theirs). Since ``tanh(logit(m) / 2) = 2 m -
+        1``, a generator whose pre-activation is otherwise zero outputs the data's mean on the
+        [-1, 1] scale (ALI's sigmoid output: ``sigmoid(logit(m)) = m``). See also
+        :meth:`init_output_bias_from_batch`.
         """
+        bias = self.output_bias if self.output_bias is not None else self.output.bias
+        if isinstance(data_mean, Tensor):
+            m = data_mean.detach().to(bias.device, torch.float64)
+            if m.shape != bias.shape or not bool(((m >= 0) & (m <= 1)).all()):
+                raise ShapeError(
+                    f"data_mean must be the mean pixels in [0, 1] of shape {list(bias.shape)} "
+                    f"(the {self.output_bias_mode} bias's), got {list(m.shape)}"
+                )
+            m = m.clamp(1e-7, 1.0 - 1e-7)
+            with torch.no_grad():
+                bias.copy_(0.5 * torch.log(m / (1.0 - m)))
+            return
         m = float(data_mean)
         if not (0.0 <= m <= 1.0):  # also rejects NaN
             raise ShapeError(
@@ -425,7 +461,22 @@ class Generator(nn.Module):
             )
         m = min(max(m, 1e-3), 1.0 - 1e-3)
         with torch.no_grad():
-            self.output.bias.fill_(0.5 * math.log(m / (1.0 - m)))
+            bias.fill_(0.5 * math.log(m / (1.0 - m)))
+
+    def init_output_bias_from_batch(self, images: Tensor) -> Tensor:
+        """The authors' initialisation of G's output bias from the first training batch:
+        ``b = 0.5 log(p / (1 - p))`` with ``p`` the batch's mean of ``(x + 1) / 2`` (images
+        ``x: [B, C, H, W]`` in [-1, 1]) per pixel (``output_bias="pixel"``) or per channel,
+        clamped to ``[1e-7, 1 - 1e-7]`` (eq. 4.3 of docs/design.md). Returns ``p``."""
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ShapeError(
+                f"expected images of shape [B, {', '.join(map(str, self.image_shape))}], got "
+                f"{list(images.shape)}"
+            )
+        p = ((images.detach().double() + 1) / 2).mean(0)
+        p = p if self.output_bias is not None else p.mean((1, 2))
+        self.init_output_bias(p.clamp(0.0, 1.0))
+        return p
 
 
 class ImageFeatures(nn.Module):
@@ -554,6 +605,7 @@ def build_ali_models(
     channels: int | None = None,
     deterministic: bool = False,
     num_classes: int | None = None,
+    output_bias: str = "channel",
 ) -> ALIModels:
     """The encoder, generator, ``D(x)`` and ``D(z)`` of architecture ``arch``.
 
@@ -565,6 +617,7 @@ def build_ali_models(
             ``(mu, log_sigma)``.
         num_classes: a class-conditional generator over this many classes (and, through
             ``build_gali``, a head with projection terms); None: unconditional.
+        output_bias: G's output bias, ``"channel"`` or ``"pixel"`` (:class:`Generator`).
 
     Raises:
         ConfigError: an unknown ``arch`` (the message lists the available ones), or a
@@ -578,7 +631,9 @@ def build_ali_models(
         num_classes = _positive_int("num_classes", num_classes)
     return ALIModels(
         encoder=GaussianEncoder(image_shape, spec.encoder, latent, slope, deterministic, std),
-        generator=Generator(image_shape, spec.generator, latent, slope, std, num_classes),
+        generator=Generator(
+            image_shape, spec.generator, latent, slope, std, num_classes, output_bias
+        ),
         image_features=ImageFeatures(image_shape, spec.image_features, slope, std),
         latent_features=LatentFeatures(latent, spec.latent_features, slope, std),
         joint_hidden=spec.joint_hidden,

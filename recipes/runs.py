@@ -259,7 +259,10 @@ def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
     run = Path(run_dir)
     config = RecipeConfig.from_json(run / "config.json")
     models = build_ali_models(
-        config.arch, latent_dim=config.latent_dim, num_classes=config.conditions or None
+        config.arch,
+        latent_dim=config.latent_dim,
+        num_classes=config.conditions or None,
+        output_bias=config.output_bias,
     )
     use_ema = ema and has_ema_weights(run)
     for name in ("encoder", "generator"):

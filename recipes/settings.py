@@ -21,8 +21,9 @@ from gali_ext.errors import ConfigError
 from gali_ext.losses import DISCRIMINATOR_CRITERIA, GENERATOR_CRITERIA
 from gali_ext.presets import available_presets, get_preset
 from gali_ext.priors import resolve_prior
-from gali_ext.recipes.data import DATASETS
-from gali_ext.recipes.models import available_archs
+from gali_ext.recipes.authors import AUTHORS_EPOCHS, LOSS_WEIGHTS
+from gali_ext.recipes.data import DATASET_SPLITS, DATASETS
+from gali_ext.recipes.models import OUTPUT_BIASES, available_archs
 from gali_ext.trainer import UNSUPPORTED_OPTIMIZERS, available_optimizers
 
 __all__ = ["RecipeConfig", "check_epochs", "parse_settings"]
@@ -44,11 +45,25 @@ class RecipeConfig:
     optimizer: str = "adam"
     n_dis: int = 1
     shared_forward: bool = False  # last D step and G/E step from one forward (authors' script)
+    # the G/E step on a batch of its own, with its own forward (fresh prior sample, encoder
+    # noise and instance noise): with n_dis=5, the authors' ALI, ALICE and GALI-8 schedule
+    own_generator_batch: bool = False
     steps: int = 10_000
+    # train for this many passes over train_split instead (0: `steps` steps); resolved into
+    # `steps` once where the run is built. Setting `steps` (--steps, --set steps=N) clears it
+    epochs: float = 0.0
+    # the data set's split the run trains on (svhn: train, extra, train+extra, ...)
+    train_split: str = "train"
     instance_noise: float = 0.1
     generator_criterion: str = "product_of_terms"  # a name in gali_ext.GENERATOR_CRITERIA
     discriminator_criterion: str = "cross_entropy"  # a name in gali_ext.DISCRIMINATOR_CRITERIA
     prior: str = "normal"  # normal | truncated_normal[:BOUND] | uniform[:BOUND] (gali_ext.priors)
+    # G's output bias: "channel" (the output convolution's, from the data's mean pixel) or
+    # "pixel" ([C, H, W], from the first training batch: the authors' SVHN generator)
+    output_bias: str = "channel"
+    # the loss terms' weights: "paper" (2/T each, the paper's equations) or "authors" (the
+    # authors' SVHN scripts: gali_ext.recipes.authors.loss_weight_matrices)
+    loss_weights: str = "paper"
     # class-conditional G(z, y) and projection D over this many classes of the data's labels
     # (0: unconditional); batches are (x, y)
     conditions: int = 0
@@ -137,6 +152,18 @@ class RecipeConfig:
             (self.n_dis >= 1, "n_dis", "an int >= 1"),
             (self.steps >= 1, "steps", "an int >= 1"),
             (
+                _finite(self.epochs) and self.epochs >= 0,
+                "epochs",
+                "a finite number >= 0 (0: train `steps` steps)",
+            ),
+            (
+                self.train_split in DATASET_SPLITS.get(self.dataset, (self.train_split,)),
+                "train_split",
+                f"a split of {self.dataset}: {', '.join(DATASET_SPLITS.get(self.dataset, ()))}",
+            ),
+            (self.output_bias in OUTPUT_BIASES, "output_bias", ", ".join(OUTPUT_BIASES)),
+            (self.loss_weights in LOSS_WEIGHTS, "loss_weights", " or ".join(LOSS_WEIGHTS)),
+            (
                 _finite(self.instance_noise) and self.instance_noise >= 0,
                 "instance_noise",
                 "a finite float >= 0",
@@ -180,6 +207,13 @@ class RecipeConfig:
                 "conditions: a class-conditional recipe needs class labels (digits, svhn); "
                 "CelebA's labels are 40 attributes"
             )
+        if self.shared_forward and self.own_generator_batch:
+            raise ConfigError(
+                "shared_forward=true and own_generator_batch=true exclude each other: the G/E "
+                "step either shares the last D step's forward or has a batch of its own"
+            )
+        if self.loss_weights == "authors":
+            self._check_authors_weights()
         if self.shared_forward and self.mixed_precision == "fp16":
             raise ConfigError(
                 "shared_forward=true does not work with fp16 loss scaling: use "
@@ -202,6 +236,21 @@ class RecipeConfig:
                 "features_weights=<local .safetensors file>; nothing is downloaded"
             )
 
+    def _check_authors_weights(self) -> None:
+        if self.spec not in AUTHORS_EPOCHS:
+            raise ConfigError(
+                f"loss_weights=authors: the authors' SVHN scripts weigh the losses of "
+                f"{', '.join(sorted(AUTHORS_EPOCHS))}, not spec {self.spec!r}: use "
+                "loss_weights=paper"
+            )
+        criteria = (self.discriminator_criterion, self.generator_criterion)
+        if criteria != ("cross_entropy", "product_of_terms"):
+            raise ConfigError(
+                "loss_weights=authors weighs the cross-entropy terms of "
+                "discriminator_criterion=cross_entropy and generator_criterion=product_of_terms"
+                f", got {criteria[0]} and {criteria[1]}: use loss_weights=paper"
+            )
+
     def check_data_size(self, num_images: int, num_processes: int = 1) -> None:
         """Raise :class:`ConfigError` when one epoch of ``num_images`` images holds no full
         batch for each of ``num_processes`` processes (nothing to train on)."""
@@ -212,7 +261,8 @@ class RecipeConfig:
             )
 
     def with_overrides(self, overrides: dict[str, str]) -> RecipeConfig:
-        """A copy with ``key=value`` strings parsed to each field's type."""
+        """A copy with ``key=value`` strings parsed to each field's type. A run's length is
+        given once: ``steps`` without ``epochs`` sets ``epochs`` to 0."""
         hints = typing.get_type_hints(RecipeConfig)
         fields = {f.name for f in dataclasses.fields(self)}
         changes: dict[str, Any] = {}
@@ -224,6 +274,8 @@ class RecipeConfig:
                     f"unknown setting {key!r}{hint} (settings: {', '.join(sorted(fields))})"
                 )
             changes[key] = _parse(key, text, hints[key])
+        if "steps" in changes and "epochs" not in changes:
+            changes["epochs"] = 0.0
         return dataclasses.replace(self, **changes)
 
     def to_json(self, launch: dict[str, Any] | None = None) -> str:

@@ -185,6 +185,7 @@ def resume_decision(
 RESUME_APPLIED = frozenset(
     {
         "steps",
+        "epochs",
         "lr",
         "betas",
         "instance_noise",
@@ -200,8 +201,9 @@ RESUME_APPLIED = frozenset(
         "log_with",
     }
 )
-"""Settings a resume may change: each takes effect from the resumed step on (``lr`` and
-``betas`` through :func:`apply_optimizer_settings`; ``num_workers`` and ``log_with`` change
+"""Settings a resume may change: each takes effect from the resumed step on (``epochs``
+through the ``steps`` it resolves to; ``lr`` and ``betas`` through
+:func:`apply_optimizer_settings`; ``num_workers`` and ``log_with`` change
 how data is read and where metrics go, not what is trained). Every other setting is fixed by
 the checkpoint (model, data, batch, objective, optimizer, precision, seed, ``ema_decay``);
 ``download`` only says whether missing data files may be fetched (verified) before the run."""

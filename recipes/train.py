@@ -37,6 +37,7 @@ from gali_ext.recipes.build import (
     load_run_data,
     make_accelerator,
 )
+from gali_ext.recipes.cost import counting_first_call, describe_flops, length_text, run_length
 from gali_ext.recipes.data import prepare_data
 from gali_ext.recipes.evaluator import default_evaluator_dir, load_evaluator
 from gali_ext.recipes.files import (
@@ -119,7 +120,7 @@ class RunLog:
         self.bar.update(self.task, completed=step)
         if not self.main or (step % self.config.log_every and step != self.config.steps):
             return
-        rate = self.config.batch_size * self.config.n_dis / max(metrics.seconds, 1e-9)
+        rate = self.config.batch_size * self.run.batches_per_step / max(metrics.seconds, 1e-9)
         record = {"step": step, "noise_std": noise, **metrics.as_dict(), "images_per_s": rate}
         append_metrics(self.out / METRICS_NAME, record)
         scalars = {k: v for k, v in record.items() if isinstance(v, float)}
@@ -216,8 +217,10 @@ def train(
     directory, the settings a resume changes) before anything is written; the main process
     holds the run directory's lock (:class:`.lock.RunLock`) for the whole run. The data folder
     is resolved (and with ``config.download`` fetched) first (:func:`.data.prepare_data`).
-    ``epochs`` replaces ``config.steps`` by the steps that many passes over the training data
-    take (with ``N`` processes each pass is split ``N`` ways). ``trust_checkpoint`` lets
+    ``epochs`` replaces ``config.epochs``: the steps that many passes over the training data
+    take replace ``config.steps`` (with ``N`` processes each pass is split ``N`` ways). The run
+    prints its length first and the FLOPs of a step after its first step
+    (:mod:`.cost`). ``trust_checkpoint`` lets
     ``resume`` continue a run of gali-ext 0.1.0, whose checkpoints have no manifest
     (:func:`.checkpoints.adopt_checkpoint`).
     """
@@ -225,8 +228,10 @@ def train(
     out = check_out_path(out_dir)
     check_trackers(config.log_with)
     if epochs is not None:
-        check_epochs(epochs)
-    folder = prepare_data(config.dataset, config.data_dir, config.download)
+        config = dataclasses.replace(config, epochs=check_epochs(epochs))
+    folder = prepare_data(
+        config.dataset, config.data_dir, config.download, splits=(config.train_split,)
+    )
     config = dataclasses.replace(config, data_dir=folder)
     with tf32_mode(config.tf32), reset_accelerator_state_after():
         train_data, test_data = load_run_data(config)
@@ -244,15 +249,24 @@ def train(
                 )
 
             plan = decided_on_main(accelerator, decide)
-            run = build_run(config, accelerator, train_data, test_data, epochs)
+            run = build_run(config, accelerator, train_data, test_data)
             config = run.config
             step = start_run(accelerator, out, plan, run)
+            length = run_length(config, len(run.loader), len(train_data), accelerator.num_processes)
+            accelerator.print(length_text(config, length))
             batches = run.batches(accelerator, step)
+            if step == 0:  # a per-pixel output bias from the first batch; a resume keeps its own
+                batches = run.init_output_bias(accelerator, batches)
+            how = "matmul and conv FLOPs, counted on the first step"
+            step_fn = counting_first_call(
+                run.step,
+                lambda flops: accelerator.print(describe_flops(flops, config.steps, how)),
+            )
             with RunLog(accelerator, out, run, step, progress) as log:
                 while step < config.steps:
                     noise = instance_noise_std(step, config.steps, config.instance_noise)
                     try:
-                        metrics = run.step(batches, instance_noise=noise, step=step)
+                        metrics = step_fn(batches, instance_noise=noise, step=step)
                     except DivergenceError as error:
                         # Nothing is saved: the state that gave non-finite values (perhaps
                         # halfway through a step) would diverge again when resumed. The

@@ -1,8 +1,9 @@
 """One rank of tests/test_ddp.py's data test, under ``torchrun --nproc_per_node 2`` (gloo).
 
 Writes ``OUT/rank<r>.json``: the toy image indices this rank drew in two epochs of the recipe
-loader (64 images, batches of 8, two workers), the indices after a resume at batch 5, and the
-pixels of every image ``train(digits-ali, epochs=1)`` trained this rank on.
+loader (64 images, batches of 8, two workers), the indices after a resume at batch 5, the
+pixels of every image ``train(digits-ali, epochs=1)`` trained this rank on, and the mean pixels
+G's per-pixel output bias was set from (``output_bias=pixel``).
 """
 
 import json
@@ -15,6 +16,7 @@ import gali_ext.recipes.build as build
 import gali_ext.recipes.train as loop
 from gali_ext import recipes
 from gali_ext.recipes.data import ImageData, endless_batches, training_loader
+from gali_ext.recipes.models import Generator
 
 
 def indices(batch):
@@ -46,7 +48,16 @@ def main(out: Path) -> None:
         return real_step(gali, iter(drawn), *args, **kwargs)
 
     build.train_step = recording
+    bias_means = []
+    real_init = Generator.init_output_bias
+
+    def init_recording(generator, mean):
+        bias_means.append(mean.tolist())
+        return real_init(generator, mean)
+
+    Generator.init_output_bias = init_recording
     settings = {
+        "output_bias": "pixel",
         "batch_size": "64",
         "log_every": "1",
         "sample_every": "1000",
@@ -59,6 +70,7 @@ def main(out: Path) -> None:
         "epochs": epochs,
         "after_resume": after_resume,
         "trained": trained,
+        "bias_means": bias_means,
     }
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
 

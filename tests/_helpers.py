@@ -126,3 +126,63 @@ def train_run(run, args) -> None:
         assert not exit.code
     finally:
         patch.undo()
+
+
+# ------------------------------------------------------------------------------ SVHN files
+
+
+def write_svhn(folder, counts=None, seed=0):
+    """SVHN's real layout (MATLAB v5, ``{split}_32x32.mat``): X uint8 (32, 32, 3, N), y uint8
+    (N, 1) with labels 1..10 (10 for digit 0); random pixels. ``counts``: images per split
+    (default train 7, test 4). Returns ``{split: (X, y)}``."""
+    import numpy as np
+    from scipy.io import savemat
+
+    counts = counts or {"train": 7, "test": 4}
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, n in counts.items():
+        x = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)
+        y = (np.arange(n) % 10 + 1).astype(np.uint8).reshape(n, 1)  # 1..10, so some 10s
+        savemat(folder / f"{split}_32x32.mat", {"X": x, "y": y})
+        written[split] = (x, y)
+    return written
+
+
+SVHN_DIGITS_COUNTS = {"train": 64, "test": 48, "extra": 96}
+
+
+def write_svhn_digits(folder, counts=None):
+    """SVHN-format files of real digits, for the SVHN recipes on a CPU: scikit-learn's digits
+    upscaled bilinearly to 32 x 32 (``load_digits(image_size=32)``), three channels that
+    differ (red the digit, green its inverse, blue half the digit plus 64), labels 1..10 with
+    10 for digit 0. train and extra take disjoint digits of the digits' training split, test
+    its test split. ``counts``: images per split (default :data:`SVHN_DIGITS_COUNTS`).
+    Returns ``{split: (X, y)}`` as written."""
+    import numpy as np
+    from scipy.io import savemat
+
+    from gali_ext.recipes.data import load_digits
+
+    counts = {**SVHN_DIGITS_COUNTS, **(counts or {})}
+    train, test = load_digits("train", image_size=32), load_digits("test", image_size=32)
+    sources = {
+        "train": (train, 0),
+        "extra": (train, counts["train"]),
+        "test": (test, 0),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, n in counts.items():
+        data, start = sources[split]
+        if start + n > len(data):
+            raise ValueError(f"{split}: {n} images from {start} exceed the {len(data)} digits")
+        v = data.images[start : start + n, 0].numpy().astype(np.int64)  # [N, 32, 32]
+        rgb = np.stack([v, 255 - v, v // 2 + 64], axis=-1)  # [N, 32, 32, 3]
+        x = np.ascontiguousarray(rgb.transpose(1, 2, 3, 0)).astype(np.uint8)  # (32, 32, 3, N)
+        digits = data.labels[start : start + n].numpy()
+        y = np.where(digits == 0, 10, digits).astype(np.uint8).reshape(n, 1)
+        savemat(folder / f"{split}_32x32.mat", {"X": x, "y": y})
+        written[split] = (x, y)
+    return written

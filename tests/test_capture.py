@@ -400,3 +400,23 @@ def test_eager_step_with_a_device_guard_raises_after_skipping_the_update():
         train_step(gali, batches(1)[0], d_opt, g_opt, step=4)
     assert all(torch.equal(a, b) for a, b in zip(eg, g_opt.param_groups[0]["params"]))
     assert all(s["step"].item() == 0 for s in g_opt.state.values())  # Adam's count undone too
+
+
+def test_own_generator_batch_step_equals_train_step():
+    eager, captured = make("gali8"), make("gali8")
+    data = batches(3)  # n_dis=2 and the G/E step's own batch
+    d_opt, g_opt = adam_pair(eager)
+    torch.manual_seed(1)
+    expected = [
+        train_step(eager, x, d_opt, g_opt, n_dis=2, instance_noise=s, own_generator_batch=True)
+        for x, s in zip(data, NOISE)
+    ]
+    step = CapturedStep(captured, *adam_pair(captured), n_dis=2, own_generator_batch=True)
+    assert step.batches_per_step == 3
+    torch.manual_seed(1)
+    got = [step(x, instance_noise=s) for x, s in zip(data, NOISE)]
+    assert [m.g_loss for m in got] == pytest.approx([m.g_loss for m in expected], rel=1e-5)
+    for p, q in zip(eager.parameters(), captured.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"n_dis=2 \+ 1 \(own_generator_batch\) batches, got 2"):
+        step(data[0][:2], instance_noise=0.1)

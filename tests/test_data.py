@@ -23,6 +23,7 @@ from gali_ext.recipes.data import (
     load_svhn,
     training_loader,
 )
+from tests._helpers import write_svhn
 
 # ---------------------------------------------------------------- digits
 
@@ -118,20 +119,6 @@ def test_digits_unknown_split(bad):
 
 
 # ------------------------------------------------------------------ SVHN
-
-
-def write_svhn(folder, counts=None, seed=0):
-    """Real layout: X uint8 (32, 32, 3, N), y uint8 (N, 1), label 10 for digit 0."""
-    counts = counts or {"train": 7, "test": 4}
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    written = {}
-    for split, n in counts.items():
-        x = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)
-        y = (np.arange(n) % 10 + 1).astype(np.uint8).reshape(n, 1)  # 1..10, so some 10s
-        savemat(folder / f"{split}_32x32.mat", {"X": x, "y": y})
-        written[split] = (x, y)
-    return written
 
 
 def test_svhn_pixel_layout_and_labels(tmp_path):

@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,14 @@ def test_two_processes_share_each_epoch_and_one_epoch_is_one_pass(tmp_path):
     trained = Counter(ranks[0]["trained"] + ranks[1]["trained"])
     assert sum(trained.values()) == 1280
     assert all(count <= available[image] for image, count in trained.items())
+
+    # G's per-pixel output bias: set once on each rank, from the mean of both ranks' first
+    # batches (64 images each), so that the ranks start from the same G
+    first = [
+        np.stack([np.frombuffer(bytes.fromhex(h), np.uint8) for h in r["trained"][:64]])
+        for r in ranks
+    ]
+    expected = (np.concatenate(first).astype(np.float64) / 255).mean(0).reshape(1, 16, 16)
+    for r in ranks:
+        assert len(r["bias_means"]) == 1
+        np.testing.assert_allclose(np.array(r["bias_means"][0]), expected, atol=1e-6)

@@ -106,11 +106,12 @@ def svhn_bytes(tmp_path, n, seed):
 
 @pytest.fixture
 def svhn(tmp_path, server, monkeypatch):
-    """train (12 images) and test (6) served; torchvision's table holds their MD5s."""
+    """train (12 images), test (6) and extra (12) served; torchvision's table holds their
+    MD5s."""
     from torchvision.datasets import SVHN
 
     made = {}
-    for split, n, seed in (("train", 12, 1), ("test", 6, 2)):
+    for split, n, seed in (("train", 12, 1), ("test", 6, 2), ("extra", 12, 3)):
         body, x, y = svhn_bytes(tmp_path, n, seed)
         name = f"{split}_32x32.mat"
         server.files[name] = body
@@ -249,8 +250,8 @@ def test_without_download_the_error_says_to_pass_it(tmp_path):
     assert f"--data-dir '{default}' is not a folder: pass --download" in str(result.exception)
     default.mkdir(parents=True)
     result = CliRunner().invoke(app, args)
-    assert str(result.exception).startswith(
-        f"missing SVHN file '{default / 'train_32x32.mat'}': pass --download to fetch SVHN there"
+    assert str(result.exception).startswith(  # svhn-ali trains on extra (the authors' split)
+        f"missing SVHN file '{default / 'extra_32x32.mat'}': pass --download to fetch SVHN there"
     )
     assert not run.exists()
 
@@ -280,7 +281,8 @@ def test_cli_download_into_an_explicit_data_dir_then_trains(tmp_path, server, sv
         ],
     )
     assert result.exit_code == 0, result.output
-    assert folder_names(mine) == ["test_32x32.mat", "train_32x32.mat"]
+    # the files every run reads, and the split svhn-ali trains on (the authors' extra)
+    assert folder_names(mine) == ["extra_32x32.mat", "test_32x32.mat", "train_32x32.mat"]
     assert not (tmp_path / "cache").exists()
     saved = RecipeConfig.from_json(run / "config.json")
     assert (saved.data_dir, saved.download) == (str(mine), True)

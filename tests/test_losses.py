@@ -14,6 +14,7 @@ from gali_ext import (
     ShapeError,
     tuple_class_accuracy,
 )
+from gali_ext.errors import ConfigError
 from gali_ext.losses import discriminator_loss, product_of_terms_loss
 
 
@@ -161,3 +162,39 @@ def test_alice_reconstruction_terms():
     assert AliceReconstructionLoss(0.5)(a, b).item() == pytest.approx(0.5 * 4.0)
     with pytest.raises(ShapeError):
         AliceReconstructionLoss()(a, b[:1])
+
+
+def test_per_term_weights_weigh_each_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 3)
+    w = torch.tensor([[0.0, 2.0, 0.5], [1.0, 0.0, 0.0], [3.0, 0.25, 0.0]])  # zero diagonal
+
+    def ce(i, j):  # -(1/B) sum_b log p[i, b, j], by torch's cross-entropy
+        return torch.nn.functional.cross_entropy(logits[i], torch.full((7,), j))
+
+    expected = sum(w[i, j] * ce(i, j) for i in range(3) for j in range(3) if i != j)
+    torch.testing.assert_close(product_of_terms_loss(logits, weights=w), expected)
+    torch.testing.assert_close(ProductOfTermsLoss(weights=w)(logits), expected)
+    diag = torch.diag(torch.tensor([0.5, 1.0, 2.0]))
+    expected = 0.5 * ce(0, 0) + ce(1, 1) + 2.0 * ce(2, 2)
+    torch.testing.assert_close(discriminator_loss(logits, weights=diag), expected)
+    torch.testing.assert_close(DiscriminatorLoss(weights=diag)(logits), expected)
+    # 2/T as weights is the default weighting
+    torch.testing.assert_close(
+        DiscriminatorLoss(weights=torch.eye(3) * 2 / 3)(logits), DiscriminatorLoss()(logits)
+    )
+
+
+def test_per_term_weights_are_checked():
+    with pytest.raises(ConfigError, match="zero weights off the diagonal"):
+        DiscriminatorLoss(weights=torch.ones(3, 3))
+    with pytest.raises(ConfigError, match="zero weights on the diagonal"):
+        ProductOfTermsLoss(weights=torch.ones(3, 3))
+    with pytest.raises(ConfigError, match=">= 0"):
+        DiscriminatorLoss(weights=-torch.eye(3))
+    with pytest.raises(ConfigError, match="takes no per-term weights"):
+        MinimaxLoss(weights=torch.eye(3))
+    with pytest.raises(ShapeError, match=r"\[K, K\] = \[2, 2\], got \[2, 3\]"):
+        discriminator_loss(torch.randn(2, 4, 2), weights=torch.zeros(2, 3))
+    with pytest.raises(ShapeError, match="K=3"):
+        DiscriminatorLoss(weights=torch.eye(3))(torch.randn(2, 4, 2))

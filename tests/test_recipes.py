@@ -14,6 +14,7 @@ from gali_ext.errors import ConfigError, DataError
 from gali_ext.recipes.build import load_data
 from gali_ext.recipes.cli import app
 from gali_ext.recipes.train import train
+from tests._helpers import write_svhn
 
 REQUIRED = [
     "digits-ali",
@@ -207,25 +208,10 @@ def test_bf16_on_cpu(tmp_path, shared_forward):
     assert all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"]) for r in records)
 
 
-def write_svhn(folder, n=40, seed=0):
-    from scipy.io import savemat
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "test"):
-        savemat(
-            folder / f"{split}_32x32.mat",
-            {
-                "X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
-                "y": rng.integers(1, 11, (n, 1)).astype(np.uint8),
-            },
-        )
-
-
 def test_cli_svhn_gali8_on_tiny_mat_files(tmp_path):
     from typer.testing import CliRunner
 
-    write_svhn(tmp_path / "svhn")
+    write_svhn(tmp_path / "svhn", {"train": 40, "test": 40, "extra": 40})  # svhn trains on extra
     result = CliRunner().invoke(
         app,
         [

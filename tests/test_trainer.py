@@ -157,3 +157,67 @@ def test_recipe_setting_shared_forward():
     config.validate()
     with pytest.raises(ConfigError, match="bf16"):
         config.with_overrides({"mixed_precision": "fp16"}).validate()
+
+
+class Recorded(nn.Module):
+    """Records the inputs a network is called on."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.inputs = net, []
+
+    def forward(self, x):
+        self.inputs.append(x)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("n_dis", [1, 3])
+def test_own_generator_batch_runs_the_g_step_on_a_batch_of_its_own(n_dis):
+    gali = build("gali8")
+    gali.encoder = Recorded(gali.encoder)
+    batches = [torch.rand(5, 1, 8, 8) * 2 - 1 for _ in range(n_dis + 2)]
+    stream = iter(batches)
+    train_step(gali, stream, *sgd_pair(gali), n_dis=n_dis, own_generator_batch=True)
+    assert next(stream) is batches[-1]  # it drew n_dis + 1 batches, no more
+    # each of the n_dis + 1 forwards runs E on x0, x1 and xp0 of its own batch: the G/E step's
+    # chains are new (a fresh prior sample and encoder noise), not the last D step's
+    assert len(gali.encoder.inputs) == 3 * (n_dis + 1)
+    firsts = gali.encoder.inputs[::3]
+    assert all(x is b for x, b in zip(firsts, batches[: n_dis + 1]))
+
+
+def test_own_generator_batch_equals_d_steps_then_a_g_step_on_the_next_batch():
+    torch.manual_seed(0)
+    gali = build("gali8")
+    xs = [torch.rand(5, 1, 8, 8) * 2 - 1 for _ in range(3)]
+    reference = copy.deepcopy(gali)
+    d_opt, g_opt = sgd_pair(reference)
+    for seed, x in enumerate(xs[:2]):  # D alone on two batches, then E and G alone on a third
+        d_opt.zero_grad()
+        torch.manual_seed(seed)
+        reference.discriminator_loss(x, instance_noise_std=0.1).backward()
+        d_opt.step()
+    torch.manual_seed(2)
+    g_opt.zero_grad()
+    reference.generator_loss(xs[2], instance_noise_std=0.1).backward()
+    g_opt.step()
+
+    seeds = iter(range(3))  # the same seed before each forward: each batch's draws
+    stream = (torch.manual_seed(next(seeds)) and x for x in xs)
+    train_step(gali, stream, *sgd_pair(gali), n_dis=2, instance_noise=0.1, own_generator_batch=True)
+    for (key, new), old in zip(gali.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_own_generator_batch_excludes_shared_forward():
+    gali = build("gali8")
+    with pytest.raises(ConfigError, match="exclude each other"):
+        train_step(
+            gali,
+            [torch.rand(5, 1, 8, 8)] * 2,
+            *sgd_pair(gali),
+            shared_forward=True,
+            own_generator_batch=True,
+        )
+    with pytest.raises(ConfigError, match=r"n_dis=1 \+ 1 \(own_generator_batch\) batches"):
+        train_step(gali, [torch.rand(5, 1, 8, 8)], *sgd_pair(gali), own_generator_batch=True)
