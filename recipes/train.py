@@ -126,6 +126,10 @@ class RunLog:
             self.evaluations = [
                 r for r in read_metrics(out / METRICS_NAME) if EVAL_PREFIX + "pixel_mse" in r
             ]
+            if self.evaluations:  # a resumed run: its last evaluation on the progress line
+                last = self.evaluations[-1]
+                shown = {k.removeprefix(EVAL_PREFIX): v for k, v in last.items()}
+                self.info["eval"] = progress_text(last["step"], shown, self.best)
 
     def __enter__(self) -> RunLog:
         self.bar.start()
@@ -154,9 +158,9 @@ class RunLog:
     def evaluate(self, step: int) -> dict[str, Any]:
         """The paper's metrics of the weights shown (:class:`.watch.Watch`; docs/design.md,
         section 6.11) at step ``step``: one ``metrics.jsonl`` record (``eval/NAME``, with the
-        split, the weights evaluated and the seconds it took), the trackers, the progress line,
-        ``best/`` when ``best_metric`` improved, and ``metrics.png``. Returns the record
-        (empty off the main process or without a watch)."""
+        weights evaluated, the protocol (split, SVM sizes) and the seconds it took), the
+        trackers, the progress line, ``best/`` when ``best_metric`` improved, and
+        ``metrics.png``. Returns the record (empty off the main process or without a watch)."""
         if self.watch is None:
             return {}
         started = time.perf_counter()
