@@ -70,6 +70,12 @@ def _out(value: Path | str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
+BEST_HELP = (
+    "Use the best weights by the run's best_metric (its best/, kept while training with "
+    "eval_every), not its last ones."
+)
+
+
 @app.command()
 def recipe(
     name: str = typer.Argument(..., help="Recipe name; `gali-ext recipes` lists them."),
@@ -101,6 +107,11 @@ def recipe(
         "--dry-run",
         help="Print what the run will cost (steps, epochs, images, FLOPs per step measured "
         "here) and exit: nothing is trained, read or written.",
+    ),
+    fid_weights: Path = typer.Option(
+        None,
+        help="A local copy of weights-inception-2015-12-05-6726825d.pth: adds FID to the "
+        "metrics evaluated every eval_every steps (--set fid_weights=FILE).",
     ),
 ) -> None:
     """Train a reference recipe (e.g. `gali-ext recipe digits-gali4`)."""
@@ -134,6 +145,7 @@ def recipe(
         "data_dir": None if data_dir is None else str(data_dir),
         "log_with": log_with,
         "download": download or None,
+        "fid_weights": None if fid_weights is None else str(fid_weights),
     }
     config = dataclasses.replace(config, **{k: v for k, v in options.items() if v is not None})
     if dry_run:
@@ -186,9 +198,11 @@ def sample(
     raw_weights: bool = typer.Option(
         False, "--raw-weights", help="Use the trained weights, not their moving average (EMA)."
     ),
+    best: bool = typer.Option(False, "--best", help=BEST_HELP),
 ) -> None:
     """Write grids of samples G(z) and of test images over their reconstructions G(E(x)), as
-    samples-ema.png and reconstructions-ema.png (-raw without EMA weights); the run's own
+    samples-ema.png and reconstructions-ema.png (-raw without EMA weights, -best-ema with
+    --best); the run's own
     samples.png and reconstructions.png stay as training left them. A class-conditional run
     (docs/design.md, section 6.10) gets one row of samples G(z, y) per class y, reconstructions
     G(E(x), y) with each image's own label, and reconstructions-shuffled-*.png with a shuffled
@@ -200,18 +214,21 @@ def sample(
     from gali_ext.recipes.visual import save_image_grid
 
     out = _out(out)
-    run = load_run_models(run_dir, ema=not raw_weights)
+    run = load_run_models(run_dir, ema=not raw_weights, best=best)
     test = load_data(run.config, "test")
     images = first_images(test, 32)
     folder = out or run_dir
     label = "the moving average (EMA) of the weights" if run.weights == "ema" else "the weights"
+    if run.best:
+        label = f"the best {label[4:]} ({run.best['metric']} {run.best['value']:.4g}, step "
+        label += f"{run.best['step']})"
     classes = run.config.conditions
     if classes:
         _sample_conditional(run, images, test.labels_tensor()[: len(images)], folder, label)
         return
     z = run.prior((64, run.latent_dim), rng=torch.Generator().manual_seed(0))
     for name, grid in grids(run.encoder, run.generator, images, z).items():
-        path = save_image_grid(grid, folder / f"{name}-{run.weights}.png")
+        path = save_image_grid(grid, folder / f"{name}-{run.tag}.png")
         typer.echo(f"{name} of {label}: {path}")
 
 
@@ -247,7 +264,7 @@ def _sample_conditional(run, images, labels, folder: Path, label: str) -> None: 
     row_labels = {"samples": [f"y={k}" for k in range(classes)]}
     for name, caption in captions.items():
         columns = n if name == "samples" else 8
-        path = folder / f"{name}-{run.weights}.png"
+        path = folder / f"{name}-{run.tag}.png"
         save_image_grid(made[name], path, columns=columns, row_labels=row_labels.get(name))
         typer.echo(f"{name} of {label}: {path}")
         typer.echo(f"  {caption}")
@@ -312,6 +329,7 @@ def eval_command(
     raw_weights: bool = typer.Option(
         False, help="Score the trained weights, not their moving average (EMA) when a run has one."
     ),
+    best: bool = typer.Option(False, "--best", help=BEST_HELP),
 ) -> None:
     """The paper's metrics and the evaluator's (reconstruction class agreement, confident
     samples, class coverage) for trained runs: mean ± std over the seeds of a recipe. A
@@ -360,6 +378,7 @@ def eval_command(
                 inception=inception,
                 echo=typer.echo,
                 ema=not raw_weights,
+                best=best,
             )
         )
     summary = summarise(results)
@@ -564,6 +583,7 @@ def export_command(
     ),
     private: bool = typer.Option(False, help="--push-to-hub: create the repository private."),
     license: str = typer.Option("mit", help="The license in the model card's front matter."),
+    best: bool = typer.Option(False, "--best", help=BEST_HELP),
 ) -> None:
     """Write a run's E and G as a Hugging Face Hub model folder: safetensors, config.json and a
     model card with the run's settings, summary.json metrics and grids (docs/design.md,
@@ -573,9 +593,12 @@ def export_command(
 
     if push_to_hub is not None:
         check_repo_id(push_to_hub)
-    made = export_run(run_dir, out, ema=not raw_weights, license=license, repo_id=push_to_hub)
+    made = export_run(
+        run_dir, out, ema=not raw_weights, license=license, repo_id=push_to_hub, best=best
+    )
     label = "the moving average (EMA) of" if made.weights == "ema" else "the trained"
-    typer.echo(f"exported {label} E and G of {run_dir} to {made.folder}: {', '.join(made.files)}")
+    where = f"{run_dir}'s best/" if best else str(run_dir)
+    typer.echo(f"exported {label} E and G of {where} to {made.folder}: {', '.join(made.files)}")
     if push_to_hub is not None:
         url = upload(made.folder, push_to_hub, private=private or None)
         typer.echo(f"pushed {made.folder} to https://huggingface.co/{push_to_hub} ({url})")

@@ -51,6 +51,7 @@ __all__ = [
     "encoder_features",
     "evaluate_run",
     "format_table",
+    "prior_samples",
     "summarise",
     "svm_references",
     "test_data_reference",
@@ -94,6 +95,32 @@ def encoder_features(
     return torch.cat(parts).float().numpy()
 
 
+@torch.no_grad()
+def prior_samples(
+    generator: torch.nn.Module,
+    prior: Any,
+    count: int,
+    latent_dim: int,
+    labels: torch.Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> torch.Tensor:
+    """``count`` samples ``G(z)`` on the CPU, ``z`` drawn from ``prior`` (the run's, resolved)
+    with a CPU generator seeded with ``seed``: the same latents for every model and every call.
+    ``labels``: one class per sample for a class-conditional generator, ``G(z_i, y_i)``."""
+    z = prior((count, latent_dim), rng=torch.Generator().manual_seed(seed))
+    device = model_device(generator)
+    parts = z.split(batch_size)
+    conditions = [()] * len(parts) if labels is None else [(c,) for c in labels.split(batch_size)]
+    with eval_mode(generator):
+        return torch.cat(
+            [
+                generator(*(t if device is None else t.to(device) for t in (part, *c))).cpu()
+                for part, c in zip(parts, conditions)
+            ]
+        )
+
+
 def _svm_scores(
     encoder, splits: list, test_images: torch.Tensor, samples: int, draws: int
 ) -> dict[str, Any]:
@@ -132,6 +159,7 @@ def evaluate_run(
     inception: StandardInceptionFID | None = None,
     echo: Callable[[str], Any] | None = print,
     ema: bool = True,
+    best: bool = False,
 ) -> dict[str, Any]:
     """Every metric of docs/design.md, section 6, for one run directory: those of
     :func:`summary_metrics` (pixel MSE, reconstruction class agreement, confident samples and
@@ -144,7 +172,8 @@ def evaluate_run(
     Without ``evaluator_dir`` the evaluator is looked up (for digits: trained) in
     ``evaluator-DATASET`` beside the run directory. E and G are the run's moving averages
     (``*_ema.safetensors``) when it has them and ``ema`` is true, else its trained weights;
-    ``result["weights"]`` says which.
+    with ``best``, the best weights the run kept by its ``best_metric`` (``best/``;
+    ``result["best"]`` their step and value); ``result["weights"]`` says which.
 
     A class-conditional run (``config.conditions > 0``) gets the conditional metrics of
     :func:`summary_metrics` (section 6.10) in place of ``class_agreement``; its generator is
@@ -152,7 +181,7 @@ def evaluate_run(
     errors) and, for the FID, draws one sample ``G(z_i, y_i)`` per test label ``y_i``.
     """
     run = Path(run_dir)
-    models = load_run_models(run, ema=ema)
+    models = load_run_models(run, ema=ema, best=best)
     config = models.config
     test, train, val = (load_data(config, s) for s in ("test", "train", "val"))
     encoder, generator = models.encoder, models.generator
@@ -172,8 +201,10 @@ def evaluate_run(
         "seed": config.seed,
         "steps": config.steps,
         "test_images": len(x),
-        "weights": models.weights,
+        "weights": models.tag,
     }
+    if models.best is not None:
+        result["best"] = {k: models.best[k] for k in ("metric", "value", "step")}
     summary = run / "summary.json"
     if summary.is_file():
         seconds = json.loads(summary.read_text()).get("seconds_this_session")
@@ -191,12 +222,7 @@ def evaluate_run(
     if train.labels_tensor().ndim == 1:  # class labels (digits, SVHN); not CelebA's attributes
         result.update(_svm_scores(encoder, [train, val, test], x, samples, draws))
 
-    with torch.no_grad(), eval_mode(generator):
-        rng = torch.Generator().manual_seed(0)
-        z = models.prior((len(x), models.latent_dim), rng=rng)
-        parts = z.split(500)
-        conditions = [()] * len(parts) if y is None else [(c,) for c in y.split(500)]
-        generated = torch.cat([generator(part, *c) for part, c in zip(parts, conditions)])
+    generated = prior_samples(generator, models.prior, len(x), models.latent_dim, y)
     result["fid_evaluator"] = fid(evaluator.features, x, generated)
     result["fid_evaluator_network"] = f"the {config.dataset} evaluator classifier's features"
     if inception is not None:

@@ -62,7 +62,7 @@ GRIDS = {
     "`G(E(x))`",
 }
 #: settings that hold paths of the training machine: only the file or folder name is exported
-LOCAL_PATHS = ("data_dir", "features_weights")
+LOCAL_PATHS = ("data_dir", "features_weights", "fid_weights")
 #: the settings the card lists (all of them are in config.json, under "recipe")
 CARD_SETTINGS = (
     "name",
@@ -267,11 +267,14 @@ def export_run(
     ema: bool = True,
     license: str = "mit",
     repo_id: str | None = None,
+    best: bool = False,
 ) -> Export:
     """Write run ``run_dir``'s E and G as a Hub-ready folder ``out`` (the module docstring lists
     its files): the moving averages (EMA) where the run has them and ``ema``, else the trained
-    weights. ``license`` goes into the card's front matter; ``repo_id`` (the repository it will
-    be pushed to) into its usage example.
+    weights; with ``best``, the best weights the run kept by its ``best_metric`` (``best/``,
+    recorded under ``"best"`` in ``config.json`` and on the card). ``license`` goes into the
+    card's front matter; ``repo_id`` (the repository it will be pushed to) into its usage
+    example.
 
     ``out`` must not exist or be an empty folder; it is written under a temporary name and
     renamed, so a failure leaves no half export. Raises :class:`~gali_ext.errors.ConfigError`
@@ -294,7 +297,7 @@ def export_run(
             f"stopped before its first checkpoint (checkpoint_every={config.checkpoint_every}); "
             f"continue it with `gali-ext recipe {config.name} --out {run} --resume`"
         )
-    models = load_run_models(run, ema=ema)
+    models = load_run_models(run, ema=ema, best=best)
     summary = _read_summary(run)
     temporary = out.parent / f".{out.name}.{os.getpid()}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
@@ -367,6 +370,7 @@ def export_config(run: Path, models: Any) -> dict[str, Any]:
         "files": dict(WEIGHT_NAMES),
         "recipe": settings,
         "launch": launch,
+        **({"best": models.best} if models.best else {}),
     }
 
 
@@ -434,6 +438,13 @@ def model_card(
         which += " (the run also kept a moving average; exported without it, `--raw-weights`)"
     elif not ema:
         which += " (the run kept no moving average: ema_decay = 0)"
+    best = config.get("best")
+    if best:
+        which = (
+            f"the best of {which} by `{best['metric']}` on the {best.get('split', 'held-out')} "
+            f"split ({json.dumps(best['value'])} at step {best['step']}; the metrics and grids "
+            "below are of the last weights)"
+        )
     shape = " x ".join(str(n) for n in config["image_shape"])
     if summary is not None and _number(summary.get("steps")):
         trained = f"for {summary['steps']} steps"

@@ -34,6 +34,7 @@ __all__ = [
     "TEMPORARY_PATTERN",
     "append_metrics",
     "atomic_output",
+    "fsync_directory",
     "open_no_follow",
     "read_metrics",
     "remove_path",
@@ -135,7 +136,7 @@ def remove_path(path: Path) -> None:
             path.unlink()
 
 
-def _fsync_directory(folder: Path) -> None:
+def fsync_directory(folder: Path) -> None:
     """Flush a folder's entries (the rename) to disk, where the platform allows it."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -167,7 +168,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
         finally:
             os.close(fd)
         os.replace(temporary, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     return path
 
 
@@ -190,7 +191,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(temporary, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -18,7 +18,8 @@
   agreement of ``G(E(x), y)`` with x's own label and of ``G(E(x), y_perm)`` with a shuffled
   label, which separates inference from label copying (docs/design.md, section 6.10,
   eqs. 6.14-6.17);
-- :func:`summary_metrics`: those a run's ``summary.json`` reports at the end of training.
+- :func:`summary_metrics`: those a run's ``summary.json`` reports at the end of training;
+- :data:`WATCHED_METRICS`: those a run evaluates while it trains (:mod:`gali_ext.recipes.watch`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from gali_ext.recipes.data import ImageData
 
 __all__ = [
     "SAMPLE_COUNT",
+    "WATCHED_METRICS",
     "class_cycle",
     "conditional_reconstruction_agreement",
     "eval_mode",
@@ -472,6 +474,11 @@ def sample_quality(
 
 
 SAMPLE_COUNT = 1000  # samples G(z) scored by the evaluator for confidence and coverage
+
+WATCHED_METRICS = ("pixel_mse", "svm_error", "feature_mse", "class_agreement", "fid_inception")
+"""The metrics a run evaluates every ``eval_every`` steps on a held-out split, and may keep its
+best weights by (``best_metric``): eqs. 6.1, 6.2 and 6.6, the SVM of section 6.2 sized down, and
+FID (docs/design.md, section 6.11; :mod:`gali_ext.recipes.watch`)."""
 
 
 def summary_metrics(

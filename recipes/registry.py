@@ -71,6 +71,8 @@ DIGITS_DEFAULTS: dict[str, Any] = dict(
     log_every=10,
     sample_every=250,
     checkpoint_every=500,
+    # the paper's metrics every 250 steps, 12 points over the run (docs/design.md, section 6.11)
+    eval_every=250,
 )
 for _spec in ("ali", "alice", "gali4", "gali8", "gali_mix"):
     register(

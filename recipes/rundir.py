@@ -37,6 +37,10 @@ from gali_ext.recipes.files import (
 from gali_ext.recipes.lock import LOCK_NAME
 
 __all__ = [
+    "BEST_FILES",
+    "BEST_NAME",
+    "BEST_RECORD",
+    "BEST_STAGING",
     "CONFIG_NAME",
     "METRICS_NAME",
     "RUN_FILES",
@@ -131,6 +135,7 @@ RUN_FILES = (
     "summary.json",
     "samples.png",
     "reconstructions.png",
+    "metrics.png",
     "encoder.safetensors",
     "generator.safetensors",
     "discriminator.safetensors",
@@ -138,7 +143,15 @@ RUN_FILES = (
     "generator_ema.safetensors",
 )
 """The files gali-ext writes at the top of a run directory (docs/design.md, section 10.1)."""
-RUN_FOLDERS = (CHECKPOINTS_NAME, DAMAGED_NAME, "grids", "logs")
+BEST_NAME = "best"
+"""The folder of the best weights by ``best_metric`` (docs/design.md, section 10.1)."""
+BEST_RECORD = "best.json"
+BEST_FILES = (BEST_RECORD, "encoder.safetensors", "generator.safetensors")
+"""What ``best/`` holds: the step and value (``best.json``) and the weights evaluated."""
+BEST_STAGING = ("best.next", "best.old")
+"""The next ``best/`` while it is written, and the previous one while it is replaced
+(:func:`gali_ext.recipes.runs.save_best`); gali-ext's own, removed with the run."""
+RUN_FOLDERS = (CHECKPOINTS_NAME, DAMAGED_NAME, "grids", "logs", BEST_NAME)
 """The folders gali-ext writes in a run directory; inside them it removes only its own
 entries (:func:`clear_run_directory`)."""
 
@@ -170,14 +183,15 @@ def check_no_links(out: str | Path) -> None:
     out = Path(out)
     if not out.is_dir():
         return
-    for name in (LOCK_NAME, *RUN_FILES, *RUN_FOLDERS):
+    folders = (*RUN_FOLDERS, *BEST_STAGING)
+    for name in (LOCK_NAME, *RUN_FILES, *folders):
         path = out / name
         if path.is_symlink():
             target = os.readlink(path)
             raise ConfigError(
                 f"{str(path)!r} is a symbolic link (to {target!r}); gali-ext writes nothing "
                 f"through a link inside a run directory: replace it by a plain "
-                f"{'folder' if name in RUN_FOLDERS else 'file'} or remove it"
+                f"{'folder' if name in folders else 'file'} or remove it"
             )
 
 
@@ -228,7 +242,7 @@ def _own_entries(out: Path) -> list[Path]:
     (never followed)."""
     own: list[Path] = []
     for entry in out.iterdir():
-        if entry.name in RUN_FILES or TEMPORARY_PATTERN.match(entry.name):
+        if entry.name in (*RUN_FILES, *BEST_STAGING) or TEMPORARY_PATTERN.match(entry.name):
             own.append(entry)
     sub = {name: out / name for name in RUN_FOLDERS}
     for name, folder in sub.items():
@@ -250,6 +264,8 @@ def _is_own_entry(folder: str, name: str, out: Path) -> bool:
         return bool(_DAMAGED_PATTERN.match(name))
     if folder == "grids":
         return bool(_GRID_PATTERN.match(name) or TEMPORARY_PATTERN.match(name))
+    if folder == BEST_NAME:
+        return name in BEST_FILES or bool(TEMPORARY_PATTERN.match(name))
     return folder == "logs" and name == _run_name(out)
 
 

@@ -14,6 +14,9 @@
                                  the files), written last: a folder whose manifest does not
                                  verify is never resumed from
     damaged-checkpoints/         checkpoints a resume passed over (kept for inspection)
+    best/                        the best weights of E and G by best_metric (eval_every > 0),
+                                 with best.json (metric, value, step); never rotated
+    metrics.png                  the metrics evaluated every eval_every steps, against steps
     .lock                        the lock of the process training into the directory
     logs/RECIPE/                 tracker files (--log-with tensorboard)
     samples.png, reconstructions.png, grids/   image grids; summary.json at the end
@@ -29,6 +32,8 @@ any mismatch. Every file is written to a temporary name and renamed
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +43,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from gali_ext.errors import ConfigError, DivergenceError, GaliError
+from gali_ext.errors import CheckpointError, ConfigError, DivergenceError, GaliError
 from gali_ext.priors import Prior, resolve_prior
 from gali_ext.providers.pretrained import load_safetensors_into
 from gali_ext.recipes.checkpoints import (
@@ -53,8 +58,15 @@ from gali_ext.recipes.checkpoints import (
     verify_checkpoint,
     write_manifest,
 )
-from gali_ext.recipes.files import atomic_output, storage_errors
+from gali_ext.recipes.files import (
+    atomic_output,
+    fsync_directory,
+    remove_path,
+    storage_errors,
+    write_json_atomic,
+)
 from gali_ext.recipes.models import build_ali_models
+from gali_ext.recipes.rundir import BEST_NAME, BEST_RECORD, BEST_STAGING
 from gali_ext.recipes.settings import RecipeConfig
 
 __all__ = [
@@ -67,8 +79,11 @@ __all__ = [
     "complete_checkpoints",
     "last_good_checkpoint",
     "load_run_models",
+    "read_best",
+    "recover_best",
     "resume_checkpoint",
     "resume_hint",
+    "save_best",
     "save_checkpoint",
     "save_weights",
     "state_problems",
@@ -222,6 +237,70 @@ def resume_checkpoint(accelerator: Any, out: Path, ema: dict[str, Any], checkpoi
     return int(state["step"])
 
 
+def save_best(out: Path, modules: dict[str, nn.Module], record: dict[str, Any]) -> Path:
+    """Replace ``best/`` of run ``out`` by ``modules`` (name to module: the encoder and generator
+    evaluated, as ``NAME.safetensors``) and ``record`` (``best.json``: the metric, its value,
+    the step, ...), so that a kill at any moment leaves a complete ``best/``, or a complete
+    ``best.next/`` or ``best.old/`` that :func:`recover_best` makes ``best/`` again
+    (docs/design.md, section 10.1): the new folder is written in full as ``best.next/`` (each
+    file atomically, ``best.json`` last), the current one renamed ``best.old/``, ``best.next/``
+    renamed ``best/``, and ``best.old/`` removed. Returns ``best/``."""
+    out = Path(out)
+    best, (staging, old) = out / BEST_NAME, (out / name for name in BEST_STAGING)
+    with storage_errors("the best weights", staging, cleanup=staging):
+        remove_path(staging)
+        staging.mkdir()
+        save_weights(modules, staging)
+        write_json_atomic(staging / BEST_RECORD, record)
+    with storage_errors("the best weights", best):
+        remove_path(old)
+        if best.is_dir():
+            os.replace(best, old)
+        os.replace(staging, best)
+        fsync_directory(out)
+        remove_path(old)
+    return best
+
+
+def recover_best(out: Path) -> Path | None:
+    """Finish, or undo, a replacement of ``best/`` that a kill interrupted (:func:`save_best`):
+    without ``best/``, a complete ``best.next/`` (its ``best.json`` written) becomes ``best/``,
+    else ``best.old/`` goes back; what is left of the two is removed. Call it holding the run's
+    lock. Returns ``best/``, or None when the run has none."""
+    out = Path(out)
+    best, (staging, old) = out / BEST_NAME, (out / name for name in BEST_STAGING)
+    with storage_errors("the best weights", best):
+        if not best.is_dir():
+            if (staging / BEST_RECORD).is_file():
+                os.replace(staging, best)
+            elif old.is_dir():
+                os.replace(old, best)
+        for leftover in (staging, old):
+            remove_path(leftover)
+    return best if best.is_dir() else None
+
+
+def read_best(out: Path) -> dict[str, Any] | None:
+    """``best/best.json`` of run ``out``: ``metric``, its ``value``, the ``step`` and which
+    ``weights`` (``ema`` or ``raw``) were evaluated; None when the run has no best weights."""
+    path = Path(out) / BEST_NAME / BEST_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        record = None
+    fields = {"metric": str, "value": (int, float), "step": int}
+    if not (
+        isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in fields.items())
+    ):
+        raise CheckpointError(
+            f"{str(path)!r} is not a record of the best weights (expected a JSON object with "
+            f"metric, value and step): remove {str(path.parent)!r} to keep the best anew"
+        )
+    return record
+
+
 @dataclass
 class RunModels:
     """A trained run's encoder and generator, as :func:`load_run_models` loads them.
@@ -232,6 +311,7 @@ class RunModels:
         latent_dim: the size of ``z``.
         weights: ``"ema"`` for the moving averages, ``"raw"`` for the trained weights.
         prior: the run's prior of ``z``, resolved once from ``config.prior``.
+        best: ``best/best.json`` when E and G are the best weights (:func:`read_best`).
     """
 
     config: RecipeConfig
@@ -240,6 +320,12 @@ class RunModels:
     latent_dim: int
     weights: str
     prior: Prior
+    best: dict[str, Any] | None = None
+
+    @property
+    def tag(self) -> str:
+        """Which weights, in file names: ``ema``, ``raw``, ``best-ema`` or ``best-raw``."""
+        return f"best-{self.weights}" if self.best else self.weights
 
 
 def has_ema_weights(run_dir: str | Path) -> bool:
@@ -247,9 +333,11 @@ def has_ema_weights(run_dir: str | Path) -> bool:
     return all((Path(run_dir) / f"{f}.safetensors").is_file() for f in EMA_FILES.values())
 
 
-def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
+def load_run_models(run_dir: str | Path, ema: bool = True, best: bool = False) -> RunModels:
     """E and G of a run directory: the moving averages (``encoder_ema.safetensors``,
-    ``generator_ema.safetensors``) when ``ema`` and the run has them, else the trained weights.
+    ``generator_ema.safetensors``) when ``ema`` and the run has them, else the trained weights;
+    with ``best``, the best weights by the run's ``best_metric`` (``best/``, the moving
+    averages or the trained weights as the run evaluated them; ``ema`` does not apply).
 
     Raises :class:`~gali_ext.errors.ConfigError` for a folder without ``config.json`` and
     :class:`~gali_ext.errors.CheckpointError` naming the file (and key) of weights that are
@@ -264,10 +352,22 @@ def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
         num_classes=config.conditions or None,
         output_bias=config.output_bias,
     )
+    record = read_best(run) if best else None
+    if best and record is None:
+        raise ConfigError(
+            f"{str(run)!r} has no best weights ({BEST_NAME}/{BEST_RECORD}): a run keeps them "
+            "from its first evaluation on (--set eval_every=N, N > 0); leave out the best "
+            "weights option to use its last ones"
+        )
     use_ema = ema and has_ema_weights(run)
     for name in ("encoder", "generator"):
-        file = EMA_FILES[name] if use_ema else name
-        load_safetensors_into(getattr(models, name), run / f"{file}.safetensors")
-    weights = "ema" if use_ema else "raw"
+        if record is not None:
+            path = run / BEST_NAME / f"{name}.safetensors"
+        else:
+            path = run / f"{EMA_FILES[name] if use_ema else name}.safetensors"
+        load_safetensors_into(getattr(models, name), path)
+    weights = str(record.get("weights", "raw")) if record else "ema" if use_ema else "raw"
     prior = resolve_prior(config.prior)
-    return RunModels(config, models.encoder, models.generator, models.latent_dim, weights, prior)
+    return RunModels(
+        config, models.encoder, models.generator, models.latent_dim, weights, prior, record
+    )

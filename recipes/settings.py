@@ -23,6 +23,7 @@ from gali_ext.presets import available_presets, get_preset
 from gali_ext.priors import resolve_prior
 from gali_ext.recipes.authors import AUTHORS_EPOCHS, LOSS_WEIGHTS
 from gali_ext.recipes.data import DATASET_SPLITS, DATASETS
+from gali_ext.recipes.metrics import WATCHED_METRICS
 from gali_ext.recipes.models import OUTPUT_BIASES, available_archs
 from gali_ext.trainer import UNSUPPORTED_OPTIMIZERS, available_optimizers
 
@@ -106,6 +107,19 @@ class RecipeConfig:
     # Accelerate deletes the oldest checkpoint before it writes a new one: with 2 or more, a
     # kill while saving still leaves a complete one
     keep_checkpoints: int = 3
+    # every N steps, the paper's metrics of the weights shown (the EMA's when kept) on a
+    # held-out split, to metrics.jsonl, the trackers, the progress line and metrics.png
+    # (docs/design.md, section 6.11; gali_ext.recipes.watch); 0 turns it off
+    eval_every: int = 20_000
+    # the metric the best weights are kept by, in best/ (a name of WATCHED_METRICS; whether
+    # lower or higher is better is known per metric: gali_ext.recipes.stats.LOWER_IS_BETTER)
+    best_metric: str = "pixel_mse"
+    # the split evaluated ("": the data set's held-out split, val for digits and CelebA, test
+    # for SVHN, whose val is drawn from the training file)
+    eval_split: str = ""
+    # a local copy of the TF Inception weights (weights-inception-2015-12-05-6726825d.pth):
+    # adds FID to the metrics evaluated every eval_every steps (gali-ext recipe --fid-weights)
+    fid_weights: str = ""
 
     @property
     def uses_features(self) -> bool:
@@ -197,6 +211,8 @@ class RecipeConfig:
             (self.sample_every >= 1, "sample_every", "an int >= 1"),
             (self.checkpoint_every >= 1, "checkpoint_every", "an int >= 1"),
             (self.keep_checkpoints >= 2, "keep_checkpoints", "an int >= 2"),
+            (self.eval_every >= 0, "eval_every", "an int >= 0 (0 turns the evaluation off)"),
+            (self.best_metric in WATCHED_METRICS, "best_metric", ", ".join(WATCHED_METRICS)),
         ]
         for ok, key, expected in checks:
             if not ok:

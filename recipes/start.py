@@ -199,13 +199,17 @@ RESUME_APPLIED = frozenset(
         "description",
         "num_workers",
         "log_with",
+        "eval_every",
+        "fid_weights",
     }
 )
 """Settings a resume may change: each takes effect from the resumed step on (``epochs``
 through the ``steps`` it resolves to; ``lr`` and ``betas`` through
 :func:`apply_optimizer_settings`; ``num_workers`` and ``log_with`` change
-how data is read and where metrics go, not what is trained). Every other setting is fixed by
-the checkpoint (model, data, batch, objective, optimizer, precision, seed, ``ema_decay``);
+how data is read and where metrics go, not what is trained; ``eval_every`` and
+``fid_weights`` how often and what is evaluated). Every other setting is fixed by the checkpoint
+(model, data, batch, objective, optimizer, precision, seed, ``ema_decay``; ``best_metric`` and
+``eval_split``, by which ``best/`` was kept);
 ``download`` only says whether missing data files may be fetched (verified) before the run."""
 
 

@@ -72,8 +72,20 @@ STUDY_STEPS = 2000  # per run: where ALI has learned (docs/design.md, section 6)
 STUDY_SEEDS = 5
 
 
-# Settings that change neither the weights nor the scores of a finished run.
-_BOOKKEEPING = frozenset({"description", "num_workers", "log_with", "data_dir"})
+# Settings that change neither the weights nor the scores of a finished run (the evaluation
+# while training leaves the weights as they are: docs/design.md, section 6.11).
+_BOOKKEEPING = frozenset(
+    {
+        "description",
+        "num_workers",
+        "log_with",
+        "data_dir",
+        "eval_every",
+        "best_metric",
+        "eval_split",
+        "fid_weights",
+    }
+)
 
 
 def check_reusable(run: Path, config: RecipeConfig) -> None:

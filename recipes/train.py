@@ -42,6 +42,7 @@ from gali_ext.recipes.data import prepare_data
 from gali_ext.recipes.evaluator import default_evaluator_dir, load_evaluator
 from gali_ext.recipes.files import (
     append_metrics,
+    read_metrics,
     storage_errors,
     write_bytes_atomic,
     write_text_atomic,
@@ -59,7 +60,8 @@ from gali_ext.recipes.runs import (
 )
 from gali_ext.recipes.settings import RecipeConfig, check_epochs
 from gali_ext.recipes.start import StartPlan, check_run_dir, decided_on_main, plan_start, start_run
-from gali_ext.recipes.visual import image_grid, save_image_grid
+from gali_ext.recipes.visual import image_grid, save_image_grid, save_metric_plot
+from gali_ext.recipes.watch import EVAL_PREFIX, BestWeights, Watch, metric_series, progress_text
 from gali_ext.trainer import StepMetrics, instance_noise_std
 
 __all__ = ["RunLog", "reset_accelerator_state_after", "train"]
@@ -69,10 +71,18 @@ class RunLog:
     """What a run reports, from the main process: each logged step to ``metrics.jsonl`` and the
     Accelerate trackers (scalars, D's accuracy per tuple class), grids of samples and
     reconstructions (PNG files, and trackers that take images), ``summary.json`` at the end, and
-    the progress bar. Grids and the summary show the EMA of E and G when there is one."""
+    the progress bar. Grids and the summary show the EMA of E and G when there is one. With a
+    ``watch`` (``eval_every > 0``), the paper's metrics of those weights on a held-out split
+    (:meth:`evaluate`), the best weights by ``best_metric`` in ``best/`` and ``metrics.png``."""
 
     def __init__(
-        self, accelerator: Any, out: Path, run: BuiltRun, step: int, progress: bool
+        self,
+        accelerator: Any,
+        out: Path,
+        run: BuiltRun,
+        step: int,
+        progress: bool,
+        watch: Watch | None = None,
     ) -> None:
         self.accelerator, self.out, self.run = accelerator, out, run
         self.config = config = run.config
@@ -107,6 +117,20 @@ class RunLog:
         )
         self.task = self.bar.add_task(config.name, total=config.steps, completed=step, info="")
         self.started = time.perf_counter()
+        self.info = {"train": "", "eval": ""}
+        self.watch = watch if self.main else None
+        self.best: BestWeights | None = None
+        self.evaluations: list[dict[str, Any]] = []
+        if self.watch is not None:
+            self.watch.load(accelerator.device)
+            self.best = BestWeights(out, config.best_metric)  # read back on a resumed run
+            self.evaluations = [
+                r for r in read_metrics(out / METRICS_NAME) if EVAL_PREFIX + "pixel_mse" in r
+            ]
+            if self.evaluations:  # a resumed run: its last evaluation on the progress line
+                last = self.evaluations[-1]
+                shown = {k.removeprefix(EVAL_PREFIX): v for k, v in last.items()}
+                self.info["eval"] = progress_text(last["step"], shown, self.best)
 
     def __enter__(self) -> RunLog:
         self.bar.start()
@@ -126,11 +150,47 @@ class RunLog:
         scalars = {k: v for k, v in record.items() if isinstance(v, float)}
         scalars |= {f"d_accuracy/class_{i}": a for i, a in enumerate(metrics.class_accuracy)}
         self.accelerator.log(scalars, step=step)
-        self.bar.update(
-            self.task,
-            info=f"D {metrics.d_loss:.3f}  G {metrics.g_loss:.3f}  "
-            f"{1 / max(metrics.seconds, 1e-9):.1f} it/s",
+        self.info["train"] = (
+            f"D {metrics.d_loss:.3f}  G {metrics.g_loss:.3f}  "
+            f"{1 / max(metrics.seconds, 1e-9):.1f} it/s"
         )
+        self.bar.update(self.task, info="  ".join(t for t in self.info.values() if t))
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """The paper's metrics of the weights shown (:class:`.watch.Watch`; docs/design.md,
+        section 6.11) at step ``step``: one ``metrics.jsonl`` record (``eval/NAME``, with the
+        weights evaluated, the protocol (split, SVM sizes) and the seconds it took), the
+        trackers, the progress line, ``best/`` when ``best_metric`` improved, and
+        ``metrics.png``. Returns the record (empty off the main process or without a watch)."""
+        if self.watch is None:
+            return {}
+        started = time.perf_counter()
+        metrics = self.watch(*self.run.shown, self.run.built.gali.prior)
+        seconds = time.perf_counter() - started
+        weights = "ema" if self.run.ema else "raw"
+        record: dict[str, Any] = {"step": step}
+        record.update({EVAL_PREFIX + name: value for name, value in metrics.items()})
+        record[EVAL_PREFIX + "seconds"] = seconds
+        record[EVAL_PREFIX + "weights"] = weights
+        record[EVAL_PREFIX + "protocol"] = self.watch.protocol
+        modules = dict(zip(("encoder", "generator"), self.run.shown))
+        details = {"weights": weights, "split": self.watch.split}
+        if self.best.update(step, metrics, modules, details):
+            record[EVAL_PREFIX + "best"] = self.best.metric
+        append_metrics(self.out / METRICS_NAME, record)
+        scalars = {k: v for k, v in record.items() if isinstance(v, float)}
+        self.accelerator.log(scalars, step=step)
+        self.evaluations.append(record)
+        self.plot()
+        self.info["eval"] = progress_text(step, metrics, self.best)
+        self.bar.update(self.task, info="  ".join(t for t in self.info.values() if t))
+        return record
+
+    def plot(self) -> None:
+        """``metrics.png``: each evaluated metric against steps, the best one marked."""
+        if self.evaluations:
+            series, marks = metric_series(self.evaluations, self.best)
+            save_metric_plot(series, self.out / "metrics.png", marks)
 
     def grids(self, step: int) -> None:
         """Each of :func:`grids` as ``grids/NAME_stepNNNNNNN.png`` and ``NAME.png``, and to the
@@ -170,10 +230,12 @@ class RunLog:
     def finish(self, step: int) -> None:
         """Last grids, and ``summary.json``: the test pixel MSE of the weights shown (the EMA's
         when there is one, the trained weights' then as ``test_pixel_mse_raw``) and
-        :meth:`evaluator_metrics`; the float ones go to the trackers too."""
+        :meth:`evaluator_metrics`; the float ones go to the trackers too; ``metrics.png``
+        again."""
         self.grids(step)
         if not self.main:
             return
+        self.plot()
         x = first_images(self.test_data, 2000)
         y = self.test_data.labels_tensor()[: len(x)] if self.config.conditions else None
         mse = reconstruction_mse(*self.run.shown, x, labels=y)
@@ -235,6 +297,8 @@ def train(
     config = dataclasses.replace(config, data_dir=folder)
     with tf32_mode(config.tf32), reset_accelerator_state_after():
         train_data, test_data = load_run_data(config)
+        # the held-out split read and best_metric checked (it is one the run evaluates)
+        watch = Watch(config, train_data, out) if config.eval_every else None
         check_run_dir(out, config, resume, overwrite)  # read-only: refuse before locking anything
         accelerator = make_accelerator(config, out)
         config.check_data_size(len(train_data), accelerator.num_processes)
@@ -262,7 +326,7 @@ def train(
                 run.step,
                 lambda flops: accelerator.print(describe_flops(flops, config.steps, how)),
             )
-            with RunLog(accelerator, out, run, step, progress) as log:
+            with RunLog(accelerator, out, run, step, progress, watch) as log:
                 while step < config.steps:
                     noise = instance_noise_std(step, config.steps, config.instance_noise)
                     try:
@@ -278,8 +342,11 @@ def train(
                     log.step(step, noise, metrics)
                     shown = step % config.sample_every == 0
                     saved = step % config.checkpoint_every == 0 or step == config.steps
-                    if run.ema and (shown or saved):
+                    evaluated = config.eval_every > 0 and step % config.eval_every == 0
+                    if run.ema and (shown or saved or evaluated):
                         run.refresh_ema_statistics()
+                    if evaluated:
+                        log.evaluate(step)
                     if shown:
                         log.grids(step)
                     if saved:
