@@ -1072,7 +1072,7 @@ class MultiClassJointDiscriminatorHead(nn.Module):
     def _check_range(self, out: Tensor, path: _Path) -> None:
         """Once, on the first batch: warn when a user network's scores all lie in (0, 1) with a
         mean of at least 0.2 (probabilities from a final sigmoid, read as logits)."""
-        if self._checked_range or out.numel() < 8 or not out.is_floating_point():
+        if self._checked_range or out.numel() < 8 or not out.is_floating_point() or out.is_meta:
             return
         if out.is_cuda and torch.cuda.is_current_stream_capturing():
             return
