@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from gali_ext.errors import DataError
+from gali_ext.recipes.outputs import check_output_path
 
 __all__ = [
     "check_batch_size",
@@ -700,8 +701,9 @@ def prepare_data(
     echo: Callable[[str], None] = print,
 ) -> str:
     """The data folder of a run, resolved once where the run is built (:func:`.train.train`):
-    ``data_dir``, or :func:`default_data_dir` when it is empty; with ``download``, SVHN's train
-    and test files or CelebA are fetched there and verified first (:func:`download_svhn`,
+    ``data_dir``, or :func:`default_data_dir` when it is empty; with ``download``, the folder is
+    checked as every output path is (:func:`.outputs.check_output_path`), then SVHN's train and
+    test files or CelebA are fetched there and verified (:func:`download_svhn`,
     :func:`download_celeba`). Digits need no folder (``data_dir`` is returned as given)."""
     if dataset not in DATASETS:
         raise DataError(f"unknown data set {dataset!r}; data sets: {', '.join(DATASETS)}")
@@ -709,6 +711,7 @@ def prepare_data(
         return str(data_dir or "")
     folder = Path(data_dir).expanduser() if data_dir else default_data_dir(dataset)
     if download:
+        check_output_path(folder, "--data-dir")  # before anything is fetched
         if dataset == "svhn":
             download_svhn(folder, echo=echo)
         else:

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from gali_ext.errors import ConfigError, DivergenceError, GaliError
+from gali_ext.errors import CheckpointError, ConfigError, DivergenceError, GaliError
 from gali_ext.priors import Prior, resolve_prior
 from gali_ext.providers.pretrained import load_safetensors_into
 from gali_ext.recipes.checkpoints import (
@@ -253,7 +253,8 @@ def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
 
     Raises :class:`~gali_ext.errors.ConfigError` for a folder without ``config.json`` and
     :class:`~gali_ext.errors.CheckpointError` naming the file (and key) of weights that are
-    missing, damaged or of another shape.
+    missing, damaged, of another shape, or not finite (NaN or infinite values: nothing
+    computed from them would mean anything).
     """
 
     run = Path(run_dir)
@@ -265,6 +266,16 @@ def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
     for name in ("encoder", "generator"):
         file = EMA_FILES[name] if use_ema else name
         load_safetensors_into(getattr(models, name), run / f"{file}.safetensors")
+        bad = state_problems({f"{file}.safetensors": getattr(models, name)})
+        if bad:
+            advice = (
+                "score the trained weights instead (--raw-weights)"
+                if use_ema
+                else "resume the run from an earlier checkpoint"
+            )
+            raise CheckpointError(
+                f"{str(run)!r}: {bad[0]}: the weights diverged before they were saved; {advice}"
+            )
     weights = "ema" if use_ema else "raw"
     prior = resolve_prior(config.prior)
     return RunModels(config, models.encoder, models.generator, models.latent_dim, weights, prior)
