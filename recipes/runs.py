@@ -258,6 +258,12 @@ def load_run_models(run_dir: str | Path, ema: bool = True) -> RunModels:
     """
 
     run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(
+            f"no run directory at {str(run)!r}: expected a folder written by `gali-ext recipe`"
+        )
+    if not (run / "config.json").is_file():
+        raise ConfigError(f"{str(run)!r} is not a run directory: it has no config.json")
     config = RecipeConfig.from_json(run / "config.json")
     models = build_ali_models(
         config.arch, latent_dim=config.latent_dim, num_classes=config.conditions or None
