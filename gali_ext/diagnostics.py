@@ -358,7 +358,7 @@ def warn_sigmoid(head: Any) -> None:
 def warn_probabilities(head: Any, out: Tensor, what: str) -> None:
     """Once, on the first batch: warn when a user network's scores all lie in (0, 1) with a
     mean of at least 0.2 (probabilities from a final sigmoid, read as logits)."""
-    if head._checked_range or out.numel() < 8 or not out.is_floating_point():
+    if head._checked_range or out.numel() < 8 or not out.is_floating_point() or out.is_meta:
         return
     if out.is_cuda and torch.cuda.is_current_stream_capturing():
         return

@@ -29,6 +29,7 @@ each unary term times its weight, each by the same per-logits loss (section 9.1,
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -75,10 +76,12 @@ def _check_logits(logits: Tensor, loss: str | None = None, check_finite: bool = 
     if not logits.is_floating_point():
         raise ShapeError(f"expected floating-point logits, got dtype {logits.dtype}")
     # One reduction and host sync per loss (train_step syncs on the loss right after anyway);
-    # skipped while torch.compile traces, where it would break the graph.
+    # skipped while torch.compile traces, where it would break the graph, and on the meta
+    # device, whose tensors have shapes but no values to check.
     if (
         loss is not None
         and check_finite
+        and not logits.is_meta
         and not torch.compiler.is_compiling()
         and not (logits.is_cuda and torch.cuda.is_current_stream_capturing())
     ):
@@ -91,8 +94,16 @@ def _check_logits(logits: Tensor, loss: str | None = None, check_finite: bool = 
     return k
 
 
+def _float32_region(tensor: Tensor) -> Any:
+    """A region where autocast is off on ``tensor``'s device (the meta device has no autocast:
+    shapes pass through unchanged there)."""
+    if tensor.is_meta:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def _log_softmax32(logits: Tensor) -> Tensor:
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with _float32_region(logits):
         return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -218,7 +229,7 @@ def misclassification_loss(
     NaN or inf (one host sync); ``False`` skips the check.
     """
     k = _check_logits(logits, "misclassification_loss", check_finite)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with _float32_region(logits):
         logits32 = logits.float()
         others = logits32.masked_fill(_own_class_mask(k, logits.device), float("-inf"))
         log_not_own = torch.logsumexp(others, -1) - torch.logsumexp(logits32, -1)
@@ -230,7 +241,7 @@ def _pairwise_margins(logits: Tensor) -> Tensor:
     """``[K, B, K]``: ``t[i, b, j] = l_i - l_j`` with ``l = logits[i, b]`` in float32, zero at
     ``j = i``."""
     k = _check_logits(logits)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with _float32_region(logits):
         logits32 = logits.float()
         own = logits32.diagonal(dim1=0, dim2=2).t().unsqueeze(-1)  # [K, B, 1]: l_i
         margins = own - logits32
@@ -453,7 +464,7 @@ class AliceReconstructionLoss(nn.Module):
             raise ShapeError(
                 f"ALICE compares tensors of one shape, got {list(a.shape)} and {list(b.shape)}"
             )
-        with torch.autocast(device_type=a.device.type, enabled=False):
+        with _float32_region(a):
             return self.weight * (a.float() - b.float()).pow(2).mean()
 
     def extra_repr(self) -> str:

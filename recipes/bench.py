@@ -38,8 +38,10 @@ from torch import nn
 
 from gali_ext.losses import DiscriminatorLoss
 from gali_ext.presets import get_preset
-from gali_ext.recipes.bench_setup import build_objective, synchronize
+from gali_ext.recipes.bench_setup import benchmark_device, build_objective, synchronize
+from gali_ext.recipes.files import write_text_atomic
 from gali_ext.recipes.models import build_ali_models
+from gali_ext.recipes.outputs import check_output_path
 from gali_ext.trainer import train_step
 
 __all__ = ["PRESETS", "profile_tables", "run_benchmark", "step_flops", "step_functions"]
@@ -261,11 +263,13 @@ def run_benchmark(
     ``profile`` adds the ``torch.profiler`` tables of the top ops of an ALI and a GALI-8 step;
     ``torch_compile`` times ALI and GALI-8 steps with compiled networks against eager ones.
     """
+    if out is not None:
+        check_output_path(out, "--out", kind="file")  # before anything is timed
+    dev = benchmark_device(device)
     specs = tuple(dict.fromkeys(["ali", *specs]))
     for name in specs:
         get_preset(name)  # an unknown name fails here, before anything is timed
     settings = PRESETS[preset]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = batch or settings["batch"]
     arch = settings["arch"]
     image_shape = build_ali_models(arch).image_shape
@@ -311,7 +315,7 @@ def run_benchmark(
         result["profile"] = profile_tables(arch, batch, dev, repeats)
     print_fn(format_table(result))
     if out is not None:
-        Path(out).write_text(json.dumps(result, indent=2))
+        write_text_atomic(out, json.dumps(result, indent=2))
     return result
 
 

@@ -1,19 +1,49 @@
 """What the step benchmark (:mod:`gali_ext.recipes.bench`) and the CUDA-graph benchmark
-(:mod:`gali_ext.recipes.graph_bench`) share: the GALI objective of a preset on the reference
-networks, built from a seed, and the wait for the device before a clock is read."""
+(:mod:`gali_ext.recipes.graph_bench`) share: the device they run on, the GALI objective of a
+preset on the reference networks, built from a seed, and the wait for the device before a clock
+is read."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from gali_ext.errors import ConfigError
 from gali_ext.gali import GALI, build_gali
 from gali_ext.head import MultiClassJointDiscriminatorHead
 from gali_ext.presets import get_preset
 from gali_ext.providers import PretrainedFeatures
 from gali_ext.recipes.models import ALIModels, build_ali_models
 
-__all__ = ["build_objective", "synchronize"]
+__all__ = ["benchmark_device", "build_objective", "synchronize"]
+
+
+def benchmark_device(device: str | torch.device | None = None) -> torch.device:
+    """The device ``--device`` names, once it is one this machine has; None: CUDA when it is
+    available, else the CPU. Raises :class:`~gali_ext.errors.ConfigError` for a name torch does
+    not know, or a CUDA device (``cuda``, ``cuda:1``) the machine lacks, before anything runs."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"--device {device!r} is not a device torch knows ({str(error).splitlines()[0]}): "
+            "expected cpu or cuda (cuda:N)"
+        ) from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"--device {device}: this machine has no CUDA device (torch.cuda.is_available() "
+                "is False): pass --device cpu, or omit --device"
+            )
+        if chosen.index is not None and chosen.index >= count:
+            raise ConfigError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}"
+            )
+    return chosen
 
 
 def synchronize(device: torch.device) -> None:

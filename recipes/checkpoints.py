@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from gali_ext.errors import CheckpointError, ConfigError
+from gali_ext.errors import CheckpointError, ConfigError, GaliError, first_line
 from gali_ext.recipes.files import (
     TEMPORARY_PATTERN,
     storage_errors,
@@ -52,6 +53,7 @@ __all__ = [
     "save_train_state_json",
     "set_aside_checkpoint",
     "verify_checkpoint",
+    "weights_mismatch",
     "write_manifest",
 ]
 
@@ -358,7 +360,8 @@ def load_state_safely(accelerator: Any, checkpoint_dir: str | Path) -> dict[str,
        them with ``weights_only=False``);
     2. :func:`verify_checkpoint` (manifest, sizes, hashes, no unlisted file);
     3. :func:`load_checkpoint_files` (every torch file with ``weights_only=True``);
-    4. ``accelerator.load_state(..., load_kwargs={"weights_only": True})``;
+    4. ``accelerator.load_state(..., load_kwargs={"weights_only": True})`` (a state that does not
+       fit the prepared objects is a :class:`~gali_ext.errors.CheckpointError`);
     5. checks that the torch generator state was restored (Accelerate only logs a failure).
     """
 
@@ -375,7 +378,16 @@ def load_state_safely(accelerator: Any, checkpoint_dir: str | Path) -> dict[str,
     files = load_checkpoint_files(checkpoint, accelerator.num_processes)
     saved = files[f"random_states_{accelerator.process_index}.pkl"]["torch_manual_seed"]
     del files
-    accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    try:
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    except GaliError:
+        raise
+    except (ValueError, RuntimeError, KeyError) as error:  # a state that does not fit
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} does not fit this run ({type(error).__name__}: "
+            f"{first_line(error)}): resume with the settings it was trained with, or start "
+            "over with --overwrite"
+        ) from error
     if not torch.equal(torch.get_rng_state(), saved):
         raise CheckpointError(
             f"the random states of {str(checkpoint)!r} were not restored: resuming would not "
@@ -413,3 +425,27 @@ def adopt_checkpoint(checkpoint: str | Path, num_processes: int = 1) -> Path:
         save_train_state_json(folder, {"step": step, "world_size": num_processes})
     write_manifest(folder, load_train_state_json(folder)["step"])
     return folder
+
+
+def weights_mismatch(module: Any, path: str | Path, missing_ok: bool = False) -> str | None:
+    """How the safetensors file ``path`` differs from ``module``'s ``state_dict()``, read from
+    the file's header alone (no tensor is loaded, so ``module`` may sit on the ``meta`` device:
+    a configuration is checked against its weights before anything is allocated): the first key
+    of another shape, a key ``module`` does not have or, unless ``missing_ok``, one it needs that
+    the file lacks; None when the file fits."""
+    path = Path(path)
+    expected = {k: list(v.shape) for k, v in module.state_dict().items()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as error:  # SafetensorError on a damaged file, OSError
+        return f"{path.name} cannot be read ({first_line(error)})"
+    for key, shape in saved.items():
+        if key not in expected:
+            return f"{path.name} holds {key!r}, which the model does not have"
+        if shape != expected[key]:
+            return f"{path.name}: {key!r} has shape {shape}, the model expects {expected[key]}"
+    missing = [k for k in expected if k not in saved]
+    if missing and not missing_ok:
+        return f"{path.name} lacks {len(missing)} key(s) the model needs, e.g. {missing[:3]}"
+    return None

@@ -54,20 +54,27 @@ def _options(
 
 
 def _path(value: str) -> Path | str:
-    """The parser of ``--out`` options: a :class:`Path`, or ``""`` for an empty one, which
-    :func:`_out` refuses (click would turn an error raised here into a usage box)."""
+    """The parser of every path option and argument: a :class:`Path`, or ``""`` for an empty
+    one, which the command refuses (``Path("")`` would be the current folder; click would turn
+    an error raised here into a usage box)."""
     return Path(value) if value.strip() else ""
 
 
-def _out(value: Path | str | None) -> Path | None:
-    """``--out`` as given, refusing an empty one: ``--out ''`` would mean the current folder,
-    which a run, an evaluation or a study would then write into (and a resume empty)."""
+def _output(
+    value: Path | str | None, default: Path | str, option: str = "--out", kind: str = "folder"
+) -> Path:
+    """An output path (``default`` when not given), checked before any work by the one check
+    of every output (:func:`gali_ext.recipes.outputs.check_output_path`)."""
+    from gali_ext.recipes.outputs import check_output_path
+
+    return check_output_path(default if value is None else value, option, kind=kind)
+
+
+def _given(value: Path | str, option: str) -> Path:
+    """An input path, refusing an empty one."""
     if value == "":
-        raise ConfigError(
-            "--out '' is empty: expected a folder, e.g. --out runs/x (use --out . to mean the "
-            "current folder)"
-        )
-    return None if value is None else Path(value)
+        raise ConfigError(f"{option} '' is empty: expected a path")
+    return Path(value)
 
 
 BEST_HELP = (
@@ -85,7 +92,9 @@ def recipe(
     mixed_precision: str = typer.Option(None, help="no, fp16 (CUDA) or bf16."),
     seed: int = typer.Option(None, help="Random seed."),
     data_dir: Path = typer.Option(
-        None, help="Folder with the SVHN .mat files or CelebA (default: ~/.cache/gali-ext/DATASET)."
+        None,
+        help="Folder with the SVHN .mat files or CelebA (default: ~/.cache/gali-ext/DATASET).",
+        parser=_path,
     ),
     download: bool = typer.Option(
         False, "--download", help="Fetch SVHN or CelebA into --data-dir first, checksums verified."
@@ -122,7 +131,9 @@ def recipe(
         raise ConfigError("give --steps or --epochs, not both")
     if trust_checkpoint and not resume:
         raise ConfigError("--trust-checkpoint goes with --resume (it adopts a run's checkpoint)")
-    out = _out(out) or Path("runs") / name
+    out = _output(out, Path("runs") / name)
+    if data_dir is not None:
+        data_dir = _given(data_dir, "--data-dir")
     config = recipes.get(name)
     if resume and (out / "config.json").is_file():
         from gali_ext.recipes.plugins import check_run_preset
@@ -191,7 +202,9 @@ def list_recipes() -> None:
 
 @app.command()
 def sample(
-    run_dir: Path = typer.Argument(..., help="A run directory written by `gali-ext recipe`."),
+    run_dir: Path = typer.Argument(
+        ..., help="A run directory written by `gali-ext recipe`.", parser=_path
+    ),
     out: Path = typer.Option(
         None, help="Where to write the PNGs (default: RUN_DIR).", parser=_path
     ),
@@ -213,11 +226,11 @@ def sample(
     from gali_ext.recipes.runs import load_run_models
     from gali_ext.recipes.visual import save_image_grid
 
-    out = _out(out)
+    run_dir = _given(run_dir, "RUN_DIR")
+    folder = _output(out, run_dir.resolve())  # by default beside the run's own grids
     run = load_run_models(run_dir, ema=not raw_weights, best=best)
     test = load_data(run.config, "test")
     images = first_images(test, 32)
-    folder = out or run_dir
     label = "the moving average (EMA) of the weights" if run.weights == "ema" else "the weights"
     if run.best:
         label = f"the best {label[4:]} ({run.best['metric']} {run.best['value']:.4g}, step "
@@ -281,14 +294,16 @@ def train_evaluator_command(
         help="Folder for evaluator.safetensors (default: runs/evaluator-DATASET).",
         parser=_path,
     ),
-    data_dir: Path = typer.Option(None, help="Folder with SVHN or CelebA."),
+    data_dir: Path = typer.Option(None, help="Folder with SVHN or CelebA.", parser=_path),
     epochs: int = typer.Option(10, help="Training epochs."),
 ) -> None:
     """Train the evaluator classifier M_eval behind the feature MSE, the reconstruction class
     agreement and the sample metrics; prints its test accuracy."""
     from gali_ext.recipes.evaluator import default_evaluator_dir, train_evaluator
 
-    folder = _out(out) or default_evaluator_dir(dataset)
+    folder = _output(out, default_evaluator_dir(dataset))
+    if data_dir is not None:
+        data_dir = _given(data_dir, "--data-dir")
     if epochs < 1:
         raise ConfigError(
             f"--epochs must be >= 1, got {epochs}: an untrained evaluator would score every run "
@@ -306,11 +321,12 @@ def train_evaluator_command(
 
 @app.command("eval")
 def eval_command(
-    run_dirs: list[Path] = typer.Argument(..., help="Run directories."),
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories.", parser=_path),
     evaluator: Path = typer.Option(
         None,
         help="Evaluator folder (default: evaluator-DATASET in --out; for digits it is trained "
         "there when missing, about 1 min).",
+        parser=_path,
     ),
     markdown: bool = typer.Option(False, help="Print the table as Markdown."),
     out: Path = typer.Option(
@@ -324,8 +340,9 @@ def eval_command(
         None,
         help="A local copy of weights-inception-2015-12-05-6726825d.pth (torch-fidelity's "
         "release v0.2.0: the TF Inception behind published FIDs): adds FID on that network.",
+        parser=_path,
     ),
-    inception_weights: Path = typer.Option(None, hidden=True),  # removed: --fid-weights
+    inception_weights: Path = typer.Option(None, hidden=True, parser=_path),  # removed
     raw_weights: bool = typer.Option(
         False, help="Score the trained weights, not their moving average (EMA) when a run has one."
     ),
@@ -362,10 +379,17 @@ def eval_command(
             f"(from {STANDARD_WEIGHTS_URL})"
         )
     check_svm_options(svm_samples, svm_draws)
+    run_dirs = [_given(run, "RUN_DIRS") for run in run_dirs]
+    if fid_weights is not None:
+        fid_weights = _given(fid_weights, "--fid-weights")
     check_same_weights(run_dirs, ema=not raw_weights)
-    folder = _out(out) or run_dirs[0].resolve().parent
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _output(out, run_dirs[0].resolve().parent)
+    if evaluator is not None:
+        evaluator = _given(evaluator, "--evaluator")
+        if not (evaluator / "evaluator.json").is_file():  # an evaluator is trained there
+            evaluator = _output(evaluator, evaluator, "--evaluator")
     inception = StandardInceptionFID(fid_weights) if fid_weights else None
+    folder.mkdir(parents=True, exist_ok=True)
     results = []
     for run in run_dirs:
         dataset = RecipeConfig.from_json(run / "config.json").dataset
@@ -420,7 +444,7 @@ def study_command(
     compare them, and test the paper's claims seed by seed (paired.md)."""
     from gali_ext.recipes.study import STUDY_SEEDS, STUDY_STEPS, study
 
-    out = _out(out)
+    out = _output(out, "runs/study-digits")
     if dataset != "digits":
         raise ConfigError(f"the study runs on digits only, got {dataset!r}")
     names = [r.strip() for r in recipes.split(",")] if recipes else None
@@ -473,9 +497,11 @@ def bench(
     import math
 
     from gali_ext.recipes.bench import PRESETS, SPECS, run_benchmark
+    from gali_ext.recipes.bench_setup import benchmark_device
     from gali_ext.recipes.graph_bench import GRAPH_MODES, graph_benchmark
 
-    out = _out(out)
+    out = _output(out, "bench.json", kind="file")
+    benchmark_device(device)  # a --device this machine lacks is refused before anything runs
     ranges = (("--repeats", repeats, 1), ("--warmup", warmup, 0), ("--batch", batch, 2))
     for option, value, minimum in ranges:
         if value is not None and value < minimum:
@@ -573,8 +599,10 @@ def check_command(
 
 @app.command("export")
 def export_command(
-    run_dir: Path = typer.Argument(..., help="A run directory written by `gali-ext recipe`."),
-    out: Path = typer.Argument(..., help="A new or empty folder for the export."),
+    run_dir: Path = typer.Argument(
+        ..., help="A run directory written by `gali-ext recipe`.", parser=_path
+    ),
+    out: Path = typer.Argument(..., help="A new or empty folder for the export.", parser=_path),
     raw_weights: bool = typer.Option(
         False, "--raw-weights", help="Export the trained weights, not their moving average (EMA)."
     ),
@@ -591,6 +619,7 @@ def export_command(
     from gali_ext.recipes.export import check_repo_id, export_run
     from gali_ext.recipes.export import push_to_hub as upload
 
+    run_dir = _given(run_dir, "RUN_DIR")
     if push_to_hub is not None:
         check_repo_id(push_to_hub)
     made = export_run(

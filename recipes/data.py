@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from gali_ext.errors import DataError
+from gali_ext.recipes.outputs import check_output_path
 
 __all__ = [
     "check_batch_size",
@@ -709,16 +710,18 @@ def prepare_data(
     splits: Sequence[str] = (),
 ) -> str:
     """The data folder of a run, resolved once where the run is built (:func:`.train.train`):
-    ``data_dir``, or :func:`default_data_dir` when it is empty; with ``download``, SVHN's train
-    and test files (and those of ``splits``, e.g. a run's ``extra``) or CelebA are fetched
-    there and verified first (:func:`download_svhn`, :func:`download_celeba`). Digits need no
-    folder (``data_dir`` is returned as given)."""
+    ``data_dir``, or :func:`default_data_dir` when it is empty; with ``download``, the folder is
+    checked as every output path is (:func:`.outputs.check_output_path`), then SVHN's train and
+    test files (and those of ``splits``, e.g. a run's ``extra``) or CelebA are fetched there and
+    verified (:func:`download_svhn`, :func:`download_celeba`). Digits need no folder
+    (``data_dir`` is returned as given)."""
     if dataset not in DATASETS:
         raise DataError(f"unknown data set {dataset!r}; data sets: {', '.join(DATASETS)}")
     if dataset == "digits":
         return str(data_dir or "")
     folder = Path(data_dir).expanduser() if data_dir else default_data_dir(dataset)
     if download:
+        check_output_path(folder, "--data-dir")  # before anything is fetched
         if dataset == "svhn":
             download_svhn(folder, (*SVHN_DOWNLOAD_SPLITS, *splits), echo=echo)
         else:

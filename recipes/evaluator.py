@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from gali_ext.errors import CheckpointError, ConfigError
+from gali_ext.errors import CheckpointError, ConfigError, first_line
 from gali_ext.providers.pretrained import load_safetensors_into
+from gali_ext.recipes.checkpoints import weights_mismatch
 from gali_ext.recipes.data import BatchStream, ImageData, load_dataset
+from gali_ext.recipes.outputs import check_output_path
 
 __all__ = [
     "EvaluatorClassifier",
@@ -116,6 +118,7 @@ def train_evaluator(
             f"the evaluator needs epochs >= 1 (an int), got {epochs!r}: an untrained evaluator "
             "would score every run as chance"
         )
+    out = check_output_path(out_dir, "--out")  # before anything is trained
     torch.manual_seed(seed)
     train = load_dataset(dataset, "train", data_dir)
     test = load_dataset(dataset, "test", data_dir)
@@ -129,7 +132,6 @@ def train_evaluator(
         model.loss(model(images), labels).backward()
         optimizer.step()
     accuracy = model.accuracy(test)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()},
@@ -146,19 +148,74 @@ def train_evaluator(
     return info
 
 
+# evaluator.json's "model": the arguments of EvaluatorClassifier, each with its type
+_MODEL_FIELDS = {
+    "channels": int,
+    "num_outputs": int,
+    "multilabel": bool,
+    "width": int,
+    "feature_dim": int,
+}
+# A bound on each size, so that the network can be laid out on the meta device (sizes whose
+# product overflows int64 cannot) and compared with the weights file before anything is built.
+_MAX_SIZE = 2**16
+_TRAIN_ONE = "train one with `gali-ext train-evaluator DATASET --out FOLDER`"
+
+
+def _model_settings(info: Any, path: Path) -> dict[str, Any]:
+    """``info["model"]`` of an ``evaluator.json`` once each field has its type and range."""
+    model = info.get("model") if isinstance(info, dict) else None
+    if not isinstance(model, dict):
+        raise CheckpointError(
+            f'{str(path)!r} lacks "model" (the classifier\'s {", ".join(_MODEL_FIELDS)}): '
+            f"not an evaluator written by gali-ext; {_TRAIN_ONE}"
+        )
+    unknown = sorted(model.keys() - _MODEL_FIELDS.keys())
+    if unknown:
+        raise CheckpointError(f'{str(path)!r}: "model" has unknown fields {unknown}')
+    for key, kind in _MODEL_FIELDS.items():
+        value = model.get(key)
+        if kind is bool:
+            valid, expected = isinstance(value, bool), "true or false"
+        else:
+            valid = isinstance(value, int) and not isinstance(value, bool)
+            valid = valid and 1 <= value <= _MAX_SIZE
+            expected = f"an int in [1, {_MAX_SIZE}]"
+        if not valid:
+            raise CheckpointError(
+                f'{str(path)!r}: "model" field {key!r} is {value!r}: expected {expected}; '
+                f"{_TRAIN_ONE}"
+            )
+    return model
+
+
 def load_evaluator(folder: str | Path) -> EvaluatorClassifier:
-    """The evaluator saved by :func:`train_evaluator` in ``folder``, frozen and in eval mode."""
+    """The evaluator saved by :func:`train_evaluator` in ``folder``, frozen and in eval mode.
+
+    ``evaluator.json`` is checked field by field, and the network it describes is compared with
+    the shapes in ``evaluator.safetensors`` before it is built (a forged ``"width":
+    100000000000`` allocates nothing): a :class:`~gali_ext.errors.CheckpointError` names what
+    does not fit."""
 
     folder = Path(folder)
     try:
         info = json.loads((folder / "evaluator.json").read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(
-            f"no evaluator in {str(folder)!r} ({error}); train one with "
-            "`gali-ext train-evaluator DATASET --out FOLDER`"
+            f"no evaluator in {str(folder)!r} ({first_line(error)}); {_TRAIN_ONE}"
         ) from error
-    model = EvaluatorClassifier(**info["model"])
-    load_safetensors_into(model, folder / "evaluator.safetensors")
+    settings = _model_settings(info, folder / "evaluator.json")
+    with torch.device("meta"):
+        skeleton = EvaluatorClassifier(**settings)
+    weights = folder / "evaluator.safetensors"
+    mismatch = weights_mismatch(skeleton, weights) if weights.is_file() else None
+    if mismatch is not None:
+        raise CheckpointError(
+            f"the evaluator in {str(folder)!r} does not fit its evaluator.json ({mismatch}); "
+            f"{_TRAIN_ONE}"
+        )
+    model = EvaluatorClassifier(**settings)
+    load_safetensors_into(model, weights)
     return model.eval().requires_grad_(False)
 
 

@@ -13,7 +13,8 @@ as it stands (docs/design.md, section 10.11)::
     README.md                 the model card: Hub front matter, settings, metrics, grids, usage
 
 Two lines load E or G back, from that folder (offline) or from a Hub repository, through
-``huggingface_hub``'s :class:`~huggingface_hub.ModelHubMixin`::
+``huggingface_hub``'s :class:`~huggingface_hub.ModelHubMixin`; ``config.json`` is checked field by
+field against the schema the export was written with (:mod:`.hub`) before anything is built::
 
     from gali_ext.recipes.export import HubEncoder
     encoder = HubEncoder.from_pretrained("user/gali-digits-gali4")  # or the folder
@@ -31,13 +32,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCardData, ModelHubMixin, hf_hub_download
+from huggingface_hub import HfApi, ModelCardData
 from safetensors.torch import save_model
 
 from gali_ext import __version__
 from gali_ext.errors import CheckpointError, ConfigError, first_line
-from gali_ext.providers.pretrained import load_safetensors_into
-from gali_ext.recipes.models import GaussianEncoder, Generator, arch_image_shape, architecture
+from gali_ext.recipes.hub import (
+    EXPORT_FORMAT,
+    EXPORT_FORMAT_VERSION,
+    TAGS,
+    WEIGHT_NAMES,
+    HubEncoder,
+    HubGenerator,
+    check_export_config,
+    hub_failure,
+)
+from gali_ext.recipes.outputs import check_output_path
 from gali_ext.recipes.runs import has_ema_weights, load_run_models
 from gali_ext.recipes.settings import RecipeConfig
 
@@ -52,10 +62,6 @@ __all__ = [
     "push_to_hub",
 ]
 
-#: ``config.json``'s ``"format"``: what :meth:`HubEncoder.from_pretrained` accepts
-EXPORT_FORMAT = "gali-ext-export"
-EXPORT_FORMAT_VERSION = 1
-WEIGHT_NAMES = {"encoder": "encoder.safetensors", "generator": "generator.safetensors"}
 GRIDS = {
     "samples.png": "Samples `G(z)`, `z` drawn from the prior",
     "reconstructions.png": "Rows of test images `x`, each over its row of reconstructions "
@@ -86,163 +92,6 @@ CARD_SETTINGS = (
     "mixed_precision",
     "seed",
 )
-TAGS = [
-    "gali-ext",
-    "gali",
-    "adversarially-learned-inference",
-    "bigan",
-    "encoder",
-    "generator",
-    "representation-learning",
-    "pytorch",
-]
-
-
-class _HubModel(ModelHubMixin, library_name="gali-ext", license="mit", tags=list(TAGS)):
-    """``from_pretrained`` and ``save_pretrained`` for one network of an export: its weights
-    file (:attr:`weights_file`) beside a ``config.json`` in :data:`EXPORT_FORMAT`."""
-
-    weights_file: str
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        config: dict[str, Any] | None = None,
-        map_location: str = "cpu",
-        **model_kwargs: Any,
-    ) -> Any:
-        """The network of ``model_id`` (a folder, or a Hub repository id) in eval mode on
-        ``map_location``. Raises :class:`~gali_ext.errors.ConfigError` for a folder or
-        repository that is not a gali-ext export and
-        :class:`~gali_ext.errors.CheckpointError` naming the file (and key) of weights that are
-        missing, damaged or of another shape."""
-        check_export_config(config, model_id)
-        model = cls(**model_kwargs)
-        if os.path.isdir(model_id):
-            path = Path(model_id) / cls.weights_file
-        else:
-            path = Path(
-                hf_hub_download(
-                    repo_id=model_id,
-                    filename=cls.weights_file,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    force_download=force_download,
-                    token=token,
-                    local_files_only=local_files_only,
-                )
-            )
-        load_safetensors_into(model, path)
-        return model.to(map_location).eval()
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        """This network's weights and a ``config.json`` that :meth:`from_pretrained` reads (the
-        constructor's arguments; a re-saved network has no run settings)."""
-
-        save_model(self, str(save_directory / self.weights_file))  # type: ignore[arg-type]
-        header = {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION}
-        config = {**header, **(self._hub_mixin_config or {})}  # type: ignore[dict-item]
-        (save_directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-class HubEncoder(GaussianEncoder, _HubModel):
-    """The encoder ``G_z(x)`` of an export, loaded with ``HubEncoder.from_pretrained(folder or
-    repo id)``: a :class:`~gali_ext.recipes.models.GaussianEncoder`, ``forward(x: [B, C, H, W]
-    in [-1, 1]) -> (mu, log_sigma)``, each ``[B, latent_dim]`` (``z`` itself when
-    ``deterministic``); :meth:`hidden_features` gives the representation the linear-SVM
-    evaluation reads. Loaded in eval mode (batch norm uses its stored statistics).
-
-    Args:
-        arch: the recipe architecture (``digits``, ``svhn``, ``celeba``).
-        latent_dim: the size of ``z``.
-        channels: the image channels.
-        deterministic: a BiGAN encoder returning ``z``.
-    """
-
-    weights_file = WEIGHT_NAMES["encoder"]
-
-    def __init__(
-        self, arch: str, latent_dim: int, channels: int, deterministic: bool = False
-    ) -> None:
-        table = architecture(arch)
-        super().__init__(
-            arch_image_shape(arch, channels),
-            table.encoder,
-            latent_dim,
-            table.negative_slope,
-            deterministic,
-            table.init_std,
-        )
-
-
-class HubGenerator(Generator, _HubModel):
-    """The generator ``G_x(z)`` of an export, loaded with ``HubGenerator.from_pretrained(folder
-    or repo id)``: a :class:`~gali_ext.recipes.models.Generator`, ``forward(z: [B, latent_dim])
-    -> [B, C, H, W]`` in [-1, 1] (``forward(z, y)`` with class ids ``y: [B]`` when
-    ``num_classes`` is set). Loaded in eval mode.
-
-    Args:
-        arch: the recipe architecture (``digits``, ``svhn``, ``celeba``).
-        latent_dim: the size of ``z``.
-        channels: the image channels.
-        num_classes: the classes of a class-conditional ``G(z, y)``; None: unconditional.
-        output_bias: ``"channel"`` or ``"pixel"`` (G's output bias; exports without it are
-            ``"channel"``).
-    """
-
-    weights_file = WEIGHT_NAMES["generator"]
-
-    def __init__(
-        self,
-        arch: str,
-        latent_dim: int,
-        channels: int,
-        num_classes: int | None = None,
-        output_bias: str = "channel",
-    ) -> None:
-        table = architecture(arch)
-        super().__init__(
-            arch_image_shape(arch, channels),
-            table.generator,
-            latent_dim,
-            table.negative_slope,
-            table.init_std,
-            num_classes,
-            output_bias,
-        )
-
-
-def check_export_config(config: Any, source: str) -> None:
-    """Raise :class:`~gali_ext.errors.ConfigError` unless ``config`` (the contents of
-    ``source``'s ``config.json``) is an export this version reads."""
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
-        found = (
-            "no config.json"
-            if config is None
-            else (
-                f"a config.json with format {config.get('format')!r}"
-                if isinstance(config, dict)
-                else f"a config.json holding {type(config).__name__}"
-            )
-        )
-        raise ConfigError(
-            f"{source!r} is not a gali-ext export: expected a config.json with "
-            f'"format": "{EXPORT_FORMAT}" (written by `gali-ext export`), '
-            f"found {found}"
-        )
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > EXPORT_FORMAT_VERSION:
-        raise ConfigError(
-            f"{source!r} is an export of format version {version!r}; this "
-            f"gali-ext reads versions up to {EXPORT_FORMAT_VERSION}: upgrade it"
-        )
 
 
 @dataclass
@@ -276,19 +125,22 @@ def export_run(
     card's front matter; ``repo_id`` (the repository it will be pushed to) into its usage
     example.
 
-    ``out`` must not exist or be an empty folder; it is written under a temporary name and
-    renamed, so a failure leaves no half export. Raises :class:`~gali_ext.errors.ConfigError`
-    for a missing run or a non-empty ``out``, :class:`~gali_ext.errors.CheckpointError` for a
-    run without trained weights (stopped before its first checkpoint) or with damaged ones.
+    ``out`` must not exist or be an empty folder, and be a path gali-ext may write
+    (:func:`.outputs.check_output_path`); it is written under a temporary name and renamed, so a
+    failure leaves no half export. ``config.json`` is checked against the schema every reader
+    checks (:func:`.hub.check_export_config`) before anything is written. Raises
+    :class:`~gali_ext.errors.ConfigError` for a missing run or a non-empty ``out``,
+    :class:`~gali_ext.errors.CheckpointError` for a run without trained weights (stopped before
+    its first checkpoint) or with damaged ones.
     """
-    run, out = Path(run_dir), Path(out)
+    run = Path(run_dir)
     if not run.is_dir():
         raise ConfigError(
             f"no run directory at {str(run)!r}: expected a folder written by `gali-ext recipe`"
         )
     if not (run / "config.json").is_file():
         raise ConfigError(f"{str(run)!r} is not a run directory: it has no config.json")
-    _check_empty_destination(out)
+    out = check_output_path(out, "the export folder", kind="new folder")
     config = RecipeConfig.from_json(run / "config.json")
     missing = [f"{n}.safetensors" for n in WEIGHT_NAMES if not (run / f"{n}.safetensors").is_file()]
     if missing:
@@ -299,34 +151,27 @@ def export_run(
         )
     models = load_run_models(run, ema=ema, best=best)
     summary = _read_summary(run)
+    config_json = export_config(run, models)
+    check_export_config(config_json, f"the export of {run}")  # what readers will check
     temporary = out.parent / f".{out.name}.{os.getpid()}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
         _write_export(
-            temporary, run, models, summary, license=license, repo_id=repo_id, folder_name=out.name
+            temporary,
+            run,
+            models,
+            config_json,
+            summary,
+            license=license,
+            repo_id=repo_id,
+            folder_name=out.name,
         )
         os.replace(temporary, out)  # an empty folder is replaced too (POSIX rename)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return Export(out, models.weights, sorted(p.name for p in out.iterdir()))
-
-
-def _check_empty_destination(out: Path) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ConfigError(
-            f"{str(out)!r} exists and is not a folder: expected a new or empty "
-            "folder for the export"
-        )
-    if out.is_dir():
-        entries = sorted(p.name for p in out.iterdir())
-        if entries:
-            raise ConfigError(
-                f"{str(out)!r} exists and is not empty ({len(entries)} entries, "
-                f"e.g. {entries[0]!r}): expected a new or empty folder; export "
-                "never overwrites"
-            )
 
 
 def _read_summary(run: Path) -> tuple[dict[str, Any], bytes] | None:
@@ -378,6 +223,7 @@ def _write_export(
     folder: Path,
     run: Path,
     models: Any,
+    config: dict[str, Any],
     summary: Any,
     *,
     license: str,
@@ -390,7 +236,6 @@ def _write_export(
         save_model(
             getattr(models, name), str(folder / file), metadata=metadata, force_contiguous=True
         )
-    config = export_config(run, models)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if summary is not None:
         (folder / "summary.json").write_bytes(summary[1])
@@ -572,7 +417,7 @@ def push_to_hub(
             commit_message=commit_message,
         )
     except Exception as error:  # the Hub's HTTP errors, httpx's network errors, OSError
-        if not _hub_failure(error):
+        if not hub_failure(error):
             raise
         reason = first_line(error)
         raise ConfigError(
@@ -582,14 +427,6 @@ def push_to_hub(
             f"{repo_id} {folder}`"
         ) from error
     return str(getattr(commit, "commit_url", commit))
-
-
-def _hub_failure(error: Exception) -> bool:
-    """Whether ``error`` is the Hub's or the network's (huggingface_hub's HTTP errors are
-    ``OSError``s; its HTTP client, ``httpx`` or ``httpx2`` by version, raises its own)."""
-    if isinstance(error, OSError):
-        return True
-    return any(c.__module__.split(".")[0] in ("httpx", "httpx2") for c in type(error).__mro__)
 
 
 def check_repo_id(repo_id: str) -> str:

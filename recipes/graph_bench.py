@@ -20,7 +20,9 @@ import torch
 from torch.autograd import DeviceType
 
 from gali_ext.capture import CapturedStep
-from gali_ext.recipes.bench_setup import build_objective, synchronize
+from gali_ext.recipes.bench_setup import benchmark_device, build_objective, synchronize
+from gali_ext.recipes.files import write_text_atomic
+from gali_ext.recipes.outputs import check_output_path
 from gali_ext.trainer import DivergenceGuard, build_optimizer, train_step
 
 __all__ = [
@@ -193,7 +195,9 @@ def graph_benchmark(
     on the CPU, with a note; so is the profile. A variant that fails is reported, not fatal.
     Prints one Markdown row per variant as it is measured and the table at the end.
     """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if out is not None:
+        check_output_path(out, "--out", kind="file")  # before anything is measured
+    dev = benchmark_device(device)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     if dev.type != "cuda":
@@ -233,12 +237,12 @@ def graph_benchmark(
                     print_fn(_graph_row(row))
                     result = _graph_result(dev, arch, rows, notes)
                     if out is not None:  # after every variant: a run cut short keeps its rows
-                        Path(out).write_text(json.dumps(result, indent=2))
+                        write_text_atomic(out, json.dumps(result, indent=2))
     result = _graph_result(dev, arch, rows, notes)
     print_fn("")
     print_fn(format_graph_table(result))
     if out is not None:
-        Path(out).write_text(json.dumps(result, indent=2))
+        write_text_atomic(out, json.dumps(result, indent=2))
     return result
 
 
@@ -387,7 +391,7 @@ def graph_equality(
     eagerly. cuDNN runs deterministically here.
     """
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = benchmark_device(device)
     deterministic = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     results = {}

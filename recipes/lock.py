@@ -60,9 +60,9 @@ class RunLock:
     naming that PID. The kernel drops the lock when its holder exits or is killed, so a crashed
     run never leaves a stale lock. Processes the holder forked (``DataLoader`` workers) share
     the lock until they exit: when the PID in the file has ended, a second process waits up to
-    :data:`ORPHAN_WAIT_S` seconds for them instead of failing at once. If this lock created
-    ``out`` and nothing but the lock file is in it on release (a start that failed validation),
-    ``out`` is removed again.
+    :data:`ORPHAN_WAIT_S` seconds for them instead of failing at once. On release the lock file
+    is removed again when this lock created it, and so is ``out`` when this lock created it and
+    nothing else is in it (a start that failed validation): a refused folder keeps no trace.
 
     Take it on the main process only (``accelerator.is_main_process``): every rank of a
     multi-process run shares the directory. Platforms without ``fcntl`` (Windows) get a
@@ -74,6 +74,7 @@ class RunLock:
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
         self._created = False
+        self._created_file = False
 
     @property
     def held(self) -> bool:
@@ -96,6 +97,7 @@ class RunLock:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ConfigError(f"{str(self.run_dir)!r} is a file, not a run directory")
         self._created = not self.run_dir.exists()
+        self._created_file = not os.path.lexists(self.path)
         with storage_errors("the run lock", self.path):
             self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -149,17 +151,18 @@ class RunLock:
         return fd
 
     def release(self) -> None:
-        """Drop the lock (and the directory, when this lock made it and it stayed empty)."""
+        """Drop the lock; remove the lock file if this lock created it (and the directory, when
+        this lock made it and it stayed empty)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         try:
-            leftover = [e.name for e in self.run_dir.iterdir()] if self.run_dir.is_dir() else []
-            if self._created and leftover == [LOCK_NAME]:
+            os.ftruncate(fd, 0)
+            if self._created_file:
+                # a process waiting on this file sees it gone and locks the next one (_lock)
                 self.path.unlink()
-                self.run_dir.rmdir()
-            else:
-                os.ftruncate(fd, 0)
+                if self._created and not any(self.run_dir.iterdir()):
+                    self.run_dir.rmdir()
         except OSError:
             pass  # the lock itself goes with the descriptor below
         finally:

@@ -7,7 +7,9 @@
   a checkpoint with its manifest; ``--overwrite`` empties run directories only, never through a
   symbolic link, and deletes only what gali-ext wrote;
 - **leftovers** (:func:`remove_temporaries`, :func:`foreign_checkpoint_entries`): what a killed
-  writer left is removed; what a user put into ``checkpoints/`` is left alone.
+  writer left is removed; what a user put into ``checkpoints/`` is left alone;
+- **ownership** (:data:`RUN_ENTRIES`, :func:`owning_run`): the entries a run owns, which no other
+  command writes into (:mod:`.outputs`).
 
 The files themselves are written by :mod:`.files`, checkpoints checked by :mod:`.checkpoints`,
 the directory locked by :mod:`.lock`; how a run starts in it is :mod:`.start`'s job.
@@ -31,7 +33,6 @@ from gali_ext.recipes.checkpoints import (
 from gali_ext.recipes.files import (
     TEMPORARY_PATTERN,
     remove_path,
-    storage_error,
     storage_errors,
 )
 from gali_ext.recipes.lock import LOCK_NAME
@@ -44,13 +45,14 @@ __all__ = [
     "CONFIG_NAME",
     "METRICS_NAME",
     "RUN_FILES",
+    "RUN_ENTRIES",
     "RUN_FOLDERS",
     "check_no_links",
-    "check_out_path",
     "check_overwrite",
     "clear_run_directory",
     "foreign_checkpoint_entries",
     "is_run_directory",
+    "owning_run",
     "remove_temporaries",
     "visible_entries",
 ]
@@ -155,24 +157,26 @@ RUN_FOLDERS = (CHECKPOINTS_NAME, DAMAGED_NAME, "grids", "logs", BEST_NAME)
 """The folders gali-ext writes in a run directory; inside them it removes only its own
 entries (:func:`clear_run_directory`)."""
 
+RUN_ENTRIES = (LOCK_NAME, *RUN_FILES, *RUN_FOLDERS)
+"""Every name a run directory owns: the lock, :data:`RUN_FILES` and :data:`RUN_FOLDERS`. A folder
+added to the layout is added to :data:`RUN_FOLDERS`, and so becomes the run's own here."""
+
+
+def owning_run(path: str | Path) -> tuple[Path, str] | None:
+    """The run directory one of whose own entries (:data:`RUN_ENTRIES`) ``path`` is or lies in,
+    and that entry's name; None when ``path`` is outside every run's own entries (the run
+    directory itself is not one of its entries). ``path`` need not exist; it is read both as
+    written (absolute) and with its links resolved, so a link does not hide a run's folder."""
+    written = Path(os.path.abspath(path))
+    for candidate in dict.fromkeys((written, Path(os.path.realpath(written)))):
+        for entry in (candidate, *candidate.parents):
+            if entry.name in RUN_ENTRIES and is_run_directory(entry.parent):
+                return entry.parent, entry.name
+    return None
+
+
 _GRID_PATTERN = re.compile(r"^(?:samples|reconstructions)_step\d+\.png$")
 _DAMAGED_PATTERN = re.compile(r"^(?:step-|checkpoint_)\d+(?:-\d+)?$")
-
-
-def check_out_path(out: str | Path) -> Path:
-    """``out`` as a :class:`Path`; an ``--out`` that cannot be a folder (a parent that is a
-    file, a name too long, a loop of links) is refused with a
-    :class:`~gali_ext.errors.ConfigError`, before anything is done."""
-    try:
-        os.stat(out)
-    except FileNotFoundError:
-        return Path(out)
-    except OSError as error:
-        mapped = storage_error(error, "the run directory", Path(out))
-        if mapped is None:
-            raise
-        raise mapped from None
-    return Path(out)
 
 
 def check_no_links(out: str | Path) -> None:

@@ -341,10 +341,17 @@ def load_run_models(run_dir: str | Path, ema: bool = True, best: bool = False) -
 
     Raises :class:`~gali_ext.errors.ConfigError` for a folder without ``config.json`` and
     :class:`~gali_ext.errors.CheckpointError` naming the file (and key) of weights that are
-    missing, damaged or of another shape.
+    missing, damaged, of another shape, or not finite (NaN or infinite values: nothing
+    computed from them would mean anything).
     """
 
     run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(
+            f"no run directory at {str(run)!r}: expected a folder written by `gali-ext recipe`"
+        )
+    if not (run / "config.json").is_file():
+        raise ConfigError(f"{str(run)!r} is not a run directory: it has no config.json")
     config = RecipeConfig.from_json(run / "config.json")
     models = build_ali_models(
         config.arch,
@@ -366,6 +373,16 @@ def load_run_models(run_dir: str | Path, ema: bool = True, best: bool = False) -
         else:
             path = run / f"{EMA_FILES[name] if use_ema else name}.safetensors"
         load_safetensors_into(getattr(models, name), path)
+        bad = state_problems({str(path.relative_to(run)): getattr(models, name)})
+        if bad:
+            advice = (
+                "score the trained weights instead (--raw-weights)"
+                if use_ema and record is None
+                else "resume the run from an earlier checkpoint"
+            )
+            raise CheckpointError(
+                f"{str(run)!r}: {bad[0]}: the weights diverged before they were saved; {advice}"
+            )
     weights = str(record.get("weights", "raw")) if record else "ema" if use_ema else "raw"
     prior = resolve_prior(config.prior)
     return RunModels(

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate.utils import broadcast_object_list
-from safetensors import safe_open
 from torch import nn
 
 from gali_ext.errors import CheckpointError, ConfigError, GaliError
@@ -25,10 +24,12 @@ from gali_ext.recipes.checkpoints import (
     adopt_checkpoint,
     checkpoint_number,
     list_checkpoints,
+    load_torch_file,
     load_train_state_json,
     newest_intact_checkpoint,
     set_aside_checkpoint,
     verify_checkpoint,
+    weights_mismatch,
 )
 from gali_ext.recipes.files import (
     RunDirectoryWarning,
@@ -36,6 +37,7 @@ from gali_ext.recipes.files import (
     truncate_metrics,
     write_text_atomic,
 )
+from gali_ext.recipes.outputs import check_output_path
 from gali_ext.recipes.plugins import imports_record
 from gali_ext.recipes.rundir import (
     CONFIG_NAME,
@@ -60,6 +62,7 @@ __all__ = [
     "decided_on_main",
     "fitting_checkpoint",
     "model_mismatch",
+    "optimizer_mismatch",
     "plan_start",
     "resume_decision",
     "start_run",
@@ -133,12 +136,7 @@ def resume_decision(
         raise ConfigError(f"--resume: {str(out)!r} is a file, not a run directory")
     if not visible_entries(out):
         return ResumeDecision("fresh", reason=f"{str(out)!r} is empty")
-    if not is_run_directory(out):
-        names = ", ".join(sorted(e.name for e in visible_entries(out))[:5])
-        raise ConfigError(
-            f"--resume: {str(out)!r} holds no run (no gali-ext config.json or checkpoint "
-            f"manifest; it holds {names}): nothing was touched; choose another --out"
-        )
+    _check_holds_a_run(out)
     evidence = _trained_evidence(out)
     skipped: list[tuple[Path, str]] = []
     if list_checkpoints(out / CHECKPOINTS_NAME):
@@ -180,6 +178,17 @@ def resume_decision(
     return ResumeDecision(
         "fresh", skipped=tuple(skipped), reason="the run stopped before its first checkpoint"
     )
+
+
+def _check_holds_a_run(out: Path) -> None:
+    """Refuse to resume into a folder that holds files but no run (a user's project)."""
+    entries = visible_entries(out) if out.is_dir() else []
+    if entries and not is_run_directory(out):
+        names = ", ".join(sorted(e.name for e in entries)[:5])
+        raise ConfigError(
+            f"--resume: {str(out)!r} holds no run (no gali-ext config.json or checkpoint "
+            f"manifest; it holds {names}): nothing was touched; choose another --out"
+        )
 
 
 RESUME_APPLIED = frozenset(
@@ -276,16 +285,10 @@ def check_run_dir(out: Path, config: RecipeConfig, resume: bool, overwrite: bool
     """
     saved = out / CONFIG_NAME
     check_no_links(out)
-    logs = out / "logs"
-    if config.log_with and logs.exists():
-        if not logs.is_dir() or not os.access(logs, os.W_OK | os.X_OK):
-            what = "a folder" if logs.is_dir() else "a file, not a folder"
-            raise ConfigError(
-                f"log_with={config.log_with!r}: the tracker folder {str(logs)!r} is {what} "
-                "gali-ext cannot write into: expected a writable folder (chmod u+w, or move the "
-                "file away), or train without --log-with"
-            )
+    if config.log_with:
+        check_output_path(out / "logs", "the tracker folder of --log-with", run=out)
     if resume:
+        _check_holds_a_run(out)
         if out.is_dir() and saved.is_file():
             previous = RecipeConfig.from_json(saved)
             if previous.name != config.name:
@@ -392,7 +395,9 @@ def start_run(accelerator: Any, out: Path, plan: StartPlan, run: BuiltRun) -> in
     config, ema, optimizers, model = run.config, run.ema, run.optimizers, run.built.gali
     decision = plan.decision
     if decision is not None and decision.action == "continue":
-        decision = fitting_checkpoint(decision, model, out, accelerator.num_processes)
+        decision = fitting_checkpoint(
+            decision, model, out, accelerator.num_processes, optimizers=optimizers
+        )
     if accelerator.is_main_process:
         if plan.replace:
             kept = clear_run_directory(out)
@@ -448,26 +453,67 @@ def model_mismatch(checkpoint: Path, model: nn.Module) -> str | None:
     path = checkpoint / "model.safetensors"
     if not path.is_file():
         return None  # older layouts (model.bin) are checked by accelerate's own loading
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
-    try:
-        with safe_open(str(path), "pt") as f:
-            saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as error:  # SafetensorError on a damaged file
-        return f"{path.name} cannot be read ({error})"
-    for key, shape in saved.items():
-        if key not in expected:
-            return f"{path.name} holds {key!r}, which the model does not have"
-        if shape != expected[key]:
-            return f"{path.name}: {key!r} has shape {shape}, the model expects {expected[key]}"
+    return weights_mismatch(model, path, missing_ok=True)
+
+
+def optimizer_mismatch(checkpoint: Path, optimizers: Sequence[Any]) -> str | None:
+    """How the optimizer states saved in ``checkpoint`` (Accelerate's ``optimizer.bin``,
+    ``optimizer_1.bin``, ... in the order the optimizers were prepared) differ from
+    ``optimizers``: the first file with another number of parameter groups, of parameters in a
+    group, or a state tensor (``exp_avg``, ``momentum_buffer``) of another shape than its
+    parameter; None when they fit. Loading such a file (two optimizer files swapped under a
+    forged manifest) would fail inside ``load_state_dict``, or train on wrong moments."""
+    for i, optimizer in enumerate(optimizers):
+        name = "optimizer.bin" if i == 0 else f"optimizer_{i}.bin"
+        if not (checkpoint / name).is_file():
+            return None  # another layout: Accelerate's own loading reports it
+        try:
+            saved = load_torch_file(checkpoint / name)
+        except CheckpointError as error:
+            return str(error)
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        state = saved.get("state") if isinstance(saved, dict) else None
+        if not isinstance(groups, list) or not isinstance(state, dict):
+            return f"{name} holds no optimizer state (param_groups and state)"
+        live = optimizer.param_groups
+        if len(groups) != len(live):
+            return f"{name} holds {len(groups)} parameter group(s), optimizer {i} has {len(live)}"
+        pairs = []
+        for g, (group, own) in enumerate(zip(groups, live)):
+            ids = group.get("params") if isinstance(group, dict) else None
+            if not isinstance(ids, list) or len(ids) != len(own["params"]):
+                count = len(ids) if isinstance(ids, list) else "no"
+                return (
+                    f"{name}: parameter group {g} holds {count} parameters, optimizer {i}'s "
+                    f"holds {len(own['params'])}"
+                )
+            pairs += list(zip(ids, own["params"]))
+        for index, parameter in pairs:
+            entry = state.get(index, {})
+            for key, value in entry.items() if isinstance(entry, dict) else ():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.dim() == parameter.dim() > 0
+                    and value.shape != parameter.shape
+                ):
+                    return (
+                        f"{name}: {key!r} of parameter {index} has shape {list(value.shape)}, "
+                        f"the parameter {list(parameter.shape)}"
+                    )
     return None
 
 
 def fitting_checkpoint(
-    decision: ResumeDecision, model: nn.Module, out: Path, num_processes: int = 1
+    decision: ResumeDecision,
+    model: nn.Module,
+    out: Path,
+    num_processes: int = 1,
+    optimizers: Sequence[Any] = (),
 ) -> ResumeDecision:
     """``decision`` with its checkpoint replaced by the newest intact one whose model fits
-    ``model`` (:func:`model_mismatch`), the newer ones added to ``skipped`` with the reason
-    (the caller sets them aside). Reads only, the same on every process. Raises
+    ``model`` (:func:`model_mismatch`) and whose optimizer states fit ``optimizers``
+    (:func:`optimizer_mismatch`), the newer ones added to ``skipped`` with the reason (the
+    caller sets them aside). Reads only, the same on every process. Raises
     :class:`~gali_ext.errors.CheckpointError` when no checkpoint fits."""
     chosen = decision.checkpoint
     number = checkpoint_number(chosen)
@@ -480,12 +526,17 @@ def fitting_checkpoint(
                 skipped.append((candidate, "; ".join(problems)))
                 continue
         mismatch = model_mismatch(candidate, model)
-        if mismatch is None:
-            return dataclasses.replace(decision, checkpoint=candidate, skipped=tuple(skipped))
-        skipped.append((candidate, f"a model of another architecture: {mismatch}"))
+        if mismatch is not None:
+            skipped.append((candidate, f"a model of another architecture: {mismatch}"))
+            continue
+        mismatch = optimizer_mismatch(candidate, optimizers)
+        if mismatch is not None:
+            skipped.append((candidate, f"optimizer states that do not fit the run: {mismatch}"))
+            continue
+        return dataclasses.replace(decision, checkpoint=candidate, skipped=tuple(skipped))
     why = "; ".join(f"{c.name}: {reason}" for c, reason in skipped)
     raise CheckpointError(
         f"--resume: no checkpoint in {str(out / CHECKPOINTS_NAME)!r} fits this run's model "
-        f"({why}); resume with the settings the run was trained with, or pass --overwrite to "
-        "start it over"
+        f"and optimizers ({why}); resume with the settings the run was trained with, or pass "
+        "--overwrite to start it over"
     )

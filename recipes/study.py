@@ -38,6 +38,7 @@ from gali_ext.recipes.files import write_text_atomic
 from gali_ext.recipes.metrics import (
     reconstruct,
 )
+from gali_ext.recipes.outputs import check_output_path
 from gali_ext.recipes.plugins import import_modules, imported_modules
 from gali_ext.recipes.runs import load_run_models
 from gali_ext.recipes.settings import RecipeConfig
@@ -294,7 +295,7 @@ def study(
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1 (torch threads per run), got {threads}")
     started = time.perf_counter()
-    out = Path(out_dir)
+    out = check_output_path(out_dir, "--out")
     names = recipes or STUDY_RECIPES
     evaluator, runs = plan_runs(out, names, seeds, steps, overrides, echo)
     echo(

@@ -49,11 +49,8 @@ from gali_ext.recipes.files import (
 )
 from gali_ext.recipes.lock import RunLock
 from gali_ext.recipes.metrics import reconstruction_mse, summary_metrics
-from gali_ext.recipes.rundir import (
-    METRICS_NAME,
-    check_out_path,
-    remove_temporaries,
-)
+from gali_ext.recipes.outputs import check_output_path
+from gali_ext.recipes.rundir import METRICS_NAME, remove_temporaries
 from gali_ext.recipes.runs import (
     resume_hint,
     save_checkpoint,
@@ -275,8 +272,9 @@ def train(
 ) -> Path:
     """Train a recipe into ``out_dir``; returns the run directory.
 
-    Everything is validated (config, trackers, data files and their size, image shapes, run
-    directory, the settings a resume changes) before anything is written; the main process
+    Everything is validated (config, the paths written to (:func:`.outputs.check_output_path`),
+    trackers, data files and their size, image shapes, run directory, the settings a resume
+    changes) before anything is written; the main process
     holds the run directory's lock (:class:`.lock.RunLock`) for the whole run. The data folder
     is resolved (and with ``config.download`` fetched) first (:func:`.data.prepare_data`).
     ``epochs`` replaces ``config.epochs``: the steps that many passes over the training data
@@ -287,7 +285,7 @@ def train(
     (:func:`.checkpoints.adopt_checkpoint`).
     """
     config.validate()
-    out = check_out_path(out_dir)
+    out = check_output_path(out_dir, "--out")
     check_trackers(config.log_with)
     if epochs is not None:
         config = dataclasses.replace(config, epochs=check_epochs(epochs))

@@ -52,7 +52,8 @@ def no_network(monkeypatch):
         raise AssertionError(f"network access attempted: {args} {kwargs}")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr("gali_ext.recipes.export.hf_hub_download", refuse)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", refuse)  # gali_ext.recipes.hub's
+    monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", refuse)
     monkeypatch.setattr("huggingface_hub.hub_mixin.hf_hub_download", refuse)
 
 
