@@ -33,6 +33,7 @@ __all__ = [
     "Node",
     "Signature",
     "declare_signatures",
+    "declared_name_covers",
     "function_signature",
     "parse_node",
     "TupleClass",
@@ -75,6 +76,14 @@ _FAMILIES: dict[str, tuple[re.Pattern[str], _Declaration]] = {}  # "Mask<k>" -> 
 def _family(name: str) -> re.Pattern[str]:
     head, _, tail = name.partition(_INDEX)
     return re.compile(re.escape(head) + r"\d+" + re.escape(tail))
+
+
+def declared_name_covers(declared: str, name: str) -> bool:
+    """Whether the declared function name ``declared`` (a name, or a family such as
+    ``"Mask<k>"``) covers the function ``name`` (``Mask1`` for ``"Mask<k>"``)."""
+    return declared == name or (
+        _INDEX in declared and _family(declared).fullmatch(name) is not None
+    )
 
 
 def _declaration(name: str) -> _Declaration | None:

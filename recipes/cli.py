@@ -121,6 +121,7 @@ def recipe(
         None,
         help="A local copy of weights-inception-2015-12-05-6726825d.pth: adds FID to the "
         "metrics evaluated every eval_every steps (--set fid_weights=FILE).",
+        parser=_path,
     ),
 ) -> None:
     """Train a reference recipe (e.g. `gali-ext recipe digits-gali4`)."""
@@ -156,7 +157,7 @@ def recipe(
         "data_dir": None if data_dir is None else str(data_dir),
         "log_with": log_with,
         "download": download or None,
-        "fid_weights": None if fid_weights is None else str(fid_weights),
+        "fid_weights": None if fid_weights is None else str(_given(fid_weights, "--fid-weights")),
     }
     config = dataclasses.replace(config, **{k: v for k, v in options.items() if v is not None})
     if dry_run:
@@ -562,19 +563,13 @@ def check_command(
     """One D step and one E/G step on your own networks: what trains in which step, the widths,
     batch norm, conditioning, the prior and your checkpoints' contents; exit 1 when anything
     would be silently lost."""
-    import importlib
-
     from gali_ext.check import check
+    from gali_ext.recipes.plugins import import_module
 
     module_name, sep, function_name = factory.partition(":")
     if not sep or not module_name or not function_name:
         raise ConfigError(f"expected MODULE:FUNCTION (e.g. my_project.gali:build), got {factory!r}")
-    if "" not in sys.path:
-        sys.path.insert(0, "")  # the current folder, as `python -m` would find it
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(f"{factory}: cannot import {module_name!r} ({error})") from error
+    module = import_module(module_name, option="check")
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ConfigError(f"{factory}: {module_name} has no function {function_name!r}")

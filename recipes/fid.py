@@ -135,10 +135,13 @@ class StandardInceptionFID:
             else f"{NETWORK} architecture, other weights ({path.name}, sha256 {sha256[:8]}, "
             f"not the standard {_STANDARD_SHA256_PREFIX})"
         )
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.to("cuda" if device is None and torch.cuda.is_available() else device or "cpu")
+
+    def to(self, device: str | torch.device) -> StandardInceptionFID:
+        """Move the network to ``device``; returns itself."""
         self.device = torch.device(device)
         self.metric.to(self.device)
+        return self
 
     @torch.no_grad()
     def __call__(self, real: Tensor, generated: Tensor, batch_size: int = 50) -> FIDScore:

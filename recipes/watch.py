@@ -35,7 +35,7 @@ import torch
 
 from gali_ext.errors import ConfigError
 from gali_ext.recipes.build import first_images, load_data
-from gali_ext.recipes.data import ImageData
+from gali_ext.recipes.data import SVHN_FILES, ImageData
 from gali_ext.recipes.evaluate import METRICS, encoder_features, prior_samples
 from gali_ext.recipes.evaluator import default_evaluator_dir, load_evaluator
 from gali_ext.recipes.fid import STANDARD_WEIGHTS_FILE, STANDARD_WEIGHTS_URL, StandardInceptionFID
@@ -64,10 +64,11 @@ __all__ = [
     "progress_text",
 ]
 
-HELD_OUT_SPLITS = {"digits": "val", "svhn": "test", "celeba": "val"}
+HELD_OUT_SPLITS = {"digits": "val", "svhn": "val", "celeba": "val"}
 """The split a run is evaluated on when ``eval_split`` is empty: one it does not train on.
-SVHN's ``val`` is drawn from the training file (``recipes.data.load_svhn``), so SVHN's is
-``test``."""
+SVHN's ``val`` is cut from ``train_32x32.mat`` (``recipes.data.load_svhn``): a run that trains
+on that file (``train_split`` ``train`` or ``train+extra``) is evaluated on ``test`` instead
+(:func:`eval_split`)."""
 
 WATCH_IMAGES = 2000
 """Held-out images evaluated: the first ones of the split (digits' val split has 200)."""
@@ -93,8 +94,14 @@ _TITLES = {key: title for key, title, _ in METRICS}
 
 def eval_split(config: RecipeConfig) -> str:
     """The split a run is evaluated on: ``config.eval_split``, or the data set's held-out split
-    (:data:`HELD_OUT_SPLITS`) when it is empty."""
-    return config.eval_split or HELD_OUT_SPLITS[config.dataset]
+    (:data:`HELD_OUT_SPLITS`) when it is empty, unless the run trains on the file that split is
+    cut from (SVHN's ``val``: then ``test``)."""
+    if config.eval_split:
+        return config.eval_split
+    split = HELD_OUT_SPLITS[config.dataset]
+    if config.dataset == "svhn" and set(SVHN_FILES[split]) & set(SVHN_FILES[config.train_split]):
+        return "test"
+    return split
 
 
 @contextlib.contextmanager
@@ -121,8 +128,9 @@ class Watch:
     ``watch(encoder, generator, prior)`` returns the metrics of E and G (``{name: value}``,
     names of :data:`~gali_ext.recipes.metrics.WATCHED_METRICS`), in eval mode, leaving the
     networks' modes and every random generator as it found them. Building it reads the data and
-    checks the files (a :class:`ConfigError` or ``DataError`` before the run writes anything);
-    :meth:`load` loads the evaluator and the FID network, on the process that evaluates.
+    checks the files and builds the FID network (a :class:`ConfigError`, ``CheckpointError`` or
+    ``DataError`` before the run writes anything); :meth:`load` loads the evaluator and moves
+    both networks to the device of the process that evaluates.
     """
 
     def __init__(self, config: RecipeConfig, train_data: ImageData, out: Path) -> None:
@@ -149,6 +157,9 @@ class Watch:
                 f"fid_weights={config.fid_weights!r}: no such file; expected a local copy of "
                 f"{STANDARD_WEIGHTS_FILE} (from {STANDARD_WEIGHTS_URL}), or no fid_weights"
             )
+        if config.fid_weights:  # built here, so that a file of other weights is refused before
+            with preserved_random_state():  # the run starts (building draws initial weights)
+                self._inception = StandardInceptionFID(config.fid_weights, "cpu")
         self.check(config.best_metric)
 
     @property
@@ -202,13 +213,13 @@ class Watch:
             )
 
     def load(self, device: Any = None) -> None:
-        """Load the evaluator classifier and the FID network onto ``device``, once (building a
-        network draws its initial weights: from the preserved generators too)."""
+        """Load the evaluator classifier and move it and the FID network onto ``device``
+        (building a network draws its initial weights: from the preserved generators too)."""
         with preserved_random_state():
             if self.has_evaluator:
                 self.evaluator.to(device)
-            if self.config.fid_weights and self._inception is None:
-                self._inception = StandardInceptionFID(self.config.fid_weights, device)
+            if self._inception is not None:
+                self._inception.to(device or "cpu")
 
     @functools.cached_property
     def evaluator(self) -> torch.nn.Module:

@@ -1,6 +1,7 @@
 """The SVHN recipes as the authors' runs (issue 32; docs/design.md, section 4.9): their settings,
 the loss weights they resolve to, the length and FLOPs a run states, and svhn-gali8 end to end
-on SVHN-format files of real digits (the split, G's per-pixel output bias, resume)."""
+on SVHN-format files of real digits (the split, G's per-pixel output bias, the paper's metrics
+while it trains, the best checkpoint, resume)."""
 
 from __future__ import annotations
 
@@ -150,6 +151,12 @@ def first_batch_bias(images_chw_uint8: np.ndarray) -> torch.Tensor:
     return (0.5 * torch.log(p / (1 - p))).float()
 
 
+def eval_records(run):
+    """The evaluation records of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    return [r for r in records if "eval/pixel_mse" in r]
+
+
 @pytest.mark.slow
 def test_svhn_gali8_end_to_end_on_svhn_format_digits(tmp_path, capsys):
     folder, run = tmp_path / "svhn", tmp_path / "run"
@@ -157,6 +164,7 @@ def test_svhn_gali8_end_to_end_on_svhn_format_digits(tmp_path, capsys):
     extra = written["extra"][0].transpose(3, 2, 0, 1)  # (32, 32, 3, N) -> [N, 3, 32, 32]
     args = ["recipe", "svhn-gali8", "--data-dir", str(folder), "--set", "batch_size=4"]
     args += ["--set", "lr=1e-9", "--set", "checkpoint_every=2", "--set", "sample_every=100"]
+    args += ["--set", "eval_every=1"]
     code, out, err = run_cli(capsys, *args, "--steps", "2", "--out", str(run), "--no-progress")
     assert code == 0, err
     config = json.loads((run / "config.json").read_text())
@@ -179,18 +187,37 @@ def test_svhn_gali8_end_to_end_on_svhn_format_digits(tmp_path, capsys):
     whole = first_batch_bias(extra)  # the whole split's mean would be another bias
     assert float((whole - expected).abs().max()) > 0.5
 
+    # the paper's metrics at every step, on the held-out split the extra split leaves out (val,
+    # cut from train_32x32.mat), and best/ holds the weights of the best pixel MSE so far
+    evaluations = eval_records(run)
+    assert [r["step"] for r in evaluations] == [1, 2]
+    assert all(
+        math.isfinite(r["eval/pixel_mse"]) and 0 <= r["eval/svm_error"] <= 100 for r in evaluations
+    )
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert (best["metric"], best["split"]) == ("pixel_mse", "val")
+    first = min(evaluations, key=lambda r: r["eval/pixel_mse"])
+    assert (best["step"], best["value"]) == (first["step"], first["eval/pixel_mse"])
+
     # resume: continues from the step-2 checkpoint, and keeps the bias (not re-initialised from
     # the batch it resumes with, batch 12 of the stream)
     code, out, err = run_cli(
         capsys, "recipe", "svhn-gali8", "--resume", "--out", str(run), "--steps", "3"
     )
     assert code == 0, err
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    steps = [r["step"] for r in records if "eval/pixel_mse" not in r]  # the training records
     assert steps[-1] == 3 and steps.count(2) == 1
     resumed = first_batch_bias(extra[order[48:52]])
     assert float((resumed - expected).abs().max()) > 0.5
     bias = load_file(run / "generator.safetensors")["output_bias"]
     torch.testing.assert_close(bias, expected, rtol=0, atol=1e-5)
+    # the resumed run keeps its metric history and its best, and evaluates on
+    evaluations = eval_records(run)
+    assert [r["step"] for r in evaluations] == [1, 2, 3]
+    best = json.loads((run / "best" / "best.json").read_text())
+    first = min(evaluations, key=lambda r: r["eval/pixel_mse"])
+    assert (best["step"], best["value"]) == (first["step"], first["eval/pixel_mse"])
 
     # an export rebuilds G with its per-pixel bias
     from gali_ext.recipes.export import HubGenerator

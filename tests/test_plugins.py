@@ -89,6 +89,19 @@ def test_a_failing_import_is_one_line_naming_the_module_and_the_fix(
     assert expected.format(folder=folder) in err
 
 
+@pytest.mark.parametrize(
+    "factory, expected",
+    [
+        ("../../etc/passwd:build", "error: check '../../etc/passwd': expected a module name"),
+        ("absent_module_xyz:build", "error: check absent_module_xyz: no module named"),
+    ],
+)
+def test_check_imports_its_factory_as_import_does(folder, capsys, factory, expected):
+    code, out, err = run_cli(capsys, "check", factory)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(expected)
+
+
 def test_an_imported_module_is_recorded(folder, capsys):
     (folder / "tri_presets.py").write_text(
         "from gali_ext import register_preset\n"

@@ -395,6 +395,7 @@ IN_RUN, IN_FOLDER, IN_FILE, REMOVED = "run read", "folder read", "file read", "r
 ROLES = {
     ("recipe", "out"): OUT_FOLDER,
     ("recipe", "data_dir"): OUT_FOLDER,  # with --download; read otherwise (below)
+    ("recipe", "fid_weights"): IN_FILE,
     ("sample", "run_dir"): IN_RUN,
     ("sample", "out"): OUT_FOLDER,
     ("train-evaluator", "out"): OUT_FOLDER,
@@ -419,6 +420,7 @@ COMMANDS = {
     for key, line in {
         ("recipe", "out"): f"recipe {TINY} --steps 2 --out P",
         ("recipe", "data_dir"): "recipe svhn-gali8 --download --data-dir P --out FRESH",
+        ("recipe", "fid_weights"): f"recipe {TINY} --steps 2 --out FRESH --fid-weights P",
         ("sample", "run_dir"): "sample P --out FRESH",
         ("sample", "out"): "sample RUN --out P",
         ("train-evaluator", "out"): "train-evaluator digits --out P",

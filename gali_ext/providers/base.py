@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from ..chains import Chains, NodeFunction
 from ..errors import ProviderError, ShapeError
-from ..spec import _INDEX as INDEX
 from ..spec import (
     IMAGE,
     LATENT,
@@ -17,9 +16,9 @@ from ..spec import (
     Signature,
     TupleSpec,
     declare_signatures,
+    declared_name_covers,
     parse_node,
 )
-from ..spec import _family as family
 
 __all__ = ["FeedbackProvider", "resolve_node_functions"]
 
@@ -84,7 +83,7 @@ class FeedbackProvider(nn.Module):
         if self.function_for(name) is None:
             return None
         for declared, kinds in type(self).signatures.items():
-            if declared == name or (INDEX in declared and family(declared).fullmatch(name)):
+            if declared_name_covers(declared, name):
                 return Signature(*kinds)
         return Signature(IMAGE, name)
 
