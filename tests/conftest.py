@@ -30,3 +30,14 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def evaluator(tmp_path_factory):
+    """A 1-epoch digits evaluator classifier (a real one takes 10 epochs), trained once for the
+    session; tests that change it work on a copy."""
+    from gali_ext.recipes.evaluator import train_evaluator
+
+    folder = tmp_path_factory.mktemp("evaluator") / "evaluator-digits"
+    train_evaluator("digits", folder, epochs=1)
+    return folder

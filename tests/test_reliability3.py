@@ -79,16 +79,6 @@ def run(trained, tmp_path) -> Path:
     return Path(shutil.copytree(trained, tmp_path / "run"))
 
 
-@pytest.fixture(scope="module")
-def evaluator(tmp_path_factory) -> Path:
-    """A 1-epoch digits evaluator (a real one takes 10 epochs)."""
-    from gali_ext.recipes.evaluator import train_evaluator
-
-    folder = tmp_path_factory.mktemp("evaluator") / "evaluator-digits"
-    train_evaluator("digits", folder, epochs=1)
-    return folder
-
-
 # --- 1. nothing that is not a run is deleted ---------------------------------------------------
 
 

@@ -73,16 +73,6 @@ def run(trained, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def evaluator(tmp_path_factory) -> Path:
-    """A 1-epoch digits evaluator."""
-    from gali_ext.recipes.evaluator import train_evaluator
-
-    folder = tmp_path_factory.mktemp("evaluator") / "evaluator-digits"
-    train_evaluator("digits", folder, epochs=1)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory) -> Path:
     return export_run(trained, tmp_path_factory.mktemp("export") / "hub").folder
 
