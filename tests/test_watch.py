@@ -205,8 +205,8 @@ def test_metric_series_and_plot(tmp_path):
     assert series[titles[0]] == [(2, 0.3), (4, 0.1), (6, 0.2)] and marks == {titles[0]: (4, 0.1)}
     image = Image.open(save_metric_plot(series, tmp_path / "metrics.png", marks))
     assert image.size == (760, 2 * 220)
-    red = [p for p in image.getdata() if p == (214, 39, 40)]
-    assert red  # the best point is ringed
+    pixels = torch.tensor(list(image.convert("RGB").tobytes())).view(-1, 3)
+    assert (pixels == torch.tensor([214, 39, 40])).all(1).any()  # the best point is ringed
 
 
 # ------------------------------------------------------------------------- through a run
