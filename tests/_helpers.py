@@ -109,6 +109,15 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error:")]
 
 
+def one_error(code: int, err: str) -> str:
+    """The single ``error:`` line of a failed command (exit 2, no traceback)."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def train_run(run, args) -> None:
     """``gali-ext recipe ARGS --out RUN`` in this process, which must end well (for module-scoped
     fixtures, which cannot take ``capsys``)."""

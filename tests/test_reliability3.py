@@ -19,19 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from gali_ext.recipes import checkpoints, files
-from tests._helpers import TINY_RUN, error_lines, train_run
+from tests._helpers import TINY_RUN, one_error, train_run
 from tests._helpers import run_cli as cli
 
 BASE = TINY_RUN
-
-
-def one_error(code: int, err: str) -> str:
-    """The single ``error:`` line of a failed command (exit 2, no traceback)."""
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = error_lines(err)
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

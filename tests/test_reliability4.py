@@ -27,17 +27,8 @@ from gali_ext.recipes import checkpoints, cli, files, outputs
 from gali_ext.recipes.export import HubEncoder, HubGenerator, export_run
 from gali_ext.recipes.hub import EXPORT_FIELDS
 from gali_ext.recipes.lock import RunLock
-from tests._helpers import TINY_RUN, error_lines, train_run
+from tests._helpers import TINY_RUN, one_error, train_run
 from tests._helpers import run_cli as cli_run
-
-
-def one_error(code: int, err: str) -> str:
-    """The single ``error:`` line of a failed command (exit 2, no traceback)."""
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = error_lines(err)
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def tree(folder: Path) -> dict[str, tuple]:
